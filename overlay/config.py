@@ -1,0 +1,166 @@
+"""Node configuration: ``config.toml`` in the node home, read with tomllib.
+
+Every key has a default here; the file written by ``overlay init`` lists them
+all, commented, so a volunteer can see what can be tuned.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .records import DEFAULT_TTL, MAX_FEEDS, Role, check_feed, check_rule
+
+HOME_LISTEN = [
+    "/ip4/0.0.0.0/tcp/4001",
+    "/ip4/0.0.0.0/udp/4001/quic-v1",
+    "/ip4/0.0.0.0/tcp/4002/ws",
+]
+LOCAL_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+
+
+@dataclass
+class Config:
+    roles: list[str] = field(default_factory=lambda: ["relay"])
+    listen: list[str] = field(default_factory=lambda: list(HOME_LISTEN))
+    announce: list[str] = field(default_factory=list)
+    record_ttl: int = DEFAULT_TTL
+    exit_policy: list[str] = field(default_factory=list)
+    target_peers: int = 8
+    join: list[str] = field(default_factory=list)
+    control_listen: str = "127.0.0.1:0"
+    gossip_heartbeat: float = 1.0
+    sync_interval: float = 2.0
+    seed_sources: list[str] = field(default_factory=list)
+    seed_operators: list[str] = field(default_factory=list)
+    seed_threshold: int = 1
+    target_live_exits: int = 3
+    exit_policy_mode: str = "all-public"
+    smtp_relay: str = ""
+    maildir_root: str = ""
+
+    @property
+    def role_flags(self) -> Role:
+        return Role.parse(self.roles)
+
+    def validate(self) -> Config:
+        try:
+            roles = Role.parse(self.roles)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not roles:
+            raise ConfigError("at least one role is required")
+        exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
+        if exitish and not self.exit_policy:
+            raise ConfigError('exit roles need [exit] policy, e.g. policy = ["smtp:*"]')
+        for rule in self.exit_policy:
+            try:
+                check_rule(rule)
+            except Exception:
+                raise ConfigError(f"bad exit policy rule {rule!r}") from None
+        for addr in self.announce:
+            try:
+                check_feed(addr)
+            except Exception:
+                raise ConfigError(f"bad announce address {addr!r}") from None
+        if len(self.announce) > MAX_FEEDS:
+            raise ConfigError(f"at most {MAX_FEEDS} announced feeds")
+        if self.exit_policy_mode not in ("all-public", "chain"):
+            raise ConfigError('exit_policy_mode must be "all-public" or "chain"')
+        if not self.listen:
+            raise ConfigError("at least one listen address is required")
+        return self
+
+
+_MAP = {
+    ("node", "roles"): "roles",
+    ("node", "listen"): "listen",
+    ("node", "announce"): "announce",
+    ("node", "record_ttl"): "record_ttl",
+    ("exit", "policy"): "exit_policy",
+    ("exit", "smtp_relay"): "smtp_relay",
+    ("exit", "maildir_root"): "maildir_root",
+    ("network", "target_peers"): "target_peers",
+    ("network", "join"): "join",
+    ("network", "gossip_heartbeat"): "gossip_heartbeat",
+    ("network", "sync_interval"): "sync_interval",
+    ("control", "listen"): "control_listen",
+    ("seeds", "sources"): "seed_sources",
+    ("seeds", "operators"): "seed_operators",
+    ("seeds", "threshold"): "seed_threshold",
+    ("exits", "target_live_exits"): "target_live_exits",
+    ("exits", "exit_policy_mode"): "exit_policy_mode",
+}
+
+
+def load(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {path}; run `overlay init`") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg = Config()
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            attr = _MAP.get((section, key))
+            if attr is None:
+                raise ConfigError(f"{path}: unknown setting [{section}] {key}")
+            default = getattr(cfg, attr)
+            if isinstance(default, list) and not isinstance(value, list):
+                raise ConfigError(f"{path}: [{section}] {key} must be a list")
+            if isinstance(default, int | float) and not isinstance(value, int | float):
+                raise ConfigError(f"{path}: [{section}] {key} must be a number")
+            setattr(cfg, attr, value)
+    return cfg.validate()
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def render(cfg: Config) -> str:
+    """The config file ``overlay init`` writes: active values plus commented defaults."""
+    d = Config()
+    return f"""# Hydra node configuration. Lines starting with '#' show defaults.
+
+[node]
+# Roles this node plays: entry, relay, exit, standby-exit.
+roles = {_toml_list(cfg.roles)}
+# Where to listen. Home default: all interfaces on fixed ports you can forward
+# (TCP 4001, QUIC UDP 4001, WebSocket TCP 4002).
+listen = {_toml_list(cfg.listen)}
+# Feeds to announce in the record (max {MAX_FEEDS}). Empty: derived from listen.
+# announce = ["/ip4/203.0.113.7/tcp/4001"]
+announce = {_toml_list(cfg.announce)}
+# record_ttl = {d.record_ttl}          # seconds a record stays valid; re-published at half-life
+
+[exit]
+# What an exit delivers (kind:glob). Kinds: smtp, maildir, http, https. Empty for non-exits.
+policy = {_toml_list(cfg.exit_policy)}
+# smtp_relay = "127.0.0.1:25"     # deliver smtp: via this relay instead of the destination host
+# maildir_root = ""               # maildir: destinations must lie under this directory
+
+[network]
+# target_peers = {d.target_peers}          # connections kept open, chosen for diverse feeds
+# join = []                  # multiaddrs tried in turn at start
+# gossip_heartbeat = {d.gossip_heartbeat}     # seconds
+# sync_interval = {d.sync_interval}        # seconds between anti-entropy rounds
+
+[control]
+# Local-only control endpoint (status, peers, exits, Prometheus /metrics).
+# listen = "{d.control_listen}"
+
+[seeds]
+# sources = []               # seed bundle files, https:// URLs or dns:NAME
+# operators = []             # pinned operator public keys (hex)
+# threshold = {d.seed_threshold}
+
+[exits]
+# target_live_exits = {d.target_live_exits}
+# exit_policy_mode = "{d.exit_policy_mode}"   # or "chain"
+"""

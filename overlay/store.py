@@ -1,0 +1,152 @@
+"""SQLite persistence for membership records.
+
+Invariants:
+- only ``ValidRecord`` values are written (the type is checked), and a record
+  replaces the stored one for its node only if its ``seq`` is strictly higher —
+  enforced inside one SQL statement, so concurrent writers (threads, tasks or
+  processes) cannot lower a node's ``seq``;
+- records are re-validated when loaded, so a tampered file yields nothing invalid;
+- tombstones are kept (they block older records) until they expire.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from .crypto import NodeId
+from .errors import LocalError, RemoteError
+from .records import Role, ValidRecord, decode
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    node_id    BLOB PRIMARY KEY,
+    seq        INTEGER NOT NULL,
+    tombstone  INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    raw        BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS record_roles (
+    node_id BLOB NOT NULL,
+    role    TEXT NOT NULL,
+    PRIMARY KEY (node_id, role)
+);
+CREATE INDEX IF NOT EXISTS record_roles_by_role ON record_roles(role);
+CREATE INDEX IF NOT EXISTS records_by_expiry ON records(expires_at);
+"""
+
+
+def _seq_sql(seq: int) -> int:
+    # SQLite integers are signed 64-bit: store uint64 shifted so ordering is preserved
+    return seq - (1 << 63)
+
+
+class RecordStore:
+    """The newest valid record per node, on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None
+            )
+            self._db.text_factory = bytes  # a tampered text cell must not raise on read
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise LocalError(f"cannot open record store {self.path}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def put(self, rec: ValidRecord) -> bool:
+        """Store ``rec`` if it beats the stored seq for its node. Returns True if stored."""
+        if not isinstance(rec, ValidRecord):
+            raise LocalError("only validated records may be stored")
+        nid = bytes(rec.node_id)
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(
+                    "INSERT INTO records(node_id, seq, tombstone, expires_at, raw) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                    "seq=excluded.seq, tombstone=excluded.tombstone, "
+                    "expires_at=excluded.expires_at, raw=excluded.raw "
+                    "WHERE excluded.seq > records.seq",
+                    (nid, _seq_sql(rec.seq), int(rec.is_tombstone), rec.expires_at, rec.encode()),
+                )
+                stored = cur.rowcount == 1
+                if stored:
+                    cur.execute("DELETE FROM record_roles WHERE node_id=?", (nid,))
+                    cur.executemany(
+                        "INSERT INTO record_roles(node_id, role) VALUES (?, ?)",
+                        [(nid, name) for name in rec.roles.names()],
+                    )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return stored
+
+    def _load(self, raw: bytes, now: float) -> ValidRecord | None:
+        try:
+            return decode(raw).verify().check_valid_at(now)
+        except RemoteError:
+            return None
+
+    def get(self, node_id: NodeId, now: float) -> ValidRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT raw FROM records WHERE node_id=?", (bytes(node_id),)
+            ).fetchone()
+        return self._load(row[0], now) if row else None
+
+    def all(self, now: float) -> list[ValidRecord]:
+        """Every stored record (tombstones included) still valid at ``now``."""
+        with self._lock:
+            rows = self._db.execute("SELECT raw FROM records").fetchall()
+        return [r for r in (self._load(raw, now) for (raw,) in rows) if r is not None]
+
+    def by_role(self, role: Role, now: float) -> list[ValidRecord]:
+        name = role.names()[0]
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.raw FROM records r JOIN record_roles x ON x.node_id = r.node_id "
+                "WHERE x.role=? AND r.tombstone=0 AND r.expires_at > ?",
+                (name, int(now)),
+            ).fetchall()
+        return [r for r in (self._load(raw, now) for (raw,) in rows) if r is not None]
+
+    def digest(self) -> list[tuple[bytes, int]]:
+        with self._lock:
+            rows = self._db.execute("SELECT node_id, seq FROM records").fetchall()
+        return [(nid, seq + (1 << 63)) for nid, seq in rows]
+
+    def purge_expired(self, now: float) -> int:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            cur.execute(
+                "DELETE FROM record_roles WHERE node_id IN "
+                "(SELECT node_id FROM records WHERE expires_at <= ?)",
+                (int(now),),
+            )
+            cur.execute("DELETE FROM records WHERE expires_at <= ?", (int(now),))
+            n = cur.rowcount
+            cur.execute("COMMIT")
+        return n
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
