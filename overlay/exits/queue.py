@@ -1,0 +1,348 @@
+"""The exit's persisted, de-duplicating delivery queue (SQLite, WAL). No trio here.
+
+One row per message id::
+
+    message_id BLOB PK | state 0 pending / 1 delivered / 2 failed | raw (encoded
+    ExitMessage; NULL once finished) | accepted_at | attempts | next_at |
+    finished_at | reason
+
+Invariants:
+- ``accept`` commits (``synchronous=FULL``) before it returns: an accepted
+  message survives a crash or restart of the exit;
+- a message id is accepted at most once: while it is pending, and for
+  ``retention`` seconds after it was delivered or given up, ``accept``
+  reports it as a duplicate and changes nothing except (pending only) the
+  stored reply block, which the newest copy replaces;
+- ``mark_delivered`` / ``mark_failed`` change only pending rows, so an id is
+  marked delivered at most once; a finished row keeps no body or reply block;
+- retries back off exponentially: the n-th failure schedules the next attempt
+  ``min(max_delay, base_delay * factor**(n-1)) * U(1 - jitter, 1 + jitter)``
+  later (``rng`` injectable); a permanent failure, ``max_attempts`` failures,
+  or an age of ``max_age`` gives up;
+- times are wall-clock seconds (``time.time()``), passed in by the caller,
+  because they are persisted across restarts;
+- a stored row that no longer decodes (a tampered file) is given up as
+  ``corrupt``, never delivered.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import sqlite3
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import DecodeError, LocalError
+from ..wire.delivery import MESSAGE_ID_SIZE, ExitMessage, decode
+
+DAY = 86400.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    message_id  BLOB PRIMARY KEY,
+    state       INTEGER NOT NULL,
+    raw         BLOB,
+    accepted_at REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL,
+    finished_at REAL,
+    reason      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_at);
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries(state, finished_at);
+"""
+
+
+class MessageState(enum.IntEnum):
+    PENDING = 0
+    DELIVERED = 1
+    FAILED = 2  # given up (permanent failure, too many attempts, too old, corrupt)
+
+
+class QueueFull(LocalError):
+    """``max_pending`` messages are waiting: the exit takes no new ones for now."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    base_delay: float = 5.0
+    factor: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.25
+    max_attempts: int = 30
+    max_age: float = 3 * DAY
+
+    def __post_init__(self) -> None:
+        if self.base_delay <= 0 or self.factor < 1 or self.max_delay < self.base_delay:
+            raise ValueError("need base_delay > 0, factor >= 1, max_delay >= base_delay")
+        if not 0 <= self.jitter < 1 or self.max_attempts < 1 or self.max_age <= 0:
+            raise ValueError("need 0 <= jitter < 1, max_attempts >= 1, max_age > 0")
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt (``failures`` >= 1)."""
+        exp = min(max(failures - 1, 0), 1000)
+        base = min(self.max_delay, self.base_delay * self.factor**exp)
+        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    """``duplicate`` is False when this call stored the message (it is ``PENDING``)."""
+
+    duplicate: bool
+    state: MessageState
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return not self.duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    message: ExitMessage
+    attempts: int
+    accepted_at: float
+    next_at: float
+    last_reason: str
+
+    @property
+    def message_id(self) -> bytes:
+        return self.message.message_id
+
+
+@dataclass(frozen=True, slots=True)
+class FailOutcome:
+    """Result of ``mark_failed``: ``retry_at`` is None when the queue gave up."""
+
+    attempts: int
+    retry_at: float | None
+    reason: str
+
+    @property
+    def gave_up(self) -> bool:
+        return self.retry_at is None
+
+
+class DeliveryQueue:
+    """Durable queue of messages an exit has accepted, keyed by message id."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+        retention: float = 7 * DAY,
+        max_pending: int = 4096,
+    ) -> None:
+        self.path = Path(path)
+        self.retry = retry or RetryPolicy()
+        self.rng = rng or random.Random()
+        if retention < self.retry.max_age:
+            raise LocalError("retention must be at least the retry policy's max_age")
+        self.retention = retention
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None
+            )
+            self._db.text_factory = lambda b: b.decode("utf-8", "replace")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise LocalError(f"cannot open delivery queue {self.path}: {e}") from e
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DeliveryQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tx(self, fn, *args):
+        """Run ``fn(cursor, *args)`` in one committed transaction; SQLite errors -> LocalError."""
+        with self._lock:
+            try:
+                cur = self._db.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(cur, *args)
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+                return out
+            except sqlite3.Error as e:
+                raise LocalError(f"delivery queue {self.path.name}: {e}") from e
+
+    # -- accepting --------------------------------------------------------------------
+
+    def accept(self, msg: ExitMessage, now: float) -> AcceptResult:
+        """Store ``msg`` durably unless its id is known; raise ``QueueFull`` if full."""
+        if not isinstance(msg, ExitMessage) or len(msg.message_id) != MESSAGE_ID_SIZE:
+            raise LocalError("accept needs an ExitMessage")
+        raw = msg.encode()
+        return self._tx(self._accept, msg, raw, float(now))
+
+    def _accept(self, cur: sqlite3.Cursor, msg: ExitMessage, raw: bytes, now: float):
+        row = cur.execute(
+            "SELECT state, raw, reason FROM deliveries WHERE message_id = ?", (msg.message_id,)
+        ).fetchone()
+        if row is not None:
+            state = _state(row[0])
+            if state is MessageState.PENDING and msg.reply_block and row[1] is not None:
+                try:
+                    old = decode(bytes(row[1]))
+                except DecodeError:
+                    old = None
+                if old is not None and old.reply_block != msg.reply_block:
+                    new_raw = replace(old, reply_block=msg.reply_block).encode()
+                    cur.execute(
+                        "UPDATE deliveries SET raw = ? WHERE message_id = ?",
+                        (new_raw, msg.message_id),
+                    )
+            return AcceptResult(True, state, row[2] or "")
+        (pending,) = cur.execute("SELECT COUNT(*) FROM deliveries WHERE state = 0").fetchone()
+        if pending >= self.max_pending:
+            raise QueueFull(f"{pending} messages pending")
+        cur.execute(
+            "INSERT INTO deliveries (message_id, state, raw, accepted_at, attempts, next_at)"
+            " VALUES (?, 0, ?, ?, 0, ?)",
+            (msg.message_id, raw, now, now),
+        )
+        return AcceptResult(False, MessageState.PENDING)
+
+    def lookup(self, message_id: bytes) -> tuple[MessageState, str] | None:
+        """``(state, reason)`` of a known id, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, reason FROM deliveries WHERE message_id = ?", (bytes(message_id),)
+            ).fetchone()
+        return None if row is None else (_state(row[0]), row[1] or "")
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def due(
+        self, now: float, limit: int = 64, exclude: Collection[bytes] = ()
+    ) -> list[QueuedMessage]:
+        """Pending messages whose next attempt is at or before ``now``, soonest first.
+
+        Ids in ``exclude`` (e.g. attempts in flight) are skipped; at most
+        ``limit`` are returned. Rows that no longer decode are given up here.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message_id, raw, attempts, accepted_at, next_at, reason FROM deliveries"
+                " WHERE state = 0 AND next_at <= ? ORDER BY next_at, accepted_at LIMIT ?",
+                (float(now), limit + len(exclude)),
+            ).fetchall()
+        out: list[QueuedMessage] = []
+        for mid, raw, attempts, accepted_at, next_at, reason in rows:
+            mid = bytes(mid)
+            if mid in exclude:
+                continue
+            try:
+                msg = decode(bytes(raw or b""))
+                if msg.message_id != mid:
+                    raise DecodeError(detail="id mismatch")
+            except DecodeError:
+                self._finish(mid, MessageState.FAILED, now, "corrupt: stored message unreadable")
+                continue
+            out.append(QueuedMessage(msg, attempts, accepted_at, next_at, reason or ""))
+            if len(out) >= limit:
+                break
+        return out
+
+    def next_due(self, after: float) -> float | None:
+        """The earliest scheduled attempt strictly after ``after``, or None."""
+        with self._lock:
+            (t,) = self._db.execute(
+                "SELECT MIN(next_at) FROM deliveries WHERE state = 0 AND next_at > ?",
+                (float(after),),
+            ).fetchone()
+        return t
+
+    def mark_delivered(self, message_id: bytes, now: float) -> bool:
+        """Record a delivery. False if the id was not pending (nothing changes)."""
+        return self._finish(bytes(message_id), MessageState.DELIVERED, now, "")
+
+    def mark_failed(
+        self, message_id: bytes, now: float, *, temporary: bool, reason: str
+    ) -> FailOutcome:
+        """Record a failed attempt; schedule a retry or give up. ``LocalError`` if not pending."""
+        mid = bytes(message_id)
+        reason = reason[:200]
+        return self._tx(self._mark_failed, mid, float(now), temporary, reason)
+
+    def _mark_failed(self, cur, mid: bytes, now: float, temporary: bool, reason: str):
+        row = cur.execute(
+            "SELECT attempts, accepted_at FROM deliveries WHERE message_id = ? AND state = 0",
+            (mid,),
+        ).fetchone()
+        if row is None:
+            raise LocalError("mark_failed: message is not pending")
+        attempts = row[0] + 1
+        too_old = now - row[1] >= self.retry.max_age
+        if not temporary or attempts >= self.retry.max_attempts or too_old:
+            if temporary:
+                why = "too many attempts" if attempts >= self.retry.max_attempts else "too old"
+                reason = f"{reason} (gave up: {why})"[:200]
+            cur.execute(
+                "UPDATE deliveries SET state = 2, raw = NULL, attempts = ?, next_at = NULL,"
+                " finished_at = ?, reason = ? WHERE message_id = ?",
+                (attempts, now, reason, mid),
+            )
+            return FailOutcome(attempts, None, reason)
+        retry_at = now + self.retry.delay(attempts, self.rng)
+        cur.execute(
+            "UPDATE deliveries SET attempts = ?, next_at = ?, reason = ? WHERE message_id = ?",
+            (attempts, retry_at, reason, mid),
+        )
+        return FailOutcome(attempts, retry_at, reason)
+
+    def _finish(self, mid: bytes, state: MessageState, now: float, reason: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE deliveries SET state = ?, raw = NULL, next_at = NULL, finished_at = ?,"
+                " attempts = attempts + 1, reason = ? WHERE message_id = ? AND state = 0",
+                (int(state), float(now), reason, mid),
+            )
+            return cur.rowcount == 1
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def purge(self, now: float) -> int:
+        """Forget finished ids older than ``retention``. Returns how many were dropped."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM deliveries WHERE state != 0 AND finished_at < ?",
+                (float(now) - self.retention,),
+            )
+            return cur.rowcount
+
+    def counts(self) -> dict[str, int]:
+        """Number of known ids per state name (``pending``, ``delivered``, ``failed``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) FROM deliveries GROUP BY state"
+            ).fetchall()
+        out = {s.name.lower(): 0 for s in MessageState}
+        for st, n in rows:
+            if st in (0, 1, 2):
+                out[MessageState(st).name.lower()] = n
+        return out
+
+
+def _state(v: object) -> MessageState:
+    return MessageState(v) if v in (0, 1, 2) else MessageState.FAILED
