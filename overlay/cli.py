@@ -162,6 +162,199 @@ def record_verify(
     _print_summary(rec.summary())
 
 
+def _setup_logging(level: str, as_json: bool) -> None:
+    import logging
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return json.dumps(
+                {
+                    "ts": round(record.created, 3),
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "msg": record.getMessage(),
+                }
+            )
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    # py-libp2p logs routine dial failures as warnings; keep them out of a volunteer's log
+    for noisy in ("libp2p", "multiaddr", "hypercorn"):
+        logging.getLogger(noisy).setLevel(
+            logging.ERROR if level.upper() != "DEBUG" else logging.DEBUG
+        )
+
+
+@app.command()
+def run(
+    home: HomeOpt = None,
+    join: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--join", help="Multiaddr of a peer to join through (repeatable, tried in turn)."
+        ),
+    ] = None,
+    seeds: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--seeds", help="Seed bundle source: file, URL or dns:NAME (repeatable)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="One JSON object per log line.")
+    ] = False,
+) -> None:
+    """Run the node until interrupted (Ctrl-C)."""
+    import trio
+
+    from .runtime import Node
+
+    _setup_logging(log_level, log_json)
+    h = _home(home)
+    try:
+        cfg = h.config()
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+
+    async def main() -> None:
+        join_addrs = list(join or [])
+        if seeds or (not join_addrs and cfg.seed_sources):
+            join_addrs += await _seed_addrs(h, cfg, list(seeds or cfg.seed_sources))
+        async with Node(h, cfg, join=join_addrs) as node:
+            err.print(f"[green]running[/green] {node.node_id.peer_id()}")
+            for a in node.host.listen_addrs():
+                err.print(f"  listening {a}")
+            err.print(f"  control   {node.control_url}")
+            if node.joined_via:
+                err.print(f"  joined via {node.joined_via}; {len(node.view)} records")
+            await trio.sleep_forever()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        err.print("stopped")
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+
+
+async def _seed_addrs(h: Home, cfg, sources: list[str]) -> list[str]:
+    """Join addresses from the first verified seed bundle (see docs/operator.md)."""
+    from bootstrap.fetch import fetch_bundle
+
+    operators = [bytes.fromhex(k) for k in cfg.seed_operators]
+    if not operators:
+        raise LocalError(
+            "seed sources need [seeds] operators (pinned operator keys) in config.toml"
+        )
+    result = await fetch_bundle(sources, operators, cfg.seed_threshold, h.path / "seeds-cache.cbor")
+    for o in result.outcomes:
+        err.print(f"  seeds {o}")
+    if result.bundle is None:
+        raise LocalError("no valid seed bundle from any source and no cached bundle")
+    return result.bundle.join_addrs()
+
+
+def _control(h: Home) -> str:
+    try:
+        return json.loads(h.control_path.read_text())["url"]
+    except (FileNotFoundError, ValueError, KeyError):
+        raise LocalError(f"no running node for {h.path} (is `overlay run` running?)") from None
+
+
+def _get(home: Path | None, route: str) -> dict:
+    import httpx
+
+    url = _control(_home(home))
+    try:
+        r = httpx.get(url + route, timeout=5)
+        r.raise_for_status()
+    except httpx.HTTPError as e:
+        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
+    return r.json()
+
+
+@app.command()
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a running node's state."""
+    try:
+        st = _get(home, "/status")
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    feeds = st.pop("feeds", [])
+    _print_summary({k: v for k, v in st.items() if not isinstance(v, dict)})
+    t = Table(title="feeds")
+    for col in ("feed", "network", "state", "last ok", "bytes in", "bytes out"):
+        t.add_column(col)
+    for f in feeds:
+        t.add_row(
+            f["addr"],
+            f.get("network", ""),
+            f.get("state", ""),
+            str(f.get("last_ok", "")),
+            str(f.get("bytes_in", "")),
+            str(f.get("bytes_out", "")),
+        )
+    console.print(t)
+
+
+@app.command()
+def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List a running node's connected peers."""
+    try:
+        data = _get(home, "/peers")
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    t = Table()
+    for col in ("peer id", "roles", "address", "connected (s)", "sync ok/failed", "score"):
+        t.add_column(col)
+    for p in data["peers"]:
+        t.add_row(
+            p["peer_id"],
+            ",".join(p["roles"]),
+            p["address"],
+            str(p["connected_for"]),
+            f"{p['sync_ok']}/{p['sync_failed']}",
+            str(p["score"]),
+        )
+    console.print(t)
+
+
+@app.command()
+def exits(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List the exits a running node knows, with their liveness state."""
+    try:
+        data = _get(home, "/exits")
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    t = Table()
+    for col in ("peer id", "state", "since", "seq", "roles", "policy"):
+        t.add_column(col)
+    for x in data["exits"]:
+        since = time.strftime("%H:%M:%S", time.localtime(x["since"]))
+        t.add_row(
+            x["peer_id"],
+            x["state"],
+            since,
+            str(x["seq"]),
+            ",".join(x["roles"]),
+            " ".join(x["policy"]),
+        )
+    console.print(t)
+
+
 @app.command()
 def demo() -> None:
     """Run a local demonstration with no set-up."""

@@ -1,0 +1,69 @@
+"""Sans-I/O choice of which peers to keep connections to.
+
+Goal: ``target`` connections, spread over as many different feed networks
+(address prefix + transport) as the membership offers, so that losing one
+network or provider does not partition the node.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from ..crypto import NodeId
+from ..records import ValidRecord
+
+
+def feed_network(feed: str) -> str:
+    """A coarse label for the network a feed lives on: /16 for IPv4, /32 for IPv6, name for DNS."""
+    parts = feed.split("/")
+    kind, host = parts[1], parts[2] if len(parts) > 2 else ""
+    if "p2p-circuit" in parts:
+        return "relay:" + (parts[parts.index("p2p") + 1] if "p2p" in parts else host)
+    if kind == "ip4":
+        return "ip4:" + ".".join(host.split(".")[:2])
+    if kind == "ip6":
+        return "ip6:" + ":".join(host.split(":")[:2])
+    return f"{kind}:{host}"
+
+
+def choose_dials(
+    candidates: Iterable[ValidRecord],
+    connected: set[NodeId],
+    me: NodeId,
+    target: int,
+    rng: random.Random,
+    exclude: set[NodeId] = frozenset(),
+) -> list[ValidRecord]:
+    """Records of peers to dial so that connections reach ``target``, most diverse first."""
+    need = target - len(connected)
+    if need <= 0:
+        return []
+    candidates = list(candidates)
+    pool = [
+        r
+        for r in candidates
+        if not r.is_tombstone
+        and r.node_id != me
+        and r.node_id not in connected
+        and r.node_id not in exclude
+    ]
+    rng.shuffle(pool)
+    # networks we already reach count as covered; prefer peers on new networks
+    covered: dict[str, int] = {}
+    for r in candidates:
+        if r.node_id in connected and not r.is_tombstone:
+            for f in r.feeds:
+                covered[feed_network(f)] = covered.get(feed_network(f), 0) + 1
+
+    def novelty(r: ValidRecord) -> int:
+        return -len({feed_network(f) for f in r.feeds} - set(covered))
+
+    chosen: list[ValidRecord] = []
+    while pool and len(chosen) < need:
+        pool.sort(key=novelty)
+        best = pool.pop(0)
+        chosen.append(best)
+        for f in best.feeds:
+            covered[feed_network(f)] = covered.get(feed_network(f), 0) + 1
+    return chosen

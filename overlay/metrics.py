@@ -1,0 +1,43 @@
+"""Prometheus metrics, one registry per node (several nodes may share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.records_accepted = Counter(
+            "hydra_records_accepted", "Records accepted into the view", ["source"], registry=r
+        )
+        self.records_rejected = Counter(
+            "hydra_records_rejected",
+            "Records rejected, by reason",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.records_known = Gauge("hydra_records_known", "Records in the view", registry=r)
+        self.peers = Gauge("hydra_peers_connected", "Connected peers", registry=r)
+        self.gossip_messages = Counter(
+            "hydra_gossip_messages", "Gossip messages", ["direction"], registry=r
+        )
+        self.gossip_bytes = Counter("hydra_gossip_bytes", "Gossip bytes", ["direction"], registry=r)
+        self.sync_rounds = Counter(
+            "hydra_sync_rounds", "Anti-entropy rounds", ["side", "result"], registry=r
+        )
+        self.sync_bytes = Counter(
+            "hydra_sync_bytes", "Anti-entropy bytes", ["direction"], registry=r
+        )
+        self.sync_records = Counter(
+            "hydra_sync_records_pulled", "Records pulled by anti-entropy", registry=r
+        )
+        self.penalties = Counter("hydra_peer_penalties", "Peer penalties", ["reason"], registry=r)
+        self.disconnects = Counter(
+            "hydra_peer_disconnects", "Peers disconnected for misbehaviour", registry=r
+        )
+        self.publishes = Counter("hydra_record_publishes", "Own record publications", registry=r)
+        self.exits_live = Gauge("hydra_exits_live", "Exits this node sees as live", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

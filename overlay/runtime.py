@@ -1,0 +1,585 @@
+"""The node runtime: one nursery running the I/O around the sans-I/O cores.
+
+``async with Node(home) as node:`` starts the libp2p host, the gossip, DHT and
+anti-entropy services, the peer manager and the control endpoint, publishes the
+node's own record, and stops everything (host closed, store closed) on exit.
+
+Record ingestion has one path (``ingest``) whatever the source — gossip, sync,
+DHT, local — so every record is validated the same way before it is stored or
+forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from . import control
+from .config import Config
+from .core.antientropy import AntiEntropy
+from .core.membership import MembershipView, Outcome
+from .core.peering import choose_dials, feed_network
+from .core.scores import PeerScores, TokenBucket
+from .crypto import NodeId
+from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
+from .home import Home, write_atomic
+from .metrics import Metrics
+from .net import framing
+from .net.host import Libp2pHost
+from .records import Role, ValidRecord, decode
+from .records import validate as validate_record
+from .store import RecordStore
+from .wire import sync
+
+log = logging.getLogger("hydra.node")
+
+RECORDS_TOPIC = "hydra/records/1"
+SYNC_PROTOCOL = "/hydra/sync/1.0.0"
+DHT_NAMESPACE = "hydra"
+SYNC_TIMEOUT = 5.0
+
+
+def dht_key(node_id: NodeId) -> str:
+    return f"/{DHT_NAMESPACE}/{node_id.hex()}"
+
+
+def role_key(role: Role) -> str:
+    return f"hydra-role/{role.names()[0]}"
+
+
+@dataclass
+class PeerInfo:
+    peer: NodeId
+    connected_at: float
+    address: str = ""
+    sync_ok: int = 0
+    sync_failed: int = 0
+    bucket: TokenBucket = field(default_factory=lambda: TokenBucket(rate=2.0, burst=6.0))
+
+
+class Node:
+    """A running Hydra node. Use as ``async with Node(home) as node``."""
+
+    def __init__(
+        self,
+        home: Home,
+        config: Config | None = None,
+        *,
+        join: Sequence[str] = (),
+        listen: Sequence[str] | None = None,
+        rng: random.Random | None = None,
+        clock=time.time,
+    ) -> None:
+        self.home = home
+        self.config = config or home.config()
+        if listen is not None:
+            self.config.listen = list(listen)
+        self.join_addrs = list(join) or list(self.config.join)
+        self.key = home.signing_key()
+        self.node_id = self.key.node_id
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.metrics = Metrics()
+        self.view = MembershipView()
+        self.ae = AntiEntropy(self.view)
+        self.scores = PeerScores()
+        self.store: RecordStore | None = None
+        self.host: Libp2pHost | None = None
+        self.peers: dict[NodeId, PeerInfo] = {}
+        self.roles = self.config.role_flags
+        self.own: ValidRecord | None = None
+        self.control_url = ""
+        self.started_at = 0.0
+        self.joined_via: str | None = None
+        self._publish_bucket = TokenBucket(rate=1.0, burst=3.0)
+        self._republish = trio.Event()
+        self._record_events: list[trio.MemorySendChannel] = []
+        self._nursery: trio.Nursery | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Node:
+        self._cm = self._lifetime()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc) -> bool | None:
+        return await self._cm.__aexit__(*exc)
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[Node]:
+        self.started_at = self.clock()
+        self.store = RecordStore(self.home.db_path)
+        try:
+            now = self.clock()
+            for rec in self.store.all(now):
+                self.view.accept(rec)
+            self.metrics.records_known.set(len(self.view))
+            self.host = Libp2pHost(
+                self.key,
+                self.config.listen,
+                gossip_topics=[RECORDS_TOPIC],
+                gossip_heartbeat=self.config.gossip_heartbeat,
+                dht_validators={DHT_NAMESPACE: _DhtRecordValidator(self.clock)},
+                dht_timeout=10.0,
+            )
+            self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
+            self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+            async with self.host, trio.open_nursery() as n:
+                self._nursery = n
+                await n.start(self._run_control)
+                await self.publish_own("start")
+                n.start_soon(self._gossip_loop)
+                n.start_soon(self._sync_loop)
+                n.start_soon(self._peer_loop)
+                n.start_soon(self._maintenance_loop)
+                n.start_soon(self._republish_loop)
+                if self.join_addrs:
+                    await self.join(self.join_addrs)
+                try:
+                    yield self
+                finally:
+                    self._nursery = None
+                    n.cancel_scope.cancel()
+        finally:
+            self.host = None
+            self.store.close()
+            self.store = None
+            self.home.control_path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- records
+    def ingest(self, raw: bytes, source: str, peer: NodeId | None = None) -> bool:
+        """Validate and merge one record from anywhere. True if valid (new or duplicate)."""
+        now = self.clock()
+        try:
+            outcome, rec = self.view.offer(raw, now)
+        except RemoteError as e:
+            self.metrics.records_rejected.labels(source, e.reason.value).inc()
+            log.info("rejected record from %s via %s: %s", peer and peer.short(), source, e)
+            if peer is not None and peer != self.node_id:
+                self.penalize(peer, e.reason)
+            return False
+        if outcome is Outcome.ACCEPTED:
+            self.store.put(rec)
+            self.metrics.records_accepted.labels(source).inc()
+            self.metrics.records_known.set(len(self.view))
+            for ch in list(self._record_events):
+                try:
+                    ch.send_nowait(rec)
+                except (trio.WouldBlock, trio.BrokenResourceError):
+                    pass
+        return True
+
+    def penalize(self, peer: NodeId, reason: Reason) -> None:
+        self.metrics.penalties.labels(reason.value).inc()
+        if self.scores.penalize(peer, reason, self.clock()) and self._nursery is not None:
+            log.warning("disconnecting %s after repeated bad input", peer.short())
+            self.metrics.disconnects.inc()
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: NodeId) -> None:
+        self.peers.pop(peer, None)
+        try:
+            await self.host.disconnect(peer.peer_id())
+        except Exception as e:  # noqa: BLE001 - already gone is fine
+            log.debug("disconnect %s: %s", peer.short(), e)
+
+    def current_feeds(self) -> list[str]:
+        if self.config.announce:
+            return list(self.config.announce)
+        feeds = []
+        for addr in self.host.listen_addrs():
+            base = addr.split("/p2p/")[0]
+            if base.startswith("/ip4/0.0.0.0/"):
+                from .home import feeds_from_listen
+
+                feeds.extend(feeds_from_listen([base]))
+            else:
+                feeds.append(base)
+        return list(dict.fromkeys(feeds))[:8]
+
+    async def publish_own(self, why: str, roles: Role | None = None) -> ValidRecord:
+        """Sign a new record (seq+1) and push it to store, view, gossip and DHT."""
+        if roles is not None:
+            self.roles = roles
+        now = self.clock()
+        while not self._publish_bucket.take(now):
+            await trio.sleep(0.2)
+            now = self.clock()
+        rec = self.home.make_record(
+            now=now, feeds=self.current_feeds(), roles=self.roles, cfg=self.config
+        )
+        self.own = rec
+        self.ingest(rec.encode(), "local")
+        self.metrics.publishes.inc()
+        log.info("published record seq=%d roles=%s (%s)", rec.seq, rec.roles.names(), why)
+        await self._push(rec)
+        return rec
+
+    async def withdraw(self) -> ValidRecord:
+        """Publish a tombstone: the overlay forgets this node."""
+        rec = self.home.make_tombstone(self.clock())
+        self.own = rec
+        self.ingest(rec.encode(), "local")
+        await self._push(rec)
+        return rec
+
+    async def _push(self, rec: ValidRecord) -> None:
+        raw = rec.encode()
+        try:
+            await self.host.publish(RECORDS_TOPIC, raw)
+            self.metrics.gossip_messages.labels("out").inc()
+            self.metrics.gossip_bytes.labels("out").inc(len(raw))
+        except Exception as e:  # noqa: BLE001 - gossip is best effort; sync repairs
+            log.info("gossip publish failed: %s", e)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._dht_publish, rec)
+
+    async def _dht_publish(self, rec: ValidRecord) -> None:
+        with trio.move_on_after(10):
+            try:
+                await self.host.dht_put(dht_key(rec.node_id), rec.encode())
+                for role in Role:
+                    if role in rec.roles:
+                        await self.host.provide(role_key(role))
+            except Exception as e:  # noqa: BLE001 - the DHT is one layer of three
+                log.debug("dht publish failed: %s", e)
+
+    async def lookup(self, node_id: NodeId) -> ValidRecord | None:
+        """Find a node's record: local view first, then the DHT (validated, seq-compared)."""
+        rec = self.view.get(node_id)
+        if rec is not None:
+            return rec
+        with trio.move_on_after(10):
+            raw = await self.host.dht_get(dht_key(node_id))
+            if raw:
+                self.ingest(raw, "dht")
+        return self.view.get(node_id)
+
+    async def _gossip_validator(self, from_peer: str, msg) -> bool:
+        data = msg.data
+        self.metrics.gossip_messages.labels("in").inc()
+        self.metrics.gossip_bytes.labels("in").inc(len(data))
+        try:
+            peer = NodeId.from_peer_id(from_peer)
+        except ValueError:
+            peer = None
+        return self.ingest(data, "gossip", peer)
+
+    async def _gossip_loop(self) -> None:
+        # validation (and so ingestion) happens in the validator; drain deliveries
+        async with await self.host.subscribe(RECORDS_TOPIC) as sub:
+            async for _msg in sub:
+                pass
+
+    def record_events(self, size: int = 1000) -> trio.MemoryReceiveChannel:
+        """A channel of every record accepted from now on (for tests and tools)."""
+        send, recv = trio.open_memory_channel(size)
+        self._record_events.append(send)
+        return recv
+
+    # ---------------------------------------------------------------- anti-entropy
+    async def sync_with(self, peer: NodeId) -> int:
+        """One anti-entropy round pulling from ``peer``. Returns records accepted."""
+        accepted = 0
+        try:
+            with trio.fail_after(SYNC_TIMEOUT):
+                stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
+                try:
+                    await self._send(stream, self.ae.summary())
+                    entries = await self._recv(stream, sync.Entries)
+                    want = self.ae.want(entries)
+                    await self._send(stream, want)
+                    if want.ids:
+                        recs = await self._recv(stream, sync.Records)
+                        for raw in recs.records:
+                            if self.ingest(raw, "sync", peer):
+                                accepted += 1
+                        self.metrics.sync_records.inc(len(recs.records))
+                finally:
+                    await _close(stream)
+        except RemoteError as e:
+            self.metrics.sync_rounds.labels("initiator", e.reason.value).inc()
+            self.penalize(peer, e.reason)
+            return accepted
+        except (trio.TooSlowError, OverlayError, OSError, Exception) as e:  # noqa: BLE001
+            self.metrics.sync_rounds.labels("initiator", "failed").inc()
+            info = self.peers.get(peer)
+            if info:
+                info.sync_failed += 1
+            log.debug("sync with %s failed: %r", peer.short(), e)
+            return accepted
+        self.metrics.sync_rounds.labels("initiator", "ok").inc()
+        info = self.peers.get(peer)
+        if info:
+            info.sync_ok += 1
+        return accepted
+
+    async def _serve_sync(self, stream, remote_peer: str) -> None:
+        try:
+            peer = NodeId.from_peer_id(remote_peer)
+        except ValueError:
+            await _close(stream)
+            return
+        info = self.peers.get(peer)
+        bucket = info.bucket if info else TokenBucket(rate=2.0, burst=6.0)
+        try:
+            if not bucket.take(self.clock()):
+                self.penalize(peer, Reason.RATE_LIMITED)
+                self.metrics.sync_rounds.labels("responder", "rate_limited").inc()
+                return
+            with trio.fail_after(SYNC_TIMEOUT):
+                summary = await self._recv(stream, sync.Summary)
+                await self._send(stream, self.ae.entries_for(summary))
+                want = await self._recv(stream, sync.Want)
+                if want.ids:
+                    await self._send(stream, self.ae.records_for(want))
+            self.metrics.sync_rounds.labels("responder", "ok").inc()
+        except RemoteError as e:
+            self.metrics.sync_rounds.labels("responder", e.reason.value).inc()
+            self.penalize(peer, e.reason)
+        except Exception as e:  # noqa: BLE001 - a broken stream must not kill the node
+            self.metrics.sync_rounds.labels("responder", "failed").inc()
+            log.debug("serving sync to %s failed: %r", peer.short(), e)
+        finally:
+            await _close(stream)
+
+    async def _send(self, stream, frame) -> None:
+        data = framing.encode_frame(sync.encode(frame), sync.MAX_SIZE)
+        self.metrics.sync_bytes.labels("out").inc(len(data))
+        await stream.write(data)
+
+    async def _recv(self, stream, expected: type):
+        data = await framing.read_frame(stream, sync.MAX_SIZE)
+        if data is None:
+            raise DecodeError(Reason.MALFORMED, "stream closed mid-round")
+        self.metrics.sync_bytes.labels("in").inc(len(data))
+        frame = sync.decode(data)
+        if not isinstance(frame, expected):
+            raise DecodeError(Reason.MALFORMED, f"expected {expected.__name__}")
+        return frame
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.sync_interval * (0.75 + 0.5 * self.rng.random()))
+            peers = self.connected()
+            if peers:
+                await self.sync_with(self.rng.choice(peers))
+
+    # ---------------------------------------------------------------- peers
+    def connected(self) -> list[NodeId]:
+        out = []
+        for pid in self.host.connected_peers():
+            try:
+                nid = NodeId.from_peer_id(pid)
+            except ValueError:
+                continue
+            out.append(nid)
+            if nid not in self.peers:
+                self.peers[nid] = PeerInfo(nid, self.clock())
+        for gone in set(self.peers) - set(out):
+            del self.peers[gone]
+        self.metrics.peers.set(len(out))
+        return out
+
+    async def connect_record(self, rec: ValidRecord) -> bool:
+        """Dial a member through its feeds in turn; remember the one that worked."""
+        for feed in rec.feeds:
+            addr = f"{feed}/p2p/{rec.node_id.peer_id()}"
+            try:
+                await self.host.connect(addr)
+            except Exception as e:  # noqa: BLE001 - try the next feed
+                log.debug("dial %s failed: %s", addr, e)
+                continue
+            self.peers[rec.node_id] = PeerInfo(rec.node_id, self.clock(), feed)
+            return True
+        return False
+
+    async def join(self, addrs: Sequence[str]) -> str:
+        """Connect through the first reachable address and pull the whole membership."""
+        errors = []
+        for addr in addrs:
+            try:
+                pid = await self.host.connect(addr)
+            except Exception as e:  # noqa: BLE001 - try the next one
+                errors.append(f"{addr}: {e}")
+                continue
+            peer = NodeId.from_peer_id(pid)
+            self.peers.setdefault(peer, PeerInfo(peer, self.clock(), addr))
+            for _ in range(20):  # each round moves at most sync.MAX_WANT records
+                if await self.sync_with(peer) == 0:
+                    break
+            self.joined_via = addr
+            await self.publish_own("joined")
+            await self._fill_peers()
+            return addr
+        raise LocalError("could not join through any address: " + "; ".join(errors))
+
+    async def _fill_peers(self) -> None:
+        connected = set(self.connected())
+        now = self.clock()
+        banned = {p for p in self.view.snapshot(now).records if self.scores.banned(p, now)}
+        dials = choose_dials(
+            self.view.snapshot(now).live(),
+            connected,
+            self.node_id,
+            self.config.target_peers,
+            self.rng,
+            exclude=banned,
+        )
+        if dials:
+            async with trio.open_nursery() as n:
+                for rec in dials:
+                    n.start_soon(self.connect_record, rec)
+
+    async def _peer_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0 + self.rng.random())
+            try:
+                await self._fill_peers()
+            except Exception as e:  # noqa: BLE001 - keep the node running
+                log.warning("peer maintenance failed: %r", e)
+
+    # ---------------------------------------------------------------- maintenance
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await trio.sleep(5.0)
+            now = self.clock()
+            self.view.expire(now)
+            self.store.purge_expired(now)
+            self.scores.forget_idle(now)
+            self.metrics.records_known.set(len(self.view))
+
+    async def _republish_loop(self) -> None:
+        while True:
+            with trio.move_on_after(1.0):
+                await self._republish.wait()
+            self._republish = trio.Event()
+            own = self.own
+            if own is None or own.is_tombstone:
+                continue
+            now = self.clock()
+            half_life = (own.expires_at - own.issued_at) / 2
+            if now >= own.issued_at + half_life:
+                await self.publish_own("refresh before expiry")
+            elif sorted(self.current_feeds()) != sorted(own.feeds):
+                await self.publish_own("feeds changed")
+
+    def request_republish(self) -> None:
+        self._republish.set()
+
+    # ---------------------------------------------------------------- control
+    async def _run_control(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = control.bind_local(self.config.control_listen)
+        host, port = sock.getsockname()[:2]
+        self.control_url = f"http://{host}:{port}"
+        write_atomic(
+            self.home.control_path,
+            json.dumps({"url": self.control_url, "peer_id": self.node_id.peer_id()}).encode(),
+            0o600,
+        )
+        await control.serve_control(
+            sock, self.control_state, self.metrics.render, task_status=task_status
+        )
+
+    def control_state(self, what: str) -> dict:
+        now = self.clock()
+        snap = self.view.snapshot(now)
+        if what == "status":
+            return self.status()
+        if what == "peers":
+            return {
+                "peers": [
+                    {
+                        "peer_id": p.peer.peer_id(),
+                        "address": p.address,
+                        "connected_for": round(now - p.connected_at, 1),
+                        "sync_ok": p.sync_ok,
+                        "sync_failed": p.sync_failed,
+                        "score": round(self.scores.score(p.peer, now), 1),
+                        "roles": (snap.get(p.peer).roles.names() if snap.get(p.peer) else []),
+                    }
+                    for p in list(self.peers.values())
+                ]
+            }
+        if what == "exits":
+            return {"exits": self.exits_view(now)}
+        if what == "records":
+            return {
+                "records": [
+                    r.summary() | {"live": not r.is_tombstone} for r in snap.records.values()
+                ]
+            }
+        return {}
+
+    def exits_view(self, now: float) -> list[dict]:
+        snap = self.view.snapshot(now)
+        return [
+            {
+                "peer_id": r.node_id.peer_id(),
+                "seq": r.seq,
+                "roles": r.roles.names(),
+                "feeds": list(r.feeds),
+                "state": "alive",
+                "since": r.issued_at,
+                "policy": list(r.exit_policy),
+            }
+            for r in snap.with_role(Role.EXIT)
+        ]
+
+    def status(self) -> dict:
+        now = self.clock()
+        snap = self.view.snapshot(now)
+        return {
+            "peer_id": self.node_id.peer_id(),
+            "roles": self.roles.names(),
+            "seq": self.own.seq if self.own else None,
+            "uptime": round(now - self.started_at, 1),
+            "listen": self.host.listen_addrs() if self.host else [],
+            "feeds": [
+                {"addr": f, "network": feed_network(f), "state": "up"}
+                for f in (self.own.feeds if self.own else ())
+            ],
+            "members": len(snap.live()),
+            "records": len(snap.records),
+            "exits": len(snap.with_role(Role.EXIT)),
+            "peers": len(self.peers),
+            "joined_via": self.joined_via,
+            "control": self.control_url,
+        }
+
+
+class _DhtRecordValidator:
+    """DHT namespace hooks: only valid records under their own node's key; highest seq wins."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        rec = validate_record(value, self.clock())
+        if key != dht_key(rec.node_id):
+            raise DecodeError(Reason.MALFORMED, "record stored under another node's key")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best, best_seq = 0, -1
+        for i, v in enumerate(values):
+            try:
+                seq = decode(v).seq
+            except RemoteError:
+                continue
+            if seq > best_seq:
+                best, best_seq = i, seq
+        return best
+
+
+async def _close(stream) -> None:
+    with trio.move_on_after(1, shield=True):
+        try:
+            await stream.close()
+        except Exception:  # noqa: BLE001 - closing a broken stream
+            pass

@@ -1,0 +1,172 @@
+"""Real nodes on loopback: gossip, DHT, anti-entropy, joining, bad input, restarts."""
+
+import time
+
+import pytest
+import trio
+
+from overlay.crypto import SigningKey
+from overlay.net import framing
+from overlay.net.host import Libp2pHost
+from overlay.records import Role, make_record
+from overlay.runtime import RECORDS_TOPIC, SYNC_PROTOCOL, Node, dht_key
+from overlay.testing import join_addr, make_home, overlay, wait_until
+from tests.recgen import ONION
+
+pytestmark = pytest.mark.slow
+
+
+def _seqs(nodes, node_id):
+    return [n.view.seq_of(node_id) for n in nodes]
+
+
+async def test_twenty_nodes_new_updated_and_withdrawn_record(tmp_path):
+    async with overlay(tmp_path, 20) as nodes:
+        await wait_until(lambda: all(len(n.view) == 20 for n in nodes), 60)
+        # an updated record (seq+1) reaches everyone
+        target = nodes[7]
+        rec = await target.publish_own("test update", roles=Role.RELAY | Role.ENTRY)
+        await wait_until(lambda: _seqs(nodes, target.node_id) == [rec.seq] * 20, 30)
+        assert all(Role.ENTRY in n.view.get(target.node_id).roles for n in nodes)
+        # a brand-new node's record reaches everyone
+        home = make_home(tmp_path / "late")
+        async with Node(home, join=[join_addr(nodes[3])]) as late:
+            everyone = [*nodes, late]
+            await wait_until(lambda: all(late.node_id in n.view for n in everyone), 30)
+            # a tombstone removes the node everywhere
+            tomb = await late.withdraw()
+            await wait_until(
+                lambda: all(n.view.get(late.node_id).seq == tomb.seq for n in nodes), 30
+            )
+            for n in nodes:
+                assert late.node_id not in {r.node_id for r in n.view.snapshot(time.time()).live()}
+
+
+async def test_join_through_exactly_one_peer_learns_everything(tmp_path):
+    async with overlay(tmp_path, 8) as nodes:
+        await wait_until(lambda: all(len(n.view) == 8 for n in nodes), 30)
+        home = make_home(tmp_path / "newcomer")
+        async with Node(home, join=[join_addr(nodes[5])]) as newcomer:
+            # the join itself pulls the full membership through that one peer
+            assert len(newcomer.view) == 9
+            assert newcomer.joined_via == join_addr(nodes[5])
+            await wait_until(lambda: len(newcomer.connected()) >= 4, 20)
+
+
+async def test_join_tries_addresses_in_turn(tmp_path):
+    async with overlay(tmp_path, 2) as nodes:
+        dead = "/ip4/127.0.0.1/tcp/9/p2p/" + SigningKey.generate().node_id.peer_id()
+        home = make_home(tmp_path / "x")
+        async with Node(home, join=[dead, join_addr(nodes[1])]) as node:
+            assert node.joined_via == join_addr(nodes[1])
+            assert len(node.view) == 3
+
+
+async def test_record_missed_by_gossip_arrives_by_anti_entropy(tmp_path):
+    async with overlay(tmp_path, 6) as nodes:
+        await wait_until(lambda: all(len(n.view) == 6 for n in nodes), 30)
+        # a record that only node 0 holds: it was never gossiped
+        outsider = SigningKey.generate()
+        rec = make_record(
+            outsider,
+            seq=1,
+            now=time.time(),
+            roles=Role.RELAY,
+            feeds=["/ip4/127.0.0.1/tcp/9"],
+            onion_key=ONION.public,
+            onion_epoch=0,
+        )
+        assert nodes[0].ingest(rec.encode(), "local")
+        await wait_until(lambda: all(outsider.node_id in n.view for n in nodes), 30)
+        pulled = sum(n.metrics.sync_records._value.get() for n in nodes[1:])
+        assert pulled >= 5
+
+
+async def test_dht_lookup_by_node_id(tmp_path):
+    async with overlay(tmp_path, 5) as nodes:
+        await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)
+        await trio.sleep(1.0)  # DHT puts are asynchronous
+        target = nodes[4]
+        raw = None
+        with trio.move_on_after(15):
+            while raw is None:
+                raw = await nodes[1].host.dht_get(dht_key(target.node_id))
+                await trio.sleep(0.2)
+        assert raw is not None
+        assert nodes[1].ingest(raw, "dht")
+        providers = await nodes[0].host.find_providers("hydra-role/relay")
+        assert providers
+
+
+async def test_malicious_peer_is_rejected_counted_and_disconnected(tmp_path):
+    async with overlay(tmp_path, 4) as nodes:
+        await wait_until(lambda: all(len(n.view) == 4 for n in nodes), 30)
+        evil_key = SigningKey.generate()
+        victim = SigningKey.generate()
+        good = make_record(
+            victim,
+            seq=5,
+            now=time.time(),
+            roles=Role.RELAY,
+            feeds=["/ip4/127.0.0.1/tcp/9"],
+            onion_key=ONION.public,
+            onion_epoch=0,
+        ).encode()
+        forged = bytearray(good)
+        forged[-2] ^= 1
+        expired = make_record(
+            victim,
+            seq=6,
+            now=time.time() - 7200,
+            roles=Role.RELAY,
+            feeds=["/ip4/127.0.0.1/tcp/9"],
+            onion_key=ONION.public,
+            onion_epoch=0,
+        ).encode()
+        async with Libp2pHost(
+            evil_key, ["/ip4/127.0.0.1/tcp/0"], gossip_topics=[RECORDS_TOPIC]
+        ) as evil:
+            await evil.connect(join_addr(nodes[0]))
+            await trio.sleep(1.5)  # let the gossip mesh form
+            bad = [expired, b"\xa0", bytes(forged), b"garbage" * 10, good[:-1]]
+            for i in range(40):  # paced under libp2p's own per-peer rate limit
+                await evil.publish(RECORDS_TOPIC, bad[i % len(bad)])
+                await trio.sleep(0.12)
+                if nodes[0].metrics.disconnects._value.get():
+                    break
+            # garbage on the sync stream too
+            for _ in range(3):
+                try:
+                    s = await evil.open_stream(nodes[0].node_id.peer_id(), SYNC_PROTOCOL)
+                    await s.write(framing.encode_uvarint(10**9) + b"junk")
+                    await s.close()
+                except Exception:
+                    break
+            await wait_until(lambda: nodes[0].metrics.disconnects._value.get() >= 1, 20)
+        for n in nodes:
+            assert victim.node_id not in n.view  # nothing invalid stored anywhere
+            with n.store._lock:
+                pass
+            assert n.store.get(victim.node_id, time.time()) is None
+        rejected = nodes[0].metrics.records_rejected
+        reasons = {s.labels["reason"] for m in rejected.collect() for s in m.samples if s.value}
+        assert {"bad_signature", "expired", "malformed"} <= reasons
+        # the node still works: a real update still propagates
+        rec = await nodes[2].publish_own("still alive")
+        await wait_until(lambda: _seqs(nodes, nodes[2].node_id) == [rec.seq] * 4, 20)
+
+
+async def test_restart_keeps_store_and_catches_up(tmp_path):
+    async with overlay(tmp_path, 4) as nodes:
+        await wait_until(lambda: all(len(n.view) == 4 for n in nodes), 30)
+        home = make_home(tmp_path / "restarter")
+        async with Node(home, join=[join_addr(nodes[0])]) as node:
+            await wait_until(lambda: all(node.node_id in n.view for n in nodes), 20)
+            seq_before = node.own.seq
+        # while it is down, another node changes its record
+        changed = await nodes[1].publish_own("while you were away", roles=Role.RELAY | Role.ENTRY)
+        async with Node(home) as node:  # no --join: only its store
+            assert len(node.view) >= 5  # store intact before any network contact
+            assert node.own.seq > seq_before
+            await node.join([join_addr(nodes[2])])
+            await wait_until(lambda: node.view.seq_of(nodes[1].node_id) == changed.seq, 20)
