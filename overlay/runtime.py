@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -54,6 +55,19 @@ def role_key(role: Role) -> str:
     return f"hydra-role/{role.names()[0]}"
 
 
+class Service(Protocol):
+    """A component that runs inside a node (relay, exit, liveness...).
+
+    ``attach`` is called before the host starts (register stream handlers and
+    topic validators there); ``run`` is started in the node's nursery after the
+    host and control endpoint are up, and is cancelled when the node stops.
+    """
+
+    def attach(self, node: Node) -> None: ...
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None: ...
+
+
 @dataclass
 class PeerInfo:
     peer: NodeId
@@ -76,6 +90,7 @@ class Node:
         listen: Sequence[str] | None = None,
         rng: random.Random | None = None,
         clock=time.time,
+        services: Sequence[Service] = (),
     ) -> None:
         self.home = home
         self.config = config or home.config()
@@ -102,6 +117,7 @@ class Node:
         self._republish = trio.Event()
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
+        self.services = list(services)
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -130,9 +146,13 @@ class Node:
             )
             self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
             self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+            for svc in self.services:
+                svc.attach(self)
             async with self.host, trio.open_nursery() as n:
                 self._nursery = n
                 await n.start(self._run_control)
+                for svc in self.services:
+                    await n.start(svc.run)
                 await self.publish_own("start")
                 n.start_soon(self._gossip_loop)
                 n.start_soon(self._sync_loop)

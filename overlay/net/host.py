@@ -675,7 +675,7 @@ class Libp2pHost:
         # WORKAROUND (WebSocket close): closing a WebSocket connection whose
         # peer is shutting down at the same moment waits for a close
         # handshake that never comes; bound each close. test_ws_shutdown_is_bounded.
-        async def _close(conn: INetConn) -> None:
+        async def _close(conn: Any) -> None:
             with contextlib.suppress(Exception), trio.move_on_after(1.0):
                 await conn.close()
 
@@ -683,6 +683,12 @@ class Libp2pHost:
             for conns in list(self._swarm.connections.values()):
                 for conn in list(conns):
                     nursery.start_soon(_close, conn)
+            # WebsocketTransport.close() (inside host.close) closes the raw
+            # WebSocket connections it tracks, unbounded; close them here first.
+            for transport in self._swarm.transport_manager.get_transports():
+                if isinstance(transport, WebsocketTransport):
+                    for ws in list(getattr(transport, "_connections", {}).values()):
+                        nursery.start_soon(_close, ws)
 
     def _check_listeners(self) -> None:
         # WORKAROUND (listen errors): Swarm.listen logs and swallows a failed
