@@ -1,0 +1,189 @@
+"""Local multi-process overlays on loopback: ``scripts/cluster`` and ``overlay demo``.
+
+Each node is a separate ``overlay run`` process with its own home under one
+root directory; node 0 starts first and every later node joins through a
+random earlier one. All processes are stopped when the cluster closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .home import Home
+from .testing import LOOPBACK
+
+
+@dataclass
+class NodeProc:
+    index: int
+    home: Home
+    roles: list[str]
+    proc: subprocess.Popen | None = None
+    control: str = ""
+    peer_id: str = ""
+    addrs: list[str] = field(default_factory=list)
+    killed_at: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def get(self, route: str, timeout: float = 2.0) -> dict:
+        r = httpx.get(self.control + route, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+
+class Cluster:
+    def __init__(
+        self,
+        root: Path,
+        roles: Sequence[Sequence[str]],
+        *,
+        settings: dict | None = None,
+        seed: int = 1,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.rng = random.Random(seed)
+        self.settings = {"control_listen": "127.0.0.1:0", "sync_interval": 1.0, **(settings or {})}
+        self.log_dir = log_dir or self.root / "logs"
+        self.nodes: list[NodeProc] = []
+        for i, r in enumerate(roles):
+            policy = ["maildir:*", "smtp:*"] if {"exit", "standby-exit"} & set(r) else None
+            home = Home.init(
+                self.root / f"node{i:02d}",
+                roles=list(r),
+                listen=LOOPBACK,
+                exit_policy=policy,
+                extra=self.settings,
+                force=True,
+            )
+            self.nodes.append(NodeProc(i, home, list(r)))
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            started = [n for n in self.nodes if n.addrs and n.alive]
+            join = [self.rng.choice(started).addrs[0]] if started else []
+            self.start_node(node, join, timeout)
+
+    def start_node(self, node: NodeProc, join: Sequence[str], timeout: float = 30.0) -> None:
+        node.home.control_path.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "overlay", "run", "--home", str(node.home.path)]
+        for a in join:
+            args += ["--join", a]
+        log = open(self.log_dir / f"node{node.index:02d}.log", "ab")  # noqa: SIM115
+        node.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.index} exited; see {self.log_dir}")
+            try:
+                info = json.loads(node.home.control_path.read_text())
+                node.control = info["url"]
+                st = node.get("/status")
+                node.peer_id, node.addrs = st["peer_id"], st["listen"]
+                if not join or st.get("joined_via"):
+                    node.killed_at = None
+                    return
+            except (OSError, ValueError, KeyError, httpx.HTTPError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"node {node.index} did not start within {timeout} s")
+
+    def kill(self, node: NodeProc, sig: int = signal.SIGKILL) -> None:
+        if node.alive:
+            os.killpg(node.proc.pid, sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                node.proc.wait(10)
+                node.killed_at = time.time()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive:
+                try:
+                    os.killpg(node.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(5)
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="scripts/cluster", description=__doc__)
+    p.add_argument("n", type=int, help="number of nodes")
+    p.add_argument("--exits", type=int, default=1)
+    p.add_argument("--standby", type=int, default=1)
+    p.add_argument("--root", type=Path, default=None, help="directory for node homes")
+    args = p.parse_args(argv)
+    roles = []
+    for i in range(args.n):
+        if i == 0:
+            roles.append(["entry", "relay"])
+        elif i <= args.exits:
+            roles.append(["exit", "relay"])
+        elif i <= args.exits + args.standby:
+            roles.append(["standby-exit", "relay"])
+        else:
+            roles.append(["relay"])
+    root = args.root or Path(tempfile.mkdtemp(prefix="hydra-cluster-"))
+    cluster = Cluster(root, roles)
+    try:
+        cluster.start()
+        print(f"{args.n} nodes running; homes under {root}")
+        for n in cluster.nodes:
+            print(f"  node{n.index:02d} {','.join(n.roles):22s} {n.addrs[0]}")
+        print("\nTalk to them:")
+        print(f"  overlay status --home {cluster.nodes[0].home.path}")
+        print(f"  overlay peers  --home {cluster.nodes[0].home.path}")
+        print(f"  overlay exits  --home {cluster.nodes[0].home.path} --json")
+        print(f"  join another:  overlay run --home DIR --join {cluster.nodes[0].addrs[0]}")
+        print(f"logs in {cluster.log_dir}.  Ctrl-C stops every node.")
+        while all(n.alive for n in cluster.nodes):
+            time.sleep(1)
+        print("a node exited; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
