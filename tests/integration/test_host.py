@@ -287,14 +287,10 @@ async def test_connect_is_fast() -> None:
         assert ours < upstream - 0.1
 
 
-async def test_upstream_happy_eyeballs_delay_is_250ms() -> None:
-    import importlib.util
+def test_upstream_happy_eyeballs_delay_is_250ms() -> None:
+    from overlay.net.host import UPSTREAM_HAPPY_EYEBALLS_DELAY
 
-    spec = importlib.util.find_spec("libp2p.network.swarm")
-    assert spec is not None and spec.origin is not None
-    with open(spec.origin, encoding="utf-8") as f:
-        source = f.read()
-    assert "_HAPPY_EYEBALLS_DELAY = (\n    0.250" in source
+    assert UPSTREAM_HAPPY_EYEBALLS_DELAY == 0.25
 
 
 # ---- security and muxer options ----------------------------------------------
@@ -357,6 +353,7 @@ async def test_upstream_default_offers_mplex() -> None:
 # ---- stream bounds and handlers ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_many_concurrent_streams_do_not_hang() -> None:
     """WORKAROUND (stream bound): 300 concurrent opens: 128 succeed, the rest fail in time."""
     a, b = make_host(max_streams_per_conn=128, stream_timeout=2.0), make_host()
@@ -545,6 +542,19 @@ async def test_run_as_service_and_cancel() -> None:
             pass
 
 
+async def test_ws_shutdown_is_bounded() -> None:
+    """WORKAROUND (WebSocket close): peers shutting down together do not wait on each other."""
+    hosts = [make_host([WS]) for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        for h in hosts:
+            await nursery.start(h.run)
+        await hosts[1].connect(hosts[0].listen_addrs()[0])
+        await hosts[2].connect(hosts[1].listen_addrs()[0])
+        start = time.monotonic()
+        nursery.cancel_scope.cancel()
+    assert time.monotonic() - start < 4.0  # upstream: unbounded (close handshake never answered)
+
+
 async def test_auto_connector_is_stopped() -> None:
     """WORKAROUND (auto-dialer): the swarm's AutoConnector does not dial on its own."""
     a = make_host()
@@ -618,6 +628,31 @@ async def test_upstream_adaptive_gossip_stretches_heartbeat() -> None:
     assert router.heartbeat_interval >= 30
 
 
+async def _burst(n: int, **kw) -> int:
+    async with gossip_line(2, "t", **kw) as (a, b):
+        sub = await b.subscribe("t")
+        for i in range(n):
+            await a.publish("t", b"%d" % i)
+        got = 0
+        with trio.move_on_after(1.5):
+            async for _ in sub:
+                got += 1
+                if got == n:
+                    break
+        return got
+
+
+@pytest.mark.slow
+async def test_publish_burst_is_forwarded() -> None:
+    """WORKAROUND (gossip rate limit): 30 quick publishes all arrive."""
+    assert await _burst(30) == 30
+
+
+@pytest.mark.slow
+async def test_upstream_rate_limit_drops_own_publishes() -> None:
+    assert await _burst(30, gossip_rate_limit=10.0) == 10
+
+
 async def test_publish_size_cap() -> None:
     h = make_host(gossip_max_message_size=1024, enable_dht=False)
     async with h:
@@ -648,9 +683,10 @@ async def test_rejecting_and_raising_validators() -> None:
         await trio.sleep(0.5)  # let any wrongly relayed message arrive
         assert [m.data for m in got_mid] == [b"good"]
         assert [m.data for m in got_last] == [b"good"]
-        assert sub_mid.receive  # still usable
+        # Everything is still running: the next good message flows on.
         await first.publish("t", b"after")
         with trio.fail_after(5):
+            assert (await sub_mid.receive()).data == b"after"
             assert (await sub_last.receive()).data == b"after"
 
 
@@ -705,11 +741,7 @@ async def test_upstream_raising_sync_validator_crashes_trio_run() -> None:
     # Runs in its own thread with its own trio.run: the crash must not take this test down.
     with pytest.raises(BaseException) as info:  # noqa: B017
         await trio.to_thread.run_sync(_upstream_sync_validator_scenario)
-    assert (
-        "sync validator bug" in repr(info.value)
-        or "sync validator bug" in str(getattr(info.value, "exceptions", ""))
-        or _mentions(info.value, "sync validator bug")
-    )
+    assert _mentions(info.value, "sync validator bug")
 
 
 def _mentions(exc: BaseException, text: str) -> bool:
@@ -761,8 +793,8 @@ async def test_dht_put_get_across_hosts() -> None:
         await hosts[0].dht_put("/hydra/node-a", b"v1")
         assert await hosts[-1].dht_get("/hydra/node-a") == b"v1"
         assert await hosts[2].dht_get("/hydra/missing") is None
-        await hosts[1].provide("role/exit")
-        await hosts[3].provide("role/exit")
+        assert await hosts[1].provide("role/exit") is True
+        assert await hosts[3].provide("role/exit") is True
         found = await hosts[4].find_providers("role/exit")
         assert hosts[1].peer_id in found or hosts[3].peer_id in found
         assert set(found) <= {hosts[1].peer_id, hosts[3].peer_id}
@@ -785,6 +817,18 @@ async def test_dht_get_prefers_newer_network_value() -> None:
         # A newer local value is kept when the network only has older ones.
         hosts[1]._dht.value_store.put(key.encode(), b"v9")
         assert await hosts[1].dht_get(key) == b"v9"
+
+
+def test_provider_names_are_hashed() -> None:
+    """WORKAROUND (provider keys): names are never guessed to be hex or CIDs."""
+    from libp2p.kad_dht.kad_dht import _encode_key
+
+    from overlay.net.host import _provider_key
+
+    assert _encode_key("beef") == b"\xbe\xef"  # upstream: a hex-looking name is decoded
+    key = _encode_key(_provider_key("beef"))
+    assert len(key) == 34 and key[:2] == b"\x12\x20"
+    assert _provider_key("beef") != _provider_key("bee")
 
 
 async def test_dht_rejects_bad_keys_and_values() -> None:
