@@ -1,0 +1,739 @@
+"""Sans-I/O failure detection: SWIM probes with Lifeguard-style suspicion.
+
+Each probe period the core pings the next member of a shuffled round-robin.
+If no ``Ack`` arrives within ``probe_timeout`` it asks ``indirect_k`` other
+members to ping the target for it (``PingReq``; a relay that hears nothing
+answers ``Nack``); if still nothing has arrived at the end of the period, the
+target becomes SUSPECT here, a signed ``Suspect`` is gossiped (``Broadcast``
+on ``hydra/liveness``) and sent to the target itself, and we look again one
+period later. Every node that holds a suspicion runs a timer that starts at
+``suspicion_max`` and shrinks towards ``suspicion_min`` as independent
+confirmations (signed accusations by distinct observers) arrive; when it
+expires the node is DEAD. The accused node refutes with a signed ``Alive`` at
+a higher incarnation, which clears the accusation everywhere.
+
+Lifeguard's local health: a probe that fails although the relays did not nack
+(so the fault may be ours), a refutation, or a stall of our own raise
+``health``; answered probes lower it; probe interval and timeout are scaled
+by ``1 + health``. A gap between ticks much longer than a probe interval is
+taken as our own stall (SIGSTOP, swap): probes in flight then accuse nobody
+and suspicion timers restart.
+
+Driving it: call ``tick(now)`` at ``next_wakeup()`` (or more often), feed every
+liveness frame (direct stream or gossip) to ``receive``, and keep the member
+set current with ``set_members``. ``Send`` effects go on ``protocol``,
+``Broadcast`` effects on ``topic``.
+
+Invariants:
+- DEAD needs the suspicion timer to expire *and* at least
+  ``confirmations_needed`` distinct observers (ourselves included) accusing
+  the same incarnation, so one node, however often it signs, cannot get a
+  healthy node removed. A lone accusation by someone else is never believed:
+  it makes us probe the accused ourselves (with a probability chosen so that
+  about ``verify_fanout`` nodes of the overlay do so).
+- Direct evidence wins: a Ping or Ack from a node (or an Ack relayed for it)
+  clears every accusation we hold against it and makes it ALIVE here; we then
+  send it one accusation so it can refute for everybody else. DEAD members
+  are pinged once per ``dead_reprobe`` so a healed partition heals here too.
+- DEAD comes no sooner than ``suspicion_min`` after the confirmation that made
+  the accusations sufficient, so two rare failures seconds apart do not
+  combine into a death before the accused could refute.
+- Only a node's own ``Alive`` raises its known incarnation. Accusations at a
+  higher incarnation than we know count against the incarnation we know (so a
+  forged huge incarnation cannot block later refutations); accusations at a
+  lower one are stale and ignored.
+- Every Suspect/Dead/Alive we accept carries a valid signature of its signer;
+  bad ones give ``Penalize(peer, BAD_SIGNATURE)``; undecodable frames give
+  ``Penalize(peer, reason)``. ``receive`` never raises on remote input.
+- Accusations count only from observers the membership knows (``is_known``),
+  so inventing keys does not add confirmations.
+- State is bounded: at most ``max_pending_probes`` probes, ``max_relays``
+  relayed probes and ``max_accusers`` accusations per member; remote
+  accusations are forgotten after ``accusation_ttl`` seconds.
+- Gossip is bounded: we broadcast our own Suspect (or Dead) only while we know
+  fewer than ``expected_confirmations`` other accusers (Dead frames), so one
+  failure costs O(``expected_confirmations`` + ``verify_fanout``) broadcasts,
+  not one per node.
+- Time and randomness come only from ``now`` arguments and the ``rng``;
+  nothing here does I/O. Iteration orders are deterministic given the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..crypto import NodeId
+from ..errors import BadSignature, DecodeError, LocalError, Reason
+from ..wire import liveness as wire
+from .effects import Broadcast, Effect, Penalize, Send, StateChanged
+
+ALIVE, SUSPECT, DEAD, UNKNOWN = "alive", "suspect", "dead", "unknown"
+PROTOCOL = "/hydra/liveness/1"
+TOPIC = "hydra/liveness"
+MAX_INC_JUMP = 1 << 32  # largest incarnation jump one refutation makes
+_U64_MAX = (1 << 64) - 1
+
+Verifier = Callable[[NodeId, bytes, bytes], None]
+
+
+def _verify_ed25519(signer: NodeId, message: bytes, signature: bytes) -> None:
+    signer.verify(message, signature)
+
+
+@dataclass(slots=True)
+class _Accusation:
+    ts: int  # the observer's ts: orders one observer's statements
+    received: float  # our clock
+    frame: bytes  # the signed frame, forwarded to the accused so it can refute
+    dead: bool  # a Dead (rather than a Suspect) statement
+
+
+@dataclass(slots=True)
+class _Member:
+    since: float
+    state: str = ALIVE
+    inc: int = 0  # highest incarnation proven by the node's own Alive
+    accusers: dict[NodeId, _Accusation] | None = None
+    suspect_since: float | None = None
+    confirmed_at: float | None = None  # when accusers first reached confirmations_needed
+    verified_at: float = -math.inf  # last verification probe triggered by an accusation
+    reverify_at: float | None = None  # re-probe while only our own accusation stands
+    last_frame: bytes | None = None  # an accusation to hand to a dead node that reappears
+    probed_at: float = -math.inf
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: NodeId
+    nonce: int
+    indirect_at: float
+    deadline: float
+    relays: tuple[NodeId, ...] = ()
+    indirect_sent: bool = False
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class _Relay:
+    requester: NodeId
+    nonce: int  # the requester's nonce
+    target: NodeId
+    nack_at: float
+    expires: float
+    nacked: bool = False
+
+
+class Liveness:
+    """SWIM + Lifeguard failure detector for one node. See the module docstring.
+
+    ``sign(msg) -> signature`` signs with this node's key (``me``);
+    ``verify(signer, msg, sig)`` raises ``BadSignature`` (default: Ed25519 via
+    ``NodeId.verify``; a simulator may pass a cheaper stand-in).
+    ``is_known(node)`` says whether ``node`` holds a valid membership record
+    (default: it is one of the monitored members).
+
+    Defaults: 0.5 s probes with a 0.25 s direct timeout sit between
+    memberlist's LAN (1 s / 0.5 s) and aggressive (0.2 s / 0.1 s) profiles;
+    with ``indirect_k = 3`` one lossy link rarely fails a whole probe. The
+    suspicion timeout runs from 4 s (one accuser) down to 1 s (three or more,
+    ``expected_confirmations``), so a crash is declared within about 2-2.6 s
+    (measured 10-100 nodes). ``confirmations_needed = 2`` is the smallest
+    number that keeps a single liar from killing anyone. ``verify_fanout = 6``
+    nodes re-probe on a lone accusation. ``accusation_ttl`` defaults to twice
+    ``suspicion_max``.
+    """
+
+    def __init__(
+        self,
+        me: NodeId,
+        sign: Callable[[bytes], bytes],
+        rng: random.Random,
+        *,
+        probe_interval: float = 0.5,
+        probe_timeout: float = 0.25,
+        indirect_k: int = 3,
+        suspicion_min: float = 1.0,
+        suspicion_max: float = 4.0,
+        confirmations_needed: int = 2,
+        expected_confirmations: int = 3,
+        verify_fanout: int = 6,
+        accusation_ttl: float | None = None,
+        health_max: int = 8,
+        dead_reprobe: float = 10.0,
+        max_pending_probes: int = 32,
+        max_relays: int = 64,
+        max_accusers: int = 16,
+        incarnation: int = 0,
+        protocol: str = PROTOCOL,
+        topic: str = TOPIC,
+        verify: Verifier | None = None,
+        is_known: Callable[[NodeId], bool] | None = None,
+    ) -> None:
+        if not 0 < probe_timeout < probe_interval:
+            raise LocalError("need 0 < probe_timeout < probe_interval")
+        if not 0 < suspicion_min <= suspicion_max:
+            raise LocalError("need 0 < suspicion_min <= suspicion_max")
+        if confirmations_needed < 1 or indirect_k < 0 or expected_confirmations < 1:
+            raise LocalError("confirmations_needed and expected_confirmations must be >= 1")
+        if max_accusers < confirmations_needed:
+            raise LocalError("max_accusers must be >= confirmations_needed")
+        self.me = me
+        self._sign = sign
+        self._rng = rng
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.indirect_k = indirect_k
+        self.suspicion_min = suspicion_min
+        self.suspicion_max = suspicion_max
+        self.confirmations_needed = confirmations_needed
+        self.expected_confirmations = expected_confirmations
+        self.verify_fanout = verify_fanout
+        self.accusation_ttl = 2 * suspicion_max if accusation_ttl is None else accusation_ttl
+        self.health_max = health_max
+        self.dead_reprobe = dead_reprobe
+        self.max_pending_probes = max_pending_probes
+        self.max_relays = max_relays
+        self.max_accusers = max_accusers
+        self.protocol = protocol
+        self.topic = topic
+        self._verify = verify or _verify_ed25519
+        self._is_known = is_known
+
+        self._inc = min(incarnation, _U64_MAX)
+        self._refute_to: int | None = None  # incarnation a pending refutation will announce
+        self._next_refute_at = -math.inf
+        self._health = 0
+        self._members: dict[NodeId, _Member] = {}
+        self._order: list[NodeId] = []  # round-robin order (may hold removed ids)
+        self._pos = 0
+        self._probes: dict[int, _Probe] = {}
+        self._probing: dict[NodeId, int] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._watch: dict[NodeId, None] = {}  # members with accusations or suspicion
+        self._next_probe_at: float | None = None
+        self._last_tick: float | None = None
+
+    # -- public surface -------------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        """Our own incarnation: raised by each refutation."""
+        return self._inc
+
+    @property
+    def health(self) -> int:
+        """Lifeguard local-health score, 0 (healthy) .. ``health_max``."""
+        return self._health
+
+    @property
+    def multiplier(self) -> int:
+        """Factor applied to probe interval and timeout: ``1 + health``."""
+        return 1 + self._health
+
+    def set_members(self, members: Iterable[NodeId], now: float) -> None:
+        """Monitor exactly ``members`` (ourselves excluded).
+
+        New members start ALIVE at ``now``; removed members are forgotten
+        (their pending probes are ignored when they end).
+        """
+        wanted = set(members)
+        wanted.discard(self.me)
+        for gone in [n for n in self._members if n not in wanted]:
+            del self._members[gone]
+            self._watch.pop(gone, None)
+        new = sorted(n for n in wanted if n not in self._members)
+        for n in new:
+            self._members[n] = _Member(since=now)
+        # newcomers go to random slots in the rest of this round, so they are probed soon
+        if len(new) <= 16:
+            for n in new:
+                self._order.insert(self._rng.randint(self._pos, len(self._order)), n)
+        else:
+            tail = self._order[self._pos :] + new
+            self._rng.shuffle(tail)
+            self._order[self._pos :] = tail
+        if len(self._order) > 2 * len(self._members) + 16:
+            self._order = [n for n in self._order if n in self._members]
+            self._pos = min(self._pos, len(self._order))
+
+    def state(self, node: NodeId) -> tuple[str, float]:
+        """``(state, since)`` for a monitored node, ``("unknown", 0.0)`` otherwise."""
+        m = self._members.get(node)
+        return (UNKNOWN, 0.0) if m is None else (m.state, m.since)
+
+    def view(self) -> dict[NodeId, tuple[str, float]]:
+        """Every monitored node with its state and the time that state began."""
+        return {n: (m.state, m.since) for n, m in self._members.items()}
+
+    def states(self) -> dict[NodeId, str]:
+        """Every monitored node with its state (the mapping ``ExitPool.update`` takes)."""
+        return {n: m.state for n, m in self._members.items()}
+
+    def suspicion_timeout(self, confirmations: int) -> float:
+        """Lifeguard timeout after ``confirmations`` accusations beyond the first.
+
+        ``max - (max - min) * log(c + 1) / log(K + 1)``, floored at ``min``,
+        with ``K = expected_confirmations``.
+        """
+        frac = math.log(confirmations + 1) / math.log(self.expected_confirmations + 1)
+        return max(
+            self.suspicion_min,
+            self.suspicion_max - (self.suspicion_max - self.suspicion_min) * frac,
+        )
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time ``tick`` has work to do (None before the first tick)."""
+        t = self._next_probe_at
+        if t is None:
+            return None
+        for p in self._probes.values():
+            t = min(t, p.deadline if p.indirect_sent else p.indirect_at)
+        for r in self._relays.values():
+            if not r.nacked:
+                t = min(t, r.nack_at)
+        if self._refute_to is not None:
+            t = min(t, self._next_refute_at)
+        for node in self._watch:
+            m = self._members[node]
+            if m.accusers:
+                for obs, a in m.accusers.items():
+                    if obs != self.me:
+                        t = min(t, a.received + self.accusation_ttl)
+                if m.state == SUSPECT and len(m.accusers) >= self.confirmations_needed:
+                    t = min(t, self._suspicion_deadline(m))
+            if m.reverify_at is not None:
+                t = min(t, m.reverify_at)
+        return t
+
+    # -- time -------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        """Advance to ``now``: time out probes, expire suspicions, start the next probe."""
+        out: list[Effect] = []
+        if self._last_tick is not None:
+            gap = now - self._last_tick
+            if gap > 3 * self.probe_interval * self.multiplier:
+                self._stalled(now)
+        self._last_tick = now
+        if self._next_probe_at is None:
+            # first tick: spread nodes over the period so they do not probe in lockstep
+            self._next_probe_at = now + self._rng.uniform(0, self.probe_interval)
+
+        for nonce in list(self._probes):
+            p = self._probes[nonce]
+            if now >= p.deadline:
+                self._end_probe(nonce)
+                # Lifeguard: if every relay told us it could not reach the target
+                # either, our own link is fine and our health does not suffer
+                self._probe_failed(
+                    p.target, now, out, blame_self=p.nacks < len(p.relays) or not p.relays
+                )
+            elif not p.indirect_sent and now >= p.indirect_at:
+                self._send_ping_reqs(p, out)
+        for nonce in list(self._relays):
+            r = self._relays[nonce]
+            if now >= r.expires:
+                del self._relays[nonce]
+            elif not r.nacked and now >= r.nack_at:
+                r.nacked = True
+                out.append(Send(r.requester, self.protocol, wire.encode(wire.Nack(r.nonce))))
+        for node in list(self._watch):
+            self._check(node, now, out)
+        if self._refute_to is not None and now >= self._next_refute_at:
+            self._refute(now, out)
+        if now >= self._next_probe_at:
+            target = self._next_target(now)
+            if target is not None:
+                self._start_probe(target, now, out)
+            self._next_probe_at = now + self.probe_interval * self.multiplier
+        return out
+
+    # -- input ------------------------------------------------------------------
+
+    def receive(self, peer: NodeId, frame: bytes, now: float) -> list[Effect]:
+        """Handle one frame from ``peer`` (a direct stream or the gossip topic)."""
+        try:
+            f = wire.decode(frame)
+        except DecodeError as e:
+            return [Penalize(peer, e.reason)]
+        out: list[Effect] = []
+        if peer == self.me:
+            return out
+        if isinstance(f, wire.Ping):
+            out.append(Send(peer, self.protocol, wire.encode(wire.Ack(f.nonce))))
+            self._evidence(peer, now, out)
+        elif isinstance(f, wire.Ack):
+            self._on_ack(peer, f.nonce, now, out)
+        elif isinstance(f, wire.Nack):
+            p = self._probes.get(f.nonce)
+            if p is not None and peer in p.relays:
+                p.nacks += 1
+        elif isinstance(f, wire.PingReq):
+            self._on_ping_req(peer, f, now, out)
+        elif isinstance(f, wire.Alive):
+            self._on_alive(peer, f, frame, now, out)
+        else:
+            self._on_accusation(peer, f, frame, now, out)
+        return out
+
+    # -- probing ----------------------------------------------------------------
+
+    def _next_target(self, now: float) -> NodeId | None:
+        for _ in range(len(self._order) + 1):
+            if self._pos >= len(self._order):
+                self._order = [n for n in self._order if n in self._members]
+                self._rng.shuffle(self._order)
+                self._pos = 0
+                if not self._order:
+                    return None
+            node = self._order[self._pos]
+            self._pos += 1
+            m = self._members.get(node)
+            if m is None or node in self._probing:
+                continue
+            # the dead are looked at now and then, so a healed partition heals here too
+            if m.state != DEAD or now - m.probed_at >= self.dead_reprobe:
+                return node
+        return None
+
+    def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
+        if target in self._probing or len(self._probes) >= self.max_pending_probes:
+            return False
+        nonce = self._rng.getrandbits(64)
+        mult = self.multiplier
+        probe = _Probe(
+            target, nonce, now + self.probe_timeout * mult, now + self.probe_interval * mult
+        )
+        m = self._members.get(target)
+        if m is not None:
+            m.probed_at = now
+            if m.state == DEAD:
+                probe.indirect_sent = True  # a direct look is enough for the dead
+        self._probes[nonce] = probe
+        self._probing[target] = nonce
+        hint = self._accusation_for(target)
+        if hint is not None:  # tell the target what it is accused of, so it can refute
+            out.append(Send(target, self.protocol, hint))
+        out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce))))
+        return True
+
+    def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
+        p.indirect_sent = True
+        relays = self._pick_relays(p.target, self.indirect_k)
+        p.relays = tuple(relays)
+        frame = wire.encode(wire.PingReq(p.target, p.nonce))
+        out.extend(Send(r, self.protocol, frame) for r in relays)
+
+    def _pick_relays(self, target: NodeId, k: int) -> list[NodeId]:
+        """Up to ``k`` distinct ALIVE members other than ``target``, chosen at random."""
+        pool = self._order
+        chosen: list[NodeId] = []
+        if not pool or k <= 0:
+            return chosen
+        for _ in range(4 * k + 8):
+            n = pool[self._rng.randrange(len(pool))]
+            m = self._members.get(n)
+            if n != target and m is not None and m.state == ALIVE and n not in chosen:
+                chosen.append(n)
+                if len(chosen) == k:
+                    return chosen
+        if len(pool) <= 64:  # small overlays: make sure we find them if they exist
+            rest = [
+                n
+                for n in pool
+                if n != target and n not in chosen and self._members.get(n, _DEAD).state == ALIVE
+            ]
+            rest = sorted(set(rest))
+            self._rng.shuffle(rest)
+            chosen.extend(rest[: k - len(chosen)])
+        return chosen
+
+    def _end_probe(self, nonce: int) -> None:
+        p = self._probes.pop(nonce)
+        if self._probing.get(p.target) == nonce:
+            del self._probing[p.target]
+
+    def _on_ack(self, peer: NodeId, nonce: int, now: float, out: list[Effect]) -> None:
+        p = self._probes.get(nonce)
+        if p is not None and (peer == p.target or peer in p.relays):
+            self._end_probe(nonce)
+            self._health = max(0, self._health - 1)
+            self._evidence(p.target, now, out)
+            return
+        r = self._relays.get(nonce)
+        if r is not None and peer == r.target:
+            del self._relays[nonce]
+            out.append(Send(r.requester, self.protocol, wire.encode(wire.Ack(r.nonce))))
+            self._evidence(peer, now, out)
+        # anything else is a late or duplicate ack: harmless, ignored
+
+    def _on_ping_req(self, peer: NodeId, f: wire.PingReq, now: float, out: list[Effect]) -> None:
+        self._evidence(peer, now, out)
+        if f.target in (self.me, peer) or len(self._relays) >= self.max_relays:
+            return
+        nonce = self._rng.getrandbits(64)
+        self._relays[nonce] = _Relay(
+            peer, f.nonce, f.target, now + 0.8 * self.probe_timeout, now + self.probe_interval
+        )
+        out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce))))
+
+    def _probe_failed(
+        self, target: NodeId, now: float, out: list[Effect], blame_self: bool = True
+    ) -> None:
+        m = self._members.get(target)
+        if m is None or m.state == DEAD:
+            return
+        if blame_self:
+            self._health = min(self.health_max, self._health + 1)
+        self._accuse(target, m, now, out)
+
+    def _stalled(self, now: float) -> None:
+        """We did not run for a while (paused, swapped out): nothing that timed out
+        meanwhile is evidence against anyone else."""
+        self._probes.clear()
+        self._probing.clear()
+        self._relays.clear()
+        self._health = min(self.health_max, self._health + 1)
+        for node in self._watch:
+            m = self._members[node]
+            if m.suspect_since is not None:
+                m.suspect_since = now  # refutations may have been lost while we slept
+            if m.confirmed_at is not None:
+                m.confirmed_at = now
+            if m.accusers:
+                for a in m.accusers.values():
+                    a.received = now
+        self._next_probe_at = now
+
+    # -- suspicion --------------------------------------------------------------
+
+    def _accuse(self, target: NodeId, m: _Member, now: float, out: list[Effect]) -> None:
+        """Our own probe of ``target`` failed: suspect it and say so (signed)."""
+        ts = wire.ts_of(now)
+        frame = wire.encode(wire.Suspect(target, m.inc, self.me, ts).signed_with(self._sign))
+        acc = self._accusers(m)
+        again = self.me in acc
+        acc[self.me] = _Accusation(ts, now, frame, dead=False)
+        self._confirmed(m, now)
+        self._watch[target] = None
+        # look again soon (one lost exchange should not stand for long), then now and
+        # then, re-signing so our accusation does not age out elsewhere meanwhile
+        m.reverify_at = now + (self.accusation_ttl / 2 if again else self.probe_interval)
+        if m.state != SUSPECT:
+            self._suspect(target, m, now, out)
+        if len(acc) - 1 < self.expected_confirmations:
+            out.append(Broadcast(self.topic, frame))
+        out.append(Send(target, self.protocol, frame))  # maybe only our path to it is broken
+        self._check(target, now, out)
+
+    def _on_accusation(
+        self,
+        peer: NodeId,
+        f: wire.Suspect | wire.Dead,
+        frame: bytes,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        if f.subject == self.me:
+            if f.incarnation >= self._inc:
+                if not self._verified(peer, f, out):
+                    return
+                self._want_refute(f.incarnation, now, out)
+            return
+        if f.observer == self.me:
+            return  # our own statement coming back
+        m = self._members.get(f.subject)
+        if m is None or m.state == DEAD or f.incarnation < m.inc:
+            return  # not monitored, already dead, or refuted (stale)
+        if not self._known(f.observer):
+            return  # invented observers do not count
+        is_dead = isinstance(f, wire.Dead)
+        self._expire(m, now)
+        acc = self._accusers(m)
+        prev = acc.get(f.observer)
+        if prev is not None and prev.ts >= f.ts and (prev.dead or not is_dead):
+            return  # duplicate or older statement from the same observer
+        if not self._verified(peer, f, out):
+            return
+        acc[f.observer] = _Accusation(f.ts, now, frame, is_dead)
+        if len(acc) > self.max_accusers:
+            oldest = min((a.received, o) for o, a in acc.items() if o != self.me)[1]
+            del acc[oldest]
+        self._confirmed(m, now)
+        self._watch[f.subject] = None
+        if m.state == ALIVE and len(acc) >= self.confirmations_needed:
+            self._suspect(f.subject, m, now, out)
+        # a lone accusation is not believed: check for ourselves. About
+        # verify_fanout nodes of the overlay do, so a crash gains confirmations
+        # fast and a false accusation meets direct evidence, at bounded cost.
+        if self.me not in acc and now - m.verified_at >= self.probe_interval:
+            m.verified_at = now
+            p = min(1.0, self.verify_fanout / max(1, len(self._members)))
+            if self._rng.random() < p:
+                self._start_probe(f.subject, now, out)
+        self._check(f.subject, now, out)
+
+    def _on_alive(
+        self, peer: NodeId, f: wire.Alive, frame: bytes, now: float, out: list[Effect]
+    ) -> None:
+        if f.subject == self.me:
+            # our own statement: echoed, or from a previous life we forgot
+            if f.incarnation > self._inc and self._verified(peer, f, out):
+                self._want_refute(f.incarnation, now, out)
+            return
+        m = self._members.get(f.subject)
+        if m is None or f.incarnation <= m.inc:
+            return
+        if not self._verified(peer, f, out):
+            return
+        m.inc = f.incarnation
+        self._clear(f.subject, m, now, out)
+
+    def _verified(self, peer: NodeId, f: wire.Signed, out: list[Effect]) -> bool:
+        try:
+            self._verify(f.signer, f.signing_input(), f.signature)
+        except BadSignature:
+            out.append(Penalize(peer, Reason.BAD_SIGNATURE))
+            return False
+        return True
+
+    def _suspect(self, node: NodeId, m: _Member, now: float, out: list[Effect]) -> None:
+        m.state, m.since, m.suspect_since = SUSPECT, now, now
+        out.append(StateChanged(node, SUSPECT, now))
+
+    def _confirmed(self, m: _Member, now: float) -> None:
+        if m.confirmed_at is None and len(m.accusers or ()) >= self.confirmations_needed:
+            m.confirmed_at = now
+
+    def _suspicion_deadline(self, m: _Member) -> float:
+        """Lifeguard's shrinking timeout from the start of our suspicion, but never
+        less than ``suspicion_min`` after the confirmation that made it sufficient:
+        two rare failures seconds apart must not combine into an instant death
+        before the accused could hear of the second and refute."""
+        n = len(m.accusers) if m.accusers else 0
+        t = m.suspect_since + self.suspicion_timeout(max(0, n - 1))
+        if m.confirmed_at is not None:
+            t = max(t, m.confirmed_at + self.suspicion_min)
+        return t
+
+    def _check(self, node: NodeId, now: float, out: list[Effect]) -> None:
+        """Expire old accusations, fire the suspicion timer, re-verify lingering suspicion."""
+        m = self._members.get(node)
+        if m is None:
+            self._watch.pop(node, None)
+            return
+        acc = self._expire(m, now)
+        if m.state == SUSPECT:
+            if self.me not in acc and len(acc) < self.confirmations_needed:
+                # remote confirmations aged out and we never saw a failure ourselves
+                self._set_state(node, m, ALIVE, now, out)
+                m.suspect_since = None
+            elif len(acc) >= self.confirmations_needed and now >= self._suspicion_deadline(m):
+                self._declare_dead(node, m, now, out)
+                return
+            elif m.reverify_at is not None and now >= m.reverify_at:
+                # look again rather than wait for the round-robin; a failure re-accuses
+                m.reverify_at = now + self.accusation_ttl / 2
+                self._start_probe(node, now, out)
+        if not acc and m.state != SUSPECT:
+            m.accusers = None
+            m.reverify_at = None
+            self._watch.pop(node, None)
+
+    def _expire(self, m: _Member, now: float) -> dict[NodeId, _Accusation]:
+        """Drop remote accusations older than ``accusation_ttl``; return what is left."""
+        acc = m.accusers or {}
+        ttl = self.accusation_ttl
+        for obs in [o for o, a in acc.items() if o != self.me and now - a.received >= ttl]:
+            del acc[obs]
+        if len(acc) < self.confirmations_needed:
+            m.confirmed_at = None
+        return acc
+
+    def _declare_dead(self, node: NodeId, m: _Member, now: float, out: list[Effect]) -> None:
+        acc = m.accusers or {}
+        dead_frames = sum(1 for o, a in acc.items() if a.dead and o != self.me)
+        if self.me in acc and dead_frames < self.expected_confirmations:
+            frame = wire.encode(
+                wire.Dead(node, m.inc, self.me, wire.ts_of(now)).signed_with(self._sign)
+            )
+            out.append(Broadcast(self.topic, frame))
+            m.last_frame = frame
+        else:
+            m.last_frame = self._accusation_for(node)
+        m.accusers = None
+        m.suspect_since = None
+        m.confirmed_at = None
+        m.reverify_at = None
+        self._watch.pop(node, None)
+        self._set_state(node, m, DEAD, now, out)
+
+    def _evidence(self, node: NodeId, now: float, out: list[Effect]) -> None:
+        """``node`` just talked to us (or answered through a relay): it is alive."""
+        m = self._members.get(node)
+        if m is None or (m.state == ALIVE and not m.accusers):
+            return
+        hint = self._accusation_for(node) or m.last_frame
+        if hint is not None and m.state != ALIVE:
+            out.append(Send(node, self.protocol, hint))  # let it refute for the others
+        self._clear(node, m, now, out)
+
+    def _clear(self, node: NodeId, m: _Member, now: float, out: list[Effect]) -> None:
+        m.accusers = None
+        m.suspect_since = None
+        m.confirmed_at = None
+        m.reverify_at = None
+        m.last_frame = None
+        self._watch.pop(node, None)
+        if m.state != ALIVE:
+            self._set_state(node, m, ALIVE, now, out)
+
+    def _set_state(self, node: NodeId, m: _Member, state: str, now: float, out: list[Effect]):
+        m.state, m.since = state, now
+        out.append(StateChanged(node, state, now))
+
+    def _accusers(self, m: _Member) -> dict[NodeId, _Accusation]:
+        if m.accusers is None:
+            m.accusers = {}
+        return m.accusers
+
+    def _accusation_for(self, node: NodeId) -> bytes | None:
+        """One signed accusation against ``node`` (ours if we have one, else the newest)."""
+        m = self._members.get(node)
+        if m is None or not m.accusers:
+            return None
+        mine = m.accusers.get(self.me)
+        if mine is not None:
+            return mine.frame
+        return max(m.accusers.values(), key=lambda a: a.received).frame
+
+    def _known(self, node: NodeId) -> bool:
+        if self._is_known is not None:
+            return self._is_known(node)
+        return node in self._members
+
+    # -- refutation -------------------------------------------------------------
+
+    def _want_refute(self, accused_inc: int, now: float, out: list[Effect]) -> None:
+        to = min(_U64_MAX, max(self._inc, min(accused_inc, self._inc + MAX_INC_JUMP)) + 1)
+        if to <= self._inc:
+            return  # incarnation space exhausted: nothing more we can say
+        self._refute_to = max(self._refute_to or 0, to)
+        if now >= self._next_refute_at:
+            self._refute(now, out)
+
+    def _refute(self, now: float, out: list[Effect]) -> None:
+        """Announce (signed) that we are alive at a higher incarnation. At most one
+        refutation per probe interval, so a spammer cannot make us flood."""
+        self._inc = self._refute_to
+        self._refute_to = None
+        self._next_refute_at = now + self.probe_interval
+        self._health = min(self.health_max, self._health + 1)
+        frame = wire.encode(wire.Alive(self.me, self._inc, wire.ts_of(now)).signed_with(self._sign))
+        out.append(Broadcast(self.topic, frame))
+
+
+_DEAD = _Member(since=0.0, state=DEAD)

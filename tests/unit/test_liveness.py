@@ -1,0 +1,759 @@
+"""Liveness core and its wire format.
+
+Multi-node tests wire several ``Liveness`` cores together with no I/O: a
+``Net`` routes their ``Send``/``Broadcast`` effects with a fake clock, seeded
+loss and latency, and nodes that can be crashed or paused (a paused node
+neither ticks nor reads, like SIGSTOP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.core.effects import Broadcast, Penalize, Send, StateChanged
+from overlay.core.liveness import ALIVE, DEAD, SUSPECT, UNKNOWN, Liveness
+from overlay.crypto import NodeId, SigningKey
+from overlay.errors import DecodeError, LocalError, Reason
+from overlay.wire import cbor
+from overlay.wire import liveness as wire
+
+KEYS = [SigningKey(hashlib.sha256(b"liveness-node-%d" % i).digest()) for i in range(16)]
+IDS = [k.node_id for k in KEYS]
+
+
+class Net:
+    """An in-memory network of Liveness cores driven by a fake clock."""
+
+    def __init__(self, n: int, seed: int = 1, latency: float = 0.005, **params) -> None:
+        self.ids = IDS[:n]
+        self.keys = dict(zip(self.ids, KEYS[:n], strict=True))
+        self.rng = random.Random(seed)
+        self.cores = {
+            nid: Liveness(nid, KEYS[i].sign, random.Random(seed * 1000 + i), **params)
+            for i, nid in enumerate(self.ids)
+        }
+        for c in self.cores.values():
+            c.set_members(self.ids, 0.0)
+        self.latency = latency
+        self.now = 0.0
+        self.queue: list = []
+        self.seq = 0
+        self.loss: dict[NodeId, float] = {}
+        self.down: set[NodeId] = set()  # crashed or paused
+        self.partition: list[set[NodeId]] = []  # traffic crosses no group boundary
+        self.penalties: list[tuple[NodeId, Penalize]] = []
+        self.changes: list[tuple[float, NodeId, NodeId, str]] = []  # (t, observer, node, state)
+        self.sent = 0
+        self.broadcasts = 0
+        self.hooks: list = []  # extra per-step callbacks (attackers)
+
+    # effects -------------------------------------------------------------------
+    def dispatch(self, src: NodeId, effects) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                self._enqueue(src, e.peer, e.frame)
+            elif isinstance(e, Broadcast):
+                self.broadcasts += 1
+                for dst in self.ids:
+                    if dst != src:
+                        self._enqueue(src, dst, e.data)
+            elif isinstance(e, Penalize):
+                self.penalties.append((src, e))
+            elif isinstance(e, StateChanged):
+                self.changes.append((self.now, src, e.node, e.state))
+
+    def _enqueue(self, src: NodeId, dst: NodeId, frame: bytes) -> None:
+        if src in self.down:
+            return
+        if any((src in g) != (dst in g) for g in self.partition):
+            return
+        self.sent += 1
+        p = 1 - (1 - self.loss.get(src, 0.0)) * (1 - self.loss.get(dst, 0.0))
+        if p and self.rng.random() < p:
+            return
+        self.seq += 1
+        at = self.now + self.latency * (1 + self.rng.random())
+        heapq.heappush(self.queue, (at, self.seq, src, dst, frame))
+
+    # time ------------------------------------------------------------------------
+    def run(self, until: float, step: float | None = None, check_wakeups: bool = False) -> None:
+        """Advance to ``until``: in fixed steps, or (step=None) from event to event
+        using each core's ``next_wakeup`` — as the simulator will."""
+        stuck = 0
+        while True:
+            if step is not None:
+                t = self.now + step
+            else:
+                t = min(
+                    [self.queue[0][0]] if self.queue else [math.inf],
+                    default=math.inf,
+                )
+                for nid, c in self.cores.items():
+                    if nid not in self.down:
+                        w = c.next_wakeup()
+                        t = min(t, self.now if w is None else w)
+            if t > until:
+                self.now = until
+                return
+            stuck = stuck + 1 if t <= self.now else 0
+            assert stuck < 1000, "next_wakeup does not make progress"
+            self.now = max(self.now, t)
+            while self.queue and self.queue[0][0] <= self.now:
+                _, _, src, dst, frame = heapq.heappop(self.queue)
+                if dst not in self.down:
+                    self.dispatch(dst, self.cores[dst].receive(src, frame, self.now))
+            for hook in self.hooks:
+                hook(self)
+            for nid, c in self.cores.items():
+                if nid in self.down:
+                    continue
+                due = c.next_wakeup()
+                effects = c.tick(self.now)
+                if check_wakeups and due is not None and self.now < due:
+                    assert effects == [], "tick before next_wakeup did something"
+                self.dispatch(nid, effects)
+
+    # views -----------------------------------------------------------------------
+    def state_at(self, observer: NodeId, node: NodeId) -> str:
+        return self.cores[observer].state(node)[0]
+
+    def ever(self, node: NodeId, state: str, since: float = 0.0) -> set[NodeId]:
+        """Observers that put ``node`` in ``state`` at or after ``since``."""
+        return {o for t, o, n, s in self.changes if n == node and s == state and t >= since}
+
+    def first(self, node: NodeId, state: str, observer: NodeId, since: float = 0.0) -> float:
+        return min(
+            (
+                t
+                for t, o, n, s in self.changes
+                if (o, n, s) == (observer, node, state) and t >= since
+            ),
+            default=math.inf,
+        )
+
+
+def others(net: Net, node: NodeId) -> list[NodeId]:
+    return [n for n in net.ids if n != node]
+
+
+# -- wire format -----------------------------------------------------------------
+
+A, B, C = IDS[0], IDS[1], IDS[2]
+KA, KB = KEYS[0], KEYS[1]
+SIGNED = [
+    wire.Suspect(A, 3, B, 1234).signed_with(KB.sign),
+    wire.Dead(A, 3, B, 1299).signed_with(KB.sign),
+    wire.Alive(A, 4, 1300).signed_with(KA.sign),
+]
+FRAMES = [wire.Ping(7), wire.Ack(2**64 - 1), wire.Nack(3), wire.PingReq(C, 0), *SIGNED]
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=lambda f: type(f).__name__)
+def test_wire_round_trip(frame):
+    raw = wire.encode(frame)
+    assert len(raw) <= wire.MAX_SIZE
+    assert wire.decode(raw) == frame
+    assert wire.encode(wire.decode(raw)) == raw
+    if hasattr(frame, "verify"):
+        wire.decode(raw).verify()
+
+
+def test_wire_signatures_are_domain_separated_and_bound_to_signer():
+    s = SIGNED[0]
+    assert s.signing_input().startswith(wire.SIGN_DOMAIN)
+    from overlay.errors import BadSignature
+
+    with pytest.raises(BadSignature):
+        wire.Suspect(A, 3, C, 1234, s.signature).verify()  # claims another observer
+    with pytest.raises(BadSignature):
+        wire.Suspect(A, 4, B, 1234, s.signature).verify()  # another incarnation
+    with pytest.raises(BadSignature):
+        wire.Dead(A, 3, B, 1234, s.signature).verify()  # same fields, other type
+
+
+def _raw(frame) -> dict:
+    return cbor.loads_canonical(wire.encode(frame), wire.MAX_SIZE)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda m: m.update({0: 2}), Reason.UNKNOWN_VERSION),
+        (lambda m: m.update({1: 9}), Reason.MALFORMED),
+        (lambda m: m.update({9: 1}), Reason.MALFORMED),  # unknown key
+        (lambda m: m.pop(15), Reason.MALFORMED),  # unsigned accusation
+        (lambda m: m.update({3: b"x" * 31}), Reason.MALFORMED),
+        (lambda m: m.update({4: -1}), Reason.MALFORMED),
+        (lambda m: m.update({4: 2**64}), Reason.MALFORMED),
+        (lambda m: m.update({5: bytes(A)}), Reason.MALFORMED),  # self-accusation
+        (lambda m: m.update({15: b"s" * 63}), Reason.MALFORMED),
+        (lambda m: m.update({2: 1}), Reason.MALFORMED),  # nonce on a suspect
+    ],
+)
+def test_wire_rejects(mutate, reason):
+    m = _raw(SIGNED[0])
+    mutate(m)
+    with pytest.raises(DecodeError) as ei:
+        wire.decode(cbor.dumps(m))
+    assert ei.value.reason is reason
+
+
+def test_wire_rejects_non_canonical_oversized_and_non_maps():
+    raw = wire.encode(wire.Ping(5))
+    # the same map with a non-minimal integer encoding for the nonce
+    noncanon = raw[:-1] + b"\x18\x05"
+    with pytest.raises(DecodeError) as ei:
+        wire.decode(noncanon)
+    assert ei.value.reason is Reason.NON_CANONICAL
+    with pytest.raises(DecodeError) as ei:
+        wire.decode(b"\xa0" + b"\0" * wire.MAX_SIZE)
+    assert ei.value.reason is Reason.OVERSIZED
+    for bad in (b"", cbor.dumps([0, 0]), cbor.dumps({0: 1}), cbor.dumps({"0": 1, "1": 0})):
+        with pytest.raises(DecodeError):
+            wire.decode(bad)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_wire_decode_arbitrary_bytes_raises_only_decode_error(data):
+    try:
+        f = wire.decode(data)
+    except DecodeError:
+        return
+    assert wire.encode(f) == data
+
+
+@given(st.sampled_from([wire.encode(f) for f in FRAMES]), st.data())
+@settings(max_examples=300, deadline=None)
+def test_wire_mutations_give_a_frame_or_decode_error(raw, data):
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    delta = data.draw(st.integers(1, 255))
+    buf = bytearray(raw)
+    buf[pos] = (buf[pos] + delta) % 256
+    try:
+        f = wire.decode(bytes(buf))
+    except DecodeError:
+        return
+    assert wire.encode(f) == bytes(buf)
+
+
+# -- one core, by hand -----------------------------------------------------------
+
+
+def core(i: int = 0, n: int = 6, now: float = 0.0, **kw) -> Liveness:
+    c = Liveness(IDS[i], KEYS[i].sign, random.Random(i), **kw)
+    c.set_members(IDS[:n], now)
+    return c
+
+
+def sends(effects, kind=None):
+    out = [(e.peer, wire.decode(e.frame)) for e in effects if isinstance(e, Send)]
+    return [x for x in out if kind is None or isinstance(x[1], kind)]
+
+
+def suspect(subject, observer, inc=0, ts=1, key=None) -> bytes:
+    key = key or KEYS[IDS.index(observer)]
+    return wire.encode(wire.Suspect(subject, inc, observer, ts).signed_with(key.sign))
+
+
+def dead(subject, observer, inc=0, ts=1) -> bytes:
+    key = KEYS[IDS.index(observer)]
+    return wire.encode(wire.Dead(subject, inc, observer, ts).signed_with(key.sign))
+
+
+def alive(subject, inc, ts=1) -> bytes:
+    return wire.encode(wire.Alive(subject, inc, ts).signed_with(KEYS[IDS.index(subject)].sign))
+
+
+def test_parameters_are_checked():
+    with pytest.raises(LocalError):
+        core(probe_interval=0.5, probe_timeout=0.5)
+    with pytest.raises(LocalError):
+        core(suspicion_min=5.0, suspicion_max=4.0)
+    with pytest.raises(LocalError):
+        core(confirmations_needed=0)
+
+
+def test_ping_is_acked_and_unknown_nodes_are_unknown():
+    c = core()
+    out = c.receive(B, wire.encode(wire.Ping(99)), 1.0)
+    assert sends(out) == [(B, wire.Ack(99))]
+    assert c.state(B) == (ALIVE, 0.0)
+    assert c.state(IDS[10]) == (UNKNOWN, 0.0)
+    assert set(c.view()) == set(IDS[1:6])
+    assert c.receive(A, wire.encode(wire.Ping(1)), 1.0) == []  # from ourselves: ignored
+
+
+def test_probe_round_robin_visits_every_member_once_per_round():
+    c = core(n=6)
+    targets = []
+    t = 0.0
+    while len(targets) < 10:
+        for peer, f in sends(c.tick(t), wire.Ping):
+            targets.append(peer)
+            c.receive(peer, wire.encode(wire.Ack(f.nonce)), t + 0.01)
+        t += 0.05
+    assert sorted(targets[:5]) == sorted(IDS[1:6])
+    assert sorted(targets[5:10]) == sorted(IDS[1:6])
+
+
+def test_failed_probe_goes_indirect_then_suspects_and_broadcasts_signed():
+    c = core(n=6)
+    out = c.tick(0.0)
+    t = c.next_wakeup()
+    out = c.tick(t)
+    [(target, ping)] = sends(out, wire.Ping)
+    out = c.tick(t + c.probe_timeout)
+    reqs = sends(out, wire.PingReq)
+    assert len(reqs) == 3 and {p for p, _ in reqs}.isdisjoint({target, A})
+    assert all(f == wire.PingReq(target, ping.nonce) for _, f in reqs)
+    out = c.tick(t + c.probe_interval)
+    assert StateChanged(target, SUSPECT, t + c.probe_interval) in out
+    [bc] = [e for e in out if isinstance(e, Broadcast)]
+    s = wire.decode(bc.data)
+    assert isinstance(s, wire.Suspect) and (s.subject, s.observer) == (target, A)
+    s.verify()
+    assert (target, s) in sends(out)  # the suspect itself is told, so it can refute
+    assert c.state(target)[0] == SUSPECT
+    assert c.health == 1  # Lifeguard: a failed probe makes us slower
+
+
+def test_relayed_ack_counts_and_relay_forwards():
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, ping)] = sends(c.tick(t), wire.Ping)
+    reqs = sends(c.tick(t + c.probe_timeout), wire.PingReq)
+    relay = reqs[0][0]
+    # an ack for the nonce from a node we did not ask is ignored
+    stranger = next(n for n in IDS[1:6] if n not in {target} | {p for p, _ in reqs})
+    c.receive(stranger, wire.encode(wire.Ack(ping.nonce)), t + 0.3)
+    c.receive(relay, wire.encode(wire.Ack(ping.nonce)), t + 0.3)
+    out = c.tick(t + c.probe_interval)
+    assert c.state(target)[0] == ALIVE and not [e for e in out if isinstance(e, Broadcast)]
+
+    # the relay side: ping the target with our own nonce, forward its ack
+    r = core(i=1, n=6)
+    out = r.receive(A, wire.encode(wire.PingReq(C, 1234)), 1.0)
+    [(peer, p)] = sends(out)
+    assert peer == C and isinstance(p, wire.Ping)
+    assert r.receive(B, wire.encode(wire.Ack(p.nonce)), 1.1) == []  # wrong responder
+    assert sends(r.receive(C, wire.encode(wire.Ack(p.nonce)), 1.1)) == [(A, wire.Ack(1234))]
+    # no answer from the target within 0.8 x probe_timeout: the relay says so
+    r.tick(1.95)
+    r.receive(A, wire.encode(wire.PingReq(IDS[4], 77)), 2.0)
+    assert r.next_wakeup() <= 2.0 + 0.8 * r.probe_timeout
+    assert sends(r.tick(2.0 + 0.8 * r.probe_timeout), wire.Nack) == [(A, wire.Nack(77))]
+    # ping-req about the relay itself or the requester is ignored
+    assert sends(r.receive(A, wire.encode(wire.PingReq(B, 1)), 1.2)) == []
+    assert sends(r.receive(A, wire.encode(wire.PingReq(A, 1)), 1.2)) == []
+
+
+def test_lone_accusation_is_not_believed_but_checked():
+    c = core(n=6)
+    out = c.receive(B, suspect(C, B), 1.0)
+    assert c.state(C)[0] == ALIVE
+    pings = sends(out, wire.Ping)
+    assert [p for p, _ in pings] == [C]  # we go and look ourselves
+    assert sends(out, wire.Suspect) == [(C, wire.decode(suspect(C, B)))]  # and tell C
+    # C answers: direct evidence clears the accusation
+    c.receive(C, wire.encode(wire.Ack(pings[0][1].nonce)), 1.05)
+    # the same observer again, however often, is still one observer
+    for ts in range(2, 6):
+        c.receive(B, suspect(C, B, ts=ts), 1.1 + ts / 100)
+        c.receive(B, dead(C, B, ts=ts), 1.1 + ts / 100)
+    c.tick(1.2)
+    assert c.state(C)[0] == ALIVE
+
+
+def test_confirmations_from_distinct_observers_make_suspect_then_dead():
+    c = core(n=6, verify_fanout=0)  # no verification probes: isolate the timer logic
+    c.receive(B, suspect(IDS[5], B), 1.0)
+    assert c.state(IDS[5])[0] == ALIVE
+    out = c.receive(C, suspect(IDS[5], C), 1.2)
+    assert StateChanged(IDS[5], SUSPECT, 1.2) in out
+    timeout = c.suspicion_timeout(1)
+    assert c.suspicion_max > timeout > c.suspicion_min
+    c.tick(1.2 + c.suspicion_timeout(2) + 0.001)
+    assert c.state(IDS[5])[0] == SUSPECT  # two observers: the longer timeout runs
+    # a third observer shrinks the timeout (Lifeguard), so death comes sooner
+    c.receive(IDS[3], suspect(IDS[5], IDS[3]), 1.2 + c.suspicion_timeout(2) + 0.002)
+    assert c.state(IDS[5])[0] == DEAD  # its deadline had passed: dead on arrival
+    assert c.state(IDS[5])[1] == 1.2 + c.suspicion_timeout(2) + 0.002
+    # dead members are probed only once per dead_reprobe, and only directly
+    t, pings = 5.0, []
+    while t < 5.0 + 2 * c.dead_reprobe:
+        out = c.tick(t)
+        for peer, f in sends(out, wire.Ping):
+            if peer == IDS[5]:
+                pings.append(t)
+            else:  # the living answer
+                c.receive(peer, wire.encode(wire.Ack(f.nonce)), t)
+        assert IDS[5] not in [f.target for _, f in sends(out, wire.PingReq)]
+        t += 0.05
+    assert len(pings) >= 2
+    assert all(b - a >= c.dead_reprobe for a, b in zip(pings, pings[1:], strict=False))
+    assert c.state(IDS[5])[0] == DEAD  # unanswered looks at the dead accuse nobody
+
+
+def test_suspicion_timeout_shrinks_from_max_to_min():
+    c = core()
+    values = [c.suspicion_timeout(n) for n in range(6)]
+    assert values[0] == c.suspicion_max
+    assert values == sorted(values, reverse=True)
+    assert values[3] == values[5] == c.suspicion_min
+
+
+def test_alive_with_higher_incarnation_clears_and_stale_accusations_are_ignored():
+    c = core(n=6, verify_fanout=0)
+    c.receive(B, suspect(IDS[4], B), 1.0)
+    c.receive(C, suspect(IDS[4], C), 1.0)
+    assert c.state(IDS[4])[0] == SUSPECT
+    out = c.receive(B, alive(IDS[4], 1), 1.1)  # forwarded by B: signed by IDS[4]
+    assert StateChanged(IDS[4], ALIVE, 1.1) in out
+    # accusations against the refuted incarnation are stale
+    c.receive(B, suspect(IDS[4], B, inc=0, ts=9), 1.2)
+    c.receive(C, suspect(IDS[4], C, inc=0, ts=9), 1.2)
+    assert c.state(IDS[4])[0] == ALIVE
+    # an older Alive changes nothing
+    assert c.receive(B, alive(IDS[4], 1, ts=2), 1.3) == []
+    # accusations above the known incarnation count against the known one,
+    # so a refutation at known+1 still clears them
+    c.receive(B, suspect(IDS[4], B, inc=2**64 - 1, ts=10), 1.4)
+    c.receive(C, suspect(IDS[4], C, inc=2**64 - 1, ts=10), 1.4)
+    assert c.state(IDS[4])[0] == SUSPECT
+    c.receive(B, alive(IDS[4], 2), 1.5)
+    assert c.state(IDS[4])[0] == ALIVE
+
+
+def test_accusation_about_self_is_refuted_once_per_interval():
+    c = core(n=6)
+    out = c.receive(B, suspect(A, B, inc=0), 1.0)
+    [bc] = [e for e in out if isinstance(e, Broadcast)]
+    a = wire.decode(bc.data)
+    assert a == wire.Alive(A, 1, a.ts, a.signature) and c.incarnation == 1
+    a.verify()
+    # a stale accusation needs no answer
+    assert c.receive(B, suspect(A, B, inc=0, ts=2), 1.1) == []
+    # a spammer at the current incarnation gets one refutation per probe interval
+    out = c.receive(C, suspect(A, C, inc=1, ts=3), 1.1)
+    assert not [e for e in out if isinstance(e, Broadcast)]
+    out = c.tick(1.0 + c.probe_interval)
+    assert [wire.decode(e.data).incarnation for e in out if isinstance(e, Broadcast)] == [2]
+    # a restarted node that forgot its incarnation jumps above what others know
+    out = c.receive(B, dead(A, B, inc=41, ts=4), 3.0)
+    assert c.incarnation == 42
+    # a forged huge incarnation cannot exhaust the space in one step
+    c.receive(B, suspect(A, B, inc=2**64 - 1, ts=5), 9.0)
+    assert c.incarnation == 42 + 2**32 + 1
+
+
+def test_forged_signatures_are_penalized_and_ignored():
+    c = core(n=6, verify_fanout=0)
+    forged = suspect(IDS[4], B, key=KEYS[2])  # C signs a statement in B's name
+    assert c.receive(C, forged, 1.0) == [Penalize(C, Reason.BAD_SIGNATURE)]
+    forged2 = suspect(IDS[4], IDS[3], key=KEYS[2])
+    assert c.receive(C, forged2, 1.0) == [Penalize(C, Reason.BAD_SIGNATURE)]
+    assert c.state(IDS[4])[0] == ALIVE  # two forged "observers" did not count
+    bad_alive = wire.encode(wire.Alive(IDS[4], 5, 1).signed_with(KEYS[3].sign))
+    assert c.receive(B, bad_alive, 1.0) == [Penalize(B, Reason.BAD_SIGNATURE)]
+    about_me = suspect(A, B, key=KEYS[3])
+    assert c.receive(B, about_me, 1.0) == [Penalize(B, Reason.BAD_SIGNATURE)]
+    assert c.incarnation == 0  # no refutation for a forgery
+
+
+def test_accusations_from_unknown_observers_do_not_count():
+    c = core(n=4, verify_fanout=0)  # members 1..3; 10 and 11 hold no record
+    c.receive(B, suspect(C, IDS[10]), 1.0)
+    c.receive(B, suspect(C, IDS[11]), 1.0)
+    assert c.state(C)[0] == ALIVE
+    known = {IDS[10], IDS[11]}
+    c2 = Liveness(A, KA.sign, random.Random(0), verify_fanout=0, is_known=known.__contains__)
+    c2.set_members(IDS[:4], 0.0)
+    c2.receive(B, suspect(C, IDS[10]), 1.0)
+    c2.receive(B, suspect(C, IDS[11]), 1.0)
+    assert c2.state(C)[0] == SUSPECT
+
+
+def test_ping_from_a_dead_node_revives_it_and_hands_it_the_accusation():
+    c = core(n=6, verify_fanout=0)
+    c.receive(B, suspect(IDS[4], B), 1.0)
+    c.receive(C, suspect(IDS[4], C), 1.0)
+    c.tick(1.0 + c.suspicion_max)
+    assert c.state(IDS[4])[0] == DEAD
+    out = c.receive(IDS[4], wire.encode(wire.Ping(5)), 9.0)
+    assert c.state(IDS[4]) == (ALIVE, 9.0)
+    kinds = [type(f) for p, f in sends(out) if p == IDS[4]]
+    assert wire.Ack in kinds and (wire.Suspect in kinds or wire.Dead in kinds)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_garbage_frames_are_penalized_never_raised(data):
+    c = core(n=6)
+    try:
+        wire.decode(data)
+        valid = True
+    except DecodeError:
+        valid = False
+    out = c.receive(B, data, 1.0)
+    if not valid:
+        assert len(out) == 1 and isinstance(out[0], Penalize) and out[0].peer == B
+
+
+def test_local_health_blames_us_only_without_nacks():
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, ping)] = sends(c.tick(t), wire.Ping)
+    reqs = sends(c.tick(t + c.probe_timeout), wire.PingReq)
+    for relay, _ in reqs:  # every relay could not reach the target either
+        c.receive(relay, wire.encode(wire.Nack(ping.nonce)), t + 0.4)
+    c.receive(target, wire.encode(wire.Nack(ping.nonce)), t + 0.4)  # not a relay: ignored
+    c.tick(t + c.probe_interval)
+    assert c.state(target)[0] == SUSPECT and c.health == 0
+    # a probe that fails with silent relays costs health; the interval stretches
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    assert sends(c.tick(t), wire.Ping)
+    c.tick(t + c.probe_timeout)
+    c.tick(t + c.probe_interval)
+    assert c.health == 1 and c.multiplier == 2
+    assert c.next_wakeup() == pytest.approx(t + c.probe_interval + c.probe_timeout * 2)
+    assert c._next_probe_at == pytest.approx(t + c.probe_interval * 3)
+    # and answered probes bring it back
+    now = t + c.probe_interval
+    while c.health:
+        now = c.next_wakeup()
+        for peer, f in sends(c.tick(now), wire.Ping):
+            c.receive(peer, wire.encode(wire.Ack(f.nonce)), now + 0.01)
+    assert now < t + 5.0
+
+
+def test_state_is_bounded():
+    c = core(n=16, max_pending_probes=4, max_relays=5, max_accusers=3, verify_fanout=100)
+    for i in range(20):
+        c.receive(B, wire.encode(wire.PingReq(IDS[2 + i % 10], i)), 1.0)
+    assert len(c._relays) == 5
+    for obs in range(1, 16):
+        c.receive(IDS[obs], suspect(IDS[15 if obs != 15 else 14], IDS[obs]), 1.0)
+    assert len(c._probes) <= 4
+    assert all(len(m.accusers or ()) <= 3 for m in c._members.values())
+
+
+def test_accusations_age_out():
+    # no ticks in between: a long gap between ticks would look like our own stall
+    c = core(n=6, verify_fanout=0)
+    c.receive(B, suspect(IDS[4], B), 1.0)
+    c.receive(C, suspect(IDS[4], C), 1.0 + c.accusation_ttl + 0.02)
+    assert c.state(IDS[4])[0] == ALIVE  # B's old word no longer confirms C's
+    assert c._watch  # C's accusation is still held...
+    c.tick(1.0 + 2 * c.accusation_ttl + 0.1)
+    assert not c._watch  # ...until it ages out too
+
+
+def test_a_stall_of_our_own_accuses_nobody():
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    assert sends(c.tick(t), wire.Ping)
+    out = c.tick(t + 30.0)  # we were stopped for 30 s with a probe in flight
+    assert not [e for e in out if isinstance(e, StateChanged | Broadcast)]
+    assert c.health == 1
+
+
+# -- several cores on a network ----------------------------------------------------
+
+
+def test_crashed_node_is_declared_dead_by_all_within_bound():
+    net = Net(10, seed=3)
+    net.run(5.0)
+    victim = net.ids[4]
+    net.down.add(victim)
+    net.run(12.0)
+    for o in others(net, victim):
+        t = net.first(victim, DEAD, o)
+        assert t - 5.0 <= 5.0, f"{o} took {t - 5.0:.2f} s"
+        assert net.state_at(o, victim) == DEAD
+    # nobody else was ever suspected, and the crash cost a bounded number of broadcasts
+    assert {n for _, _, n, s in net.changes if s != ALIVE} == {victim}
+    assert net.broadcasts <= 2 * 9
+    assert not net.penalties
+    # relays nacked, so nobody blamed its own health for the dead node's silence
+    assert all(net.cores[o].health == 0 for o in others(net, victim))
+
+
+def test_crash_detection_time_is_lifeguard_fast_at_default_parameters():
+    """memberlist's aggressive profile takes 1.2-1.75 s at 100 members; we look
+    at the spread over several crashes in a 12-node overlay."""
+    times = []
+    for seed in range(4):
+        net = Net(12, seed=seed)
+        net.run(3.0)
+        victim = net.ids[seed]
+        net.down.add(victim)
+        net.run(10.0)
+        times += [net.first(victim, DEAD, o) - 3.0 for o in others(net, victim)]
+    times.sort()
+    assert times[-1] < 6.0
+    assert times[len(times) // 2] < 4.0
+
+
+def test_lossy_link_is_not_declared_dead():
+    net = Net(8, seed=11)
+    lossy = net.ids[3]
+    net.loss[lossy] = 0.2  # 20% of everything it sends or receives is lost
+    net.run(90.0)
+    assert not net.ever(lossy, DEAD)
+    assert not {n for _, _, n, s in net.changes if s == DEAD}
+    assert all(net.state_at(o, lossy) in (ALIVE, SUSPECT) for o in others(net, lossy))
+
+
+def test_paused_node_is_suspected_then_refutes():
+    net = Net(8, seed=5)
+    net.run(4.0)
+    paused = net.ids[2]
+    net.down.add(paused)  # SIGSTOP: no ticks, reads nothing
+    net.run(5.5)
+    assert net.ever(paused, SUSPECT, since=4.0)
+    net.down.discard(paused)  # SIGCONT
+    net.run(10.0)
+    assert net.cores[paused].incarnation >= 1  # it learnt it was suspected and refuted
+    assert not net.ever(paused, DEAD)
+    assert all(net.state_at(o, paused) == ALIVE for o in others(net, paused))
+    assert not {n for _, _, n, s in net.changes if n != paused and s != ALIVE}
+
+
+def test_long_paused_node_is_dead_then_comes_back():
+    net = Net(8, seed=6)
+    net.run(4.0)
+    paused = net.ids[1]
+    net.down.add(paused)
+    net.run(14.0)
+    assert all(net.state_at(o, paused) == DEAD for o in others(net, paused))
+    net.down.discard(paused)
+    net.run(18.0)
+    assert all(net.state_at(o, paused) == ALIVE for o in others(net, paused))
+    # the resumed node did not take its own stall for everybody else's death
+    assert not {n for _, o, n, s in net.changes if o == paused and s != ALIVE}
+
+
+def test_healed_partition_heals_liveness():
+    net = Net(8, seed=13)
+    net.run(2.0)
+    left, right = set(net.ids[:4]), set(net.ids[4:])
+    net.partition = [left]
+    net.run(12.0)
+    for a in left:
+        assert all(net.state_at(a, b) == DEAD for b in right)
+        assert all(net.state_at(b, a) == DEAD for b in right)
+    net.partition = []
+    net.run(12.0 + net.cores[net.ids[0]].dead_reprobe + 5.0)
+    assert all(net.state_at(a, b) == ALIVE for a in net.ids for b in net.ids if a != b)
+
+
+class Accuser:
+    """A member that answers probes normally but keeps signing false accusations."""
+
+    def __init__(self, me: NodeId, victims: list[NodeId], every: float = 0.2) -> None:
+        self.me, self.victims, self.every, self.next = me, victims, every, 0.0
+        self.key = KEYS[IDS.index(me)]
+        self.count = 0
+
+    def __call__(self, net: Net) -> None:
+        if net.now < self.next or self.me in net.down:
+            return
+        self.next = net.now + self.every
+        for victim in self.victims:
+            known = net.cores[victim].incarnation  # the liar watches the victim's refutations
+            for inc in (known, known + 1, 2**64 - 1):
+                for cls in (wire.Suspect, wire.Dead):
+                    self.count += 1
+                    f = cls(victim, inc, self.me, wire.ts_of(net.now) + self.count)
+                    frame = wire.encode(f.signed_with(self.key.sign))
+                    net.dispatch(self.me, [Broadcast("hydra/liveness", frame)])
+
+
+def test_single_malicious_accuser_cannot_kill_a_healthy_node():
+    net = Net(8, seed=7)
+    victim, liar = net.ids[0], net.ids[5]
+    net.hooks.append(Accuser(liar, [victim]))
+    net.run(30.0)
+    assert not net.ever(victim, DEAD)
+    assert not net.ever(victim, SUSPECT)  # a lone accuser is not even believed
+    assert all(net.state_at(o, victim) == ALIVE for o in others(net, victim))
+    assert not net.penalties  # its statements were validly signed: just not believed
+    assert net.cores[victim].incarnation < 2**63  # refutations did not run away
+
+
+def test_two_colluders_cannot_kill_a_node_that_answers_probes():
+    """Two liars reach confirmations_needed, but every receiver that believes
+    them probes the accused and direct evidence wins; the victim refutes."""
+    net = Net(10, seed=8)
+    victim = net.ids[0]
+    liars = [Accuser(net.ids[6], [victim], every=0.3), Accuser(net.ids[7], [victim], every=0.3)]
+    net.hooks.extend(liars)
+    net.run(30.0)
+    assert not net.ever(victim, DEAD)
+    net.hooks.clear()  # while they keep lying, some nodes doubt; once they stop, all agree
+    net.run(35.0)
+    assert all(net.state_at(o, victim) == ALIVE for o in others(net, victim))
+
+
+def test_forged_broadcasts_in_a_network_are_penalized():
+    net = Net(6, seed=9)
+    net.run(2.0)
+    forger = net.ids[5]
+    frame = suspect(net.ids[1], net.ids[2], key=KEYS[5])  # in node 2's name
+    net.dispatch(forger, [Broadcast("hydra/liveness", frame)])
+    net.run(3.0)
+    # every receiver, the accused included, rejects it and blames the forwarder
+    # (the node it was forged in the name of ignores its "own" statement unchecked)
+    assert sorted((o, p.peer, p.reason) for o, p in net.penalties) == sorted(
+        (o, forger, Reason.BAD_SIGNATURE) for o in net.ids if o not in (forger, net.ids[2])
+    )
+    assert net.cores[net.ids[1]].incarnation == 0  # no refutation for a forgery
+    assert not net.ever(net.ids[1], SUSPECT)
+
+
+def test_event_driven_and_stepped_runs_agree_and_wakeups_are_honest():
+    a = Net(6, seed=4)
+    a.run(2.0)
+    a.down.add(a.ids[2])
+    a.run(9.0)
+    b = Net(6, seed=4)
+    b.run(2.0, step=0.01, check_wakeups=True)
+    b.down.add(b.ids[2])
+    b.run(9.0, step=0.01, check_wakeups=True)
+    for net in (a, b):
+        assert all(net.state_at(o, net.ids[2]) == DEAD for o in others(net, net.ids[2]))
+
+
+def test_same_seed_same_history():
+    def history(seed):
+        net = Net(8, seed=seed)
+        net.loss[net.ids[1]] = 0.3
+        net.run(3.0)
+        net.down.add(net.ids[4])
+        net.run(10.0)
+        return [(round(t, 9), o, n, s) for t, o, n, s in net.changes], net.sent
+
+    assert history(21) == history(21)
+    assert history(21) != history(22)
+
+
+def test_message_cost_per_node_is_bounded():
+    net = Net(10, seed=12)
+    net.run(20.0)
+    per_node_per_s = net.sent / 10 / 20.0
+    # one ping + one ack per probe period and nothing else when all are healthy
+    assert per_node_per_s <= 2 / 0.5 + 0.1
+    assert net.changes == []  # and no false suspicion
