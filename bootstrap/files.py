@@ -1,0 +1,108 @@
+"""Small file helpers: atomic writes, size-capped reads, operator key files.
+
+Operator key file format (text, written 0600)::
+
+    # Hydra seed-bundle operator key (Ed25519 seed). Keep it secret.
+    # public key: <64 hex digits>
+    <64 hex digits: the 32-byte Ed25519 seed>
+
+A file holding exactly the 32 raw seed bytes is accepted too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from overlay.crypto import SigningKey
+from overlay.errors import LocalError
+
+KEY_FILE_MAX = 4096
+
+
+def read_capped(path: Path, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``path`` (so callers can tell "too big")."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, then rename.
+
+    With ``overwrite=False`` an existing ``path`` raises ``FileExistsError``
+    (checked atomically with a hard link, so two writers cannot both win).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails with FileExistsError if path exists
+            os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_key_file(path: Path, key: SigningKey, *, force: bool = False) -> None:
+    """Store an operator key 0600. Refuses to replace an existing file unless ``force``."""
+    text = (
+        "# Hydra seed-bundle operator key (Ed25519 seed). Keep it secret.\n"
+        f"# public key: {key.node_id.hex()}\n"
+        f"{key.seed().hex()}\n"
+    )
+    try:
+        write_atomic(Path(path), text.encode("ascii"), mode=0o600, overwrite=force)
+    except FileExistsError:
+        raise LocalError(f"{path} exists; use --force to replace it") from None
+
+
+def read_key_file(path: Path) -> SigningKey:
+    """Load an operator key written by ``write_key_file`` (or 32 raw bytes)."""
+    path = Path(path)
+    try:
+        data = read_capped(path, KEY_FILE_MAX)
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise LocalError(f"cannot read key file {path}: {e.strerror or e}") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise LocalError(f"key file {path} is readable by others; chmod 600 it")
+    if len(data) == SigningKey.SIZE:
+        return SigningKey(data)
+    try:
+        lines = [
+            ln.strip()
+            for ln in data.decode("ascii").splitlines()
+            if ln.strip() and not ln.startswith("#")
+        ]
+        if len(lines) != 1 or len(lines[0]) != 64:
+            raise ValueError
+        return SigningKey(bytes.fromhex(lines[0]))
+    except ValueError:
+        raise LocalError(f"{path} is not an operator key file") from None
