@@ -32,7 +32,7 @@ class Config:
     join: list[str] = field(default_factory=list)
     control_listen: str = "127.0.0.1:0"
     gossip_heartbeat: float = 1.0
-    sync_interval: float = 2.0
+    sync_interval: float = 0.5
     seed_sources: list[str] = field(default_factory=list)
     seed_operators: list[str] = field(default_factory=list)
     seed_threshold: int = 1

@@ -6,7 +6,7 @@ Used by the test suite, benchmarks and the demo. Everything binds to 127.0.0.1.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -27,7 +27,7 @@ def make_home(
     **settings,
 ) -> Home:
     """A node home bound to loopback with a free port and a local control endpoint."""
-    extra = {"control_listen": "127.0.0.1:0", "sync_interval": 1.0, **settings}
+    extra = {"control_listen": "127.0.0.1:0", "sync_interval": 0.5, **settings}
     return Home.init(path, roles=list(roles), listen=list(listen), exit_policy=policy, extra=extra)
 
 
@@ -42,9 +42,13 @@ async def overlay(
     roles: Sequence[Sequence[str]] | None = None,
     *,
     seed: int = 1,
+    services_for: Callable[[int, Home], list] | None = None,
     **settings,
 ) -> AsyncIterator[list[Node]]:
-    """Start ``n`` nodes; each joins through one random earlier node."""
+    """Start ``n`` nodes; each joins through one random earlier node.
+
+    ``services_for(i, home)``, if given, returns the services of node ``i``.
+    """
     rng = random.Random(seed)
     async with AsyncExitStack() as stack:
         nodes: list[Node] = []
@@ -52,8 +56,9 @@ async def overlay(
             r = roles[i] if roles else ("relay",)
             home = make_home(tmp / f"n{i}", r, **settings)
             join = [join_addr(rng.choice(nodes))] if nodes else []
+            services = services_for(i, home) if services_for is not None else ()
             node = await stack.enter_async_context(
-                Node(home, join=join, rng=random.Random(seed * 1000 + i))
+                Node(home, join=join, rng=random.Random(seed * 1000 + i), services=services)
             )
             nodes.append(node)
         yield nodes
