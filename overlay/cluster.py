@@ -164,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             roles.append(["relay"])
     root = args.root or Path(tempfile.mkdtemp(prefix="hydra-cluster-"))
     cluster = Cluster(root, roles)
+
+    def on_term(signum, frame):  # SIGTERM/SIGHUP: stop the nodes like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
     try:
         cluster.start()
         print(f"{args.n} nodes running; homes under {root}")
