@@ -39,6 +39,10 @@ class Config:
     target_live_exits: int = 3
     exit_policy_mode: str = "all-public"
     smtp_relay: str = ""
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    suspicion_min: float = 1.0
+    suspicion_max: float = 4.0
     maildir_root: str = ""
 
     @property
@@ -69,6 +73,10 @@ class Config:
             raise ConfigError(f"at most {MAX_FEEDS} announced feeds")
         if self.exit_policy_mode not in ("all-public", "chain"):
             raise ConfigError('exit_policy_mode must be "all-public" or "chain"')
+        if not 0 < self.probe_timeout < self.probe_interval:
+            raise ConfigError("[liveness] needs 0 < probe_timeout < probe_interval")
+        if not 0 < self.suspicion_min <= self.suspicion_max:
+            raise ConfigError("[liveness] needs 0 < suspicion_min <= suspicion_max")
         if not self.listen:
             raise ConfigError("at least one listen address is required")
         return self
@@ -92,6 +100,10 @@ _MAP = {
     ("seeds", "threshold"): "seed_threshold",
     ("exits", "target_live_exits"): "target_live_exits",
     ("exits", "exit_policy_mode"): "exit_policy_mode",
+    ("liveness", "probe_interval"): "probe_interval",
+    ("liveness", "probe_timeout"): "probe_timeout",
+    ("liveness", "suspicion_min"): "suspicion_min",
+    ("liveness", "suspicion_max"): "suspicion_max",
 }
 
 
@@ -163,4 +175,12 @@ policy = {_toml_list(cfg.exit_policy)}
 [exits]
 # target_live_exits = {d.target_live_exits}
 # exit_policy_mode = "{d.exit_policy_mode}"   # or "chain"
+
+[liveness]
+# SWIM failure detection of members (seconds). A crashed member is declared dead
+# about probe_interval + suspicion time after it stops answering.
+# probe_interval = {d.probe_interval}
+# probe_timeout = {d.probe_timeout}
+# suspicion_min = {d.suspicion_min}
+# suspicion_max = {d.suspicion_max}
 """

@@ -36,6 +36,7 @@ from .net import framing
 from .net.host import Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
+from .resilience import Resilience
 from .store import RecordStore
 from .wire import sync
 
@@ -117,7 +118,10 @@ class Node:
         self._republish = trio.Event()
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
-        self.services = list(services)
+        self.changes = 0  # bumped whenever the view accepts a record
+        self.ready = trio.Event()  # set once joined (or started with nobody to join)
+        self.resilience = Resilience()
+        self.services = [self.resilience, *services]
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -161,6 +165,7 @@ class Node:
                 n.start_soon(self._republish_loop)
                 if self.join_addrs:
                     await self.join(self.join_addrs)
+                self.ready.set()
                 try:
                     yield self
                 finally:
@@ -185,6 +190,7 @@ class Node:
                 self.penalize(peer, e.reason)
             return False
         if outcome is Outcome.ACCEPTED:
+            self.changes += 1
             self.store.put(rec)
             self.metrics.records_accepted.labels(source).inc()
             self.metrics.records_known.set(len(self.view))
@@ -210,6 +216,11 @@ class Node:
             log.debug("disconnect %s: %s", peer.short(), e)
 
     def current_feeds(self) -> list[str]:
+        # A feed monitor service (overlay/feeds.py) decides which feeds work.
+        for svc in self.services:
+            announced = getattr(svc, "announced_feeds", None)
+            if announced is not None and (feeds := announced()):
+                return feeds
         if self.config.announce:
             return list(self.config.announce)
         feeds = []
@@ -408,17 +419,15 @@ class Node:
         return out
 
     async def connect_record(self, rec: ValidRecord) -> bool:
-        """Dial a member through its feeds in turn; remember the one that worked."""
-        for feed in rec.feeds:
-            addr = f"{feed}/p2p/{rec.node_id.peer_id()}"
-            try:
-                await self.host.connect(addr)
-            except Exception as e:  # noqa: BLE001 - try the next feed
-                log.debug("dial %s failed: %s", addr, e)
-                continue
-            self.peers[rec.node_id] = PeerInfo(rec.node_id, self.clock(), feed)
-            return True
-        return False
+        """Dial a member through its feeds in turn, the next in parallel after 300 ms
+        (happy eyeballs; the feed that worked last time first); remember the winner."""
+        from .feeds import dial_record
+
+        feed = await dial_record(self, rec)
+        if feed is None:
+            return False
+        self.peers[rec.node_id] = PeerInfo(rec.node_id, self.clock(), feed)
+        return True
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
@@ -528,7 +537,7 @@ class Node:
                 ]
             }
         if what == "exits":
-            return {"exits": self.exits_view(now)}
+            return self.resilience.exits(now)
         if what == "records":
             return {
                 "records": [
@@ -536,21 +545,6 @@ class Node:
                 ]
             }
         return {}
-
-    def exits_view(self, now: float) -> list[dict]:
-        snap = self.view.snapshot(now)
-        return [
-            {
-                "peer_id": r.node_id.peer_id(),
-                "seq": r.seq,
-                "roles": r.roles.names(),
-                "feeds": list(r.feeds),
-                "state": "alive",
-                "since": r.issued_at,
-                "policy": list(r.exit_policy),
-            }
-            for r in snap.with_role(Role.EXIT)
-        ]
 
     def status(self) -> dict:
         now = self.clock()
@@ -561,10 +555,13 @@ class Node:
             "seq": self.own.seq if self.own else None,
             "uptime": round(now - self.started_at, 1),
             "listen": self.host.listen_addrs() if self.host else [],
-            "feeds": [
-                {"addr": f, "network": feed_network(f), "state": "up"}
-                for f in (self.own.feeds if self.own else ())
-            ],
+            "feeds": next(
+                (svc.feed_status() for svc in self.services if hasattr(svc, "feed_status")),
+                [
+                    {"addr": f, "network": feed_network(f), "state": "up"}
+                    for f in (self.own.feeds if self.own else ())
+                ],
+            ),
             "members": len(snap.live()),
             "records": len(snap.records),
             "exits": len(snap.with_role(Role.EXIT)),

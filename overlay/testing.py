@@ -69,3 +69,59 @@ async def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(interval)
+
+
+class Fleet:
+    """Nodes that each run in their own task, so any one can be stopped at any time."""
+
+    def __init__(self, nursery: trio.Nursery, root: Path, seed: int = 1) -> None:
+        self.nursery = nursery
+        self.root = root
+        self.rng = random.Random(seed)
+        self.nodes: list[Node] = []
+        self._scopes: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+
+    async def start(self, home: Home, join: Sequence[str] | None = None, **kw) -> Node:
+        """Start a node; by default it joins through a random running node."""
+        if join is None:
+            running = [n for n in self.nodes if self.running(n)]
+            join = [join_addr(self.rng.choice(running))] if running else []
+
+        async def runner(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            done = trio.Event()
+            try:
+                with trio.CancelScope() as scope:
+                    async with Node(
+                        home, join=join, rng=random.Random(self.rng.random()), **kw
+                    ) as node:
+                        task_status.started((node, scope, done))
+                        await trio.sleep_forever()
+            finally:
+                done.set()
+
+        node, scope, done = await self.nursery.start(runner)
+        self._scopes[id(node)] = (scope, done)
+        self.nodes.append(node)
+        return node
+
+    async def add(self, name: str, roles: Sequence[str] = ("relay",), **settings) -> Node:
+        return await self.start(make_home(self.root / name, roles, **settings))
+
+    def running(self, node: Node) -> bool:
+        return not self._scopes[id(node)][1].is_set()
+
+    async def stop(self, node: Node) -> None:
+        """Stop a node abruptly (no tombstone): to the overlay it looks like a crash."""
+        scope, done = self._scopes[id(node)]
+        scope.cancel()
+        await done.wait()
+
+
+@asynccontextmanager
+async def fleet(root: Path, seed: int = 1) -> AsyncIterator[Fleet]:
+    async with trio.open_nursery() as nursery:
+        f = Fleet(nursery, root, seed)
+        try:
+            yield f
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,259 @@
+"""Exit resilience service: runs the liveness core and the exit pool inside a node.
+
+I/O edge only: streams and gossip carry liveness frames to ``Liveness``; its
+effects are executed here; ``ExitPool`` sees the membership and the liveness
+view and its ``Announce`` effects re-publish our record (promotion to exit, or
+stepping back to standby).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import Counter, Gauge
+
+from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
+from .core.exitpool import ExitPool
+from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
+from .crypto import NodeId
+from .errors import RemoteError
+from .net import framing
+from .records import Role
+from .wire import liveness as wire
+
+if TYPE_CHECKING:
+    from .runtime import Node
+
+log = logging.getLogger("hydra.resilience")
+
+SEND_TIMEOUT = 1.0
+IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is closed
+MAX_INFLIGHT_SENDS = 64
+# the exit pool acts only this long after the node joined, so that a standby does
+# not promote itself on the partial membership it holds while still syncing
+SETTLE = 1.5
+
+
+class Resilience:
+    """Failure detection of members and standby-exit promotion for one node."""
+
+    def __init__(self) -> None:
+        self.node: Node | None = None
+        self.liveness: Liveness | None = None
+        self.pool: ExitPool | None = None
+        self._wake = trio.Event()
+        self._sends = trio.Semaphore(MAX_INFLIGHT_SENDS)
+        self._members_version = -1
+        self._nursery: trio.Nursery | None = None
+        self._ready_at: float | None = None
+        self._streams: dict[NodeId, object] = {}
+        self._locks: dict[NodeId, trio.Lock] = {}
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, node: Node) -> None:
+        self.node = node
+        cfg = node.config
+        now = node.clock()
+        self.liveness = Liveness(
+            node.node_id,
+            node.key.sign,
+            node.rng,
+            probe_interval=cfg.probe_interval,
+            probe_timeout=cfg.probe_timeout,
+            suspicion_min=cfg.suspicion_min,
+            suspicion_max=cfg.suspicion_max,
+            incarnation=int(now * 1000),  # grows across restarts
+            is_known=node.view.__contains__,
+        )
+        self.pool = ExitPool(
+            node.node_id,
+            node.roles,
+            node.rng,
+            target_live_exits=cfg.target_live_exits,
+            mode=cfg.exit_policy_mode,
+        )
+        r = node.metrics.registry
+        self.m_states = Counter(
+            "hydra_liveness_transitions", "Liveness state changes seen", ["state"], registry=r
+        )
+        self.m_frames = Counter(
+            "hydra_liveness_frames", "Liveness frames", ["direction"], registry=r
+        )
+        self.m_promotions = Counter(
+            "hydra_exit_role_changes", "Own promotions/step-backs", ["kind"], registry=r
+        )
+        self.m_dead = Gauge("hydra_members_dead", "Members this node holds dead", registry=r)
+        node.host.set_stream_handler(PROTOCOL, self._serve)
+        node.host.set_topic_validator(TOPIC, self._validate_gossip)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        node = self.node
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._drain_gossip)
+            task_status.started()
+            while True:
+                now = node.clock()
+                self._refresh_members(now)
+                self._execute(self.liveness.tick(now))
+                if node.ready.is_set():
+                    if self._ready_at is None:
+                        self._ready_at = now
+                    if now - self._ready_at >= SETTLE:
+                        records = node.view.snapshot(now).records.values()
+                        self._execute(self.pool.update(records, self.liveness.view(), now))
+                states = self.liveness.states()
+                self.m_dead.set(sum(1 for s in states.values() if s == DEAD))
+                node.metrics.exits_live.set(self.pool.live_exits)
+                wake = [t for t in (self.liveness.next_wakeup(), self.pool.next_wakeup()) if t]
+                delay = min(wake, default=now + 0.2) - now
+                with trio.move_on_after(min(max(delay, 0.01), 0.2)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    def _refresh_members(self, now: float) -> None:
+        if self._members_version == self.node.changes:
+            return
+        self._members_version = self.node.changes
+        members = [
+            r.node_id for r in self.node.view.snapshot(now).live() if r.node_id != self.node.node_id
+        ]
+        self.liveness.set_members(members, now)
+
+    # ------------------------------------------------------------------ effects
+    def _execute(self, effects) -> None:
+        node = self.node
+        for e in effects:
+            if isinstance(e, Send):
+                if self._sends.value == 0:
+                    continue  # bounded: a lost probe is what SWIM is built for
+                self._nursery.start_soon(self._send, e)
+            elif isinstance(e, Broadcast):
+                self._nursery.start_soon(self._broadcast, e)
+            elif isinstance(e, Penalize):
+                node.penalize(e.peer, e.reason)
+            elif isinstance(e, StateChanged):
+                self.m_states.labels(e.state).inc()
+                rec = node.view.get(e.node)
+                lvl = logging.WARNING if rec and Role.EXIT in rec.roles else logging.INFO
+                log.log(lvl, "member %s is %s", e.node.short(), e.state)
+            elif isinstance(e, Announce):
+                roles = Role.parse(e.roles)
+                kind = (
+                    "promote" if Role.EXIT in roles and Role.EXIT not in node.roles else "step-back"
+                )
+                self.m_promotions.labels(kind).inc()
+                log.warning("exit pool: %s (%s)", kind, e.why)
+                self._nursery.start_soon(node.publish_own, e.why, roles)
+
+    async def _send(self, e: Send) -> None:
+        """Write one frame on a long-lived stream to the peer (opened on first use)."""
+        async with self._sends:
+            lock = self._locks.setdefault(e.peer, trio.Lock())
+            async with lock:
+                with trio.move_on_after(SEND_TIMEOUT):
+                    try:
+                        stream = self._streams.get(e.peer)
+                        if stream is None:
+                            stream = await self.node.host.open_stream(e.peer.peer_id(), e.protocol)
+                            self._streams[e.peer] = stream
+                        await stream.write(framing.encode_frame(e.frame, wire.MAX_SIZE))
+                        self.m_frames.labels("out").inc()
+                        return
+                    except Exception as exc:  # noqa: BLE001 - an unreachable member is data for SWIM
+                        log.debug("liveness send to %s failed: %r", e.peer.short(), exc)
+                # failed or timed out: drop the stream; the next frame opens a new one
+                stream = self._streams.pop(e.peer, None)
+                if stream is not None:
+                    with trio.move_on_after(0.5, shield=True):
+                        try:
+                            await stream.reset()
+                        except Exception:  # noqa: BLE001
+                            pass
+            if len(self._locks) > 4 * MAX_INFLIGHT_SENDS and not lock.locked():
+                self._locks.pop(e.peer, None)
+
+    async def _broadcast(self, e: Broadcast) -> None:
+        try:
+            await self.node.host.publish(e.topic, e.data)
+        except Exception as exc:  # noqa: BLE001 - gossip is best effort
+            log.debug("liveness broadcast failed: %r", exc)
+
+    # ------------------------------------------------------------------ input
+    async def _serve(self, stream, remote_peer: str) -> None:
+        try:
+            peer = NodeId.from_peer_id(remote_peer)
+        except ValueError:
+            return
+        try:
+            while True:
+                with trio.fail_after(IDLE_TIMEOUT):
+                    frame = await framing.read_frame(stream, wire.MAX_SIZE)
+                if frame is None:
+                    break
+                self.m_frames.labels("in").inc()
+                self._execute(self.liveness.receive(peer, frame, self.node.clock()))
+                self._wake.set()
+        except RemoteError as e:
+            self.node.penalize(peer, e.reason)
+        except Exception as e:  # noqa: BLE001 - broken stream
+            log.debug("liveness stream from %s: %r", peer.short(), e)
+        finally:
+            with trio.move_on_after(0.5, shield=True):
+                try:
+                    await stream.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def _validate_gossip(self, forwarder: str, msg) -> bool:
+        if msg.origin == self.node.node_id.peer_id():
+            return True
+        try:
+            peer = NodeId.from_peer_id(forwarder)
+        except ValueError:
+            return False
+        effects = self.liveness.receive(peer, msg.data, self.node.clock())
+        self._execute(effects)
+        self._wake.set()
+        return not any(isinstance(e, Penalize) for e in effects)
+
+    async def _drain_gossip(self) -> None:
+        async with await self.node.host.subscribe(TOPIC) as sub:
+            async for _ in sub:
+                pass
+
+    # ------------------------------------------------------------------ views
+    def exits(self, now: float) -> dict:
+        view = self.liveness.view()
+        snap = self.node.view.snapshot(now)
+
+        def entry(r):
+            state, since = view.get(r.node_id, ("alive", r.issued_at))
+            if r.node_id == self.node.node_id:
+                state, since = "alive", self.node.started_at
+            return {
+                "peer_id": r.node_id.peer_id(),
+                "state": state,
+                "since": round(since if math.isfinite(since) else r.issued_at, 3),
+                "seq": r.seq,
+                "roles": r.roles.names(),
+                "feeds": list(r.feeds),
+                "policy": list(r.exit_policy),
+            }
+
+        exits = [entry(r) for r in snap.with_role(Role.EXIT)]
+        standby = [entry(r) for r in snap.with_role(Role.STANDBY_EXIT) if Role.EXIT not in r.roles]
+        return {
+            "exits": exits,
+            "standby": standby,
+            "live_exits": sum(1 for x in exits if x["state"] != DEAD),
+            "target_live_exits": self.pool.target,
+            "mode": self.pool.mode,
+            "events": [
+                {"at": round(ev.at, 3), "kind": ev.kind, "live": ev.live, "why": ev.why}
+                for ev in list(self.pool.events)[-20:]
+            ],
+        }
