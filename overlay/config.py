@@ -33,6 +33,7 @@ class Config:
     control_listen: str = "127.0.0.1:0"
     gossip_heartbeat: float = 1.0
     sync_interval: float = 0.5
+    sync_idle_interval: float = 2.0
     seed_sources: list[str] = field(default_factory=list)
     seed_operators: list[str] = field(default_factory=list)
     seed_threshold: int = 1
@@ -94,6 +95,7 @@ _MAP = {
     ("network", "join"): "join",
     ("network", "gossip_heartbeat"): "gossip_heartbeat",
     ("network", "sync_interval"): "sync_interval",
+    ("network", "sync_idle_interval"): "sync_idle_interval",
     ("control", "listen"): "control_listen",
     ("seeds", "sources"): "seed_sources",
     ("seeds", "operators"): "seed_operators",
@@ -161,7 +163,8 @@ policy = {_toml_list(cfg.exit_policy)}
 # target_peers = {d.target_peers}          # connections kept open, chosen for diverse feeds
 # join = []                  # multiaddrs tried in turn at start
 # gossip_heartbeat = {d.gossip_heartbeat}     # seconds
-# sync_interval = {d.sync_interval}        # seconds between anti-entropy rounds
+# sync_interval = {d.sync_interval}        # seconds between anti-entropy rounds while records change
+# sync_idle_interval = {d.sync_idle_interval}   # ... and when nothing changed for 10 s
 
 [control]
 # Local-only control endpoint (status, peers, exits, Prometheus /metrics).

@@ -32,6 +32,9 @@ class Metrics:
         self.sync_records = Counter(
             "hydra_sync_records_pulled", "Records pulled by anti-entropy", registry=r
         )
+        self.sync_pushed = Counter(
+            "hydra_sync_records_pushed", "Records pushed by anti-entropy", registry=r
+        )
         self.penalties = Counter("hydra_peer_penalties", "Peer penalties", ["reason"], registry=r)
         self.disconnects = Counter(
             "hydra_peer_disconnects", "Peers disconnected for misbehaviour", registry=r

@@ -90,6 +90,12 @@ class Resilience:
         node.host.set_topic_validator(TOPIC, self._validate_gossip)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            self._nursery = None
+
+    async def _run(self, task_status) -> None:
         node = self.node
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -130,9 +136,9 @@ class Resilience:
             if isinstance(e, Send):
                 if self._sends.value == 0:
                     continue  # bounded: a lost probe is what SWIM is built for
-                self._nursery.start_soon(self._send, e)
+                self._spawn(self._send, e)
             elif isinstance(e, Broadcast):
-                self._nursery.start_soon(self._broadcast, e)
+                self._spawn(self._broadcast, e)
             elif isinstance(e, Penalize):
                 node.penalize(e.peer, e.reason)
             elif isinstance(e, StateChanged):
@@ -147,7 +153,15 @@ class Resilience:
                 )
                 self.m_promotions.labels(kind).inc()
                 log.warning("exit pool: %s (%s)", kind, e.why)
-                self._nursery.start_soon(node.publish_own, e.why, roles)
+                self._spawn(node.publish_own, e.why, roles)
+
+    def _spawn(self, fn, *args) -> None:
+        if self._nursery is None:
+            return  # not running (yet, or any more): drop, as a lost packet
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # nursery closing during shutdown
+            pass
 
     async def _send(self, e: Send) -> None:
         """Write one frame on a long-lived stream to the peer (opened on first use)."""

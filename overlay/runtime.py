@@ -46,6 +46,7 @@ RECORDS_TOPIC = "hydra/records/1"
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
 SYNC_TIMEOUT = 5.0
+SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync runs fast
 
 
 def dht_key(node_id: NodeId) -> str:
@@ -332,6 +333,10 @@ class Node:
                             if self.ingest(raw, "sync", peer):
                                 accepted += 1
                         self.metrics.sync_records.inc(len(recs.records))
+                    push = self.ae.push_for(entries)
+                    if push.records:
+                        await self._send(stream, push)
+                        self.metrics.sync_pushed.inc(len(push.records))
                 finally:
                     await _close(stream)
         except RemoteError as e:
@@ -370,6 +375,15 @@ class Node:
                 want = await self._recv(stream, sync.Want)
                 if want.ids:
                     await self._send(stream, self.ae.records_for(want))
+                # the initiator may push what we lack; a clean end of stream means nothing
+                data = await framing.read_frame(stream, sync.MAX_SIZE)
+                if data is not None:
+                    self.metrics.sync_bytes.labels("in").inc(len(data))
+                    pushed = sync.decode(data)
+                    if not isinstance(pushed, sync.Records):
+                        raise DecodeError(Reason.MALFORMED, "expected Records")
+                    for raw in pushed.records:
+                        self.ingest(raw, "sync", peer)
             self.metrics.sync_rounds.labels("responder", "ok").inc()
         except RemoteError as e:
             self.metrics.sync_rounds.labels("responder", e.reason.value).inc()
@@ -396,8 +410,14 @@ class Node:
         return frame
 
     async def _sync_loop(self) -> None:
+        """Anti-entropy rounds: fast while the membership is changing, slower when quiet."""
+        seen, last_change = self.changes, self.clock()
         while True:
-            await trio.sleep(self.config.sync_interval * (0.75 + 0.5 * self.rng.random()))
+            busy = self.clock() - last_change < SYNC_BUSY_WINDOW
+            base = self.config.sync_interval if busy else self.config.sync_idle_interval
+            await trio.sleep(base * (0.75 + 0.5 * self.rng.random()))
+            if self.changes != seen:
+                seen, last_change = self.changes, self.clock()
             peers = self.connected()
             if peers:
                 await self.sync_with(self.rng.choice(peers))

@@ -5,6 +5,10 @@ Invariants:
   most ``MAX_WANT`` records, so a large gap closes over several rounds;
 - the responder only ever sends records it holds as valid; the initiator
   offers each received record to its view, which validates it like gossip.
+- the frames depend only on the view's (node id, seq) pairs: ``bucket_hashes``
+  and ``bucket_entries`` compute them from ``view.digest()``; a subclass may
+  override the two with a cached or incremental computation of the same values
+  (the simulator does, ``overlay.sim.views``), the protocol logic stays here.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ from ..wire import sync
 from .membership import MembershipView
 
 
+def bucket_hash(items: list[tuple[bytes, int]]) -> bytes:
+    """The hash of one bucket: its (node id, seq) pairs, sorted by node id."""
+    h = hashlib.blake2b(digest_size=sync.BUCKET_HASH, person=b"hydra-ae-bucket")
+    for nid, seq in sorted(items):
+        h.update(nid + seq.to_bytes(8, "big"))
+    return h.digest()
+
+
 def bucket_hashes(digest: list[tuple[bytes, int]]) -> tuple[bytes, ...]:
     buckets: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
     for nid, seq in digest:
         buckets[sync.bucket_of(nid)].append((nid, seq))
-    out = []
-    for b in range(sync.BUCKETS):
-        h = hashlib.blake2b(digest_size=sync.BUCKET_HASH, person=b"hydra-ae-bucket")
-        for nid, seq in sorted(buckets.get(b, ())):
-            h.update(nid + seq.to_bytes(8, "big"))
-        out.append(h.digest())
-    return tuple(out)
+    return tuple(bucket_hash(buckets.get(b, [])) for b in range(sync.BUCKETS))
 
 
 class AntiEntropy:
@@ -36,9 +42,23 @@ class AntiEntropy:
     def __init__(self, view: MembershipView) -> None:
         self.view = view
 
+    # the view's digest, by bucket (overridable: see the module docstring) ----
+    def bucket_hashes(self) -> tuple[bytes, ...]:
+        """The ``sync.BUCKETS`` bucket hashes of the view's (node id, seq) pairs."""
+        return bucket_hashes(self.view.digest())
+
+    def bucket_entries(self, buckets: list[int]) -> dict[int, list[tuple[bytes, int]]]:
+        """The view's (node id, seq) pairs in each of ``buckets``, sorted by node id."""
+        out: dict[int, list[tuple[bytes, int]]] = {b: [] for b in buckets}
+        for nid, seq in self.view.digest():
+            items = out.get(sync.bucket_of(nid))
+            if items is not None:
+                items.append((nid, seq))
+        return out
+
     # initiator -------------------------------------------------------------
     def summary(self) -> sync.Summary:
-        return sync.Summary(bucket_hashes(self.view.digest()))
+        return sync.Summary(self.bucket_hashes())
 
     def want(self, entries: sync.Entries) -> sync.Want:
         ids = []
@@ -48,17 +68,33 @@ class AntiEntropy:
                 ids.append(nid)
         return sync.Want(tuple(ids[: sync.MAX_WANT]))
 
+    def push_for(self, entries: sync.Entries) -> sync.Records:
+        """Records the peer lacks or holds older, within the buckets its entries list.
+
+        Sent after the pull, this makes each round push-pull: a node that has a
+        new record hands it to the peers it syncs with, not only to those who
+        ask.
+        """
+        theirs = dict(entries.entries)
+        covered = set(entries.buckets)
+        out = []
+        for nid, seq in self.view.digest():
+            if sync.bucket_of(nid) in covered and theirs.get(nid, -1) < seq:
+                rec = self.view.get(NodeId(nid))
+                if rec is not None:
+                    out.append(rec.encode())
+                if len(out) >= sync.MAX_RECORDS:
+                    break
+        return sync.Records(tuple(out))
+
     # responder -------------------------------------------------------------
     def entries_for(self, summary: sync.Summary) -> sync.Entries:
-        mine = self.view.digest()
         differing = [
             b
-            for b, (a, c) in enumerate(zip(bucket_hashes(mine), summary.hashes, strict=True))
+            for b, (a, c) in enumerate(zip(self.bucket_hashes(), summary.hashes, strict=True))
             if a != c
         ]
-        by_bucket: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
-        for nid, seq in mine:
-            by_bucket[sync.bucket_of(nid)].append((nid, seq))
+        by_bucket = self.bucket_entries(differing) if differing else {}
         entries: list[tuple[bytes, int]] = []
         covered = []
         for b in differing:

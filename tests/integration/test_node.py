@@ -22,7 +22,7 @@ def _seqs(nodes, node_id):
 
 async def test_twenty_nodes_new_updated_and_withdrawn_record(tmp_path):
     async with overlay(tmp_path, 20) as nodes:
-        await wait_until(lambda: all(len(n.view) == 20 for n in nodes), 60)
+        await wait_until(lambda: all(len(n.view) == 20 for n in nodes), 120)
         # an updated record (seq+1) reaches everyone
         target = nodes[7]
         rec = await target.publish_own("test update", roles=Role.RELAY | Role.ENTRY)

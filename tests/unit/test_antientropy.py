@@ -96,3 +96,20 @@ def test_choose_dials_prefers_new_networks():
     chosen = choose_dials(recs, connected, KEYS[1].node_id, 2, random.Random(1))
     assert len(chosen) == 1
     assert chosen[0].node_id == KEYS[10].node_id  # the only peer on a new network
+
+
+def test_push_pull_round_converges_both_sides():
+    va, vb = MembershipView(), MembershipView()
+    for i, k in enumerate(KEYS[:12]):
+        (va if i % 2 else vb).accept(relay_record(seq=1, key=k))
+    va.accept(relay_record(seq=3, key=KEYS[20]))
+    vb.accept(relay_record(seq=2, key=KEYS[20]))
+    a, b = AntiEntropy(va), AntiEntropy(vb)
+    entries = sync.decode(sync.encode(b.entries_for(a.summary())))
+    for raw in b.records_for(a.want(entries)).records:
+        va.offer(raw, NOW)
+    push = sync.decode(sync.encode(a.push_for(entries)))
+    for raw in push.records:
+        vb.offer(raw, NOW)
+    assert va.digest() == vb.digest()
+    assert vb.seq_of(KEYS[20].node_id) == 3
