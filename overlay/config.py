@@ -133,57 +133,65 @@ def load(path: Path) -> Config:
     return cfg.validate()
 
 
-def _toml_list(items: list[str]) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+_SECTIONS = {
+    "node": "This node's roles, listen addresses and announced feeds.",
+    "exit": "Exit delivery (exit and standby-exit roles only).",
+    "network": "Peers, gossip and anti-entropy.",
+    "control": "Local-only control endpoint (status, peers, exits, Prometheus /metrics).",
+    "seeds": "Seed bundles used by `overlay run --seeds` / `overlay send --seeds`.",
+    "exits": "Overlay-wide exit pool policy.",
+    "liveness": "SWIM failure detection (seconds).",
+}
+
+_COMMENTS = {
+    "roles": "entry, relay, exit, standby-exit",
+    "listen": "home default: all interfaces, fixed ports you can forward (TCP 4001, QUIC UDP 4001, WebSocket TCP 4002)",
+    "announce": f"feeds to publish in the record (max {MAX_FEEDS}); empty: derived from listen",
+    "record_ttl": "seconds a record stays valid; re-published at half-life",
+    "policy": "what an exit delivers, kind:glob (kinds smtp, maildir, http, https)",
+    "smtp_relay": "deliver smtp: through this HOST:PORT instead of the destination host",
+    "maildir_root": "maildir: destinations must lie under this directory",
+    "target_peers": "connections kept open, chosen for diverse feeds",
+    "join": "multiaddrs tried in turn at start",
+    "gossip_heartbeat": "GossipSub heartbeat, seconds",
+    "sync_interval": "seconds between anti-entropy rounds while records change",
+    "sync_idle_interval": "... and when nothing changed for 10 s",
+    "control.listen": "127.0.0.1:PORT (0 picks a free port; written to HOME/control.json)",
+    "sources": "seed bundle files, https:// URLs or dns:NAME",
+    "operators": "pinned operator public keys (hex)",
+    "threshold": "signatures needed from pinned operators",
+    "target_live_exits": "standby exits promote when fewer exits are live",
+    "exit_policy_mode": '"all-public" or "chain" (one public exit, the next takes over)',
+    "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
+}
 
 
 def render(cfg: Config) -> str:
-    """The config file ``overlay init`` writes: active values plus commented defaults."""
+    """The config file ``overlay init`` writes: set values active, defaults commented."""
     d = Config()
-    return f"""# Hydra node configuration. Lines starting with '#' show defaults.
-
-[node]
-# Roles this node plays: entry, relay, exit, standby-exit.
-roles = {_toml_list(cfg.roles)}
-# Where to listen. Home default: all interfaces on fixed ports you can forward
-# (TCP 4001, QUIC UDP 4001, WebSocket TCP 4002).
-listen = {_toml_list(cfg.listen)}
-# Feeds to announce in the record (max {MAX_FEEDS}). Empty: derived from listen.
-# announce = ["/ip4/203.0.113.7/tcp/4001"]
-announce = {_toml_list(cfg.announce)}
-# record_ttl = {d.record_ttl}          # seconds a record stays valid; re-published at half-life
-
-[exit]
-# What an exit delivers (kind:glob). Kinds: smtp, maildir, http, https. Empty for non-exits.
-policy = {_toml_list(cfg.exit_policy)}
-# smtp_relay = "127.0.0.1:25"     # deliver smtp: via this relay instead of the destination host
-# maildir_root = ""               # maildir: destinations must lie under this directory
-
-[network]
-# target_peers = {d.target_peers}          # connections kept open, chosen for diverse feeds
-# join = []                  # multiaddrs tried in turn at start
-# gossip_heartbeat = {d.gossip_heartbeat}     # seconds
-# sync_interval = {d.sync_interval}        # seconds between anti-entropy rounds while records change
-# sync_idle_interval = {d.sync_idle_interval}   # ... and when nothing changed for 10 s
-
-[control]
-# Local-only control endpoint (status, peers, exits, Prometheus /metrics).
-# listen = "{d.control_listen}"
-
-[seeds]
-# sources = []               # seed bundle files, https:// URLs or dns:NAME
-# operators = []             # pinned operator public keys (hex)
-# threshold = {d.seed_threshold}
-
-[exits]
-# target_live_exits = {d.target_live_exits}
-# exit_policy_mode = "{d.exit_policy_mode}"   # or "chain"
-
-[liveness]
-# SWIM failure detection of members (seconds). A crashed member is declared dead
-# about probe_interval + suspicion time after it stops answering.
-# probe_interval = {d.probe_interval}
-# probe_timeout = {d.probe_timeout}
-# suspicion_min = {d.suspicion_min}
-# suspicion_max = {d.suspicion_max}
-"""
+    lines = ["# Hydra node configuration. Lines starting with '#' show defaults.", ""]
+    section = None
+    for (sec, key), attr in _MAP.items():
+        if sec != section:
+            if section is not None:
+                lines.append("")
+            lines += [f"# {_SECTIONS[sec]}", f"[{sec}]"]
+            section = sec
+        note = _COMMENTS.get(f"{sec}.{key}", _COMMENTS.get(key))
+        if note:
+            lines.append(f"# {key}: {note}")
+        value, default = getattr(cfg, attr), getattr(d, attr)
+        always = sec == "node" and key in ("roles", "listen") or (sec, key) == ("exit", "policy")
+        prefix = "" if always or value != default else "# "
+        lines.append(f"{prefix}{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
