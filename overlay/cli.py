@@ -364,6 +364,18 @@ def demo() -> None:
     raise typer.Exit(run_record_demo(console))
 
 
+from .cli_send import outbox, send  # noqa: E402 - commands defined in their own module
+
+app.command()(send)
+app.command()(outbox)
+
+
+from .cli_send import outbox, send  # noqa: E402 - commands defined in their own module
+
+app.command()(send)
+app.command()(outbox)
+
+
 def main() -> None:
     try:
         app()

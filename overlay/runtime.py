@@ -36,6 +36,7 @@ from .net import framing
 from .net.host import Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
+from .relay import RelayService
 from .resilience import Resilience
 from .store import RecordStore
 from .wire import sync
@@ -123,6 +124,8 @@ class Node:
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
         self.resilience = Resilience()
         self.services = [self.resilience, *services]
+        if not any(isinstance(s, RelayService) for s in services):
+            self.services.append(RelayService())
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:

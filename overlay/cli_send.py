@@ -1,0 +1,280 @@
+"""``overlay send`` and ``overlay outbox``: user commands around ``overlay.client``.
+
+Plain functions with typer options; ``overlay/cli.py`` registers them with
+``app.command()(send)`` and ``app.command()(outbox)``.
+
+Exit codes of ``send``: 0 acknowledged (delivered, or durably queued at an
+exit when ``--timeout`` ran out first), 1 no ack yet (the message stays in
+the outbox and is resent by the next ``send`` or ``outbox --flush``) or a
+local error, 2 rejected for good.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LocalError, OverlayError
+from .home import Home, default_home
+
+console = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional
+    typer.Option("--home", help="Directory of the outbox (default $HYDRA_HOME or ~/.hydra)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ViaOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--via", help="Multiaddr (…/p2p/<peer id>) of an entry peer (repeatable)."),
+]
+SeedsOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--seeds", help="Seed bundle source: file, URL or dns:NAME (repeatable)."),
+]
+OperatorOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option(
+        "--operator",
+        help="Pinned seed operator key (hex, repeatable); default: seeds.operators of HOME.",
+    ),
+]
+ThresholdOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--threshold", help="Operator signatures a bundle needs (default: config or 1)."),
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _quiet_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("libp2p", "multiaddr", "hypercorn", "async_service", "aioquic"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+async def _entry_addrs(
+    h: Home,
+    via: list[str],
+    seeds: list[str],
+    operators: list[str],
+    threshold: int | None,
+) -> list[str]:
+    """Where to enter the overlay: --via, else --seeds, else the home's running node or join list."""
+    if via:
+        return via
+    cfg = h.config() if h.config_path.exists() else None
+    if seeds:
+        from bootstrap.fetch import fetch_bundle
+
+        keys = operators or (cfg.seed_operators if cfg else [])
+        if not keys:
+            raise LocalError(
+                "--seeds needs pinned operator keys: --operator HEX or [seeds] operators"
+                " in HOME/config.toml"
+            )
+        try:
+            pinned = [bytes.fromhex(k) for k in keys]
+        except ValueError:
+            raise LocalError("operator keys must be hex") from None
+        need = threshold or (cfg.seed_threshold if cfg else 1)
+        result = await fetch_bundle(seeds, pinned, need, h.path / "seeds-cache.cbor")
+        if result.bundle is None:
+            reasons = "; ".join(str(o) for o in result.outcomes)
+            raise LocalError(f"no valid seed bundle from any source ({reasons})")
+        return result.join_addrs()
+    addrs = _running_node_addrs(h)
+    if not addrs and cfg is not None:
+        addrs = list(cfg.join)
+    if not addrs:
+        raise LocalError("say where to enter the overlay: --via MULTIADDR or --seeds SOURCE")
+    return addrs
+
+
+def _running_node_addrs(h: Home) -> list[str]:
+    """Listen addresses of the node running from this home, if any (wildcards -> loopback)."""
+    try:
+        url = json.loads(h.control_path.read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return []
+    import httpx
+
+    try:
+        listen = httpx.get(url + "/status", timeout=3).json().get("listen", [])
+    except (httpx.HTTPError, ValueError):
+        return []
+    return [a.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1) for a in listen]
+
+
+def _entry_json(e) -> dict:
+    now = time.time()
+    return {
+        "message_id": e.message_id.hex(),
+        "state": e.state.name.lower(),
+        "destination": e.destination,
+        "attempts": e.attempts,
+        "age": round(now - e.created_at, 1),
+        "exit": e.exit.peer_id() if e.exit else None,
+        "queued_at": e.queued_at.peer_id() if e.queued_at else None,
+        "reason": e.reason,
+    }
+
+
+def send(
+    to: Annotated[
+        str,
+        typer.Option("--to", help="Destination: smtp:user@host[:port], maildir:PATH, http(s)://…"),
+    ],
+    home: HomeOpt = None,
+    via: ViaOpt = None,
+    seeds: SeedsOpt = None,
+    file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--file", "-f", help="Message file (default: read stdin)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for acks.")] = 30.0,
+    until: Annotated[
+        str, typer.Option("--until", help="Wait for 'delivered' (default) or only 'queued'.")
+    ] = "delivered",
+    hops: Annotated[
+        int, typer.Option("--hops", help="Nodes per path, entry and exit included.")
+    ] = 3,
+    operator: OperatorOpt = None,
+    threshold: ThresholdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a message through the overlay (runs no node); exit 0 once an exit acknowledged it."""
+    import trio
+
+    from .client import AckTimeout, Client, State
+
+    _quiet_logging()
+    if until not in ("queued", "delivered"):
+        raise _fail("--until must be 'queued' or 'delivered'", 2)
+    try:
+        body = file.read_bytes() if file is not None else sys.stdin.buffer.read()
+    except OSError as e:
+        raise _fail(f"cannot read {file}: {e.strerror}") from None
+    h = Home(home or default_home())
+
+    async def main():
+        addrs = await _entry_addrs(
+            h, list(via or []), list(seeds or []), list(operator or []), threshold
+        )
+        async with Client(h.path, addrs, hops=hops) as c:
+            mid = await c.send(to, body)
+            try:
+                return await c.wait_acked(mid, timeout, until=until)
+            except AckTimeout as e:
+                return e.entry
+
+    try:
+        entry = trio.run(main)
+    except OverlayError as e:
+        raise _fail(str(e)) from None
+    info = _entry_json(entry)
+    if as_json:
+        print(json.dumps(info))
+    elif entry.state is State.DELIVERED:
+        console.print(
+            f"[green]delivered[/green] {info['message_id']} ({entry.attempts} attempt(s))"
+        )
+    elif entry.state is State.QUEUED:
+        console.print(
+            f"[green]queued[/green] {info['message_id']} at exit {info['queued_at']}:"
+            " the exit holds it and keeps trying; it stays in the outbox until delivered"
+        )
+    elif entry.state is State.FAILED:
+        err.print(f"[red]rejected[/red] {info['message_id']}: {entry.reason}")
+    else:
+        err.print(
+            f"[yellow]no ack yet[/yellow] {info['message_id']} after {entry.attempts} attempt(s)"
+            f" ({entry.reason}); kept in the outbox, resent by the next `overlay send`"
+            " or `overlay outbox --flush`"
+        )
+    if entry.state is State.FAILED:
+        raise typer.Exit(2)
+    if entry.state is State.PENDING:
+        raise typer.Exit(1)
+
+
+def outbox(
+    home: HomeOpt = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list delivered and failed messages.")
+    ] = False,
+    flush: Annotated[
+        bool, typer.Option("--flush", help="Connect and resend unfinished messages now.")
+    ] = False,
+    via: ViaOpt = None,
+    seeds: SeedsOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="With --flush: seconds.")] = 30.0,
+    operator: OperatorOpt = None,
+    threshold: ThresholdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the messages waiting in the outbox, with attempts and age."""
+    from .outbox_store import FILENAME, OutboxStore
+
+    h = Home(home or default_home())
+    if flush:
+        import trio
+
+        from .client import Client
+
+        _quiet_logging()
+
+        async def run_flush():
+            addrs = await _entry_addrs(
+                h, list(via or []), list(seeds or []), list(operator or []), threshold
+            )
+            async with Client(h.path, addrs) as c:
+                with trio.move_on_after(timeout):
+                    while any(e.state.name == "PENDING" for e in c.pending()):
+                        await trio.sleep(0.2)
+
+        try:
+            trio.run(run_flush)
+        except OverlayError as e:
+            raise _fail(str(e)) from None
+    if not (h.path / FILENAME).exists():
+        entries = []
+    else:
+        try:
+            with OutboxStore(h.path / FILENAME) as st:
+                entries = st.load(unfinished_only=not show_all)
+        except OverlayError as e:
+            raise _fail(str(e)) from None
+    rows = [_entry_json(e) for e in entries]
+    if as_json:
+        print(json.dumps({"messages": rows}, indent=2))
+        return
+    if not rows:
+        console.print("outbox empty")
+        return
+    t = Table()
+    for col in ("message id", "state", "destination", "attempts", "age (s)", "exit", "reason"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["message_id"][:16],
+            r["state"],
+            r["destination"],
+            str(r["attempts"]),
+            str(r["age"]),
+            (r["queued_at"] or r["exit"] or "-")[-12:],
+            r["reason"],
+        )
+    console.print(t)

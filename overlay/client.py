@@ -1,0 +1,482 @@
+"""Send messages through Hydra from anywhere: the Python API and the light client.
+
+    async with Client(home_dir, via=["/ip4/198.51.100.7/tcp/4001/p2p/12D3KooW..."]) as c:
+        mid = await c.send("smtp:alice@example.org", b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
+        entry = await c.wait_acked(mid, timeout=30)      # entry.state: DELIVERED, ...
+
+The client runs no node. It starts an ephemeral libp2p host (fresh key,
+listening on loopback only), connects to a ``via`` peer (its *entry*), pulls
+the whole membership from it with the anti-entropy frames, and keeps one
+``/hydra/client/1.0.0`` stream open to it. For each attempt it picks a path
+``entry, relay..., exit`` (``overlay.core.paths``) and two SURB return paths
+ending at the entry, stores the SURB secrets, REGISTERs the surb ids and
+SUBMITs the packet; the entry pushes the acks back as REPLY frames.
+
+``home`` is a directory that holds ``outbox.db`` (a node home works, and so
+does any empty directory). Messages are in the outbox (committed) before
+``send`` returns, stay there until a final ack, and are resent by any later
+``Client`` on the same directory: see ``overlay.core.outbox`` for the resend
+policy and docs/user.md for what the acks mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+from .core.antientropy import AntiEntropy
+from .core.membership import MembershipView
+from .core.outbox import Attempt, Entry, Finished, Outbox, Persist, State
+from .core.paths import DEFAULT_HOPS, NoPath, select_path, select_return_path
+from .crypto import NodeId, SigningKey
+from .errors import DecodeError, LocalError, OverlayError, RemoteError
+from .home import Home
+from .net import framing
+from .net.host import Libp2pHost, NetError, Stream
+from .onion.build import build_packet
+from .onion.params import LARGE, SMALL, params_for_message
+from .onion.surb import SurbSecret, make_surb, open_reply
+from .outbox_store import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
+from .runtime import SYNC_PROTOCOL
+from .wire import relay as wire
+from .wire import sync
+from .wire.delivery import ExitMessage, decode_ack
+
+log = logging.getLogger("hydra.client")
+
+LOOPBACK_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+_PLACEHOLDER_BLOCKS = wire.encode_reply_blocks(
+    bytes([SMALL.format]) + bytes(wire.SURB_SIZE - 1),
+    bytes([SMALL.format]) + bytes(wire.SURB_SIZE - 1),
+)
+
+__all__ = ["AckTimeout", "Client", "Entry", "State"]
+
+
+class AckTimeout(LocalError):
+    """``wait_acked`` ran out of time; ``entry`` is the message's state then (still kept)."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        super().__init__(f"no {'final ' if entry.state is State.QUEUED else ''}ack yet")
+
+
+def _home_dir(home: str | Path | Home) -> Path:
+    return home.path if isinstance(home, Home) else Path(home)
+
+
+class Client:
+    """A light client with a persisted outbox. Use as ``async with``."""
+
+    def __init__(
+        self,
+        home: str | Path | Home,
+        via: Sequence[str] = (),
+        *,
+        hops: int = DEFAULT_HOPS,
+        timeout: float = 3.0,
+        max_timeout: float = 30.0,
+        same_exit_attempts: int = 2,
+        queued_refresh: float = 10.0,
+        rng: random.Random | None = None,
+        clock=time.time,
+        listen: Sequence[str] = LOOPBACK_LISTEN,
+        connect_timeout: float = 10.0,
+        sync_interval: float = 3.0,
+        tick_interval: float = 0.1,
+    ) -> None:
+        """
+        :param via: multiaddrs (ending in ``/p2p/<peer id>``) of entry nodes, tried in turn.
+        :param hops: nodes per path, the entry and the exit included (2..5).
+        :param timeout: first ack timeout; later ones grow by 1.5x up to ``max_timeout``.
+        :param same_exit_attempts: unanswered attempts through one exit before another.
+        """
+        if not via:
+            raise LocalError("a light client needs at least one --via peer multiaddr")
+        self.home = _home_dir(home)
+        self.via = list(via)
+        self.hops = hops
+        self.rng = rng or random.SystemRandom()
+        self.clock = clock
+        self.listen = list(listen)
+        self.connect_timeout = connect_timeout
+        self.sync_interval = sync_interval
+        self.tick_interval = tick_interval
+        self.outbox = Outbox(
+            timeout=timeout,
+            max_timeout=max_timeout,
+            same_exit_attempts=same_exit_attempts,
+            queued_refresh=queued_refresh,
+        )
+        self.view = MembershipView()
+        self.ae = AntiEntropy(self.view)
+        self.store: OutboxStore | None = None
+        self.host: Libp2pHost | None = None
+        self.entry: NodeId | None = None
+        self.entry_addr: str | None = None
+        self.dead: frozenset[NodeId] = frozenset()
+        self._stream: Stream | None = None
+        self._write_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._connected = trio.Event()
+        self._synced = False
+        self._wake = trio.Event()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"attempts": 0, "replies": 0, "bad_replies": 0, "send_failed": 0}
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self.store = stack.enter_context(OutboxStore.in_home(self.home))
+            self.outbox.load(self.store.load())
+            self.store.purge(self.clock() - 7 * 86400)
+            self.store.drop_surbs_before(self.clock() - 86400)  # their epochs are over
+            self.host = Libp2pHost(
+                SigningKey.generate(), self.listen, enable_dht=False, dial_timeout=5.0
+            )
+            # the entry node counts us as a peer and may start sync rounds with us
+            self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+            await stack.enter_async_context(self.host)
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(self._nursery.cancel_scope.cancel)
+            self._nursery.start_soon(self._session_loop)
+            with trio.move_on_after(self.connect_timeout):
+                await self._connected.wait()
+            if not self._connected.is_set():
+                raise LocalError(f"could not reach any via peer: {', '.join(self.via)}")
+            self._nursery.start_soon(self._tick_loop)
+            self._nursery.start_soon(self._sync_loop)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(None, None, None)
+        self._nursery = None
+        return None
+
+    # ---- public API -----------------------------------------------------------------
+
+    async def send(
+        self, destination: str, body: bytes, *, message_id: bytes | None = None
+    ) -> bytes:
+        """Put a message in the outbox and send its first attempt; returns its message id.
+
+        Raises ``LocalError`` for a bad destination or a body that does not fit.
+        """
+        mid = message_id or os.urandom(16)
+        try:
+            probe = ExitMessage.make(mid, destination, bytes(body), _PLACEHOLDER_BLOCKS)
+        except DecodeError as e:
+            raise LocalError(f"cannot send this message: {e}") from None
+        params_for_message(len(probe.encode()))  # MessageTooLong (a LocalError) if too big
+        await self._apply(self.outbox.add(mid, probe.destination, probe.body, self.clock()))
+        return mid
+
+    async def wait_acked(
+        self, message_id: bytes, timeout: float | None = None, *, until: str = "delivered"
+    ) -> Entry:
+        """Wait until the message is finished (``until="delivered"``: delivered or failed)
+        or at least held by an exit (``until="queued"``). Returns its ``Entry``; raises
+        ``AckTimeout`` when ``timeout`` passes first.
+        """
+        if until not in ("queued", "delivered"):
+            raise LocalError('until must be "queued" or "delivered"')
+        deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
+        while True:
+            e = self.status(message_id)
+            if e is None:
+                raise LocalError(f"unknown message {message_id.hex()}")
+            if e.state.finished or (until == "queued" and e.state is State.QUEUED):
+                return e
+            if trio.current_time() >= deadline:
+                raise AckTimeout(e)
+            with trio.move_on_at(deadline):
+                await self._changed.wait()
+
+    def status(self, message_id: bytes) -> Entry | None:
+        e = self.outbox.get(message_id)
+        if e is not None:
+            return e.copy()
+        return self.store.get(message_id) if self.store else None
+
+    def pending(self) -> list[Entry]:
+        return [e.copy() for e in self.outbox.unfinished()]
+
+    # ---- decisions ------------------------------------------------------------------
+
+    async def _apply(self, decisions) -> None:
+        changed = False
+        for d in decisions:
+            if isinstance(d, Persist):
+                self.store.save(d.entry, durable=d.durable)
+                changed = True
+            elif isinstance(d, Finished):
+                log.info("message %s %s (%s)", d.message_id.hex()[:8], d.state.name, d.reason)
+                if d.state.finished:
+                    self.outbox.entries.pop(d.message_id, None)
+            elif isinstance(d, Attempt):
+                await self._attempt(d)
+        if changed:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def _live(self) -> set[NodeId] | None:
+        if not self._synced:
+            return None
+        snap = self.view.snapshot(self.clock())
+        return {r.node_id for r in snap.live()} - set(self.dead)
+
+    async def _attempt(self, a: Attempt) -> None:
+        e = self.outbox.get(a.message_id)
+        if e is None:
+            return
+        now = self.clock()
+        stream, entry = self._stream, self.entry
+        if stream is None or entry is None:
+            self.stats["send_failed"] += 1
+            await self._apply(self.outbox.send_failed(a.message_id, "not connected", now))
+            return
+        try:
+            path, ret_final, ret_queued = self._paths(e, a, entry, now)
+        except NoPath as err:
+            self.stats["send_failed"] += 1
+            log.info("no path for %s: %s", e.message_id.hex()[:8], err)
+            await self._apply(self.outbox.send_failed(a.message_id, f"no path: {err}", now))
+            return
+        exit_id = path.last.node_id
+        if a.refresh and exit_id != a.exit_hint:
+            return  # a queued message goes to the exit that holds it, or nowhere
+        try:
+            surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops())
+            surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops())
+            msg = ExitMessage.make(
+                e.message_id, e.destination, e.body, wire.encode_reply_blocks(surb_f, surb_q)
+            )
+            payload = msg.encode()
+            params = params_for_message(len(payload))
+            packet, _first = build_packet(params, path.sphinx_hops(), payload)
+        except OverlayError as err:  # e.g. a record whose key the onion code refuses
+            self.stats["send_failed"] += 1
+            await self._apply(self.outbox.send_failed(a.message_id, f"build: {err}", now))
+            return
+        self.store.add_surbs(
+            [
+                StoredSurb(
+                    sec_f.surb_id, e.message_id, KIND_FINAL, exit_id, entry, now, sec_f.to_bytes()
+                ),
+                StoredSurb(
+                    sec_q.surb_id, e.message_id, KIND_QUEUED, exit_id, entry, now, sec_q.to_bytes()
+                ),
+            ]
+        )
+        frames = [wire.Register((sec_f.surb_id, sec_q.surb_id)), wire.Submit(packet)]
+        try:
+            await self._write(stream, frames)
+        except NetError as err:
+            self.stats["send_failed"] += 1
+            await self._drop_stream(stream)
+            await self._apply(self.outbox.send_failed(a.message_id, f"entry: {err}", now))
+            return
+        self.stats["attempts"] += 1
+        log.debug(
+            "sent %s attempt %d via %s",
+            e.message_id.hex()[:8],
+            e.attempts + 1,
+            [n.short() for n in path.node_ids],
+        )
+        await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now))
+
+    def _paths(self, e: Entry, a: Attempt, entry: NodeId, now: float):
+        """Forward path and two return paths (final, queued). Hook for tests."""
+        live = self.view.snapshot(now).live()
+        weights = {n: "dead" for n in self.dead}
+        path = select_path(
+            live,
+            self.rng,
+            destination=e.destination,
+            hops=self.hops,
+            entry=entry,
+            exit_hint=a.exit_hint,
+            avoid=a.avoid,
+            weights=weights,
+        )
+        avoid = set(a.avoid) | {path.last.node_id}
+        rets = [
+            select_return_path(
+                live, self.rng, last=entry, hops=self.hops, avoid=avoid, weights=weights
+            )
+            for _ in range(2)
+        ]
+        return path, rets[0], rets[1]
+
+    # ---- the entry connection ---------------------------------------------------------
+
+    async def _write(self, stream: Stream, frames: list) -> None:
+        data = b"".join(framing.encode_frame(wire.encode(f), wire.MAX_SIZE) for f in frames)
+        async with self._write_lock:
+            await stream.write(data)
+
+    async def _drop_stream(self, stream: Stream) -> None:
+        if self._stream is stream:
+            self._stream = None
+        with contextlib.suppress(Exception):
+            await stream.reset()
+
+    async def _session_loop(self) -> None:
+        i = 0
+        while True:
+            addr = self.via[i % len(self.via)]
+            i += 1
+            try:
+                await self._session(addr)
+            except (OverlayError, trio.TooSlowError, Exception) as e:  # noqa: BLE001
+                log.info("entry %s: %r", addr, e)
+            self._stream = None
+            await trio.sleep(0.5 if i % len(self.via) else 1.0)
+
+    async def _session(self, addr: str) -> None:
+        with trio.fail_after(self.connect_timeout):
+            pid = await self.host.connect(addr)
+            entry = NodeId.from_peer_id(pid)
+            await self._pull(entry)
+            stream = await self.host.open_stream(pid, wire.CLIENT_PROTOCOL)
+        try:
+            self.entry, self.entry_addr = entry, addr
+            ids = [s.surb_id for s in self.store.surbs_for_entry(entry)]
+            for k in range(0, len(ids), wire.MAX_REGISTER):
+                await self._write(stream, [wire.Register(tuple(ids[k : k + wire.MAX_REGISTER]))])
+            self._stream = stream
+            self._connected.set()
+            self._wake.set()
+            log.info("connected to entry %s (%d members)", entry.short(), len(self.view))
+            reader = framing.FrameReader(stream, wire.MAX_SIZE)
+            while True:
+                body = await reader.read_frame()
+                if body is None:
+                    return
+                frame = wire.decode(body)
+                if isinstance(frame, wire.Reply):
+                    await self._on_reply(frame.surb_id, frame.payload)
+                elif isinstance(frame, wire.Dead):
+                    self.dead = frozenset(frame.nodes)
+                    self._wake.set()
+        finally:
+            await self._drop_stream(stream)
+
+    async def _on_reply(self, surb_id: bytes, payload: bytes) -> None:
+        self.stats["replies"] += 1
+        s = self.store.surb(surb_id)
+        if s is None:
+            return
+        try:
+            secret = SurbSecret.from_bytes(s.secret)
+            params = SMALL if secret.format == SMALL.format else LARGE
+            ack = decode_ack(open_reply(params, secret, payload))
+        except (RemoteError, LocalError) as e:
+            self.stats["bad_replies"] += 1
+            log.info("unusable reply for %s: %s", s.message_id.hex()[:8], e)
+            return
+        self.store.drop_surb(surb_id)
+        if ack.message_id != s.message_id:
+            self.stats["bad_replies"] += 1
+            return
+        log.info("ack %s for %s from %s", ack.status.name, s.message_id.hex()[:8], s.exit.short())
+        await self._apply(
+            self.outbox.on_ack(s.message_id, ack.status, ack.reason, s.exit, self.clock())
+        )
+
+    # ---- membership -----------------------------------------------------------------
+
+    async def _pull(self, peer: NodeId) -> int:
+        total = 0
+        for _ in range(20):  # each round moves at most sync.MAX_WANT records
+            n = await self._sync_round(peer)
+            total += n
+            if n == 0:
+                break
+        self._synced = True
+        return total
+
+    async def _sync_round(self, peer: NodeId) -> int:
+        accepted = 0
+        stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
+        try:
+            await self._sync_send(stream, self.ae.summary())
+            entries = await self._sync_recv(stream, sync.Entries)
+            want = self.ae.want(entries)
+            await self._sync_send(stream, want)
+            if want.ids:
+                recs = await self._sync_recv(stream, sync.Records)
+                now = self.clock()
+                for raw in recs.records:
+                    try:
+                        self.view.offer(raw, now)
+                        accepted += 1
+                    except RemoteError as e:
+                        log.debug("record from entry rejected: %s", e)
+        finally:
+            await stream.close()
+        return accepted
+
+    async def _sync_send(self, stream: Stream, frame) -> None:
+        await stream.write(framing.encode_frame(sync.encode(frame), sync.MAX_SIZE))
+
+    async def _sync_recv(self, stream: Stream, expected: type):
+        data = await framing.read_frame(stream, sync.MAX_SIZE)
+        if data is None:
+            raise DecodeError(detail="sync stream closed mid-round")
+        frame = sync.decode(data)
+        if not isinstance(frame, expected):
+            raise DecodeError(detail=f"expected {expected.__name__}")
+        return frame
+
+    async def _serve_sync(self, stream: Stream, remote_peer: str) -> None:
+        """Answer a sync round from our (validated) view, as a node would."""
+        try:
+            with trio.fail_after(5):
+                summary = await self._sync_recv(stream, sync.Summary)
+                await self._sync_send(stream, self.ae.entries_for(summary))
+                want = await self._sync_recv(stream, sync.Want)
+                if want.ids:
+                    await self._sync_send(stream, self.ae.records_for(want))
+        except (OverlayError, trio.TooSlowError) as e:
+            log.debug("serving sync to %s failed: %r", remote_peer[-8:], e)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.sync_interval)
+            self.view.expire(self.clock())
+            if self.entry is not None and self._stream is not None:
+                try:
+                    with trio.fail_after(5):
+                        if await self._sync_round(self.entry):
+                            self._wake.set()
+                except (OverlayError, trio.TooSlowError, Exception) as e:  # noqa: BLE001
+                    log.debug("membership refresh failed: %r", e)
+
+    # ---- timers ---------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.tick_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self._apply(self.outbox.tick(self.clock(), self._live()))
