@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -357,11 +358,28 @@ def exits(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Run a local demonstration with no set-up."""
-    from .demo import run_record_demo
+def demo(
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes in the local overlay.")] = 12,
+    exits: Annotated[int, typer.Option("--exits", help="Exits at the start.")] = 3,
+    standby: Annotated[int, typer.Option("--standby", help="Standby exits.")] = 3,
+    duration: Annotated[float, typer.Option("--duration", help="Seconds of traffic.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a local overlay, take its exits down while messages flow, show what happens."""
+    import trio
 
-    raise typer.Exit(run_record_demo(console))
+    from .demo import run_demo
+
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    try:
+        summary = trio.run(
+            lambda: run_demo(
+                nodes=nodes, exits=exits, standby=standby, duration=duration, as_json=as_json
+            )
+        )
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    raise typer.Exit(0 if summary["ok"] else 1)
 
 
 from .cli_send import outbox, send  # noqa: E402 - commands defined in their own module

@@ -72,12 +72,16 @@ class Cluster:
             )
             self.nodes.append(NodeProc(i, home, list(r)))
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start node 0, then every other node at once, each joining through node 0."""
+        from concurrent.futures import ThreadPoolExecutor
+
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for node in self.nodes:
-            started = [n for n in self.nodes if n.addrs and n.alive]
-            join = [self.rng.choice(started).addrs[0]] if started else []
-            self.start_node(node, join, timeout)
+        first, rest = self.nodes[0], self.nodes[1:]
+        self.start_node(first, [], timeout)
+        with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+            for f in [pool.submit(self.start_node, n, [first.addrs[0]], timeout) for n in rest]:
+                f.result()
 
     def start_node(self, node: NodeProc, join: Sequence[str], timeout: float = 30.0) -> None:
         node.home.control_path.unlink(missing_ok=True)

@@ -1,55 +1,374 @@
-"""``overlay demo``: a local demonstration that needs no set-up."""
+"""``overlay demo``: a local overlay whose exits are taken down while messages flow.
+
+Starts N ``overlay run`` processes on loopback (some exits, some standby exits,
+relays), a local SMTP sink, and a light client that sends a steady stream of
+messages through the overlay. Exits are then taken down one after another —
+alternately killed (SIGKILL) and frozen (SIGSTOP: every feed of the node goes
+silent at once, as when its links are cut) — while the terminal shows nodes,
+live exits, promotions, and messages sent / delivered / pending / lost. At the
+end every process is stopped and a summary is printed (``--json`` for scripts).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import socket
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
+import httpx
+import trio
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
-from .core.membership import MembershipView
-from .home import Home
-from .records import validate
+from .client import Client
+from .cluster import Cluster
+from .core.outbox import State
 
 
-def run_record_demo(console: Console) -> int:
-    """Create three node homes, exchange their records and verify them."""
-    with tempfile.TemporaryDirectory(prefix="hydra-demo-") as tmp:
-        homes = []
-        for i, roles in enumerate((["entry", "relay"], ["relay"], ["exit"])):
-            h = Home.init(
-                Path(tmp) / f"node{i}",
-                roles=roles,
-                listen=[f"/ip4/127.0.0.1/tcp/{47001 + i}"],
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- SMTP sink
+class SmtpSink:
+    """A real SMTP server on 127.0.0.1 that records which demo messages arrived."""
+
+    TOKEN = re.compile(rb"hydra-demo-(\d+)-([0-9a-f]{8})")
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd API
+                m = sink.TOKEN.search(envelope.original_content or envelope.content or b"")
+                if m:
+                    with sink.lock:
+                        key = m.group(0).decode()
+                        sink.counts[key] = sink.counts.get(key, 0) + 1
+                return "250 OK"
+
+        self.port = _free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> int:
+        self.controller.start()
+        return self.port
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def delivered(self) -> tuple[int, int]:
+        """(distinct messages delivered, duplicate deliveries)."""
+        with self.lock:
+            return len(self.counts), sum(c - 1 for c in self.counts.values())
+
+
+# ---------------------------------------------------------------- state
+@dataclass
+class Takedown:
+    node: int
+    peer_id: str
+    how: str
+    at: float
+    new_exit_at: float | None = None  # first delivery through another exit after `at`
+    target_at: float | None = None  # live exits back at target (entry node's view)
+
+    def row(self, t0: float) -> list[str]:
+        def since(t):
+            return f"{t - self.at:.1f} s" if t else "…"
+
+        return [
+            f"{self.at - t0:5.1f} s",
+            f"node{self.node:02d}",
+            self.how,
+            since(self.new_exit_at),
+            since(self.target_at),
+        ]
+
+
+@dataclass
+class DemoState:
+    t0: float = 0.0
+    sent: list[bytes] = field(default_factory=list)
+    tokens: dict[bytes, str] = field(default_factory=dict)
+    takedowns: list[Takedown] = field(default_factory=list)
+    promotions: list[str] = field(default_factory=list)
+    exits_view: dict = field(default_factory=dict)
+    roles: dict[str, list[str]] = field(default_factory=dict)
+    phase: str = "starting"
+
+
+# ---------------------------------------------------------------- demo
+def _roles(nodes: int, exits: int, standby: int) -> list[list[str]]:
+    if nodes < exits + standby + 2:
+        raise ValueError("need at least exits + standby + 2 nodes (an entry and a relay)")
+    out = [["entry", "relay"]]
+    out += [["exit", "relay"]] * exits
+    out += [["standby-exit", "relay"]] * standby
+    out += [["relay"]] * (nodes - 1 - exits - standby)
+    return out
+
+
+async def run_demo(
+    *,
+    nodes: int = 12,
+    exits: int = 3,
+    standby: int = 3,
+    duration: float = 60.0,
+    interval: float = 0.5,
+    as_json: bool = False,
+    console: Console | None = None,
+) -> dict:
+    console = console or Console(stderr=as_json)
+    root = Path(tempfile.mkdtemp(prefix="hydra-demo-"))
+    sink = SmtpSink()
+    smtp_port = sink.start()
+    state = DemoState(t0=time.time())
+    settings = {
+        "smtp_relay": f"127.0.0.1:{smtp_port}",
+        "target_live_exits": exits,
+        "target_peers": 6,
+    }
+    cluster = Cluster(root, _roles(nodes, exits, standby), settings=settings)
+    try:
+        console.print(f"starting {nodes} nodes and an SMTP sink on 127.0.0.1:{smtp_port} …")
+        await trio.to_thread.run_sync(cluster.start)
+        entry = cluster.nodes[0]
+        async with Client(root / "client", via=[entry.addrs[0]]) as client:
+            with Live(
+                _render(state, cluster, client, sink),
+                console=console,
+                refresh_per_second=4,
+                transient=as_json,
+            ) as live:
+                async with trio.open_nursery() as n:
+                    n.start_soon(_watch, state, cluster, client)
+                    n.start_soon(_refresh, live, state, cluster, client, sink)
+                    await _traffic_and_takedowns(state, cluster, client, duration, interval, exits)
+                    state.phase = "draining: waiting for the last acknowledgements"
+                    with trio.move_on_after(45):
+                        while client.pending():
+                            await trio.sleep(0.2)
+                    await trio.sleep(1.0)  # last SMTP transactions
+                    n.cancel_scope.cancel()
+                live.update(_render(state, cluster, client, sink))
+            summary = _summary(state, client, sink, nodes, exits, standby, duration)
+    finally:
+        for node in cluster.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                try:
+                    os.killpg(node.proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        await trio.to_thread.run_sync(cluster.stop)
+        sink.stop()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(console, summary)
+    return summary
+
+
+async def _traffic_and_takedowns(state, cluster, client, duration, interval, exits) -> None:
+    start = time.time()
+    warmup, drain = min(10.0, duration / 5), min(12.0, duration / 4)
+    gap = (duration - warmup - drain) / max(1, exits)
+    plan = [start + warmup + i * gap for i in range(exits)]
+    state.phase = "sending"
+    seq = 0
+    while time.time() - start < duration:
+        if plan and time.time() >= plan[0]:
+            plan.pop(0)
+            _take_down(
+                state,
+                cluster,
+                client,
+                how="killed" if len(state.takedowns) % 2 == 0 else "feeds cut",
             )
-            homes.append(h)
-        view = MembershipView()
-        table = Table(title="membership records")
-        for col in ("peer id", "roles", "seq", "feeds", "bytes", "verified"):
-            table.add_column(col)
-        now = time.time()
-        for h in homes:
-            raw = h.make_record(now=now).encode()
-            rec = validate(raw, now)
-            view.offer(raw, now)
-            table.add_row(
-                rec.node_id.peer_id(),
-                ",".join(rec.roles.names()),
-                str(rec.seq),
-                "\n".join(rec.feeds),
-                str(len(raw)),
-                "[green]yes[/green]",
-            )
-        console.print(table)
-        forged = bytearray(homes[2].make_record(now=now).encode())
-        forged[-5] ^= 1
-        try:
-            view.offer(bytes(forged), now)
-            console.print("[red]forged record accepted![/red]")
-            return 1
-        except Exception as e:  # noqa: BLE001 - displayed to the user
-            console.print(f"forged record rejected: [yellow]{e}[/yellow]")
-        console.print(f"view holds {len(view)} records")
-    return 0
+        token = f"hydra-demo-{seq}-{os.urandom(4).hex()}"
+        body = f"Subject: Hydra demo {seq}\r\n\r\n{token}\r\n".encode()
+        mid = await client.send("smtp:demo@example.org", body)
+        state.sent.append(mid)
+        state.tokens[mid] = token
+        seq += 1
+        await trio.sleep(interval)
+
+
+def _take_down(state: DemoState, cluster: Cluster, client: Client, how: str) -> None:
+    """Take down the exit the client used most recently (the most visible one)."""
+    live_exits = {x["peer_id"] for x in state.exits_view.get("exits", []) if x["state"] != "dead"}
+    candidates = [
+        n for n in cluster.nodes if n.alive and n.peer_id in live_exits and n.killed_at is None
+    ]
+    if not candidates:
+        return
+    recent = [client.status(m) for m in reversed(state.sent[-20:])]
+    used = [e.exit.peer_id() for e in recent if e is not None and e.exit is not None]
+    victim = next((n for p in used for n in candidates if n.peer_id == p), candidates[0])
+    cluster.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    victim.killed_at = time.time()
+    state.takedowns.append(Takedown(victim.index, victim.peer_id, how, victim.killed_at))
+
+
+async def _watch(state: DemoState, cluster: Cluster, client: Client) -> None:
+    entry = cluster.nodes[0]
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                view = (await http.get(entry.control + "/exits", timeout=2)).json()
+                recs = (await http.get(entry.control + "/records", timeout=2)).json()
+                state.exits_view = view
+                for r in recs["records"]:
+                    old = state.roles.get(r["peer_id"])
+                    new = r.get("roles", [])
+                    if old is not None and "exit" in new and "exit" not in old:
+                        idx = next(
+                            (n.index for n in cluster.nodes if n.peer_id == r["peer_id"]), "?"
+                        )
+                        state.promotions.append(
+                            f"{time.time() - state.t0:5.1f} s  node{idx:02d} promoted itself to exit"
+                        )
+                    state.roles[r["peer_id"]] = new
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            _score_takedowns(state, client)
+            await trio.sleep(0.25)
+
+
+def _score_takedowns(state: DemoState, client: Client) -> None:
+    live = [x for x in state.exits_view.get("exits", []) if x["state"] != "dead"]
+    target = state.exits_view.get("target_live_exits", 0)
+    gone = {t.peer_id for t in state.takedowns}
+    for t in state.takedowns:
+        if t.target_at is None and len([x for x in live if x["peer_id"] not in gone]) >= target:
+            t.target_at = time.time()
+        if t.new_exit_at is None:
+            for mid in state.sent:
+                e = client.status(mid)
+                if (
+                    e is not None
+                    and e.state is State.DELIVERED
+                    and e.finished_at
+                    and e.finished_at > t.at
+                    and e.exit is not None
+                    and e.exit.peer_id() != t.peer_id
+                ):
+                    if t.new_exit_at is None or e.finished_at < t.new_exit_at:
+                        t.new_exit_at = e.finished_at
+
+
+async def _refresh(live, state, cluster, client, sink) -> None:
+    while True:
+        live.update(_render(state, cluster, client, sink))
+        await trio.sleep(0.25)
+
+
+def _counts(state: DemoState, client: Client, sink: SmtpSink) -> dict:
+    delivered, dups = sink.delivered()
+    pending = sum(
+        1 for m in state.sent if (e := client.status(m)) is not None and not e.state.finished
+    )
+    failed = sum(
+        1 for m in state.sent if (e := client.status(m)) is not None and e.state is State.FAILED
+    )
+    return {
+        "sent": len(state.sent),
+        "delivered": delivered,
+        "duplicates": dups,
+        "pending": pending,
+        "failed": failed,
+        "lost": max(0, len(state.sent) - delivered - pending),
+    }
+
+
+def _render(state: DemoState, cluster: Cluster, client: Client, sink: SmtpSink):
+    exits_state = {x["peer_id"]: x for x in state.exits_view.get("exits", [])}
+    nodes = Table(title="nodes", expand=False)
+    for col in ("node", "roles", "process", "exit state"):
+        nodes.add_column(col)
+    for n in cluster.nodes:
+        roles = state.roles.get(n.peer_id, n.roles)
+        proc = "running" if n.killed_at is None else ("killed" if not n.alive else "frozen")
+        x = exits_state.get(n.peer_id)
+        style = "red" if n.killed_at else ("green" if "exit" in roles else "")
+        nodes.add_row(
+            f"node{n.index:02d}", ",".join(roles), proc, x["state"] if x else "", style=style
+        )
+    c = _counts(state, client, sink)
+    live_exits = sum(1 for x in exits_state.values() if x["state"] != "dead")
+    msgs = Table(title="messages", show_header=False)
+    for k, v in c.items():
+        msgs.add_row(k, str(v), style="bold red" if k == "lost" and v else None)
+    msgs.add_row(
+        "live exits", f"{live_exits} (target {state.exits_view.get('target_live_exits', '?')})"
+    )
+    downs = Table(title="takedowns")
+    for col in ("at", "exit", "how", "next delivery via another exit", "live exits back at target"):
+        downs.add_column(col)
+    for t in state.takedowns:
+        downs.add_row(*t.row(state.t0))
+    events = "\n".join(state.promotions[-6:]) or "no promotions yet"
+    return Group(
+        f"[bold]Hydra demo[/bold] — {state.phase}, {time.time() - state.t0:.0f} s",
+        nodes,
+        msgs,
+        downs,
+        f"[bold]promotions[/bold]\n{events}",
+    )
+
+
+def _summary(state, client, sink, nodes, exits, standby, duration) -> dict:
+    c = _counts(state, client, sink)
+    return {
+        "nodes": nodes,
+        "exits": exits,
+        "standby": standby,
+        "duration_s": duration,
+        **c,
+        "promotions": len(state.promotions),
+        "takedowns": [
+            {
+                "node": f"node{t.node:02d}",
+                "how": t.how,
+                "at_s": round(t.at - state.t0, 2),
+                "next_delivery_via_other_exit_s": (
+                    round(t.new_exit_at - t.at, 2) if t.new_exit_at else None
+                ),
+                "live_exits_back_at_target_s": (
+                    round(t.target_at - t.at, 2) if t.target_at else None
+                ),
+            }
+            for t in state.takedowns
+        ],
+        "ok": c["lost"] == 0 and c["pending"] == 0 and c["delivered"] == c["sent"],
+    }
+
+
+def _print_summary(console: Console, s: dict) -> None:
+    verdict = (
+        "[green]delivered = sent, lost = 0[/green]" if s["ok"] else "[red]NOT all delivered[/red]"
+    )
+    console.print(
+        f"\n[bold]summary[/bold]: sent {s['sent']}, delivered {s['delivered']}, "
+        f"duplicates {s['duplicates']}, pending {s['pending']}, lost {s['lost']} — {verdict}"
+    )
+    for t in s["takedowns"]:
+        console.print(
+            f"  {t['node']} {t['how']} at {t['at_s']} s: next delivery via another exit after "
+            f"{t['next_delivery_via_other_exit_s']} s, live exits back at target after "
+            f"{t['live_exits_back_at_target_s']} s"
+        )
