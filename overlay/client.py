@@ -84,7 +84,7 @@ class Client:
         hops: int = DEFAULT_HOPS,
         timeout: float = 3.0,
         max_timeout: float = 30.0,
-        same_exit_attempts: int = 2,
+        same_exit_attempts: int = 3,
         queued_refresh: float = 10.0,
         rng: random.Random | None = None,
         clock=time.time,

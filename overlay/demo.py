@@ -50,15 +50,20 @@ class SmtpSink:
 
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.message_ids: dict[str, set[str]] = {}
         sink = self
 
         class Handler:
             async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd API
-                m = sink.TOKEN.search(envelope.original_content or envelope.content or b"")
+                data = envelope.original_content or envelope.content or b""
+                m = sink.TOKEN.search(data)
                 if m:
+                    mid = re.search(rb"(?im)^message-id:\s*(\S+)", data)
                     with sink.lock:
                         key = m.group(0).decode()
                         sink.counts[key] = sink.counts.get(key, 0) + 1
+                        ids = sink.message_ids.setdefault(key, set())
+                        ids.add(mid.group(1).decode() if mid else "")
                 return "250 OK"
 
         self.port = _free_port()

@@ -34,13 +34,16 @@ IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is
 MAX_INFLIGHT_SENDS = 64
 # the exit pool acts only this long after the node joined, so that a standby does
 # not promote itself on the partial membership it holds while still syncing
-SETTLE = 1.5
+SETTLE = 5.0
 
 
 class Resilience:
     """Failure detection of members and standby-exit promotion for one node."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fault_drop: float = 0.0) -> None:
+        """:param fault_drop: fault injection for tests — the probability that each
+        liveness frame this node sends or receives is silently lost (a lossy link)."""
+        self.fault_drop = fault_drop
         self.node: Node | None = None
         self.liveness: Liveness | None = None
         self.pool: ExitPool | None = None
@@ -165,6 +168,8 @@ class Resilience:
 
     async def _send(self, e: Send) -> None:
         """Write one frame on a long-lived stream to the peer (opened on first use)."""
+        if self.fault_drop and self.node.rng.random() < self.fault_drop:
+            return
         async with self._sends:
             lock = self._locks.setdefault(e.peer, trio.Lock())
             async with lock:
@@ -209,6 +214,8 @@ class Resilience:
                 if frame is None:
                     break
                 self.m_frames.labels("in").inc()
+                if self.fault_drop and self.node.rng.random() < self.fault_drop:
+                    continue
                 self._execute(self.liveness.receive(peer, frame, self.node.clock()))
                 self._wake.set()
         except RemoteError as e:

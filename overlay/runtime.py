@@ -122,8 +122,9 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
-        self.resilience = Resilience()
-        self.services = [self.resilience, *services]
+        given = [s for s in services if isinstance(s, Resilience)]
+        self.resilience = given[0] if given else Resilience()
+        self.services = [self.resilience, *(s for s in services if s is not self.resilience)]
         if not any(isinstance(s, RelayService) for s in services):
             self.services.append(RelayService())
 

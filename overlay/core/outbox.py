@@ -133,7 +133,7 @@ class Outbox:
         timeout: float = 3.0,
         backoff: float = 1.5,
         max_timeout: float = 30.0,
-        same_exit_attempts: int = 2,
+        same_exit_attempts: int = 3,
         retry_soon: float = 1.0,
         queued_refresh: float = 10.0,
         queued_refresh_max: float = 600.0,
