@@ -159,3 +159,45 @@ async def test_exit_on_lossy_link_is_not_declared_dead(tmp_path):
             await trio.sleep(0.2)
         dropped_some = lossy.resilience.m_frames.labels("in")._value.get() > 0
         assert dropped_some
+
+
+def test_paused_exit_is_suspected_then_refutes(tmp_path):
+    """Real processes: SIGSTOP an exit (it goes silent), then SIGCONT it."""
+    import signal
+
+    from overlay.cluster import Cluster
+
+    def exit_state(entry, peer_id):
+        for x in entry.get("/exits")["exits"]:
+            if x["peer_id"] == peer_id:
+                return x["state"]
+        return None
+
+    def wait_for(pred, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if pred():
+                    return True
+            except Exception:  # noqa: BLE001 - control endpoint busy
+                pass
+            time.sleep(0.2)
+        return False
+
+    roles = [["entry", "relay"], list(EXIT), ["relay"], ["relay"]]
+    with Cluster(tmp_path, roles, settings={"target_live_exits": 1}) as cluster:
+        entry, exit_node = cluster.nodes[0], cluster.nodes[1]
+        assert wait_for(lambda: exit_state(entry, exit_node.peer_id) == "alive", 60)
+        cluster.kill(exit_node, signal.SIGSTOP)
+        try:
+            assert wait_for(
+                lambda: exit_state(entry, exit_node.peer_id) in ("suspect", "dead"), 30
+            ), "a silent exit was never suspected"
+        finally:
+            cluster.kill(exit_node, signal.SIGCONT)
+        assert wait_for(lambda: exit_state(entry, exit_node.peer_id) == "alive", 45), (
+            "the resumed exit did not refute"
+        )
+        # every other member agrees it is alive again
+        for n in cluster.nodes[2:]:
+            assert wait_for(lambda n=n: exit_state(n, exit_node.peer_id) == "alive", 30)
