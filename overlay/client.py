@@ -90,7 +90,7 @@ class Client:
         clock=time.time,
         listen: Sequence[str] = LOOPBACK_LISTEN,
         connect_timeout: float = 10.0,
-        sync_interval: float = 3.0,
+        sync_interval: float = 1.0,
         tick_interval: float = 0.1,
     ) -> None:
         """

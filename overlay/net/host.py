@@ -2,12 +2,16 @@
 
 Everything Hydra needs from libp2p goes through ``Libp2pHost``: identity,
 listeners (TCP, QUIC, WebSocket), dialing, custom stream protocols, GossipSub
-and the Kademlia DHT. It moves bytes only; records, validation rules and
-protocol logic live above it and reach it as plain callables.
+and the Kademlia DHT, and for feed links circuit relay v2 (hop service,
+reservations, circuit dials), DCUtR, an AutoNAT v1 server and client, and
+per-connection accounting (``connections()``). It moves bytes only; records,
+validation rules and protocol logic live above it and reach it as plain
+callables.
 
 Every place where py-libp2p 0.8.1 needs help is marked ``WORKAROUND`` with
 the upstream behaviour it compensates for, and has a test in
-``tests/integration/test_host.py`` (the "upstream canary" tests there show the
+``tests/integration/test_host.py`` or, for the feed-link parts,
+``tests/integration/test_relay_v2.py`` (the "upstream canary" tests there show the
 upstream behaviour itself, so they start failing when upstream fixes it and the
 workaround can go).
 
@@ -420,6 +424,24 @@ def _sole_exception(group: BaseExceptionGroup) -> BaseException | None:
         else:
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else None
+
+
+def _only_shutdown_noise(group: BaseExceptionGroup) -> bool:
+    """True if every leaf is a closed-socket error or a cancellation (shutdown races)."""
+    import errno
+
+    def leaves(e: BaseException):
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                yield from leaves(sub)
+        else:
+            yield e
+
+    return all(
+        isinstance(e, trio.Cancelled | trio.ClosedResourceError)
+        or (isinstance(e, OSError) and e.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
+        for e in leaves(group)
+    )
 
 
 def _namespace(key: str) -> str:
@@ -886,8 +908,17 @@ class Libp2pHost:
         self._started = True
         try:
             async with self._services():
-                yield self
+                try:
+                    yield self
+                finally:
+                    self._closing = True
         except BaseExceptionGroup as group:
+            # WORKAROUND (listener shutdown race): closing a listening socket while
+            # libp2p's accept task still waits on it raises EBADF/EINVAL in that task
+            # (trio reports the closed fd); at shutdown that is noise, not a failure.
+            # test_close_under_load_is_clean.
+            if self._closing and _only_shutdown_noise(group):
+                return
             # libp2p runs our body inside several nested nurseries, so a single
             # exception (ours at start-up, or the caller's) would come out
             # wrapped in ExceptionGroups; hand back the exception itself.
@@ -900,6 +931,8 @@ class Libp2pHost:
             finally:
                 leaf.__context__ = context
                 del leaf, group
+
+    _closing = False
 
     @contextlib.asynccontextmanager
     async def _services(self) -> AsyncIterator[None]:

@@ -916,3 +916,38 @@ def test_uvarint_encoding() -> None:
     decoder = FrameDecoder()
     assert decoder.feed(encode_frame(b"ab")[:1]) == []
     assert decoder.feed(encode_frame(b"ab")[1:] + encode_frame(b"c")) == [b"ab", b"c"]
+
+
+def test_shutdown_noise_filter() -> None:
+    """WORKAROUND (listener shutdown race): only closed-socket errors are swallowed."""
+    import errno
+
+    from overlay.net.host import _only_shutdown_noise
+
+    noise = BaseExceptionGroup("x", [OSError(errno.EBADF, "bad fd"), OSError(errno.EINVAL, "inv")])
+    assert _only_shutdown_noise(BaseExceptionGroup("outer", [noise]))
+    real = BaseExceptionGroup("x", [OSError(errno.EBADF, "bad fd"), ValueError("bug")])
+    assert not _only_shutdown_noise(real)
+    assert not _only_shutdown_noise(BaseExceptionGroup("x", [OSError(errno.ECONNRESET, "r")]))
+
+
+async def test_close_under_load_is_clean() -> None:
+    """A host closing while a peer keeps dialing it exits without raising."""
+
+    async def hammer(dialer, addr) -> None:
+        while True:
+            try:
+                await dialer.connect(addr, reuse=False)
+            except Exception:  # noqa: BLE001 - the target is going away
+                pass
+            await trio.sleep(0)
+
+    for _ in range(5):
+        a = make_host([TCP])
+        b = make_host([TCP])
+        async with b, trio.open_nursery() as n:
+            async with a:
+                n.start_soon(hammer, b, a.listen_addrs()[0])
+                await trio.sleep(0.2)
+            await trio.sleep(0.1)  # a is gone; b still dials it
+            n.cancel_scope.cancel()
