@@ -479,6 +479,7 @@ RELAY_CIRCUIT_BYTES = 256 * 1024 * 1024
 
 AUTONAT_MAX_MESSAGE = 4096
 AUTONAT_MAX_ADDRS = 16
+AUTONAT_MAX_CONCURRENT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -861,6 +862,7 @@ class Libp2pHost:
         self._relay: _CircuitProtocol | None = None
         self._dcutr: DCUtRProtocol | None = None
         self._autonat_allow: Callable[[str, str], bool] | None = None
+        self._autonat_busy: set[str] = set()
         self._reservations: dict[str, RelayReservation] = {}
 
         self._nursery: trio.Nursery | None = None
@@ -1441,6 +1443,18 @@ class Libp2pHost:
                 candidates.append(ma)
         if not candidates:
             return verdict(AutoNATMessage.E_DIAL_REFUSED, "no address we may dial")
+        # bounded work: one request per peer at a time, a few at once overall
+        if str(peer) in self._autonat_busy or len(self._autonat_busy) >= AUTONAT_MAX_CONCURRENT:
+            return verdict(AutoNATMessage.E_DIAL_REFUSED, "busy, try later")
+        self._autonat_busy.add(str(peer))
+        try:
+            return await self._autonat_dial_back(peer, candidates, verdict)
+        finally:
+            self._autonat_busy.discard(str(peer))
+
+    async def _autonat_dial_back(
+        self, peer: ID, candidates: list[multiaddr.Multiaddr], verdict: Callable[..., Any]
+    ) -> Any:
         for ma in candidates:
             conn = None
             with trio.move_on_after(self._dial_timeout):

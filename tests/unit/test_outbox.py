@@ -31,7 +31,7 @@ def finished(decisions):
 
 
 def test_first_attempt_at_once_then_resend_after_timeout():
-    ob = Outbox(timeout=3.0, backoff=2.0, max_timeout=10.0)
+    ob = Outbox(timeout=3.0, backoff=2.0, max_timeout=10.0, same_exit_attempts=2)
     out = ob.add(MID, DEST, b"hi", now=100.0)
     assert persisted(out)[0].state is State.PENDING
     (a,) = attempts(out)

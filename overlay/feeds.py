@@ -1,0 +1,729 @@
+"""Feed links at run time: health monitoring, relay reservations, dialing policy.
+
+A node is reachable over several *feeds* (see ``overlay/core/feedhealth.py``):
+its listen addresses on every interface and transport, and relay feeds
+through other peers. ``FeedMonitor`` is a node service (``Node(services=
+[FeedMonitor()])``) that keeps them honest:
+
+- every ``scan_interval`` (1 s) it reads the machine's addresses and link
+  states (``ip -br addr``; a bind test where ``ip`` is missing), marks feeds
+  whose address vanished or whose interface went down (or lost carrier) as
+  DOWN, closes the connections that used them (so traffic moves to the other
+  feeds at once instead of after TCP timeouts), and asks the node to
+  re-publish its record (seq+1) when the set of working feeds changed;
+- it keeps circuit-relay v2 reservations on ``relays`` (2) other nodes with
+  role ``relay``, chosen for diverse networks, refreshes them, replaces lost
+  ones, and announces ``<relay feed>/p2p/<relay>/p2p-circuit`` for each;
+- every ``probe_interval`` it asks two connected peers to dial each direct
+  feed back (AutoNAT v1 with Hydra's dial-back policy): feeds that several
+  peers cannot reach become UNREACHABLE and leave the record until a probe
+  succeeds again;
+- it attributes live connections to feeds for ``overlay status`` (traffic
+  from the kernel's TCP counters where they exist, connection counts
+  otherwise) and exports Prometheus gauges.
+
+On attach it turns on the host's relay service (hop if the node has role
+``relay``; accepting relayed connections always), DCUtR and the AutoNAT
+server.
+
+``dial_record`` is the dialing policy ``Node.connect_record`` uses: a
+member's feeds in turn — the one that worked last time first, then TCP,
+QUIC, WebSocket, relay feeds last — starting the next attempt in parallel
+after ``DIAL_STAGGER`` (300 ms) or as soon as the previous one fails
+(happy eyeballs); the first connection wins, the rest are cancelled, and the
+winning feed is remembered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import Counter, Gauge
+
+from .core.feedhealth import (
+    Backoff,
+    ConnSample,
+    FeedState,
+    FeedTable,
+    RelayCandidate,
+    choose_relays,
+    feed_ip,
+    feed_transport,
+    is_relay_feed,
+    parse_ip_brief,
+    relay_feed,
+    relay_of,
+)
+from .core.peering import feed_network
+from .crypto import NodeId
+from .errors import LocalError, OverlayError
+from .records import Role, ValidRecord
+
+if TYPE_CHECKING:
+    from .runtime import Node
+
+log = logging.getLogger("hydra.feeds")
+
+__all__ = [
+    "DIAL_STAGGER",
+    "DialMemory",
+    "FeedMonitor",
+    "dial_record",
+    "feed_status",
+    "local_addresses",
+]
+
+DIAL_STAGGER = 0.3
+"""Seconds before the next feed is tried in parallel (happy eyeballs)."""
+
+_TRANSPORT_RANK = {"tcp": 0, "quic": 1, "ws": 2, "other": 3, "relay": 4}
+
+
+# ---------------------------------------------------------------- local addresses
+
+_local_lock = threading.Lock()
+_local_cache: tuple[float, dict[str, bool] | None] = (-1e9, None)
+
+
+def _read_ip_brief() -> dict[str, bool] | None:
+    try:
+        proc = subprocess.run(
+            ["ip", "-br", "addr", "show"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return parse_ip_brief(proc.stdout)
+
+
+def local_addresses(max_age: float = 0.5) -> dict[str, bool] | None:
+    """``{ip: usable}`` for this machine (network namespace), or None if unknown.
+
+    One ``ip -br addr`` per ``max_age`` seconds per process (many nodes in one
+    test process share it). Thread-safe; call it from a worker thread.
+    """
+    global _local_cache
+    with _local_lock:
+        at, value = _local_cache
+        if time.monotonic() - at <= max_age:
+            return value
+        value = _read_ip_brief()
+        _local_cache = (time.monotonic(), value)
+        return value
+
+
+def _bind_test(ips: Sequence[str]) -> dict[str, bool]:
+    """Fallback without ``ip``: an address is usable if a socket can bind to it."""
+    out = {}
+    for ip in ips:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((ip, 0))
+            out[ip] = True
+        except OSError:
+            out[ip] = False
+    return out
+
+
+# ---------------------------------------------------------------- dialing policy
+
+
+class DialMemory:
+    """Which feed worked last per peer, and which failed recently (bounded LRU)."""
+
+    def __init__(self, max_peers: int = 4096, fail_memory: float = 30.0) -> None:
+        self.max_peers = max_peers
+        self.fail_memory = fail_memory
+        self._good: OrderedDict[str, str] = OrderedDict()
+        self._failed: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def good(self, peer: str) -> str | None:
+        return self._good.get(peer)
+
+    def order(self, peer: str, feeds: Sequence[str], now: float) -> list[str]:
+        good = self._good.get(peer)
+
+        def key(item: tuple[int, str]) -> tuple[bool, bool, int, int]:
+            i, f = item
+            recently_failed = now - self._failed.get((peer, f), -1e18) < self.fail_memory
+            return (f != good, recently_failed, _TRANSPORT_RANK[feed_transport(f)], i)
+
+        return [f for _, f in sorted(enumerate(dict.fromkeys(feeds)), key=key)]
+
+    def succeeded(self, peer: str, feed: str) -> None:
+        self._good[peer] = feed
+        self._good.move_to_end(peer)
+        self._failed.pop((peer, feed), None)
+        while len(self._good) > self.max_peers:
+            self._good.popitem(last=False)
+
+    def failed(self, peer: str, feed: str, now: float) -> None:
+        self._failed[(peer, feed)] = now
+        self._failed.move_to_end((peer, feed))
+        if self._good.get(peer) == feed:
+            del self._good[peer]
+        while len(self._failed) > 4 * self.max_peers:
+            self._failed.popitem(last=False)
+
+
+_memories: weakref.WeakKeyDictionary[Any, DialMemory] = weakref.WeakKeyDictionary()
+
+
+def _memory_for(node: Node) -> DialMemory:
+    monitor = _monitor_of(node)
+    if monitor is not None:
+        return monitor.memory
+    mem = _memories.get(node)
+    if mem is None:
+        mem = _memories[node] = DialMemory()
+    return mem
+
+
+def _monitor_of(node: Node) -> FeedMonitor | None:
+    for svc in getattr(node, "services", ()):
+        if isinstance(svc, FeedMonitor):
+            return svc
+    return None
+
+
+async def dial_record(
+    node: Node, rec: ValidRecord, *, stagger: float = DIAL_STAGGER, direct_only: bool = False
+) -> str | None:
+    """Connect to a member through its feeds (happy eyeballs); return the feed that worked.
+
+    Already connected: returns the remembered feed (or the first one). Every
+    failure is remembered for ``DialMemory.fail_memory`` seconds and moves
+    that feed to the back next time.
+    """
+    host = node.host
+    peer = rec.node_id.peer_id()
+    memory = _memory_for(node)
+    feeds = [f for f in rec.feeds if not (direct_only and is_relay_feed(f))]
+    feeds = [f for f in feeds if relay_of(f) not in (peer, node.node_id.peer_id())]
+    order = memory.order(peer, feeds, time.monotonic())
+    if not order:
+        return None
+    if peer in host.connected_peers():
+        return memory.good(peer) or order[0]
+    winner: str | None = None
+
+    async def attempt(feed: str, failed: trio.Event, nursery: trio.Nursery) -> None:
+        nonlocal winner
+        try:
+            if is_relay_feed(feed):
+                await _dial_relay_feed(node, feed, peer, stagger)
+            else:
+                await host.connect(f"{feed}/p2p/{peer}")
+        except Exception as e:  # noqa: BLE001 - any failure: try the next feed
+            memory.failed(peer, feed, time.monotonic())
+            log.debug("dial %s via %s failed: %s", rec.node_id.short(), feed, e)
+            failed.set()
+            return
+        if winner is None:
+            winner = feed
+            memory.succeeded(peer, feed)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for feed in order:
+            failed = trio.Event()
+            nursery.start_soon(attempt, feed, failed, nursery)
+            with trio.move_on_after(stagger):
+                await failed.wait()
+            if winner is not None:
+                break
+    return winner
+
+
+async def _dial_relay_feed(node: Node, feed: str, peer: str, stagger: float) -> None:
+    host = node.host
+    relay = relay_of(feed)
+    if relay is None:
+        raise LocalError(f"not a relay feed: {feed}")
+    if relay not in host.connected_peers():
+        # Reach the relay through its own (current) feeds first: the address
+        # inside the relay feed may be one the relay has lost since.
+        with contextlib.suppress(ValueError):
+            relay_rec = node.view.get(NodeId.from_peer_id(relay))
+            if relay_rec is not None and not relay_rec.is_tombstone:
+                await dial_record(node, relay_rec, stagger=stagger, direct_only=True)
+    await host.connect(f"{feed}/p2p/{peer}")
+
+
+# ---------------------------------------------------------------- the service
+
+
+class FeedMonitor:
+    """Node service: feed health, relay reservations, AutoNAT probes, feed traffic.
+
+    See the module docstring. ``announced_feeds()`` is what ``Node.current_feeds``
+    publishes; ``feed_status()`` what ``overlay status`` shows.
+    """
+
+    def __init__(
+        self,
+        *,
+        scan_interval: float = 1.0,
+        relays: int = 2,
+        refresh_interval: float = 60.0,
+        probe_interval: float = 60.0,
+        probe_peers: int = 2,
+        probe_failures: int = 2,
+        hop: bool | None = None,
+        dcutr: bool = True,
+        autonat: bool = True,
+        local_addrs: Callable[[], Mapping[str, bool] | None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """
+        :param relays: reservations to hold on other relay-role nodes (0: none).
+        :param refresh_interval: re-reserve each relay this often (also proves it alive).
+        :param probe_interval: seconds between AutoNAT dial-back rounds (0: never).
+        :param hop: relay circuits for others (default: if the node has role relay).
+        :param local_addrs: replaces ``local_addresses`` (tests).
+        """
+        self.scan_interval = scan_interval
+        self.relays = relays
+        self.refresh_interval = refresh_interval
+        self.probe_interval = probe_interval
+        self.probe_peers = probe_peers
+        self.hop = hop
+        self.dcutr = dcutr
+        self.autonat = autonat
+        self._local_addrs = local_addrs
+        self.rng = rng or random.Random()
+        self.table = FeedTable(relay_slots=max(relays, 0), probe_failures=probe_failures)
+        self.memory = DialMemory()
+        self.backoff = Backoff(base=2.0, cap=60.0)
+        self.node: Node | None = None
+        self._reserved_at: dict[str, float] = {}
+        self._relay_conns: dict[str, set[int]] = {}  # connections a reservation was made on
+        self._recent_ips: dict[str, dict[str, float]] = {}
+        self._wake_relays = trio.Event()
+        self._scan_lock = trio.Lock()
+        self._metrics: dict[str, Any] = {}
+        self.reachability = "unknown"
+
+    # ---- service protocol
+
+    def attach(self, node: Node) -> None:
+        self.node = node
+        host = node.host
+        hop = self.hop if self.hop is not None else bool(node.roles & Role.RELAY)
+        host.enable_relay(hop=hop)
+        if self.dcutr:
+            host.enable_dcutr()
+        if self.autonat:
+            host.enable_autonat(self._allow_dial)
+        self._register_metrics(node)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.scan()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._scan_loop)
+            nursery.start_soon(self._watch_records)
+            if self.relays > 0:
+                nursery.start_soon(self._relay_loop)
+            if self.autonat and self.probe_interval > 0:
+                nursery.start_soon(self._probe_loop)
+            task_status.started()
+
+    # ---- what the node reads
+
+    def announced_feeds(self) -> list[str]:
+        return self.table.announced()
+
+    def feed_status(self) -> list[dict]:
+        node = self.node
+        return self.table.status(node.clock() if node else time.time())
+
+    # ---- scanning
+
+    async def _local(self, listen: Sequence[str]) -> dict[str, bool]:
+        if self._local_addrs is not None:
+            got = self._local_addrs()
+        else:
+            got = await trio.to_thread.run_sync(local_addresses)
+        if got is not None:
+            return dict(got)
+        ips = [ip for ip in (feed_ip(a) for a in listen) if ip and ip not in ("0.0.0.0", "::")]
+        return await trio.to_thread.run_sync(_bind_test, [*ips, "127.0.0.1"])
+
+    async def scan(self) -> None:
+        """One health pass: local addresses, reservations, connections, announcement."""
+        node = self.node
+        if node is None or node.host is None:
+            return
+        async with self._scan_lock:
+            host = node.host
+            listen = [a.split("/p2p/")[0] for a in host.listen_addrs()]
+            local = await self._local(listen)
+            now = node.clock()
+            self.table.update_local(listen, local, now, announce=node.config.announce)
+            self.table.update_relays(self._relay_feeds(now), now)
+            events = self.table.take_events()
+            closed: set[str] = set()
+            for feed, old, new in events:
+                log.info("feed %s: %s -> %s", feed, old, new)
+                self._metric("changes", lambda m, new=new: m.labels(new).inc())
+                ip = feed_ip(feed)
+                if new == "down" and ip and not is_relay_feed(feed) and not local.get(ip):
+                    if ip not in closed:
+                        closed.add(ip)
+                        n = await host.close_connections_from(ip)
+                        if n:
+                            log.info("closed %d connection(s) over lost address %s", n, ip)
+            if any(is_relay_feed(f) and new == "down" for f, _, new in events):
+                self._wake_relays.set()
+            samples = [
+                ConnSample(
+                    c.key,
+                    c.transport,
+                    c.direction,
+                    c.local,
+                    c.relay_peer_id,
+                    c.bytes_in,
+                    c.bytes_out,
+                )
+                for c in host.connections()
+            ]
+            self.table.observe_connections(samples, now)
+            self.table.forget_absent(600.0, now)
+            self._update_reachability()
+            self._update_metrics()
+            own = node.own
+            if own is not None and not own.is_tombstone:
+                if sorted(self.table.announced()) != sorted(own.feeds):
+                    node.request_republish()
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await trio.sleep(self.scan_interval)
+            try:
+                await self.scan()
+            except Exception:  # noqa: BLE001 - a monitoring bug must not stop the node
+                log.exception("feed scan failed")
+
+    # ---- relay reservations
+
+    def _relay_feeds(self, now: float) -> dict[str, float]:
+        node = self.node
+        host = node.host
+        out: dict[str, float] = {}
+        for relay, r in host.reservations().items():
+            base = self._relay_base(relay, r.relay_addrs, now)
+            if base is not None:
+                out[relay_feed(base, relay)] = r.expires_at
+        return out
+
+    def _relay_base(self, relay: str, reported: Sequence[str], now: float) -> str | None:
+        """The relay's address to put in our relay feed: one of its current direct feeds."""
+        node = self.node
+        rec = None
+        with contextlib.suppress(ValueError):
+            rec = node.view.get(NodeId.from_peer_id(relay))
+        direct = [
+            f for f in (rec.feeds if rec and not rec.is_tombstone else ()) if not is_relay_feed(f)
+        ]
+        if direct:
+            remotes = {a.split("/p2p/")[0] for a in node.host.connection_addrs(relay)}
+            for f in direct:
+                if f in remotes:
+                    return f
+            tcp = [f for f in direct if feed_transport(f) == "tcp"]
+            return (tcp or direct)[0]
+        for a in reported:
+            base = a.split("/p2p/")[0]
+            if feed_ip(base) not in (None, "0.0.0.0", "::"):
+                return base
+        return None
+
+    async def _relay_loop(self) -> None:
+        await trio.sleep(0.2)
+        while True:
+            try:
+                await self._relay_round()
+            except Exception:  # noqa: BLE001 - keep trying; the node must not stop
+                log.exception("relay maintenance failed")
+            with trio.move_on_after(2.0):
+                await self._wake_relays.wait()
+            self._wake_relays = trio.Event()
+
+    async def _relay_round(self) -> None:
+        node = self.node
+        host = node.host
+        now = node.clock()
+        mono = time.monotonic()
+        snap = node.view.snapshot(now)
+        relay_recs = {
+            r.node_id.peer_id(): r for r in snap.with_role(Role.RELAY) if r.node_id != node.node_id
+        }
+        held = host.reservations()
+        changed = False
+        for relay in [pid for pid in self._reserved_at if pid not in held]:
+            # connection to the relay lost (or reservation expired): the relay
+            # dropped it too; if we reconnect, it has to be made again
+            host.forget_reservation(relay)
+            self._reserved_at.pop(relay, None)
+            self._relay_conns.pop(relay, None)
+            changed = True
+        for relay, r in held.items():
+            if relay not in relay_recs:
+                # no longer a relay member (withdrew, expired, dropped the role)
+                host.forget_reservation(relay)
+                self._reserved_at.pop(relay, None)
+                self._relay_conns.pop(relay, None)
+                changed = True
+                continue
+            due = mono - self._reserved_at.get(relay, -1e18) >= self.refresh_interval
+            # a new connection to the relay (it may have restarted and lost our
+            # reservation): reserve again now rather than at the next refresh
+            reconnected = not (self._relay_conns.get(relay, set()) & self._conn_keys(relay))
+            if due or reconnected or r.expires_at - time.time() < 60:
+                if await self._reserve(relay):
+                    changed = True
+        held = host.reservations()
+        if len(held) > self.relays:
+            # e.g. a lost relay came back after we replaced it: keep the oldest
+            extra = sorted(held, key=lambda pid: self._reserved_at.get(pid, 0.0))[self.relays :]
+            for relay in extra:
+                host.forget_reservation(relay)
+                self._reserved_at.pop(relay, None)
+                self._relay_conns.pop(relay, None)
+            changed = True
+        elif len(held) < self.relays:
+            connected = set(host.connected_peers())
+            own_networks = frozenset(
+                feed_network(f) for f in self.table.announced() if not is_relay_feed(f)
+            )
+            candidates = [
+                RelayCandidate(pid, _networks(rec), pid in connected)
+                for pid, rec in relay_recs.items()
+                if self.backoff.ready(pid, mono)
+            ]
+            held_nets = {pid: _networks(relay_recs[pid]) for pid in held if pid in relay_recs}
+            chosen = choose_relays(
+                candidates, held_nets, self.relays, self.rng, own_networks=own_networks
+            )
+            if chosen:
+                results: list[bool] = []
+
+                async def one(pid: str) -> None:
+                    results.append(await self._connect_and_reserve(relay_recs[pid]))
+
+                async with trio.open_nursery() as nursery:
+                    for pid in chosen:
+                        nursery.start_soon(one, pid)
+                changed = changed or any(results)
+        if changed:
+            await self.scan()
+
+    async def _connect_and_reserve(self, rec: ValidRecord) -> bool:
+        node = self.node
+        pid = rec.node_id.peer_id()
+        if pid not in node.host.connected_peers():
+            with trio.move_on_after(15):
+                await node.connect_record(rec)
+            if pid not in node.host.connected_peers():
+                self.backoff.failed(pid, time.monotonic())
+                return False
+        return await self._reserve(pid)
+
+    def _conn_keys(self, peer: str) -> set[int]:
+        return {c.key for c in self.node.host.connections() if c.peer_id == peer}
+
+    async def _reserve(self, relay: str) -> bool:
+        host = self.node.host
+        try:
+            r = await host.reserve(relay)
+        except (OverlayError, OSError) as e:
+            wait = self.backoff.failed(relay, time.monotonic())
+            host.forget_reservation(relay)
+            self._reserved_at.pop(relay, None)
+            log.info("relay reservation on %s failed (%s); retry in %.0f s", relay[-8:], e, wait)
+            return False
+        fresh = relay not in self._reserved_at
+        self._reserved_at[relay] = time.monotonic()
+        self._relay_conns[relay] = self._conn_keys(relay)
+        self.backoff.ok(relay)
+        if fresh:
+            log.info("relay reservation on %s (%.0f s)", relay[-8:], r.expires_at - time.time())
+        return True
+
+    # ---- AutoNAT probes
+
+    def _allow_dial(self, peer_id: str, addr: str) -> bool:
+        """AutoNAT server policy: dial back only addresses on IPs the requester announced."""
+        ip = feed_ip(addr)
+        if ip is None:
+            return False
+        node = self.node
+        if node is not None:
+            with contextlib.suppress(ValueError):
+                rec = node.view.get(NodeId.from_peer_id(peer_id))
+                if rec is not None and any(feed_ip(f) == ip for f in rec.feeds):
+                    return True
+        seen = self._recent_ips.get(peer_id, {})
+        return ip in seen and time.monotonic() - seen[ip] < 3600
+
+    async def _watch_records(self) -> None:
+        """Remember the feed IPs members announced lately (for ``_allow_dial``)."""
+        recv = self.node.record_events(256)
+        async with recv:
+            async for rec in recv:
+                if rec.is_tombstone:
+                    self._recent_ips.pop(rec.node_id.peer_id(), None)
+                    continue
+                seen = self._recent_ips.setdefault(rec.node_id.peer_id(), {})
+                for f in rec.feeds:
+                    ip = feed_ip(f)
+                    if ip is not None and not is_relay_feed(f):
+                        seen[ip] = time.monotonic()
+                if len(self._recent_ips) > 8192:
+                    self._recent_ips.pop(next(iter(self._recent_ips)))
+
+    async def _probe_loop(self) -> None:
+        await trio.sleep(min(10.0, self.probe_interval) * (0.5 + self.rng.random()))
+        while True:
+            try:
+                await self.probe_round()
+            except Exception:  # noqa: BLE001 - probes are advisory
+                log.exception("feed probe round failed")
+            await trio.sleep(self.probe_interval * (0.75 + 0.5 * self.rng.random()))
+
+    async def probe_round(self) -> int:
+        """Ask up to ``probe_peers`` connected peers to dial each direct feed back."""
+        node = self.node
+        host = node.host
+        direct_peers = sorted({c.peer_id for c in host.connections() if c.transport != "relay"})
+        if not direct_peers:
+            return 0
+        peers = self.rng.sample(direct_peers, min(self.probe_peers, len(direct_peers)))
+        feeds = [
+            r.addr
+            for r in self.table.rows.values()
+            if r.kind != "relay" and r.present and r.state is not FeedState.DOWN
+        ]
+        me = node.node_id.peer_id()
+        verdicts = 0
+
+        async def ask(peer: str) -> None:
+            nonlocal verdicts
+            for feed in feeds:  # one at a time per peer: each dial-back is a new connection
+                try:
+                    res = await host.autonat_probe(peer, [f"{feed}/p2p/{me}"])
+                except (OverlayError, OSError) as e:
+                    log.debug("AutoNAT via %s unavailable: %s", peer[-8:], e)
+                    return
+                if res.status in ("ok", "dial_error"):
+                    verdicts += 1
+                    self.table.probe_result(feed, peer, res.status == "ok", node.clock())
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+        await self.scan()
+        return verdicts
+
+    def _update_reachability(self) -> None:
+        self.reachability = self.table.reachability()
+
+    # ---- metrics
+
+    def _register_metrics(self, node: Node) -> None:
+        registry = getattr(getattr(node, "metrics", None), "registry", None)
+        if registry is None:
+            return
+        try:
+            self._metrics = {
+                "feeds": Gauge("hydra_feeds", "Feeds by state", ["state"], registry=registry),
+                "announced": Gauge(
+                    "hydra_feeds_announced", "Feeds in our record", registry=registry
+                ),
+                "bytes": Gauge(
+                    "hydra_feed_bytes",
+                    "Bytes over a feed (kernel TCP counters; TCP/WebSocket only)",
+                    ["feed", "direction"],
+                    registry=registry,
+                ),
+                "conns": Gauge(
+                    "hydra_feed_connections",
+                    "Live connections per feed",
+                    ["feed"],
+                    registry=registry,
+                ),
+                "changes": Counter(
+                    "hydra_feed_state_changes", "Feed state changes", ["to"], registry=registry
+                ),
+                "held": Gauge(
+                    "hydra_relay_reservations_held",
+                    "Relay reservations we hold on other nodes",
+                    registry=registry,
+                ),
+                "hop_reservations": Gauge(
+                    "hydra_relay_hop_reservations",
+                    "Reservations other nodes hold on us (relay role)",
+                    registry=registry,
+                ),
+                "hop_circuits": Gauge(
+                    "hydra_relay_hop_circuits", "Circuits we relay now", registry=registry
+                ),
+                "public": Gauge(
+                    "hydra_reachability",
+                    "1 for our reachability verdict (public, private, unknown)",
+                    ["verdict"],
+                    registry=registry,
+                ),
+            }
+        except ValueError:  # already registered (a second monitor on one node)
+            self._metrics = {}
+
+    def _metric(self, name: str, fn: Callable[[Any], Any]) -> None:
+        m = self._metrics.get(name)
+        if m is not None:
+            fn(m)
+
+    def _update_metrics(self) -> None:
+        if not self._metrics:
+            return
+        host = self.node.host
+        rows = self.table.rows.values()
+        for state in FeedState:
+            self._metrics["feeds"].labels(state.value).set(
+                sum(1 for r in rows if r.present and r.state is state)
+            )
+        self._metrics["announced"].set(len(self.table.announced()))
+        for r in rows:
+            if r.bytes_in is not None:
+                self._metrics["bytes"].labels(r.addr, "in").set(r.bytes_in)
+                self._metrics["bytes"].labels(r.addr, "out").set(r.bytes_out or 0)
+            self._metrics["conns"].labels(r.addr).set(r.conns)
+        self._metrics["held"].set(len(host.reservations()))
+        stats = host.relay_stats()
+        self._metrics["hop_reservations"].set(stats["reservations"])
+        self._metrics["hop_circuits"].set(stats["circuits"])
+        for verdict in ("public", "private", "unknown"):
+            self._metrics["public"].labels(verdict).set(1 if self.reachability == verdict else 0)
+
+
+def _networks(rec: ValidRecord) -> frozenset[str]:
+    return frozenset(feed_network(f) for f in rec.feeds if not is_relay_feed(f))
+
+
+def feed_status(node: Node) -> list[dict] | None:
+    """The monitor's feed rows for ``node``, or None if it runs no ``FeedMonitor``."""
+    monitor = _monitor_of(node)
+    return None if monitor is None else monitor.feed_status()
