@@ -292,16 +292,21 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     feeds = st.pop("feeds", [])
     _print_summary({k: v for k, v in st.items() if not isinstance(v, dict)})
     t = Table(title="feeds")
-    for col in ("feed", "network", "state", "last ok", "bytes in", "bytes out"):
+    for col in ("feed", "network", "state", "last ok (s ago)", "conns", "bytes in", "bytes out"):
         t.add_column(col)
+
+    def cell(v) -> str:
+        return "-" if v is None or v == "" else str(v)
+
     for f in feeds:
         t.add_row(
             f["addr"],
-            f.get("network", ""),
-            f.get("state", ""),
-            str(f.get("last_ok", "")),
-            str(f.get("bytes_in", "")),
-            str(f.get("bytes_out", "")),
+            cell(f.get("network")),
+            cell(f.get("state")),
+            cell(f.get("last_ok")),
+            cell(f.get("conns")),
+            cell(f.get("bytes_in")),
+            cell(f.get("bytes_out")),
         )
     console.print(t)
 

@@ -78,7 +78,10 @@ async def serve_control(
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     cfg = HyperConfig()
-    cfg.bind = [f"fd://{sock.fileno()}"]
+    # hypercorn wraps the fd in a socket object of its own and closes it at shutdown;
+    # detach ours so the same fd is never closed twice (a second close can hit an fd
+    # number the process has reused meanwhile, e.g. a libp2p connection).
+    cfg.bind = [f"fd://{sock.detach()}"]
     cfg.accesslog = None
     cfg.errorlog = None
     cfg.graceful_timeout = 0.5

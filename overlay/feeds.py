@@ -596,7 +596,7 @@ class FeedMonitor:
                     self._recent_ips.pop(next(iter(self._recent_ips)))
 
     async def _probe_loop(self) -> None:
-        await trio.sleep(min(10.0, self.probe_interval) * (0.5 + self.rng.random()))
+        await trio.sleep(min(30.0, self.probe_interval) * (0.5 + self.rng.random()))
         while True:
             try:
                 await self.probe_round()
@@ -669,17 +669,17 @@ class FeedMonitor:
                     "hydra_feed_state_changes", "Feed state changes", ["to"], registry=registry
                 ),
                 "held": Gauge(
-                    "hydra_relay_reservations_held",
+                    "hydra_circuit_reservations_held",
                     "Relay reservations we hold on other nodes",
                     registry=registry,
                 ),
                 "hop_reservations": Gauge(
-                    "hydra_relay_hop_reservations",
+                    "hydra_circuit_hop_reservations",
                     "Reservations other nodes hold on us (relay role)",
                     registry=registry,
                 ),
                 "hop_circuits": Gauge(
-                    "hydra_relay_hop_circuits", "Circuits we relay now", registry=registry
+                    "hydra_circuit_hop_circuits", "Circuits we relay now", registry=registry
                 ),
                 "public": Gauge(
                     "hydra_reachability",

@@ -30,6 +30,7 @@ from .core.peering import choose_dials, feed_network
 from .core.scores import PeerScores, TokenBucket
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
+from .feeds import FeedMonitor
 from .home import Home, write_atomic
 from .metrics import Metrics
 from .net import framing
@@ -127,6 +128,8 @@ class Node:
         self.services = [self.resilience, *(s for s in services if s is not self.resilience)]
         if not any(isinstance(s, RelayService) for s in services):
             self.services.append(RelayService())
+        if not any(isinstance(s, FeedMonitor) for s in services):
+            self.services.append(FeedMonitor())
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from .feeds import FeedMonitor
 from .home import Home
 from .runtime import Node
 
@@ -29,6 +30,13 @@ def make_home(
     """A node home bound to loopback with a free port and a local control endpoint."""
     extra = {"control_listen": "127.0.0.1:0", "sync_interval": 0.5, **settings}
     return Home.init(path, roles=list(roles), listen=list(listen), exit_policy=policy, extra=extra)
+
+
+def light_services() -> list:
+    """Services for many nodes sharing one test process: the feed monitor watches
+    interfaces only (no relay reservations, AutoNAT probes or hole punching, which
+    the netns and relay-v2 tests cover), so dozens of nodes fit on one core."""
+    return [FeedMonitor(relays=0, probe_interval=0, dcutr=False, autonat=False)]
 
 
 def join_addr(node: Node) -> str:
@@ -56,7 +64,7 @@ async def overlay(
             r = roles[i] if roles else ("relay",)
             home = make_home(tmp / f"n{i}", r, **settings)
             join = [join_addr(rng.choice(nodes))] if nodes else []
-            services = services_for(i, home) if services_for is not None else ()
+            services = services_for(i, home) if services_for is not None else light_services()
             node = await stack.enter_async_context(
                 Node(home, join=join, rng=random.Random(seed * 1000 + i), services=services)
             )
@@ -86,6 +94,8 @@ class Fleet:
         if join is None:
             running = [n for n in self.nodes if self.running(n)]
             join = [join_addr(self.rng.choice(running))] if running else []
+
+        kw.setdefault("services", light_services())
 
         async def runner(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
             done = trio.Event()

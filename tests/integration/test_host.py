@@ -951,3 +951,11 @@ async def test_close_under_load_is_clean() -> None:
                 await trio.sleep(0.2)
             await trio.sleep(0.1)  # a is gone; b still dials it
             n.cancel_scope.cancel()
+
+
+async def test_listen_addrs_after_close() -> None:
+    """WORKAROUND (closed listeners): listen_addrs() still answers after shutdown."""
+    a = make_host([TCP])
+    async with a:
+        before = a.listen_addrs()
+    assert a.listen_addrs() == before

@@ -10,7 +10,7 @@ from overlay.net import framing
 from overlay.net.host import Libp2pHost
 from overlay.records import Role, make_record
 from overlay.runtime import RECORDS_TOPIC, SYNC_PROTOCOL, Node, dht_key
-from overlay.testing import join_addr, make_home, overlay, wait_until
+from overlay.testing import join_addr, light_services, make_home, overlay, wait_until
 from tests.recgen import ONION
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def _seqs(nodes, node_id):
 
 async def test_twenty_nodes_new_updated_and_withdrawn_record(tmp_path):
     async with overlay(tmp_path, 20) as nodes:
-        await wait_until(lambda: all(len(n.view) == 20 for n in nodes), 120)
+        await wait_until(lambda: all(len(n.view) == 20 for n in nodes), 180)
         # an updated record (seq+1) reaches everyone
         target = nodes[7]
         rec = await target.publish_own("test update", roles=Role.RELAY | Role.ENTRY)
@@ -30,7 +30,7 @@ async def test_twenty_nodes_new_updated_and_withdrawn_record(tmp_path):
         assert all(Role.ENTRY in n.view.get(target.node_id).roles for n in nodes)
         # a brand-new node's record reaches everyone
         home = make_home(tmp_path / "late")
-        async with Node(home, join=[join_addr(nodes[3])]) as late:
+        async with Node(home, join=[join_addr(nodes[3])], services=light_services()) as late:
             everyone = [*nodes, late]
             await wait_until(lambda: all(late.node_id in n.view for n in everyone), 30)
             # a tombstone removes the node everywhere
@@ -46,7 +46,7 @@ async def test_join_through_exactly_one_peer_learns_everything(tmp_path):
     async with overlay(tmp_path, 8) as nodes:
         await wait_until(lambda: all(len(n.view) == 8 for n in nodes), 30)
         home = make_home(tmp_path / "newcomer")
-        async with Node(home, join=[join_addr(nodes[5])]) as newcomer:
+        async with Node(home, join=[join_addr(nodes[5])], services=light_services()) as newcomer:
             # the join itself pulls the full membership through that one peer
             assert len(newcomer.view) == 9
             assert newcomer.joined_via == join_addr(nodes[5])
@@ -57,7 +57,7 @@ async def test_join_tries_addresses_in_turn(tmp_path):
     async with overlay(tmp_path, 2) as nodes:
         dead = "/ip4/127.0.0.1/tcp/9/p2p/" + SigningKey.generate().node_id.peer_id()
         home = make_home(tmp_path / "x")
-        async with Node(home, join=[dead, join_addr(nodes[1])]) as node:
+        async with Node(home, join=[dead, join_addr(nodes[1])], services=light_services()) as node:
             assert node.joined_via == join_addr(nodes[1])
             assert len(node.view) == 3
 
@@ -160,12 +160,12 @@ async def test_restart_keeps_store_and_catches_up(tmp_path):
     async with overlay(tmp_path, 4) as nodes:
         await wait_until(lambda: all(len(n.view) == 4 for n in nodes), 30)
         home = make_home(tmp_path / "restarter")
-        async with Node(home, join=[join_addr(nodes[0])]) as node:
+        async with Node(home, join=[join_addr(nodes[0])], services=light_services()) as node:
             await wait_until(lambda: all(node.node_id in n.view for n in nodes), 20)
             seq_before = node.own.seq
         # while it is down, another node changes its record
         changed = await nodes[1].publish_own("while you were away", roles=Role.RELAY | Role.ENTRY)
-        async with Node(home) as node:  # no --join: only its store
+        async with Node(home, services=light_services()) as node:  # no --join: only its store
             assert len(node.view) >= 5  # store intact before any network contact
             assert node.own.seq > seq_before
             await node.join([join_addr(nodes[2])])

@@ -31,7 +31,7 @@ from overlay.onion.params import LARGE, SMALL, Hop
 from overlay.relay import RELAY_PROTOCOL, RelayService, SurbRegistry
 from overlay.runtime import Node
 from overlay.sphinx import build_packet
-from overlay.testing import LOOPBACK, join_addr, make_home, overlay, wait_until
+from overlay.testing import LOOPBACK, join_addr, light_services, make_home, overlay, wait_until
 from overlay.wire import relay as wire
 from overlay.wire.delivery import ExitMessage
 
@@ -167,7 +167,10 @@ def smtp_server(port: int) -> tuple[SmtpSink, Controller]:
 
 def relays_for(port: int):
     def services(i, home):
-        return [RelayService(smtp_relay=f"127.0.0.1:{port}", exit_retry=FAST_RETRY)]
+        return [
+            RelayService(smtp_relay=f"127.0.0.1:{port}", exit_retry=FAST_RETRY),
+            *light_services(),
+        ]
 
     return services
 

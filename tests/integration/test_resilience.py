@@ -9,7 +9,7 @@ from overlay.core.liveness import TOPIC
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
-from overlay.testing import fleet, join_addr, make_home, wait_until
+from overlay.testing import fleet, join_addr, light_services, make_home, wait_until
 from overlay.wire import liveness as wire
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ async def test_exit_on_lossy_link_is_not_declared_dead(tmp_path):
         lossy = await f.start(
             make_home(tmp_path / "x", EXIT),
             join=[],
-            services=[Resilience(fault_drop=0.2)],
+            services=[Resilience(fault_drop=0.2), *light_services()],
         )
         others = [await f.add(f"n{i}", ("relay",)) for i in range(4)]
         await wait_until(lambda: all(len(n.view) == 5 for n in [lossy, *others]), 90)
