@@ -122,6 +122,7 @@ class Node:
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
+        self._last_sync_ok = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
         given = [s for s in services if isinstance(s, Resilience)]
         self.resilience = given[0] if given else Resilience()
@@ -358,6 +359,7 @@ class Node:
             log.debug("sync with %s failed: %r", peer.short(), e)
             return accepted
         self.metrics.sync_rounds.labels("initiator", "ok").inc()
+        self._last_sync_ok = True
         info = self.peers.get(peer)
         if info:
             info.sync_ok += 1
@@ -409,7 +411,8 @@ class Node:
     async def _recv(self, stream, expected: type):
         data = await framing.read_frame(stream, sync.MAX_SIZE)
         if data is None:
-            raise DecodeError(Reason.MALFORMED, "stream closed mid-round")
+            # the peer gave up (its deadline passed, or it is shutting down): not bad input
+            raise SyncAborted("stream closed mid-round")
         self.metrics.sync_bytes.labels("in").inc(len(data))
         frame = sync.decode(data)
         if not isinstance(frame, expected):
@@ -467,9 +470,17 @@ class Node:
                 continue
             peer = NodeId.from_peer_id(pid)
             self.peers.setdefault(peer, PeerInfo(peer, self.clock(), addr))
+            failures = 0
             for _ in range(20):  # each round moves at most sync.MAX_WANT records
-                if await self.sync_with(peer) == 0:
+                self._last_sync_ok = False
+                moved = await self.sync_with(peer)
+                if self._last_sync_ok and moved == 0:
                     break
+                if not self._last_sync_ok:
+                    failures += 1
+                    if failures >= 3:
+                        break  # the periodic rounds will catch up
+                    await trio.sleep(0.5)
             self.joined_via = addr
             await self.publish_own("joined")
             await self._fill_peers()
@@ -596,6 +607,10 @@ class Node:
             "joined_via": self.joined_via,
             "control": self.control_url,
         }
+
+
+class SyncAborted(LocalError):
+    """The other side ended an anti-entropy round early; nothing to penalise."""
 
 
 class _DhtRecordValidator:

@@ -36,7 +36,7 @@ def light_services() -> list:
     """Services for many nodes sharing one test process: the feed monitor watches
     interfaces only (no relay reservations, AutoNAT probes or hole punching, which
     the netns and relay-v2 tests cover), so dozens of nodes fit on one core."""
-    return [FeedMonitor(relays=0, probe_interval=0, dcutr=False, autonat=False)]
+    return [FeedMonitor(relays=0, probe_interval=0, dcutr=False, autonat=False, scan_interval=5.0)]
 
 
 def join_addr(node: Node) -> str:
