@@ -28,7 +28,14 @@ def make_home(
     **settings,
 ) -> Home:
     """A node home bound to loopback with a free port and a local control endpoint."""
-    extra = {"control_listen": "127.0.0.1:0", "sync_interval": 0.5, **settings}
+    # many nodes share one CPU in a test process: probe less often than a real node
+    extra = {
+        "control_listen": "127.0.0.1:0",
+        "sync_interval": 0.5,
+        "probe_interval": 2.0,
+        "probe_timeout": 1.0,
+        **settings,
+    }
     return Home.init(path, roles=list(roles), listen=list(listen), exit_policy=policy, extra=extra)
 
 
