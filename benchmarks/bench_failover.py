@@ -39,7 +39,14 @@ def q(values, p):
 async def main_async(args) -> dict:
     sink = SmtpSink()
     port = sink.start()
-    cfg = {"smtp_relay": f"127.0.0.1:{port}", "exit_policy_mode": "chain", "target_live_exits": 1}
+    cfg = {
+        "smtp_relay": f"127.0.0.1:{port}",
+        "exit_policy_mode": "chain",
+        "target_live_exits": 1,
+        # a real node's liveness timing (the test kit slows it for crowded processes)
+        "probe_interval": 1.0,
+        "probe_timeout": 0.5,
+    }
     record_times, delivery_times, healthy = [], [], []
     try:
         with tempfile.TemporaryDirectory(prefix="hydra-failover-") as tmp:

@@ -388,15 +388,11 @@ def demo(
 
 
 from .cli_send import outbox, send  # noqa: E402 - commands defined in their own module
+from .sim.cli import sim_command  # noqa: E402
 
 app.command()(send)
 app.command()(outbox)
-
-
-from .cli_send import outbox, send  # noqa: E402 - commands defined in their own module
-
-app.command()(send)
-app.command()(outbox)
+app.command("sim")(sim_command)
 
 
 def main() -> None:

@@ -76,23 +76,26 @@ class AntiEntropy:
         ask.
         """
         theirs = dict(entries.entries)
-        covered = set(entries.buckets)
+        covered = sorted(set(entries.buckets))
+        by_bucket = self.bucket_entries(covered) if covered else {}
         out = []
-        for nid, seq in self.view.digest():
-            if sync.bucket_of(nid) in covered and theirs.get(nid, -1) < seq:
-                rec = self.view.get(NodeId(nid))
-                if rec is not None:
-                    out.append(rec.encode())
-                if len(out) >= sync.MAX_RECORDS:
-                    break
+        for b in covered:  # buckets in order: the same order as the sorted digest
+            for nid, seq in by_bucket[b]:
+                if theirs.get(nid, -1) < seq:
+                    rec = self.view.get(NodeId(nid))
+                    if rec is not None:
+                        out.append(rec.encode())
+                    if len(out) >= sync.MAX_RECORDS:
+                        return sync.Records(tuple(out))
         return sync.Records(tuple(out))
 
     # responder -------------------------------------------------------------
     def entries_for(self, summary: sync.Summary) -> sync.Entries:
+        mine = self.bucket_hashes()
+        if mine == summary.hashes:  # the common case once converged: nothing differs
+            return sync.Entries((), ())
         differing = [
-            b
-            for b, (a, c) in enumerate(zip(self.bucket_hashes(), summary.hashes, strict=True))
-            if a != c
+            b for b, (a, c) in enumerate(zip(mine, summary.hashes, strict=True)) if a != c
         ]
         by_bucket = self.bucket_entries(differing) if differing else {}
         entries: list[tuple[bytes, int]] = []
