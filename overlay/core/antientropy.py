@@ -94,9 +94,7 @@ class AntiEntropy:
         mine = self.bucket_hashes()
         if mine == summary.hashes:  # the common case once converged: nothing differs
             return sync.Entries((), ())
-        differing = [
-            b for b, (a, c) in enumerate(zip(mine, summary.hashes, strict=True)) if a != c
-        ]
+        differing = [b for b, (a, c) in enumerate(zip(mine, summary.hashes, strict=True)) if a != c]
         by_bucket = self.bucket_entries(differing) if differing else {}
         entries: list[tuple[bytes, int]] = []
         covered = []
