@@ -90,6 +90,7 @@ class Resilience:
         )
         self.m_dead = Gauge("hydra_members_dead", "Members this node holds dead", registry=r)
         node.host.set_stream_handler(PROTOCOL, self._serve)
+        node.host.on_disconnect(self._on_disconnect)
         node.host.set_topic_validator(TOPIC, self._validate_gossip)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -187,11 +188,7 @@ class Resilience:
                 # failed or timed out: drop the stream; the next frame opens a new one
                 stream = self._streams.pop(e.peer, None)
                 if stream is not None:
-                    with trio.move_on_after(0.5, shield=True):
-                        try:
-                            await stream.reset()
-                        except Exception:  # noqa: BLE001
-                            pass
+                    await _reset(stream)
             if len(self._locks) > 4 * MAX_INFLIGHT_SENDS and not lock.locked():
                 self._locks.pop(e.peer, None)
 
@@ -228,6 +225,18 @@ class Resilience:
                     await stream.close()
                 except Exception:  # noqa: BLE001
                     pass
+
+    def _on_disconnect(self, peer_id: str) -> None:
+        """A connection closed: probe that member now (a crash closes its sockets)."""
+        try:
+            peer = NodeId.from_peer_id(peer_id)
+        except ValueError:
+            return
+        stream = self._streams.pop(peer, None)  # it went with the connection
+        if stream is not None:
+            self._spawn(_reset, stream)
+        self._execute(self.liveness.probe_now(peer, self.node.clock()))
+        self._wake.set()
 
     async def _validate_gossip(self, forwarder: str, msg) -> bool:
         if msg.origin == self.node.node_id.peer_id():
@@ -278,3 +287,11 @@ class Resilience:
                 for ev in list(self.pool.events)[-20:]
             ],
         }
+
+
+async def _reset(stream) -> None:
+    with trio.move_on_after(0.5, shield=True):
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001 - already broken
+            pass

@@ -19,6 +19,20 @@ by ``1 + health``. A gap between ticks much longer than a probe interval is
 taken as our own stall (SIGSTOP, swap): probes in flight then accuse nobody
 and suspicion timers restart.
 
+Deaths announced before a node started (or while it was cut off) are not
+gossiped again, so with its first ``dead_sync_first`` probes, and with one
+probe every ``dead_sync_every`` seconds after that, a node also sends a
+``DeadReq``; the target answers with its signed statements about the (at most
+``max_dead_reply``) newest members it holds dead, and these count as any
+other accusation does (several distinct signers are still needed). Without
+this a newcomer would hold a dead exit live until its own probe reached it,
+and nobody else would confirm its lone accusation. For the same reason a node
+that holds a member dead answers a ``Suspect`` about it (with probability
+``verify_fanout / members``, at most once per probe period) by sending the
+accuser its own statement. ``probe_now`` lets the
+transport report a closed connection, so a crashed member is probed at once
+instead of at its turn in the round-robin.
+
 Driving it: call ``tick(now)`` at ``next_wakeup()`` (or more often), feed every
 liveness frame (direct stream or gossip) to ``receive``, and keep the member
 set current with ``set_members``. ``Send`` effects go on ``protocol``,
@@ -103,6 +117,8 @@ class _Member:
     reverify_at: float | None = None  # re-probe while only our own accusation stands
     last_frame: bytes | None = None  # an accusation to hand to a dead node that reappears
     probed_at: float = -math.inf
+    hinted_at: float = -math.inf  # last probe_now() probe
+    told_at: float = -math.inf  # last time we told a lagging accuser it is dead
 
 
 @dataclass(slots=True)
@@ -163,6 +179,9 @@ class Liveness:
         accusation_ttl: float | None = None,
         health_max: int = 8,
         dead_reprobe: float = 10.0,
+        dead_sync_first: int = 3,
+        dead_sync_every: float = 30.0,
+        max_dead_reply: int = 64,
         max_pending_probes: int = 32,
         max_relays: int = 64,
         max_accusers: int = 16,
@@ -194,6 +213,8 @@ class Liveness:
         self.accusation_ttl = 2 * suspicion_max if accusation_ttl is None else accusation_ttl
         self.health_max = health_max
         self.dead_reprobe = dead_reprobe
+        self.dead_sync_every = dead_sync_every
+        self.max_dead_reply = max_dead_reply
         self.max_pending_probes = max_pending_probes
         self.max_relays = max_relays
         self.max_accusers = max_accusers
@@ -215,6 +236,9 @@ class Liveness:
         self._watch: dict[NodeId, None] = {}  # members with accusations or suspicion
         self._next_probe_at: float | None = None
         self._last_tick: float | None = None
+        self._dead_pulls = dead_sync_first  # DeadReqs still to send with our first probes
+        self._next_dead_pull = -math.inf
+        self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
 
     # -- public surface -------------------------------------------------------
 
@@ -347,6 +371,13 @@ class Liveness:
         if now >= self._next_probe_at:
             target = self._next_target(now)
             if target is not None:
+                if self._members[target].state != DEAD and (
+                    self._dead_pulls > 0 or now >= self._next_dead_pull
+                ):
+                    # ask what it holds dead: learn deaths announced before we started
+                    self._dead_pulls = max(0, self._dead_pulls - 1)
+                    self._next_dead_pull = now + self.dead_sync_every
+                    out.append(Send(target, self.protocol, wire.encode(wire.DeadReq())))
                 self._start_probe(target, now, out)
             self._next_probe_at = now + self.probe_interval * self.multiplier
         return out
@@ -373,11 +404,49 @@ class Liveness:
                 p.nacks += 1
         elif isinstance(f, wire.PingReq):
             self._on_ping_req(peer, f, now, out)
+        elif isinstance(f, wire.DeadReq):
+            self._evidence(peer, now, out)
+            self._on_dead_req(peer, now, out)
         elif isinstance(f, wire.Alive):
             self._on_alive(peer, f, frame, now, out)
         else:
             self._on_accusation(peer, f, frame, now, out)
         return out
+
+    def probe_now(self, node: NodeId, now: float) -> list[Effect]:
+        """A hint from the transport: our connection to ``node`` just closed.
+
+        Probe it now rather than at its turn in the round-robin, so a crashed
+        node (its sockets closed by its kernel) is suspected about one probe
+        period after the crash instead of up to a whole round later. This is
+        only a probe: an answered one costs a ping, a failed one accuses as any
+        failed probe does. At most one such probe per member per probe period.
+        """
+        out: list[Effect] = []
+        m = self._members.get(node)
+        if m is None or m.state == DEAD or node in self._probing:
+            return out
+        if now - m.hinted_at < self.probe_interval * self.multiplier:
+            return out
+        m.hinted_at = now
+        self._start_probe(node, now, out)
+        return out
+
+    def _on_dead_req(self, peer: NodeId, now: float, out: list[Effect]) -> None:
+        """Answer with our signed statements about the newest deaths (rate-limited)."""
+        if now - self._dead_answered.get(peer, -math.inf) < self.probe_interval:
+            return
+        if len(self._dead_answered) >= 4 * self.max_relays:
+            self._dead_answered.clear()
+        self._dead_answered[peer] = now
+        dead = [
+            (m.since, n, m.last_frame)
+            for n, m in self._members.items()
+            if m.state == DEAD and m.last_frame is not None and n != peer
+        ]
+        dead.sort(key=lambda d: (-d[0], bytes(d[1])))
+        for _, _, frame in dead[: self.max_dead_reply]:
+            out.append(Send(peer, self.protocol, frame))
 
     # -- probing ----------------------------------------------------------------
 
@@ -546,8 +615,11 @@ class Liveness:
         if f.observer == self.me:
             return  # our own statement coming back
         m = self._members.get(f.subject)
-        if m is None or m.state == DEAD or f.incarnation < m.inc:
-            return  # not monitored, already dead, or refuted (stale)
+        if m is not None and m.state == DEAD:
+            self._tell_dead(f, m, now, out)
+            return
+        if m is None or f.incarnation < m.inc:
+            return  # not monitored, or refuted (stale)
         if not self._known(f.observer):
             return  # invented observers do not count
         is_dead = isinstance(f, wire.Dead)
@@ -575,6 +647,19 @@ class Liveness:
             if self._rng.random() < p:
                 self._start_probe(f.subject, now, out)
         self._check(f.subject, now, out)
+
+    def _tell_dead(self, f: wire.Accusation, m: _Member, now: float, out: list[Effect]) -> None:
+        """Someone still only suspects a member we hold dead (it started after the
+        death, or was cut off): send the accuser our statement, so its lone
+        accusation meets the confirmation it needs. About ``verify_fanout`` nodes
+        do, at most once per member per probe period each."""
+        if not isinstance(f, wire.Suspect) or m.last_frame is None:
+            return
+        if now - m.told_at < self.probe_interval:
+            return
+        if self._rng.random() < min(1.0, self.verify_fanout / max(1, len(self._members))):
+            m.told_at = now
+            out.append(Send(f.observer, self.protocol, m.last_frame))
 
     def _on_alive(
         self, peer: NodeId, f: wire.Alive, frame: bytes, now: float, out: list[Effect]

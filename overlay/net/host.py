@@ -695,6 +695,7 @@ class _Notifee(INotifee):
         await trio.lowlevel.checkpoint()
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._host._on_disconnected(conn.muxed_conn.peer_id)
         await trio.lowlevel.checkpoint()
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -779,6 +780,7 @@ class Libp2pHost:
         self._initial_topics = list(gossip_topics)
         self._auto_connect = auto_connect
         self._slots = _PeerSlots(max_streams_per_conn)
+        self._disconnect_listeners: list[Callable[[str], None]] = []
 
         key_pair = _ed25519_key_pair(signing_key.seed())
         self.peer_id: str = signing_key.node_id.peer_id()
@@ -1527,6 +1529,22 @@ class Libp2pHost:
             with contextlib.suppress(Exception):
                 addr = str(multiaddr.Multiaddr(bytes(response.dialResponse.addr)))
         return AutoNATResult(status, addr, response.dialResponse.statusText)
+
+    # ---- connection events -----------------------------------------------------
+
+    def on_disconnect(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(peer_id)`` whenever a connection to a peer closes (for
+        any reason: the peer crashed, left, or we trimmed it). Listeners run in
+        the swarm's task and must not block; exceptions are logged and dropped."""
+        self._disconnect_listeners.append(listener)
+
+    def _on_disconnected(self, peer: ID) -> None:
+        pid = str(peer)
+        for listener in self._disconnect_listeners:
+            try:
+                listener(pid)
+            except Exception:  # noqa: BLE001 - a listener must not break the swarm
+                logger.exception("disconnect listener failed")
 
     # ---- streams ---------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Wire format: one canonical CBOR map per frame, small integer keys::
 
     0 version  uint (=1)
-    1 type     uint: 0 ping, 1 ack, 2 ping-req, 3 suspect, 4 alive, 5 dead, 6 nack
+    1 type     uint: 0 ping, 1 ack, 2 ping-req, 3 suspect, 4 alive, 5 dead, 6 nack,
+                     7 dead-req (no other keys)
     2 nonce    uint64                ping, ack, ping-req, nack
     3 subject  bstr 32 (NodeId)      ping-req (the node to probe), suspect/dead
                                      (the accused), alive (the refuting node)
@@ -15,8 +16,8 @@ Wire format: one canonical CBOR map per frame, small integer keys::
                                      SIGN_DOMAIN || canonical CBOR of the map
                                      without key 15
 
-Ping, Ack, PingReq and Nack travel on direct (Noise-authenticated) streams and are
-unsigned; the transport tells the receiver who sent them. Suspect, Alive and
+Ping, Ack, PingReq, Nack and DeadReq travel on direct (Noise-authenticated)
+streams and are unsigned; the transport tells the receiver who sent them. Suspect, Alive and
 Dead are statements about a third party and are gossiped, so each carries the
 signature of the node that makes the statement. ``ts`` is never compared with
 the receiver's clock (nodes may pass a monotonic clock); it only orders one
@@ -45,7 +46,7 @@ MAX_SIZE = 256  # the largest frames (signed Suspect, Dead) are 162 bytes
 SIGN_DOMAIN = b"hydra/liveness/v1\x00"
 SIG_SIZE = 64
 
-T_PING, T_ACK, T_PING_REQ, T_SUSPECT, T_ALIVE, T_DEAD, T_NACK = 0, 1, 2, 3, 4, 5, 6
+T_PING, T_ACK, T_PING_REQ, T_SUSPECT, T_ALIVE, T_DEAD, T_NACK, T_DEAD_REQ = range(8)
 K_VERSION, K_TYPE, K_NONCE, K_SUBJECT, K_INC, K_OBSERVER, K_TS, K_SIG = 0, 1, 2, 3, 4, 5, 6, 15
 
 _BASE = {K_VERSION, K_TYPE}
@@ -53,6 +54,7 @@ _KEYS = {
     T_PING: _BASE | {K_NONCE},
     T_ACK: _BASE | {K_NONCE},
     T_NACK: _BASE | {K_NONCE},
+    T_DEAD_REQ: _BASE,
     T_PING_REQ: _BASE | {K_NONCE, K_SUBJECT},
     T_SUSPECT: _BASE | {K_SUBJECT, K_INC, K_OBSERVER, K_TS, K_SIG},
     T_ALIVE: _BASE | {K_SUBJECT, K_INC, K_TS, K_SIG},
@@ -91,6 +93,16 @@ class PingReq:
 
     target: NodeId
     nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadReq:
+    """Send me your signed statements about the members you hold dead.
+
+    Asked by a node that has just started (it holds every member alive until it
+    learns otherwise) and now and then by every node, so that deaths announced
+    while it was away or cut off reach it. The answer is a series of ordinary
+    ``Dead``/``Suspect`` frames on the same stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +201,7 @@ class Alive(_Signed):
 
 Accusation = Suspect | Dead
 Signed = Suspect | Dead | Alive
-Frame = Ping | Ack | Nack | PingReq | Suspect | Alive | Dead
+Frame = Ping | Ack | Nack | PingReq | DeadReq | Suspect | Alive | Dead
 _NONCE_ONLY = {Ping: T_PING, Ack: T_ACK, Nack: T_NACK}
 
 
@@ -198,6 +210,8 @@ def encode(frame: Frame) -> bytes:
     t = _NONCE_ONLY.get(type(frame))
     if t is not None:
         return cbor.dumps({K_VERSION: VERSION, K_TYPE: t, K_NONCE: frame.nonce})
+    if isinstance(frame, DeadReq):
+        return cbor.dumps({K_VERSION: VERSION, K_TYPE: T_DEAD_REQ})
     if isinstance(frame, PingReq):
         return cbor.dumps(
             {K_VERSION: VERSION, K_TYPE: T_PING_REQ, K_NONCE: frame.nonce,
@@ -229,6 +243,8 @@ def decode(data: bytes) -> Frame:
         return Ack(cbor.uint(raw[K_NONCE], "nonce"))
     if t == T_NACK:
         return Nack(cbor.uint(raw[K_NONCE], "nonce"))
+    if t == T_DEAD_REQ:
+        return DeadReq()
     subject = NodeId(cbor.bstr(raw[K_SUBJECT], "subject", NodeId.SIZE))
     if t == T_PING_REQ:
         return PingReq(subject, cbor.uint(raw[K_NONCE], "nonce"))

@@ -152,7 +152,14 @@ SIGNED = [
     wire.Dead(A, 3, B, 1299).signed_with(KB.sign),
     wire.Alive(A, 4, 1300).signed_with(KA.sign),
 ]
-FRAMES = [wire.Ping(7), wire.Ack(2**64 - 1), wire.Nack(3), wire.PingReq(C, 0), *SIGNED]
+FRAMES = [
+    wire.Ping(7),
+    wire.Ack(2**64 - 1),
+    wire.Nack(3),
+    wire.PingReq(C, 0),
+    wire.DeadReq(),
+    *SIGNED,
+]
 
 
 @pytest.mark.parametrize("frame", FRAMES, ids=lambda f: type(f).__name__)
@@ -754,6 +761,93 @@ def test_message_cost_per_node_is_bounded():
     net = Net(10, seed=12)
     net.run(20.0)
     per_node_per_s = net.sent / 10 / 20.0
-    # one ping + one ack per probe period and nothing else when all are healthy
-    assert per_node_per_s <= 2 / 0.5 + 0.1
+    # one ping + one ack per probe period and, when all are healthy, nothing else but
+    # the DeadReqs of the first three probes and one every dead_sync_every (30 s)
+    assert per_node_per_s <= 2 / 0.5 + 0.1 + (3 + 1) / 20.0
     assert net.changes == []  # and no false suspicion
+
+
+# -- learning deaths that happened before we started; transport hints ------------
+
+
+def _restart(net: Net, node: NodeId, **params) -> None:
+    """Replace ``node``'s core by a fresh one (a restart or a newcomer: it holds
+    every member alive)."""
+    i = net.ids.index(node)
+    core = Liveness(
+        node, KEYS[i].sign, random.Random(99), incarnation=int(net.now * 1000), **params
+    )
+    core.set_members(net.ids, net.now)
+    net.cores[node] = core
+
+
+@pytest.mark.parametrize("pull", [True, False])
+def test_a_newcomer_learns_earlier_deaths(pull):
+    params = {} if pull else {"dead_sync_first": 0, "dead_sync_every": math.inf}
+    net = Net(8, seed=31)
+    net.run(2.0)
+    victim, newcomer = net.ids[0], net.ids[7]
+    net.down.add(victim)
+    net.run(12.0)
+    assert all(net.state_at(o, victim) == DEAD for o in others(net, victim))
+    _restart(net, newcomer, **params)
+    assert net.state_at(newcomer, victim) == ALIVE
+    if pull:
+        # three DeadReqs with its first probes bring signed statements by several
+        # observers: enough confirmations, so it holds the death in a few seconds
+        net.run(12.0 + 4.0)
+    else:
+        # without them, its own probe finds the victim silent; its Suspect alone
+        # would never be confirmed (everyone else holds the victim dead and has
+        # nothing more to say), so those who hold it dead send it their statement
+        net.run(12.0 + 3.5 + 2 + 4.0)  # one round-robin, a probe, the suspicion timeout
+    assert net.state_at(newcomer, victim) == DEAD
+    # and nobody healthy was harmed on the way
+    assert not any(net.ever(n, DEAD) for n in net.ids if n != victim)
+
+
+def test_dead_req_answers_are_bounded_and_rate_limited():
+    net = Net(6, seed=32, max_dead_reply=2)
+    net.run(2.0)
+    for v in net.ids[:3]:
+        net.down.add(v)
+    net.run(15.0)
+    asker, answerer = net.ids[5], net.ids[4]
+    core = net.cores[answerer]
+    assert sum(core.state(v)[0] == DEAD for v in net.ids[:3]) == 3
+    req = wire.encode(wire.DeadReq())
+    first = core.receive(asker, req, net.now)
+    frames = [wire.decode(e.frame) for e in first if isinstance(e, Send)]
+    assert len(frames) == 2 and all(f.subject in net.ids[:3] for f in frames)
+    assert all(isinstance(f, wire.Suspect | wire.Dead) for f in frames)
+    assert core.receive(asker, req, net.now + 0.01) == []  # once per probe period
+    assert len(core.receive(asker, req, net.now + core.probe_interval)) == 2
+
+
+def test_probe_now_after_a_closed_connection_finds_a_crash_sooner():
+    def first_suspicion(hint: bool) -> float:
+        net = Net(12, seed=33, probe_interval=2.0, probe_timeout=0.5)
+        net.run(3.0)
+        victim = net.ids[3]
+        net.down.add(victim)
+        if hint:  # every peer's connection to it closed with it
+            for o in others(net, victim):
+                net.dispatch(o, net.cores[o].probe_now(victim, net.now))
+        net.run(40.0)
+        assert all(net.state_at(o, victim) == DEAD for o in others(net, victim))
+        return min(t for t, _, n, st in net.changes if n == victim and st == SUSPECT) - 3.0
+
+    hinted, unhinted = first_suspicion(True), first_suspicion(False)
+    # suspected at the end of the hinted probe's period, not at its round-robin turn
+    assert hinted <= 2.0 + 0.05
+    assert unhinted > hinted
+
+
+def test_probe_now_is_rate_limited_and_ignores_the_dead_and_strangers():
+    net = Net(4, seed=34)
+    net.run(1.0)
+    core, peer = net.cores[net.ids[0]], net.ids[1]
+    first = core.probe_now(peer, net.now)
+    assert any(isinstance(e, Send) and isinstance(wire.decode(e.frame), wire.Ping) for e in first)
+    assert core.probe_now(peer, net.now + 0.01) == []  # already probing / too soon
+    assert core.probe_now(IDS[15], net.now) == []  # not a member
