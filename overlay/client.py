@@ -52,6 +52,8 @@ from .wire.delivery import ExitMessage, decode_ack
 
 log = logging.getLogger("hydra.client")
 
+MIN_SYNC_GAP = 0.2  # seconds between membership rounds with the entry, at the most often
+
 LOOPBACK_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PLACEHOLDER_BLOCKS = wire.encode_reply_blocks(
     bytes([SMALL.format]) + bytes(wire.SURB_SIZE - 1),
@@ -129,6 +131,7 @@ class Client:
         self._connected = trio.Event()
         self._synced = False
         self._wake = trio.Event()
+        self._sync_soon = trio.Event()
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self.stats = {"attempts": 0, "replies": 0, "bad_replies": 0, "send_failed": 0}
@@ -259,6 +262,7 @@ class Client:
         except NoPath as err:
             self.stats["send_failed"] += 1
             log.info("no path for %s: %s", e.message_id.hex()[:8], err)
+            self._sync_soon.set()  # the entry may already know the exit we lack
             await self._apply(self.outbox.send_failed(a.message_id, f"no path: {err}", now))
             return
         exit_id = path.last.node_id
@@ -377,6 +381,7 @@ class Client:
                     await self._on_reply(frame.surb_id, frame.payload)
                 elif isinstance(frame, wire.Dead):
                     self.dead = frozenset(frame.nodes)
+                    self._sync_soon.set()  # a death often comes with a replacement
                     self._wake.set()
         finally:
             await self._drop_stream(stream)
@@ -462,12 +467,18 @@ class Client:
 
     async def _sync_loop(self) -> None:
         while True:
-            await trio.sleep(self.sync_interval)
+            started = trio.current_time()
+            with trio.move_on_after(self.sync_interval):
+                await self._sync_soon.wait()
+            self._sync_soon = trio.Event()
+            # asked early (no path, a death): still at most one round per MIN_SYNC_GAP
+            await trio.sleep_until(started + MIN_SYNC_GAP)
             self.view.expire(self.clock())
             if self.entry is not None and self._stream is not None:
                 try:
                     with trio.fail_after(5):
                         if await self._sync_round(self.entry):
+                            self.outbox.retry_waiting(self.clock())
                             self._wake.set()
                 except (OverlayError, trio.TooSlowError, Exception) as e:  # noqa: BLE001
                     log.debug("membership refresh failed: %r", e)

@@ -244,6 +244,14 @@ class Outbox:
             out += self._due(e, now, live)
         return out
 
+    def retry_waiting(self, now: float) -> None:
+        """The membership changed (e.g. a new exit appeared): messages waiting after
+        a failed send (no path, no entry connection) are due now, not after
+        ``retry_soon``. Messages in flight or queued are not touched."""
+        for e in self.entries.values():
+            if e.state is State.PENDING and not e.in_flight and e.next_at > now:
+                e.next_at = now
+
     def sent(
         self, message_id: bytes, path: Sequence[NodeId], exit: NodeId, now: float
     ) -> list[Decision]:

@@ -192,6 +192,21 @@ async def test_one_peer_over_several_transports() -> None:
         assert bottoms == ["P2PWebSocketConnection", "QUICConnection", "SocketStream"]
 
 
+async def test_disconnect_listeners_hear_a_peer_that_goes_away() -> None:
+    a, b = make_host([TCP]), make_host([TCP])
+    gone: list[str] = []
+    a.on_disconnect(gone.append)
+    a.on_disconnect(lambda peer: 1 / 0)  # a broken listener is logged, not fatal
+    async with a:
+        async with b:
+            await a.connect(addr_of(b, "tcp"))
+            assert gone == []
+        with trio.fail_after(10):  # b stopped: its sockets closed, a notices
+            while b.peer_id not in gone:
+                await trio.sleep(0.02)
+        assert b.peer_id not in a.connected_peers()
+
+
 async def test_connect_rejects_bad_input() -> None:
     a = make_host()
     async with a:

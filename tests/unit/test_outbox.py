@@ -196,6 +196,20 @@ def test_send_failed_retries_soon_and_old_messages_fail():
     assert finished(out) == [Finished(MID, State.FAILED, "expired")]
 
 
+def test_retry_waiting_makes_only_failed_sends_due_at_once():
+    ob = Outbox(retry_soon=5.0)
+    other = b"o" * 16
+    ob.add(MID, DEST, b"no exit yet", now=0.0)
+    ob.send_failed(MID, "no path: no_exit", now=0.0)
+    ob.add(other, DEST, b"in flight", now=0.0)
+    ob.sent(other, [ENTRY, R1, X1], X1, now=0.0)
+    assert attempts(ob.tick(1.0)) == []
+    ob.retry_waiting(1.0)  # a new exit appeared in the membership
+    (a,) = attempts(ob.tick(1.0))
+    assert a.message_id == MID  # the in-flight one keeps its timeout
+    assert ob.get(other).in_flight and ob.get(other).next_at > 1.0
+
+
 def test_persisted_entries_are_copies_and_ids_unique():
     ob = Outbox()
     e = persisted(ob.add(MID, DEST, b"hi", now=0.0))[0]
