@@ -59,9 +59,10 @@ from prometheus_client import Counter, Gauge
 from .core.scores import TokenBucket
 from .crypto import NodeId, OnionKey
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
-from .exits import DeliveryQueue, DeliveryWorker, RetryPolicy, build_dispatcher
+from .exits import DeliveryEvent, DeliveryQueue, DeliveryWorker, RetryPolicy, build_dispatcher
 from .net.framing import FrameDecoder, encode_frame
 from .net.host import NetError, Stream, StreamOpenTimeout
+from .notices import DeliveryNotices
 from .onion.params import LARGE, SMALL, TAG_SIZE, PacketRejected, ReplayCacheFull
 from .onion.process import Deliver, Forward, process
 from .onion.replay import ReplayCache
@@ -72,6 +73,8 @@ from .wire import relay as wire
 from .wire.delivery import Ack, AckStatus
 
 log = logging.getLogger("hydra.relay")
+
+DEAD_PUSH_INTERVAL = 0.25
 
 RELAY_PROTOCOL = wire.RELAY_PROTOCOL
 CLIENT_PROTOCOL = wire.CLIENT_PROTOCOL
@@ -394,6 +397,7 @@ class RelayService:
         self.replay_store: ReplayStore | None = None
         self.surbs = SurbRegistry()
         self.worker: DeliveryWorker | None = None
+        self.notices: DeliveryNotices | None = None
         self.exit_queue: DeliveryQueue | None = None
         self._keys: dict[int, OnionKey] = {}
         self._pending_tags: list[tuple[int, bytes]] = []
@@ -421,8 +425,13 @@ class RelayService:
         if self.serve_clients:
             node.host.set_stream_handler(CLIENT_PROTOCOL, self._serve_client)
         node.relay = self
+        self.notices = DeliveryNotices(node, lambda: self.exit_queue)
         if self.dead_nodes is None and getattr(node, "resilience", None) is not None:
             self.dead_nodes = self._dead_from_liveness
+
+    def _on_exit_event(self, ev: DeliveryEvent) -> None:
+        if ev.kind == "delivered":
+            self.notices.delivered(ev.message_id)
 
     def _dead_from_liveness(self) -> list[NodeId]:
         """Nodes the node's liveness view holds DEAD (if the node runs one)."""
@@ -458,11 +467,13 @@ class RelayService:
                     ),
                     concurrency=self.exit_concurrency,
                     send_ack=self._worker_ack,
+                    on_event=self._on_exit_event,
                     ack_when="delivered",
                     clock=node.clock,
                 )
             async with trio.open_nursery() as n:
                 self._nursery = n
+                await n.start(self.notices.run)
                 if self.worker is not None:
                     await n.start(self.worker.run)
                 n.start_soon(self._exit_loop)
@@ -908,7 +919,8 @@ class RelayService:
         try:
             while True:
                 frames = []
-                with trio.move_on_after(1.0):
+                # wake now and then to push a changed dead set (the client's failover hint)
+                with trio.move_on_after(DEAD_PUSH_INTERVAL):
                     frames.append(await session.recv.receive())
                     while len(frames) < _BATCH:
                         try:

@@ -27,6 +27,7 @@ LAYERS = {
     "testing_netns": 3,
     "resilience": 4,
     "relay": 4,
+    "notices": 4,
     "feeds": 4,
     "runtime": 5,
     "client": 6,

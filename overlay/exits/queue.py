@@ -22,7 +22,11 @@ Invariants:
 - times are wall-clock seconds (``time.time()``), passed in by the caller,
   because they are persisted across restarts;
 - a stored row that no longer decodes (a tampered file) is given up as
-  ``corrupt``, never delivered.
+  ``corrupt``, never delivered;
+- a notice key another exit announced (``note_delivered_elsewhere``, table
+  ``elsewhere``, kept ``retention`` seconds) makes ``accept`` answer
+  ``delivered`` (reason ``delivered_elsewhere``) without storing the message,
+  and finishes a pending copy we hold, so it is not delivered twice.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ import enum
 import random
 import sqlite3
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DecodeError, LocalError
+from ..wire.delivered import notice_key
 from ..wire.delivery import MESSAGE_ID_SIZE, ExitMessage, decode
 
 DAY = 86400.0
+ELSEWHERE = "delivered_elsewhere"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -53,6 +59,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries(state, finished_at);
+CREATE TABLE IF NOT EXISTS elsewhere (
+    notice_key  BLOB PRIMARY KEY,
+    noted_at    REAL NOT NULL
+);
 """
 
 
@@ -199,6 +209,13 @@ class DeliveryQueue:
         row = cur.execute(
             "SELECT state, raw, reason FROM deliveries WHERE message_id = ?", (msg.message_id,)
         ).fetchone()
+        if (
+            row is None
+            and cur.execute(
+                "SELECT 1 FROM elsewhere WHERE notice_key = ?", (notice_key(msg.message_id),)
+            ).fetchone()
+        ):
+            return AcceptResult(True, MessageState.DELIVERED, ELSEWHERE)
         if row is not None:
             state = _state(row[0])
             if state is MessageState.PENDING and msg.reply_block and row[1] is not None:
@@ -320,6 +337,28 @@ class DeliveryQueue:
             )
             return cur.rowcount == 1
 
+    def note_delivered_elsewhere(self, keys: Iterable[bytes], now: float) -> int:
+        """Another exit announced these notice keys as delivered: remember them (so a
+        resent copy is answered ``delivered``, not delivered again) and finish our
+        own pending copies of those messages. Returns how many pending copies were
+        finished."""
+        keys = {bytes(k) for k in keys}
+        return self._tx(self._note_elsewhere, keys, float(now)) if keys else 0
+
+    def _note_elsewhere(self, cur: sqlite3.Cursor, keys: set[bytes], now: float) -> int:
+        cur.executemany(
+            "INSERT OR IGNORE INTO elsewhere (notice_key, noted_at) VALUES (?, ?)",
+            [(k, now) for k in keys],
+        )
+        pending = cur.execute("SELECT message_id FROM deliveries WHERE state = 0").fetchall()
+        mine = [(now, ELSEWHERE, bytes(m)) for (m,) in pending if notice_key(bytes(m)) in keys]
+        cur.executemany(
+            "UPDATE deliveries SET state = 1, raw = NULL, next_at = NULL, finished_at = ?,"
+            " reason = ? WHERE message_id = ? AND state = 0",
+            mine,
+        )
+        return len(mine)
+
     # -- housekeeping -----------------------------------------------------------------
 
     def purge(self, now: float) -> int:
@@ -328,6 +367,9 @@ class DeliveryQueue:
             cur = self._db.execute(
                 "DELETE FROM deliveries WHERE state != 0 AND finished_at < ?",
                 (float(now) - self.retention,),
+            )
+            self._db.execute(
+                "DELETE FROM elsewhere WHERE noted_at < ?", (float(now) - self.retention,)
             )
             return cur.rowcount
 

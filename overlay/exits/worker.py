@@ -124,7 +124,7 @@ class DeliveryWorker:
         else:
             self._event("duplicate", msg, reason=res.state.name.lower())
             if res.state is MessageState.DELIVERED:
-                ack = Ack.make(mid, AckStatus.DELIVERED)
+                ack = Ack.make(mid, AckStatus.DELIVERED, res.reason)
             elif res.state is MessageState.FAILED:
                 ack = Ack.make(mid, AckStatus.REJECTED, res.reason)
             else:

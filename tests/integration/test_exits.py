@@ -591,3 +591,40 @@ def test_queue_file_is_wal(tmp_path):
         assert os.path.exists(tmp_path / "q.db-wal")
         (mode,) = q._db.execute("PRAGMA journal_mode").fetchone()
         assert mode == "wal"
+
+
+def test_delivered_elsewhere_answers_resends_and_finishes_pending_copies(tmp_path):
+    from overlay.exits.queue import ELSEWHERE
+    from overlay.wire.delivered import notice_key
+
+    policy = RetryPolicy(max_age=100)
+    with DeliveryQueue(tmp_path / "q.db", retry=policy, retention=1000) as q:
+        q.accept(ExitMessage.make(mid(1), "maildir:x", b"mine"), 0)
+        q.accept(ExitMessage.make(mid(2), "maildir:x", b"still mine"), 0)
+        # another exit delivered 1 (which we also hold) and 3 (which we never saw)
+        assert q.note_delivered_elsewhere([notice_key(mid(1)), notice_key(mid(3))], 5) == 1
+        assert q.lookup(mid(1)) == (MessageState.DELIVERED, ELSEWHERE)
+        assert [x.message_id for x in q.due(6)] == [mid(2)]  # 1 is never delivered here
+        res = q.accept(ExitMessage.make(mid(3), "maildir:x", b"resent"), 6)
+        assert res.duplicate and res.state is MessageState.DELIVERED and res.reason == ELSEWHERE
+        assert q.lookup(mid(3)) is None  # answered, not stored
+        assert q.note_delivered_elsewhere([notice_key(mid(3))], 7) == 0  # idempotent
+        q.purge(1006)  # the notice is forgotten after the retention window
+        assert q.accept(ExitMessage.make(mid(3), "maildir:x", b"much later"), 1006).accepted
+
+
+async def test_worker_acks_a_message_delivered_elsewhere_without_delivering(tmp_path):
+    from overlay.wire.delivered import notice_key
+
+    rec = Recorder()
+    maildir = tmp_path / "md"
+    maildir.mkdir()
+    disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(maildir)})
+    with DeliveryQueue(tmp_path / "q.db") as q:
+        worker = DeliveryWorker(q, disp, send_ack=rec.send_ack, on_event=rec.on_event)
+        q.note_delivered_elsewhere([notice_key(mid(9))], 0)
+        ack = await worker.submit(ExitMessage.make(mid(9), "maildir:inbox", b"x", b"rb"))
+        assert ack.status is AckStatus.DELIVERED and ack.reason == "delivered_elsewhere"
+        assert rec.acks == [(b"rb", ack)]
+        assert [e.kind for e in rec.events] == ["duplicate"]
+        assert not any(maildir.rglob("*"))

@@ -128,9 +128,11 @@ async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path)
         await trio.sleep(1)
         assert set(sink.counts) == set(tokens)  # none lost
         # Messages sent before the takedown and after it arrive exactly once. A message an
-        # exit delivered in the instant before it died, with its ack still unsent, is resent
-        # through another exit and may arrive twice — always with the same Message-ID, so
-        # the recipient's mail system can drop the copy (see docs/user.md).
+        # exit delivered with its ack still unsent is resent through another exit, which
+        # answers from the first exit's delivery notice (see the next test); only if the
+        # exit died in the instant between delivering and publishing that notice can it
+        # arrive twice — always with the same Message-ID, so the recipient's mail system
+        # can drop the copy (see docs/user.md).
         in_flight = set(tokens[5:10])
         for t in tokens:
             if t not in in_flight:
@@ -201,3 +203,77 @@ def test_paused_exit_is_suspected_then_refutes(tmp_path):
         # every other member agrees it is alive again
         for n in cluster.nodes[2:]:
             assert wait_for(lambda n=n: exit_state(n, exit_node.peer_id) == "alive", 30)
+
+
+async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery(tmp_path):
+    """An exit delivers, its acks are lost, it dies; the client resends through the
+    other exit, which heard the first one's delivery notice and answers 'delivered'
+    without delivering again."""
+    from overlay.client import Client
+    from overlay.demo import SmtpSink
+    from overlay.exits import MessageState
+    from overlay.exits.queue import ELSEWHERE
+
+    sink = SmtpSink()
+    port = sink.start()
+    smtp = {"smtp_relay": f"127.0.0.1:{port}", "target_live_exits": 2}
+    token = "hydra-demo-1-0000beef"
+
+    async def lost(*args, **kwargs):  # the acks of both exits never leave them
+        return None
+
+    try:
+        async with fleet(tmp_path) as f:
+            entry = await f.add("entry", ("entry", "relay"), **smtp)
+            exits = [await f.add(f"exit{i}", EXIT, **smtp) for i in range(2)]
+            relays = [await f.add(f"relay{i}", ("relay",), **smtp) for i in range(2)]
+            everyone = [entry, *exits, *relays]
+            await wait_until(lambda: all(len(n.view) == 5 for n in everyone), 90)
+            await trio.sleep(6)  # the exit pools settle
+            for x in exits:
+                x.relay._send_ack = lost
+            async with Client(tmp_path / "client", via=[join_addr(entry)]) as client:
+                mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
+                await wait_until(lambda: token in sink.counts, 60, 0.02)
+                (first,) = [
+                    x
+                    for x in exits
+                    if x.relay.exit_queue.lookup(mid) == (MessageState.DELIVERED, "")
+                ]
+                (other,) = [x for x in exits if x is not first]
+                notices = other.relay.notices.m_notices.labels("accepted")
+                await wait_until(lambda: notices._value.get() >= 1, 10)
+                del other.relay._send_ack  # the survivor's acks work again
+                await f.stop(first)
+                e = await client.wait_acked(mid, timeout=60)
+                assert e.state.name == "DELIVERED", e
+                # the survivor answered from the notice: it never stored the message
+                assert e.reason == ELSEWHERE, e
+                assert other.relay.exit_queue.lookup(mid) is None
+        await trio.sleep(0.5)
+        assert sink.counts == {token: 1}
+    finally:
+        sink.stop()
+
+
+async def test_delivery_notices_from_non_exits_and_garbage_are_rejected(tmp_path):
+    from overlay.wire import delivered
+
+    key = delivered.notice_key(b"\x07" * 16)
+    async with fleet(tmp_path) as f:
+        exit_node = await f.add("exit", EXIT)
+        relay = await f.add("relay", ("relay",))
+        await wait_until(lambda: all(len(n.view) == 2 for n in (exit_node, relay)), 60)
+        await trio.sleep(2)  # gossip mesh
+        m = exit_node.relay.notices.m_notices
+        for _ in range(3):  # a relay claiming deliveries, then garbage
+            await relay.host.publish(delivered.TOPIC, delivered.encode(delivered.Delivered((key,))))
+            await relay.host.publish(delivered.TOPIC, b"\xa1\x00\x09garbage")
+            await trio.sleep(0.3)
+        await wait_until(lambda: m.labels("rejected_not_exit")._value.get() >= 1, 20)
+        await wait_until(lambda: m.labels("rejected_malformed")._value.get() >= 1, 20)
+        assert m.labels("accepted")._value.get() == 0
+        (row,) = exit_node.relay.exit_queue._db.execute(
+            "SELECT COUNT(*) FROM elsewhere WHERE notice_key = ?", (key,)
+        ).fetchone()
+        assert row == 0

@@ -1,0 +1,73 @@
+"""Delivery notices (gossip topic ``hydra/delivered/1``): "an exit delivered these messages".
+
+An exit that delivers a message publishes its *notice key*; an exit that is
+later handed the same message (the sender resent it because the first exit
+died before its acknowledgement came back) finds the key and answers
+``delivered`` instead of delivering a second copy.
+
+Wire format: one canonical CBOR map::
+
+    0 version  uint (=1)
+    1 keys     array of 1..64 bstr 16: notice_key(message id) of each message
+
+``notice_key(id)`` is the first 16 bytes of BLAKE2b-256 with personalisation
+``hydra-delivered`` over the 16-byte message id: receivers match it against
+the ids they hold, while the notice itself does not carry the id that appears
+in the delivered message.
+
+Authenticity comes from the gossip layer: every message is signed by its
+origin (libp2p strict signing), and receivers accept a notice only when its
+origin's record holds the EXIT or STANDBY_EXIT role.
+
+Invariants: ``decode`` caps the size before parsing, accepts only the
+canonical encoding with exactly these keys, raises only ``DecodeError``;
+``decode(encode(f)) == f``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..crypto import hash32
+from ..errors import DecodeError, Reason
+from . import cbor
+
+TOPIC = "hydra/delivered/1"
+VERSION = 1
+KEY_SIZE = 16
+MAX_KEYS = 64
+MAX_SIZE = 16 + MAX_KEYS * (KEY_SIZE + 1)  # map, version, array header, 64 x (hdr + 16)
+K_VERSION, K_KEYS = 0, 1
+
+
+def notice_key(message_id: bytes) -> bytes:
+    return hash32(bytes(message_id), person=b"hydra-delivered")[:KEY_SIZE]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The messages with these notice keys were delivered by the notice's origin."""
+
+    keys: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.keys) <= MAX_KEYS or any(len(k) != KEY_SIZE for k in self.keys):
+            raise ValueError(f"a notice carries 1..{MAX_KEYS} keys of {KEY_SIZE} bytes")
+
+
+def encode(frame: Delivered) -> bytes:
+    return cbor.dumps({K_VERSION: VERSION, K_KEYS: [bytes(k) for k in frame.keys]})
+
+
+def decode(data: bytes) -> Delivered:
+    raw = cbor.loads_canonical(data, MAX_SIZE)
+    if type(raw) is not dict:
+        raise DecodeError(Reason.MALFORMED, "delivery notice must be a map")
+    version = raw.get(K_VERSION)
+    if type(version) is not int or version != VERSION:
+        raise DecodeError(Reason.UNKNOWN_VERSION, f"delivery notice version {version!r}")
+    cbor.expect_map(raw, {K_VERSION, K_KEYS})
+    keys = cbor.array(raw[K_KEYS], "keys", MAX_KEYS)
+    if not keys:
+        raise DecodeError(Reason.MALFORMED, "empty delivery notice")
+    return Delivered(tuple(cbor.bstr(k, "key", KEY_SIZE) for k in keys))

@@ -1,0 +1,54 @@
+"""Delivery notices: wire format round trip and rejection of malformed input."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlay.errors import DecodeError, Reason
+from overlay.wire import cbor
+from overlay.wire import delivered as wire
+
+KEYS = st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=wire.MAX_KEYS)
+
+
+@given(KEYS)
+def test_round_trip_and_size_bound(keys):
+    frame = wire.Delivered(tuple(keys))
+    raw = wire.encode(frame)
+    assert len(raw) <= wire.MAX_SIZE
+    assert wire.decode(raw) == frame
+
+
+def test_notice_key_is_a_domain_separated_digest_not_the_id():
+    mid = bytes(range(16))
+    k = wire.notice_key(mid)
+    assert len(k) == wire.KEY_SIZE and k != mid
+    assert k == wire.notice_key(bytes(range(16)))
+    assert k != wire.notice_key(bytes(range(1, 17)))
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ({0: 1, 1: []}, Reason.MALFORMED),  # empty
+        ({0: 2, 1: [b"k" * 16]}, Reason.UNKNOWN_VERSION),
+        ({0: 1, 1: [b"k" * 15]}, Reason.MALFORMED),
+        ({0: 1, 1: [b"k" * 16], 2: 0}, Reason.MALFORMED),  # unknown key
+        ({0: 1, 1: b"k" * 16}, Reason.MALFORMED),  # not an array
+        ([1, [b"k" * 16]], Reason.MALFORMED),
+    ],
+)
+def test_rejects(value, reason):
+    with pytest.raises(DecodeError) as e:
+        wire.decode(cbor.dumps(value))
+    assert e.value.reason is reason
+
+
+def test_rejects_oversized_and_garbage():
+    with pytest.raises(DecodeError) as e:
+        wire.decode(cbor.dumps({0: 1, 1: [bytes(16)] * (wire.MAX_KEYS + 1)}))
+    assert e.value.reason in (Reason.OVERSIZED, Reason.MALFORMED)
+    with pytest.raises(DecodeError):
+        wire.decode(b"\xff\x00garbage")
+    with pytest.raises(ValueError):
+        wire.Delivered(())
