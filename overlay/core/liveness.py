@@ -20,9 +20,11 @@ taken as our own stall (SIGSTOP, swap): probes in flight then accuse nobody
 and suspicion timers restart.
 
 Deaths announced before a node started (or while it was cut off) are not
-gossiped again, so with its first ``dead_sync_first`` probes, and with one
-probe every ``dead_sync_every`` seconds after that, a node also sends a
-``DeadReq``; the target answers with its signed statements about the (at most
+gossiped again, so a node sends a ``DeadReq`` to the first
+``dead_sync_first`` distinct members that prove alive (they ping it, or answer
+its ping), and to one such member every ``dead_sync_every`` seconds after that;
+the target answers with the signed statements (its own and up to
+``expected_confirmations - 1`` others') it kept about the (at most
 ``max_dead_reply``) newest members it holds dead, and these count as any
 other accusation does (several distinct signers are still needed). Without
 this a newcomer would hold a dead exit live until its own probe reached it,
@@ -116,6 +118,7 @@ class _Member:
     verified_at: float = -math.inf  # last verification probe triggered by an accusation
     reverify_at: float | None = None  # re-probe while only our own accusation stands
     last_frame: bytes | None = None  # an accusation to hand to a dead node that reappears
+    dead_frames: tuple[bytes, ...] = ()  # DEAD: statements by distinct observers, ours first
     probed_at: float = -math.inf
     hinted_at: float = -math.inf  # last probe_now() probe
     told_at: float = -math.inf  # last time we told a lagging accuser it is dead
@@ -236,7 +239,8 @@ class Liveness:
         self._watch: dict[NodeId, None] = {}  # members with accusations or suspicion
         self._next_probe_at: float | None = None
         self._last_tick: float | None = None
-        self._dead_pulls = dead_sync_first  # DeadReqs still to send with our first probes
+        self._dead_pulls = dead_sync_first  # DeadReqs still to send to distinct live peers
+        self._pulled: set[NodeId] = set()
         self._next_dead_pull = -math.inf
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
 
@@ -371,13 +375,6 @@ class Liveness:
         if now >= self._next_probe_at:
             target = self._next_target(now)
             if target is not None:
-                if self._members[target].state != DEAD and (
-                    self._dead_pulls > 0 or now >= self._next_dead_pull
-                ):
-                    # ask what it holds dead: learn deaths announced before we started
-                    self._dead_pulls = max(0, self._dead_pulls - 1)
-                    self._next_dead_pull = now + self.dead_sync_every
-                    out.append(Send(target, self.protocol, wire.encode(wire.DeadReq())))
                 self._start_probe(target, now, out)
             self._next_probe_at = now + self.probe_interval * self.multiplier
         return out
@@ -396,6 +393,7 @@ class Liveness:
         if isinstance(f, wire.Ping):
             out.append(Send(peer, self.protocol, wire.encode(wire.Ack(f.nonce))))
             self._evidence(peer, now, out)
+            self._maybe_pull(peer, now, out)
         elif isinstance(f, wire.Ack):
             self._on_ack(peer, f.nonce, now, out)
         elif isinstance(f, wire.Nack):
@@ -432,6 +430,24 @@ class Liveness:
         self._start_probe(node, now, out)
         return out
 
+    def _maybe_pull(self, peer: NodeId, now: float, out: list[Effect]) -> None:
+        """``peer`` just proved it is alive (pinged us, or answered our ping): if we
+        still want to learn deaths, ask it (``DeadReq``). Asking only members that
+        answer matters: a newcomer's view may hold more dead members than live ones."""
+        if peer not in self._members:
+            return
+        if self._dead_pulls > 0:
+            if peer in self._pulled:
+                return
+            self._pulled.add(peer)
+            self._dead_pulls -= 1
+            if not self._dead_pulls:
+                self._pulled.clear()
+        elif now < self._next_dead_pull:
+            return
+        self._next_dead_pull = now + self.dead_sync_every
+        out.append(Send(peer, self.protocol, wire.encode(wire.DeadReq())))
+
     def _on_dead_req(self, peer: NodeId, now: float, out: list[Effect]) -> None:
         """Answer with our signed statements about the newest deaths (rate-limited)."""
         if now - self._dead_answered.get(peer, -math.inf) < self.probe_interval:
@@ -440,13 +456,14 @@ class Liveness:
             self._dead_answered.clear()
         self._dead_answered[peer] = now
         dead = [
-            (m.since, n, m.last_frame)
+            (m.since, n, m.dead_frames)
             for n, m in self._members.items()
-            if m.state == DEAD and m.last_frame is not None and n != peer
+            if m.state == DEAD and m.dead_frames and n != peer
         ]
         dead.sort(key=lambda d: (-d[0], bytes(d[1])))
-        for _, _, frame in dead[: self.max_dead_reply]:
-            out.append(Send(peer, self.protocol, frame))
+        # several signers each: one answer is enough for the asker to confirm a death
+        for _, _, frames in dead[: self.max_dead_reply]:
+            out.extend(Send(peer, self.protocol, f) for f in frames)
 
     # -- probing ----------------------------------------------------------------
 
@@ -531,6 +548,8 @@ class Liveness:
             self._end_probe(nonce)
             self._health = max(0, self._health - 1)
             self._evidence(p.target, now, out)
+            if peer == p.target:
+                self._maybe_pull(peer, now, out)
             return
         r = self._relays.get(nonce)
         if r is not None and peer == r.target:
@@ -749,6 +768,12 @@ class Liveness:
             m.last_frame = frame
         else:
             m.last_frame = self._accusation_for(node)
+        others = sorted(
+            (a for o, a in acc.items() if o != self.me and a.frame != m.last_frame),
+            key=lambda a: -a.received,
+        )
+        keep = self.expected_confirmations - 1
+        m.dead_frames = tuple(f for f in (m.last_frame, *(a.frame for a in others[:keep])) if f)
         m.accusers = None
         m.suspect_since = None
         m.confirmed_at = None
@@ -772,6 +797,7 @@ class Liveness:
         m.confirmed_at = None
         m.reverify_at = None
         m.last_frame = None
+        m.dead_frames = ()
         self._watch.pop(node, None)
         if m.state != ALIVE:
             self._set_state(node, m, ALIVE, now, out)

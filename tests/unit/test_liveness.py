@@ -291,7 +291,9 @@ def test_parameters_are_checked():
 def test_ping_is_acked_and_unknown_nodes_are_unknown():
     c = core()
     out = c.receive(B, wire.encode(wire.Ping(99)), 1.0)
-    assert sends(out) == [(B, wire.Ack(99))]
+    # a fresh core also asks the first members that prove alive what they hold dead
+    assert sends(out) == [(B, wire.Ack(99)), (B, wire.DeadReq())]
+    assert sends(c.receive(B, wire.encode(wire.Ping(98)), 1.1)) == [(B, wire.Ack(98))]
     assert c.state(B) == (ALIVE, 0.0)
     assert c.state(IDS[10]) == (UNKNOWN, 0.0)
     assert set(c.view()) == set(IDS[1:6])
@@ -762,7 +764,7 @@ def test_message_cost_per_node_is_bounded():
     net.run(20.0)
     per_node_per_s = net.sent / 10 / 20.0
     # one ping + one ack per probe period and, when all are healthy, nothing else but
-    # the DeadReqs of the first three probes and one every dead_sync_every (30 s)
+    # the DeadReqs to the first three live peers and one every dead_sync_every (30 s)
     assert per_node_per_s <= 2 / 0.5 + 0.1 + (3 + 1) / 20.0
     assert net.changes == []  # and no false suspicion
 
@@ -793,7 +795,7 @@ def test_a_newcomer_learns_earlier_deaths(pull):
     _restart(net, newcomer, **params)
     assert net.state_at(newcomer, victim) == ALIVE
     if pull:
-        # three DeadReqs with its first probes bring signed statements by several
+        # DeadReqs to the first three peers that ping it or answer bring statements by several
         # observers: enough confirmations, so it holds the death in a few seconds
         net.run(12.0 + 4.0)
     else:
@@ -818,10 +820,14 @@ def test_dead_req_answers_are_bounded_and_rate_limited():
     req = wire.encode(wire.DeadReq())
     first = core.receive(asker, req, net.now)
     frames = [wire.decode(e.frame) for e in first if isinstance(e, Send)]
-    assert len(frames) == 2 and all(f.subject in net.ids[:3] for f in frames)
     assert all(isinstance(f, wire.Suspect | wire.Dead) for f in frames)
+    subjects = {f.subject for f in frames}
+    assert len(subjects) == 2 and subjects <= set(net.ids[:3])  # the 2 newest deaths
+    for s in subjects:  # each with enough distinct signers to be believed
+        signers = {f.observer for f in frames if f.subject == s}
+        assert core.confirmations_needed <= len(signers) <= core.expected_confirmations
     assert core.receive(asker, req, net.now + 0.01) == []  # once per probe period
-    assert len(core.receive(asker, req, net.now + core.probe_interval)) == 2
+    assert len(core.receive(asker, req, net.now + core.probe_interval)) == len(frames)
 
 
 def test_probe_now_after_a_closed_connection_finds_a_crash_sooner():
@@ -851,3 +857,17 @@ def test_probe_now_is_rate_limited_and_ignores_the_dead_and_strangers():
     assert any(isinstance(e, Send) and isinstance(wire.decode(e.frame), wire.Ping) for e in first)
     assert core.probe_now(peer, net.now + 0.01) == []  # already probing / too soon
     assert core.probe_now(IDS[15], net.now) == []  # not a member
+
+
+def test_a_newcomer_whose_view_is_mostly_dead_still_learns_every_death():
+    """Its DeadReqs go only to members that prove alive, not to its first probe
+    targets (which here are more likely dead than alive)."""
+    net = Net(12, seed=35)
+    net.run(2.0)
+    victims, newcomer = net.ids[:8], net.ids[11]
+    net.down.update(victims)
+    net.run(20.0)
+    _restart(net, newcomer)
+    net.run(20.0 + 5.0)
+    assert [net.state_at(newcomer, v) for v in victims] == [DEAD] * 8
+    assert not any(net.ever(n, DEAD) for n in net.ids if n not in victims)
