@@ -78,6 +78,10 @@ async def main_async(args) -> dict:
                         others = [n for n in nodes if f.running(n) and n is not victim]
                         await f.stop(victim)
                         t_kill, t_kill_wall = time.monotonic(), time.time()
+                        print(
+                            f"trial {trial}: killed {victim.node_id.short()} at {t_kill_wall:.3f}",
+                            file=sys.stderr,
+                        )
                         mid = await client.send("smtp:b@example.org", b"failover %d\r\n" % trial)
                         rec_done = None
 
@@ -144,8 +148,15 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--relays", type=int, default=3)
     p.add_argument("--standby", type=int, default=2)
+    p.add_argument("--log", help="write the overlay's own log (INFO) to this file")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.log:
+        handler = logging.FileHandler(args.log, mode="w")
+        handler.setFormatter(logging.Formatter("%(created).3f %(name)s %(message)s"))
+        hydra = logging.getLogger("hydra")
+        hydra.setLevel(logging.INFO)
+        hydra.addHandler(handler)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     print(json.dumps(trio.run(main_async, args), indent=2))
 

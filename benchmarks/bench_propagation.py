@@ -1,14 +1,18 @@
 """Record propagation: time until a new record reaches every node, vs bare GossipSub.
 
-Runs N real nodes (py-libp2p on loopback) in this process. For each trial a
-random node re-publishes its record (seq+1); we time when each node accepts
-it (from any layer: gossip, anti-entropy or DHT) and report the time until
-50 %, 99 % and 100 % of the other nodes have it, plus gossip/sync traffic per
-node. The baseline is bare py-libp2p GossipSub (Libp2pHost only, no Hydra
-logic) on the same connection graph, publishing a payload of the same size,
-measured in the same run.
+Runs N real nodes (py-libp2p on loopback), by default all in this process.
+With ``--procs P`` they are spread over P worker processes (node i in worker
+i % P, see ``_propagation_worker.py``), so that one core no longer has to run
+N nodes' worth of protocol work. For each trial a random node re-publishes its
+record (seq+1); we time when each node accepts it (from any layer: gossip,
+anti-entropy or DHT) and report the time until 50 %, 99 % and 100 % of the
+other nodes have it, plus gossip/sync traffic per node. The baseline is bare
+py-libp2p GossipSub (Libp2pHost only, no Hydra logic) on the same connection
+graph, publishing a payload of the same size, measured in the same run and
+with the same split over processes.
 
     .venv/bin/python benchmarks/bench_propagation.py --nodes 50 --trials 10
+    .venv/bin/python benchmarks/bench_propagation.py --nodes 50 --trials 10 --procs 50
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -32,6 +40,9 @@ from overlay.records import Role
 from overlay.testing import overlay, wait_until
 
 TOPIC = "bench/baseline"
+WORKER = Path(__file__).with_name("_propagation_worker.py")
+WORKER_LIMIT = 1800.0  # seconds; each worker process ends itself after this
+START_BATCH = 8  # --procs: nodes joining at once (at most one per worker)
 
 
 def reach_time(arrivals: list[float], total: int, q: float) -> float:
@@ -39,6 +50,15 @@ def reach_time(arrivals: list[float], total: int, q: float) -> float:
     need = max(1, math.ceil(q / 100 * total))
     arrivals = sorted(arrivals)
     return arrivals[need - 1] if len(arrivals) >= need else float("inf")
+
+
+def trial_stats(lat: list[float], total: int) -> dict:
+    return {
+        "reached": len(lat) / total,
+        "p50": reach_time(lat, total, 50),
+        "p99": reach_time(lat, total, 99),
+        "all": reach_time(lat, total, 100),
+    }
 
 
 def _counter(c, **labels) -> float:
@@ -96,14 +116,7 @@ async def hydra_trials(tmp: Path, n: int, trials: int, target_peers: int, seed: 
             for x in nodes:
                 x._record_events.clear()
             lat = sorted(a - t0 for a in arrivals.values())
-            results.append(
-                {
-                    "reached": len(lat) / (n - 1),
-                    "p50": reach_time(lat, n - 1, 50),
-                    "p99": reach_time(lat, n - 1, 99),
-                    "all": reach_time(lat, n - 1, 100),
-                }
-            )
+            results.append(trial_stats(lat, n - 1))
             await trio.sleep(1.0)
         elapsed = time.monotonic() - wall0
         after = _traffic(nodes)
@@ -164,17 +177,252 @@ async def baseline_trials(graph: dict[str, list[str]], trials: int, size: int, s
                         await trio.sleep(0.01)
                 inner.cancel_scope.cancel()
             lat = sorted(a - t0 for a in arrivals.values())
-            n1 = len(hosts) - 1
-            results.append(
-                {
-                    "reached": len(lat) / n1,
-                    "p50": reach_time(lat, n1, 50),
-                    "p99": reach_time(lat, n1, 99),
-                    "all": reach_time(lat, n1, 100),
-                }
-            )
+            results.append(trial_stats(lat, len(hosts) - 1))
             await trio.sleep(1.0)
         nursery.cancel_scope.cancel()
+    return results
+
+
+# ---------------------------------------------------------------- multi-process mode (--procs)
+class JsonLines:
+    """One JSON object per line over a pair of trio streams (parent <-> worker)."""
+
+    MAX_LINE = 16 * 1024 * 1024
+
+    def __init__(self, send: trio.abc.SendStream, recv: trio.abc.ReceiveStream) -> None:
+        self._send, self._recv, self._buf = send, recv, b""
+
+    async def send(self, obj: dict) -> None:
+        await self._send.send_all(json.dumps(obj).encode() + b"\n")
+
+    async def receive(self) -> dict | None:
+        """The next object, or None at end of stream."""
+        while b"\n" not in self._buf:
+            if len(self._buf) > self.MAX_LINE:
+                raise ValueError("protocol line too long")
+            chunk = await self._recv.receive_some(65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+
+class WorkerProc:
+    """A worker process running some of the nodes; ``call`` sends one command."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.io = JsonLines(proc.stdin, proc.stdout)
+        self.lock = trio.Lock()
+
+    async def call(self, cmd: str, timeout: float = 300.0, **kw) -> dict:
+        try:
+            with trio.fail_after(timeout):
+                async with self.lock:
+                    await self.io.send({"cmd": cmd, **kw})
+                    reply = await self.io.receive()
+        except trio.BrokenResourceError:
+            reply = None
+        if reply is None:
+            raise RuntimeError(f"worker {self.proc.pid} exited during {cmd!r}")
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.proc.pid}: {reply['error']}")
+        return reply
+
+    async def stop(self) -> None:
+        try:
+            await self.call("stop", timeout=60)
+        except (RuntimeError, trio.TooSlowError, trio.BrokenResourceError):
+            return
+        await self.proc.wait()
+
+
+@asynccontextmanager
+async def worker_procs(p: int) -> AsyncIterator[list[WorkerProc]]:
+    """Start ``p`` workers; stop them on the way out, killing whatever is left."""
+    procs: list[trio.Process] = []
+    try:
+        for _ in range(p):
+            cmd = [sys.executable, str(WORKER), "--limit", str(WORKER_LIMIT)]
+            procs.append(
+                await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            )
+        workers = [WorkerProc(x) for x in procs]
+        yield workers
+        with trio.move_on_after(90):
+            async with trio.open_nursery() as nursery:
+                for w in workers:
+                    nursery.start_soon(w.stop)
+    finally:
+        for x in procs:
+            if x.returncode is None:
+                x.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            for x in procs:
+                await x.wait()
+
+
+async def on_all(workers: list[WorkerProc], cmd: str, **kw) -> list[dict]:
+    """Send ``cmd`` to every worker at once; the replies in worker order."""
+    out: list[dict] = [{} for _ in workers]
+
+    async def one(k: int) -> None:
+        out[k] = await workers[k].call(cmd, **kw)
+
+    async with trio.open_nursery() as nursery:
+        for k in range(len(workers)):
+            nursery.start_soon(one, k)
+    return out
+
+
+async def per_worker(workers: list[WorkerProc], n: int, fn) -> None:
+    """``await fn(i)`` for every node i: in order within a worker, workers in parallel."""
+
+    async def run(k: int) -> None:
+        for i in range(k, n, len(workers)):
+            await fn(i)
+
+    async with trio.open_nursery() as nursery:
+        for k in range(len(workers)):
+            nursery.start_soon(run, k)
+
+
+def proc_stats(workers: list[WorkerProc]) -> tuple[list[float], list[float]]:
+    """Resident memory (MB) and CPU time used so far (s) of each worker, from /proc."""
+    rss, cpu = [], []
+    tick = os.sysconf("SC_CLK_TCK")
+    for w in workers:
+        try:
+            status = Path(f"/proc/{w.proc.pid}/status").read_text()
+            stat = Path(f"/proc/{w.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        rss.extend(int(x.split()[1]) / 1024 for x in status.splitlines() if x.startswith("VmRSS"))
+        cpu.append((int(stat[11]) + int(stat[12])) / tick)  # utime + stime
+    return rss, cpu
+
+
+async def hydra_trials_procs(
+    workers: list[WorkerProc], tmp: Path, n: int, trials: int, target_peers: int, seed: int
+):
+    """``hydra_trials`` with node i in worker i % P; same joins, trials and output."""
+    p = len(workers)
+    join_rng, rng = random.Random(seed), random.Random(seed)
+    addrs, peers = [""] * n, [""] * n
+
+    async def start(i: int, join: list[str]) -> None:
+        r = await workers[i % p].call(
+            "hydra_start",
+            i=i,
+            home=str(tmp / f"n{i}"),
+            join=join,
+            seed=seed,
+            target_peers=target_peers,
+        )
+        addrs[i], peers[i] = r["addr"], r["peer"]
+
+    # batches of at most P nodes (one per worker), each joining through a random
+    # node of an earlier batch; batches grow 1, 1, 2, 4, ... up to min(P, START_BATCH)
+    t = time.monotonic()
+    started = 0
+    while started < n:
+        batch = range(started, min(n, started + max(1, min(p, started, START_BATCH))))
+        joins = [[addrs[join_rng.choice(range(started))]] if started else [] for _ in batch]
+        async with trio.open_nursery() as nursery:
+            for i, join in zip(batch, joins, strict=True):
+                nursery.start_soon(start, i, join)
+        started = batch.stop
+    print(f"  {n} nodes started in {time.monotonic() - t:.1f} s", file=sys.stderr)
+
+    t = time.monotonic()
+    with trio.fail_after(300):
+        while True:
+            counts = [c for r in await on_all(workers, "counts") for _, c in r["counts"]]
+            if all(c == n for c in counts):
+                break
+            await trio.sleep(0.5)
+    print(
+        f"  {n} nodes converged {time.monotonic() - t:.1f} s after the last start",
+        file=sys.stderr,
+    )
+    _, cpu0 = proc_stats(workers)
+    await trio.sleep(3)
+    rss, cpu1 = proc_stats(workers)
+    if rss and len(cpu0) == len(cpu1):
+        print(
+            f"  workers: RSS {min(rss):.0f}-{max(rss):.0f} MB each ({sum(rss):.0f} MB total); "
+            f"CPU in the 3 s before the trials: {sum(cpu1) - sum(cpu0):.2f} s "
+            f"= {(sum(cpu1) - sum(cpu0)) / 3 / n * 100:.1f} % of a core per node",
+            file=sys.stderr,
+        )
+    graph: dict[str, list[str]] = {}
+    for r in await on_all(workers, "graph"):
+        graph.update(r["graph"])
+    degrees = [len(v) for v in graph.values()]
+
+    async def traffic() -> dict[str, float]:
+        total: dict[str, float] = {}
+        for r in await on_all(workers, "traffic"):
+            for k, v in r["traffic"].items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    results = []
+    before = await traffic()
+    wall0 = time.monotonic()
+    for trial in range(trials):
+        src = rng.choice(range(n))
+        roles = Role.RELAY | (Role.ENTRY if trial % 2 == 0 else Role(0))
+        want_seq = (await workers[src % p].call("next_seq", i=src))["seq"]
+        await on_all(workers, "watch", src=src, peer=peers[src], seq=want_seq)
+        pub = await workers[src % p].call("publish", i=src, roles=int(roles))
+        assert pub["seq"] == want_seq
+        replies = await on_all(workers, "wait", until=time.monotonic() + 20)
+        lat = sorted(a - pub["t0"] for r in replies for _, a in r["arrivals"])
+        results.append(trial_stats(lat, n - 1))
+        await trio.sleep(1.0)
+    elapsed = time.monotonic() - wall0
+    after = await traffic()
+    per_node = {k: (after[k] - before[k]) / n / elapsed for k in after}
+    return results, graph, degrees, per_node, peers
+
+
+async def baseline_trials_procs(
+    workers: list[WorkerProc],
+    graph: dict[str, list[str]],
+    ids: list[str],
+    trials: int,
+    size: int,
+    seed: int,
+):
+    """``baseline_trials`` with host i (in Hydra node i's place) in worker i % P."""
+    p, n = len(workers), len(ids)
+    rng = random.Random(seed)
+    index = {pid: i for i, pid in enumerate(ids)}
+    addrs = [""] * n
+
+    async def start(i: int) -> None:
+        addrs[i] = (await workers[i % p].call("base_start", i=i))["addr"]
+
+    async def connect(i: int) -> None:
+        # the same edges as the in-process baseline: i dials each listed peer j > i
+        targets = [addrs[j] for x in graph.get(ids[i], []) if (j := index.get(x, -1)) > i]
+        await workers[i % p].call("base_connect", i=i, addrs=targets)
+
+    await per_worker(workers, n, start)
+    await per_worker(workers, n, connect)
+    await trio.sleep(3)  # mesh formation (heartbeat 1 s)
+    results = []
+    for trial in range(trials):
+        src = rng.randrange(n)
+        payload = (trial.to_bytes(4, "big") + random.randbytes(size - 4)).hex()
+        await on_all(workers, "watch", src=src, payload=payload)
+        pub = await workers[src % p].call("publish", i=src, payload=payload)
+        replies = await on_all(workers, "wait", until=time.monotonic() + 20)
+        lat = sorted(a - pub["t0"] for r in replies for _, a in r["arrivals"])
+        results.append(trial_stats(lat, n - 1))
+        await trio.sleep(1.0)
     return results
 
 
@@ -195,16 +443,31 @@ def summarize(name: str, results: list[dict]) -> dict:
 
 
 async def main_async(args) -> dict:
-    with tempfile.TemporaryDirectory(prefix="hydra-bench-") as tmp:
-        print(f"hydra overlay, {args.nodes} nodes ...", file=sys.stderr)
-        hydra, graph, degrees, per_node = await hydra_trials(
-            Path(tmp), args.nodes, args.trials, args.target_peers, args.seed
-        )
-    print("bare gossipsub on the same graph ...", file=sys.stderr)
-    base = await baseline_trials(graph, args.trials, 300, args.seed)
+    procs = max(1, min(args.procs, args.nodes))
+    if procs == 1:
+        with tempfile.TemporaryDirectory(prefix="hydra-bench-") as tmp:
+            print(f"hydra overlay, {args.nodes} nodes ...", file=sys.stderr)
+            hydra, graph, degrees, per_node = await hydra_trials(
+                Path(tmp), args.nodes, args.trials, args.target_peers, args.seed
+            )
+        print("bare gossipsub on the same graph ...", file=sys.stderr)
+        base = await baseline_trials(graph, args.trials, 300, args.seed)
+    else:
+        async with worker_procs(procs) as workers:
+            with tempfile.TemporaryDirectory(prefix="hydra-bench-") as tmp:
+                print(
+                    f"hydra overlay, {args.nodes} nodes in {procs} processes ...", file=sys.stderr
+                )
+                hydra, graph, degrees, per_node, ids = await hydra_trials_procs(
+                    workers, Path(tmp), args.nodes, args.trials, args.target_peers, args.seed
+                )
+                await on_all(workers, "reset")  # every Hydra node stops before the baseline
+            print("bare gossipsub on the same graph ...", file=sys.stderr)
+            base = await baseline_trials_procs(workers, graph, ids, args.trials, 300, args.seed)
     h, b = summarize("hydra", hydra), summarize("bare-gossipsub", base)
     return {
         "nodes": args.nodes,
+        "procs": procs,
         "target_peers": args.target_peers,
         "mean_degree": round(statistics.mean(degrees), 1),
         "hydra": h,
@@ -224,6 +487,12 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--target-peers", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="worker processes; node i runs in worker i %% P (1: all in this process)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
