@@ -277,3 +277,58 @@ async def test_delivery_notices_from_non_exits_and_garbage_are_rejected(tmp_path
             "SELECT COUNT(*) FROM elsewhere WHERE notice_key = ?", (key,)
         ).fetchone()
         assert row == 0
+
+
+async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_path):
+    """exit_policy_mode = "chain": one public exit; the next standby takes over only
+    when it is gone, one at a time, and the client's messages follow."""
+    from overlay.client import Client
+    from overlay.demo import SmtpSink
+
+    sink = SmtpSink()
+    port = sink.start()
+    cfg = {"smtp_relay": f"127.0.0.1:{port}", "exit_policy_mode": "chain"}
+    try:
+        async with fleet(tmp_path) as f:
+            entry = await f.add("entry", ("entry", "relay"), **cfg)
+            relays = [await f.add(f"relay{i}", ("relay",), **cfg) for i in range(2)]
+            exit_node = await f.add("exit", EXIT, **cfg)
+            standby = [await f.add(f"standby{i}", STANDBY, **cfg) for i in range(2)]
+            everyone = [entry, *relays, exit_node, *standby]
+            await wait_until(lambda: all(len(n.view) == 6 for n in everyone), 90)
+            await trio.sleep(6)  # the exit pools settle
+            assert all(Role.EXIT not in s.roles for s in standby)  # one exit is enough
+            assert all(live_exit_count(n) == 1 for n in everyone)
+            n_sent = 0
+            async with Client(tmp_path / "client", via=[join_addr(entry)]) as client:
+
+                async def deliver_one() -> None:
+                    nonlocal n_sent
+                    token = f"hydra-demo-{n_sent}-{n_sent:08x}"
+                    n_sent += 1
+                    mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
+                    e = await client.wait_acked(mid, timeout=60)
+                    assert e.state.name == "DELIVERED", e
+
+                await deliver_one()
+                current = exit_node
+                for _ in range(2):
+                    await f.stop(current)
+                    survivors = [n for n in everyone if f.running(n)]
+                    await deliver_one()  # sent at once: it waits for the next exit
+                    await wait_until(
+                        lambda survivors=survivors: all(live_exit_count(n) == 1 for n in survivors),
+                        30,
+                    )
+                    promoted = [s for s in standby if f.running(s) and Role.EXIT in s.roles]
+                    assert len(promoted) == 1, [s.roles for s in standby]  # one, not all
+                    current = promoted[0]
+                    await trio.sleep(2)
+                    # still exactly one: the other standby did not join in late
+                    assert [s for s in standby if f.running(s) and Role.EXIT in s.roles] == [
+                        current
+                    ]
+        await trio.sleep(0.5)
+        assert sorted(sink.counts.values()) == [1] * n_sent
+    finally:
+        sink.stop()
