@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..crypto import NodeId
 from ..errors import DecodeError, Reason
@@ -127,14 +128,15 @@ class _Signed:
 
 
 @dataclass(frozen=True, slots=True)
-class Suspect(_Signed):
-    """``observer`` could not reach ``subject`` (at incarnation ``incarnation``)."""
+class _Accusation(_Signed):
+    """A statement by ``observer`` about ``subject`` at ``incarnation`` (signed by the observer)."""
 
     subject: NodeId
     incarnation: int
     observer: NodeId
     ts: int
     signature: bytes = b""
+    TYPE: ClassVar[int]
 
     @property
     def signer(self) -> NodeId:
@@ -143,7 +145,7 @@ class Suspect(_Signed):
     def _body(self) -> dict:
         return {
             K_VERSION: VERSION,
-            K_TYPE: T_SUSPECT,
+            K_TYPE: self.TYPE,
             K_SUBJECT: bytes(self.subject),
             K_INC: self.incarnation,
             K_OBSERVER: bytes(self.observer),
@@ -152,28 +154,17 @@ class Suspect(_Signed):
 
 
 @dataclass(frozen=True, slots=True)
-class Dead(_Signed):
+class Suspect(_Accusation):
+    """``observer`` could not reach ``subject`` (at incarnation ``incarnation``)."""
+
+    TYPE: ClassVar[int] = T_SUSPECT
+
+
+@dataclass(frozen=True, slots=True)
+class Dead(_Accusation):
     """``observer`` declared ``subject`` dead (at ``incarnation``) after its suspicion timed out."""
 
-    subject: NodeId
-    incarnation: int
-    observer: NodeId
-    ts: int
-    signature: bytes = b""
-
-    @property
-    def signer(self) -> NodeId:
-        return self.observer
-
-    def _body(self) -> dict:
-        return {
-            K_VERSION: VERSION,
-            K_TYPE: T_DEAD,
-            K_SUBJECT: bytes(self.subject),
-            K_INC: self.incarnation,
-            K_OBSERVER: bytes(self.observer),
-            K_TS: self.ts,
-        }
+    TYPE: ClassVar[int] = T_DEAD
 
 
 @dataclass(frozen=True, slots=True)
