@@ -111,7 +111,10 @@ class DeliveryNotices:
             self._reject("bad_origin", forwarder)
             return False
         rec = self.node.view.get(origin)
-        if rec is None or rec.is_tombstone or not rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
+        if rec is None:  # e.g. we joined a moment ago: we cannot tell, so we do not relay it
+            self._reject("unknown_origin", forwarder)
+            return False
+        if rec.is_tombstone or not rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
             self._reject("not_exit", forwarder)
             return False
         self.m_notices.labels("accepted").inc()
