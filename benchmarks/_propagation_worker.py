@@ -5,7 +5,7 @@ the baseline) in one trio loop and answers the parent over stdin/stdout, one
 JSON object per line, one reply per command, in order. Commands:
 
     reset        {}                                   -> {}   (stop all nodes)
-    hydra_start  {i, home, join, seed, target_peers} -> {addr, peer}
+    hydra_start  {i, home, join, seed, target_peers, settings} -> {addr, peer}
     base_start   {i}                                  -> {addr, peer}
     base_connect {i, addrs}                           -> {}
     counts       {}                                   -> {counts: [[i, len(view)], ...]}
@@ -97,10 +97,10 @@ class Worker:
         return {}
 
     # ------------------------------------------------------------ start-up
-    async def hydra_start(self, i: int, home: str, join: list[str], seed: int, target_peers: int):
-        h = make_home(
-            Path(home), ("relay",), target_peers=target_peers, probe_interval=5.0, probe_timeout=2.5
-        )
+    async def hydra_start(
+        self, i: int, home: str, join: list[str], seed: int, target_peers: int, settings: dict
+    ):
+        h = make_home(Path(home), ("relay",), target_peers=target_peers, **settings)
         node = Node(h, join=join, rng=random.Random(seed * 1000 + i), services=light_services())
 
         async def run(*, task_status=trio.TASK_STATUS_IGNORED):
@@ -153,10 +153,11 @@ class Worker:
     async def watch(self, src: int, peer: str = "", seq: int = 0, payload: str = ""):
         """Arm one watcher per local node but ``src``, before the parent publishes."""
         self.arrivals, self.complete = {}, trio.Event()
-        if self.nodes:
-            chans = {i: x.record_events() for i, x in self.nodes.items() if i != src}
-        else:
+        base_phase = bool(payload)  # Hydra nodes may still run beside the baseline hosts
+        if base_phase:
             chans = {i: s for i, s in self.subs.items() if i != src}
+        else:
+            chans = {i: x.record_events() for i, x in self.nodes.items() if i != src}
         self.expect = set(chans)
         if not self.expect:
             self.complete.set()
@@ -176,14 +177,14 @@ class Worker:
         async def watchers(*, task_status=trio.TASK_STATUS_IGNORED):
             async with trio.open_nursery() as n:
                 for i, ch in chans.items():
-                    n.start_soon(hydra if self.nodes else base, i, ch)
+                    n.start_soon(base if base_phase else hydra, i, ch)
                 task_status.started(n.cancel_scope)
 
         self.watch_scope = await self.nursery.start(watchers)
         return {}
 
     async def publish(self, i: int, roles: int = 0, payload: str = ""):
-        if self.nodes:
+        if not payload:
             t0 = time.monotonic()
             rec = await self.nodes[i].publish_own("bench", roles=Role(roles))
             return {"t0": t0, "seq": rec.seq}

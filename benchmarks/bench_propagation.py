@@ -70,13 +70,22 @@ def _counter(c, **labels) -> float:
     return total
 
 
-async def hydra_trials(tmp: Path, n: int, trials: int, target_peers: int, seed: int):
+def node_settings(args) -> dict:
+    """Config of every Hydra node. N nodes share this machine's CPUs: liveness
+    probes are slowed so that they do not dominate them."""
+    out = {"probe_interval": 5.0, "probe_timeout": 2.5}
+    if args.sync_interval is not None:
+        out["sync_interval"] = args.sync_interval
+    return out
+
+
+async def hydra_trials(
+    tmp: Path, n: int, trials: int, target_peers: int, seed: int, settings: dict
+):
     rng = random.Random(seed)
     results = []
     # N nodes share one CPU: liveness probes are slowed so that they do not dominate it
-    async with overlay(
-        tmp, n, seed=seed, target_peers=target_peers, probe_interval=5.0, probe_timeout=2.5
-    ) as nodes:
+    async with overlay(tmp, n, seed=seed, target_peers=target_peers, **settings) as nodes:
         t = time.monotonic()
         await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
         print(
@@ -132,7 +141,21 @@ def _traffic(nodes) -> dict[str, float]:
         out["gossip_bytes"] += _counter(m.gossip_bytes)
         out["sync_bytes"] += _counter(m.sync_bytes)
         out["sync_rounds"] += _counter(m.sync_rounds)
+        for layer in LAYERS:
+            out[f"accepted_{layer}"] = out.get(f"accepted_{layer}", 0.0) + _counter(
+                m.records_accepted, source=layer
+            )
     return out
+
+
+LAYERS = ("gossip", "sync", "dht")
+
+
+def layer_shares(per_node: dict[str, float]) -> dict[str, float]:
+    """Which layer delivered the records accepted during the trials (fractions)."""
+    got = {layer: per_node.pop(f"accepted_{layer}", 0.0) for layer in LAYERS}
+    total = sum(got.values()) or 1.0
+    return {layer: round(v / total, 3) for layer, v in got.items()}
 
 
 async def baseline_trials(graph: dict[str, list[str]], trials: int, size: int, seed: int):
@@ -304,7 +327,13 @@ def proc_stats(workers: list[WorkerProc]) -> tuple[list[float], list[float]]:
 
 
 async def hydra_trials_procs(
-    workers: list[WorkerProc], tmp: Path, n: int, trials: int, target_peers: int, seed: int
+    workers: list[WorkerProc],
+    tmp: Path,
+    n: int,
+    trials: int,
+    target_peers: int,
+    seed: int,
+    settings: dict,
 ):
     """``hydra_trials`` with node i in worker i % P; same joins, trials and output."""
     p = len(workers)
@@ -319,6 +348,7 @@ async def hydra_trials_procs(
             join=join,
             seed=seed,
             target_peers=target_peers,
+            settings=settings,
         )
         addrs[i], peers[i] = r["addr"], r["peer"]
 
@@ -448,8 +478,14 @@ async def main_async(args) -> dict:
         with tempfile.TemporaryDirectory(prefix="hydra-bench-") as tmp:
             print(f"hydra overlay, {args.nodes} nodes ...", file=sys.stderr)
             hydra, graph, degrees, per_node = await hydra_trials(
-                Path(tmp), args.nodes, args.trials, args.target_peers, args.seed
+                Path(tmp),
+                args.nodes,
+                args.trials,
+                args.target_peers,
+                args.seed,
+                node_settings(args),
             )
+            load = os.getloadavg()[0]
         print("bare gossipsub on the same graph ...", file=sys.stderr)
         base = await baseline_trials(graph, args.trials, 300, args.seed)
     else:
@@ -459,22 +495,35 @@ async def main_async(args) -> dict:
                     f"hydra overlay, {args.nodes} nodes in {procs} processes ...", file=sys.stderr
                 )
                 hydra, graph, degrees, per_node, ids = await hydra_trials_procs(
-                    workers, Path(tmp), args.nodes, args.trials, args.target_peers, args.seed
+                    workers,
+                    Path(tmp),
+                    args.nodes,
+                    args.trials,
+                    args.target_peers,
+                    args.seed,
+                    node_settings(args),
                 )
-                await on_all(workers, "reset")  # every Hydra node stops before the baseline
-            print("bare gossipsub on the same graph ...", file=sys.stderr)
-            base = await baseline_trials_procs(workers, graph, ids, args.trials, 300, args.seed)
+                load = os.getloadavg()[0]  # how busy the CPUs were during the Hydra trials
+                if not args.baseline_alongside:
+                    await on_all(workers, "reset")  # every Hydra node stops before the baseline
+                print("bare gossipsub on the same graph ...", file=sys.stderr)
+                base = await baseline_trials_procs(workers, graph, ids, args.trials, 300, args.seed)
     h, b = summarize("hydra", hydra), summarize("bare-gossipsub", base)
     return {
         "nodes": args.nodes,
         "procs": procs,
         "target_peers": args.target_peers,
+        "node_settings": node_settings(args),
+        "baseline_alongside": bool(args.baseline_alongside and procs > 1),
         "mean_degree": round(statistics.mean(degrees), 1),
         "hydra": h,
         "baseline": b,
         "ratio_99pct_hydra_over_baseline": round(
             h["median_time_to_99pct_s"] / b["median_time_to_99pct_s"], 2
         ),
+        "records_accepted_by_layer": layer_shares(per_node),
+        "cpus": os.cpu_count(),
+        "load_1min_after_hydra_trials": round(load, 1),
         "per_node_per_second": {k: round(v, 2) for k, v in per_node.items()},
     }
 
@@ -487,6 +536,18 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--target-peers", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--baseline-alongside",
+        action="store_true",
+        help="with --procs: keep the Hydra nodes running while the baseline is measured, "
+        "so both see the same CPU load",
+    )
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=None,
+        help="anti-entropy interval while the membership changes (node default 0.5 s)",
+    )
     p.add_argument(
         "--procs",
         type=int,
