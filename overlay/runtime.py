@@ -49,6 +49,12 @@ SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
 SYNC_TIMEOUT = 5.0
 SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync runs fast
+# The DHT copy of a new record is stored after a short random delay, so that its
+# lookups (dozens of streams across the overlay) do not compete with the record's
+# gossip in the first second; role provider records are re-announced only when
+# the roles change or are this old (they serve discovery, not dissemination).
+DHT_PUBLISH_DELAY = (1.0, 3.0)
+PROVIDE_REFRESH = 1800.0
 
 
 def dht_key(node_id: NodeId) -> str:
@@ -122,6 +128,7 @@ class Node:
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
+        self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
         self._last_sync_ok = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
         given = [s for s in services if isinstance(s, Resilience)]
@@ -281,12 +288,19 @@ class Node:
             self._nursery.start_soon(self._dht_publish, rec)
 
     async def _dht_publish(self, rec: ValidRecord) -> None:
+        await trio.sleep(self.rng.uniform(*DHT_PUBLISH_DELAY))
+        if self.own is not rec:
+            return  # a newer record was published meanwhile: it stores itself
         with trio.move_on_after(10):
             try:
                 await self.host.dht_put(dht_key(rec.node_id), rec.encode())
+                now = self.clock()
                 for role in Role:
-                    if role in rec.roles:
+                    if role in rec.roles and now - self._provided.get(role, -1e18) >= (
+                        PROVIDE_REFRESH
+                    ):
                         await self.host.provide(role_key(role))
+                        self._provided[role] = now
             except Exception as e:  # noqa: BLE001 - the DHT is one layer of three
                 log.debug("dht publish failed: %s", e)
 
