@@ -222,12 +222,7 @@ class ValidRecord(SignedRecord):
 
 def decode(data: bytes) -> UnverifiedRecord:
     """Parse a record; raise ``DecodeError`` unless ``data`` is a canonical, well-formed record."""
-    raw = cbor.loads_canonical(data, MAX_SIZE)
-    if type(raw) is not dict:
-        raise DecodeError(Reason.MALFORMED, "record must be a map")
-    version = raw.get(K_VERSION)
-    if version != VERSION or type(version) is not int:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"version {version!r}")
+    raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "record")
     kind_v = raw.get(K_KIND)
     if kind_v not in (0, 1) or type(kind_v) is not int:
         raise DecodeError(Reason.MALFORMED, "bad kind")

@@ -43,6 +43,18 @@ def loads_canonical(data: bytes, max_size: int) -> Any:
     return value
 
 
+def loads_versioned(data: bytes, max_size: int, version: int, what: str) -> dict:
+    """``loads_canonical``, then require a map whose key 0 is the uint ``version``
+    (every Hydra wire format starts so); ``what`` names the format in errors."""
+    raw = loads_canonical(data, max_size)
+    if type(raw) is not dict:
+        raise DecodeError(Reason.MALFORMED, f"{what} must be a map")
+    v = raw.get(0)
+    if type(v) is not int or v != version:
+        raise DecodeError(Reason.UNKNOWN_VERSION, f"{what} version {v!r}")
+    return raw
+
+
 def expect_map(value: Any, required: set[int], optional: set[int] = frozenset()) -> dict:
     if type(value) is not dict:
         raise DecodeError(Reason.MALFORMED, "expected a map")

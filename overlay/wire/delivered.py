@@ -60,12 +60,7 @@ def encode(frame: Delivered) -> bytes:
 
 
 def decode(data: bytes) -> Delivered:
-    raw = cbor.loads_canonical(data, MAX_SIZE)
-    if type(raw) is not dict:
-        raise DecodeError(Reason.MALFORMED, "delivery notice must be a map")
-    version = raw.get(K_VERSION)
-    if type(version) is not int or version != VERSION:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"delivery notice version {version!r}")
+    raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "delivery notice")
     cbor.expect_map(raw, {K_VERSION, K_KEYS})
     keys = cbor.array(raw[K_KEYS], "keys", MAX_KEYS)
     if not keys:

@@ -277,12 +277,7 @@ def encode(msg: ExitMessage) -> bytes:
 
 def decode(data: bytes) -> ExitMessage:
     """Parse an exit message; raise ``DecodeError`` unless ``data`` is canonical and valid."""
-    raw = cbor.loads_canonical(data, MAX_SIZE)
-    if type(raw) is not dict:
-        raise DecodeError(Reason.MALFORMED, "exit message must be a map")
-    version = raw.get(K_VERSION)
-    if type(version) is not int or version != VERSION:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"version {version!r}")
+    raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "exit message")
     cbor.expect_map(raw, _MSG_REQUIRED, {K_REPLY})
     mid = cbor.bstr(raw[K_ID], "message id", MESSAGE_ID_SIZE)
     dest = cbor.tstr(raw[K_DEST], "destination", MAX_DEST_LEN)
@@ -332,12 +327,7 @@ def encode_ack(ack: Ack) -> bytes:
 
 def decode_ack(data: bytes) -> Ack:
     """Parse an ack; raise ``DecodeError`` unless ``data`` is canonical and valid."""
-    raw = cbor.loads_canonical(data, ACK_MAX_SIZE)
-    if type(raw) is not dict:
-        raise DecodeError(Reason.MALFORMED, "ack must be a map")
-    version = raw.get(A_VERSION)
-    if type(version) is not int or version != VERSION:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"version {version!r}")
+    raw = cbor.loads_versioned(data, ACK_MAX_SIZE, VERSION, "ack")
     cbor.expect_map(raw, _ACK_REQUIRED, {A_REASON})
     mid = cbor.bstr(raw[A_ID], "message id", MESSAGE_ID_SIZE)
     status = raw[A_STATUS]

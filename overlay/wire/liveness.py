@@ -218,12 +218,7 @@ def decode(data: bytes) -> Frame:
 
     Signatures are *not* checked here (see ``Signed.verify``).
     """
-    raw = cbor.loads_canonical(data, MAX_SIZE)
-    if type(raw) is not dict:
-        raise DecodeError(Reason.MALFORMED, "liveness frame must be a map")
-    version = raw.get(K_VERSION)
-    if type(version) is not int or version != VERSION:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"liveness version {version!r}")
+    raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "liveness frame")
     t = raw.get(K_TYPE)
     if type(t) is not int or t not in _KEYS:
         raise DecodeError(Reason.MALFORMED, f"unknown liveness frame type {t!r}")
