@@ -474,17 +474,11 @@ def summarize(name: str, results: list[dict]) -> dict:
 
 async def main_async(args) -> dict:
     procs = max(1, min(args.procs, args.nodes))
+    run = (args.nodes, args.trials, args.target_peers, args.seed, node_settings(args))
     if procs == 1:
         with tempfile.TemporaryDirectory(prefix="hydra-bench-") as tmp:
             print(f"hydra overlay, {args.nodes} nodes ...", file=sys.stderr)
-            hydra, graph, degrees, per_node = await hydra_trials(
-                Path(tmp),
-                args.nodes,
-                args.trials,
-                args.target_peers,
-                args.seed,
-                node_settings(args),
-            )
+            hydra, graph, degrees, per_node = await hydra_trials(Path(tmp), *run)
             load = os.getloadavg()[0]
         print("bare gossipsub on the same graph ...", file=sys.stderr)
         base = await baseline_trials(graph, args.trials, 300, args.seed)
@@ -495,13 +489,7 @@ async def main_async(args) -> dict:
                     f"hydra overlay, {args.nodes} nodes in {procs} processes ...", file=sys.stderr
                 )
                 hydra, graph, degrees, per_node, ids = await hydra_trials_procs(
-                    workers,
-                    Path(tmp),
-                    args.nodes,
-                    args.trials,
-                    args.target_peers,
-                    args.seed,
-                    node_settings(args),
+                    workers, Path(tmp), *run
                 )
                 load = os.getloadavg()[0]  # how busy the CPUs were during the Hydra trials
                 if not args.baseline_alongside:
