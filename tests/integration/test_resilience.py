@@ -335,3 +335,25 @@ async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_pa
         assert sorted(sink.counts.values()) == [1] * n_sent
     finally:
         sink.stop()
+
+
+async def test_withdrawn_exit_is_replaced_by_a_standby(tmp_path):
+    """An exit that leaves in good order (a signed tombstone) is replaced at once:
+    no suspicion period, the tombstone itself removes it from the live exits."""
+    async with fleet(tmp_path) as f:
+        exit_node = await f.add("exit", EXIT, target_live_exits=1)
+        standby = await f.add("standby", STANDBY, target_live_exits=1)
+        relays = [await f.add(f"relay{i}", ("relay",), target_live_exits=1) for i in range(2)]
+        everyone = [exit_node, standby, *relays]
+        await wait_until(lambda: all(len(n.view) == 4 for n in everyone), 60)
+        await trio.sleep(6)  # the exit pools settle
+        assert Role.EXIT not in standby.roles
+        await exit_node.withdraw()
+        others = [standby, *relays]
+        await wait_until(lambda: Role.EXIT in standby.roles, 20)
+        await wait_until(
+            lambda: all(live_exit_ids(n) == {standby.node_id.peer_id()} for n in others), 20
+        )
+        # nobody had to declare the withdrawn exit dead for this
+        for n in others:
+            assert n.resilience.liveness.state(exit_node.node_id)[0] != "dead"
