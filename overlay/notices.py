@@ -21,7 +21,8 @@ the sender's resend then meets only the exit's own de-duplication).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,6 +31,7 @@ from prometheus_client import Counter
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, Reason
 from .exits import DeliveryQueue
+from .net import framing
 from .records import Role
 from .wire import delivered as wire
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hydra.notices")
 
 BACKLOG = 1024
+ASK_PEERS = 3  # exit-capable peers asked before a late delivery
+ASK_TIMEOUT = 2.0
 
 
 class DeliveryNotices:
@@ -61,6 +65,7 @@ class DeliveryNotices:
             registry=r,
         )
         node.host.set_topic_validator(wire.TOPIC, self._validate)
+        node.host.set_stream_handler(wire.PROTOCOL, self._serve)
 
     def delivered(self, message_id: bytes) -> None:
         """We delivered ``message_id``: announce it (soon, batched)."""
@@ -105,6 +110,9 @@ class DeliveryNotices:
         except DecodeError as e:
             self._reject(e.reason.value, forwarder, penalize=True)
             return False
+        if not frame.keys:
+            self._reject("empty", forwarder)
+            return False
         try:
             origin = NodeId.from_peer_id(msg.origin)
         except ValueError:
@@ -129,6 +137,63 @@ class DeliveryNotices:
                     self.m_finished.inc(finished)
                     log.info("%d pending message(s) were delivered by another exit", finished)
         return True
+
+    # -- asking before a late delivery -------------------------------------------
+
+    async def ask(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which of these notice keys do up to ``ASK_PEERS`` connected exit-capable
+        peers know as delivered? For a message that waited at this exit (we were
+        paused or cut off, and may have missed the notice of the exit that took
+        over). Unreachable or silent peers count as "don't know"."""
+        keys = tuple(dict.fromkeys(bytes(k) for k in keys))[: wire.MAX_KEYS]
+        if not keys:
+            return set()
+        node = self.node
+        peers = []
+        for nid in node.connected():
+            rec = node.view.get(nid)
+            if rec is not None and not rec.is_tombstone:
+                if rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
+                    peers.append(nid)
+        random.Random(node.rng.random()).shuffle(peers)
+        known: set[bytes] = set()
+
+        async def one(peer: NodeId) -> None:
+            try:
+                with trio.move_on_after(ASK_TIMEOUT):
+                    stream = await node.host.open_stream(peer.peer_id(), wire.PROTOCOL)
+                    try:
+                        frame = wire.encode(wire.Delivered(keys))
+                        await stream.write(framing.encode_frame(frame, wire.MAX_SIZE))
+                        data = await framing.read_frame(stream, wire.MAX_SIZE)
+                    finally:
+                        await stream.close()
+                    if data is not None:
+                        known.update(set(wire.decode(data).keys) & set(keys))
+            except Exception as e:  # noqa: BLE001 - a peer that cannot answer does not know
+                log.debug("asking %s about deliveries failed: %r", peer.short(), e)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers[:ASK_PEERS]:
+                nursery.start_soon(one, peer)
+        self.m_notices.labels("asked_known" if known else "asked_unknown").inc()
+        return known
+
+    async def _serve(self, stream, remote_peer: str) -> None:
+        try:
+            with trio.fail_after(ASK_TIMEOUT):
+                data = await framing.read_frame(stream, wire.MAX_SIZE)
+                if data is None:
+                    return
+                keys = wire.decode(data).keys
+                queue = self._queue()
+                known = queue.delivered_among(keys) if queue is not None else set()
+                answer = wire.Delivered(tuple(k for k in keys if k in known))
+                await stream.write(framing.encode_frame(wire.encode(answer), wire.MAX_SIZE))
+        except DecodeError as e:
+            self._reject(e.reason.value, remote_peer, penalize=True)
+        except (LocalError, trio.TooSlowError) as e:
+            log.debug("answering a delivery question from %s: %r", remote_peer[-8:], e)
 
     def _reject(self, why: str, forwarder: str, penalize: bool = False) -> None:
         self.m_notices.labels(f"rejected_{why}").inc()

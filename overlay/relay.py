@@ -470,6 +470,7 @@ class RelayService:
                     on_event=self._on_exit_event,
                     ack_when="delivered",
                     clock=node.clock,
+                    check_delivered=self.notices.ask,
                 )
             async with trio.open_nursery() as n:
                 self._nursery = n

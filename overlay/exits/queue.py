@@ -26,7 +26,9 @@ Invariants:
 - a notice key another exit announced (``note_delivered_elsewhere``, table
   ``elsewhere``, kept ``retention`` seconds) makes ``accept`` answer
   ``delivered`` (reason ``delivered_elsewhere``) without storing the message,
-  and finishes a pending copy we hold, so it is not delivered twice.
+  and finishes a pending copy we hold, so it is not delivered twice; the
+  table also holds the keys of our own deliveries, so ``delivered_among``
+  answers an exit that asks about both.
 """
 
 from __future__ import annotations
@@ -329,13 +331,36 @@ class DeliveryQueue:
         return FailOutcome(attempts, retry_at, reason)
 
     def _finish(self, mid: bytes, state: MessageState, now: float, reason: str) -> bool:
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE deliveries SET state = ?, raw = NULL, next_at = NULL, finished_at = ?,"
-                " attempts = attempts + 1, reason = ? WHERE message_id = ? AND state = 0",
-                (int(state), float(now), reason, mid),
+        return self._tx(self._finish_tx, mid, state, float(now), reason)
+
+    def _finish_tx(self, cur, mid: bytes, state: MessageState, now: float, reason: str) -> bool:
+        cur.execute(
+            "UPDATE deliveries SET state = ?, raw = NULL, next_at = NULL, finished_at = ?,"
+            " attempts = attempts + 1, reason = ? WHERE message_id = ? AND state = 0",
+            (int(state), now, reason, mid),
+        )
+        if cur.rowcount != 1:
+            return False
+        if state is MessageState.DELIVERED:  # so we can tell others who ask (delivered_among)
+            cur.execute(
+                "INSERT OR IGNORE INTO elsewhere (notice_key, noted_at) VALUES (?, ?)",
+                (notice_key(mid), now),
             )
-            return cur.rowcount == 1
+        return True
+
+    def delivered_among(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which of these notice keys we know as delivered (by us or, from a notice,
+        by another exit)."""
+        keys = list(dict.fromkeys(bytes(k) for k in keys))[:256]
+        if not keys:
+            return set()
+        marks = ",".join("?" * len(keys))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT notice_key FROM elsewhere WHERE notice_key IN ({marks})",  # noqa: S608
+                keys,
+            ).fetchall()
+        return {bytes(r[0]) for r in rows}
 
     def note_delivered_elsewhere(self, keys: Iterable[bytes], now: float) -> int:
         """Another exit announced these notice keys as delivered: remember them (so a

@@ -37,14 +37,16 @@ from typing import Literal
 import trio
 
 from ..errors import LocalError
+from ..wire.delivered import notice_key
 from ..wire.delivery import Ack, AckStatus, ExitMessage
 from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
-from .queue import DeliveryQueue, MessageState, QueuedMessage, QueueFull
+from .queue import ELSEWHERE, DeliveryQueue, MessageState, QueuedMessage, QueueFull
 
 log = logging.getLogger("hydra.exits")
 
 EventKind = Literal["accepted", "duplicate", "rejected", "delivered", "retry", "gave_up"]
 SendAck = Callable[[bytes, Ack], Awaitable[None]]
+CheckDelivered = Callable[[list[bytes]], Awaitable[set[bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +74,16 @@ class DeliveryWorker:
         clock: Callable[[], float] = time.time,
         purge_interval: float = 3600.0,
         max_sleep: float = 60.0,
+        check_delivered: CheckDelivered | None = None,
+        late_after: float = 2.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if ack_when not in ("accepted", "delivered"):
             raise ValueError('ack_when must be "accepted" or "delivered"')
         self.queue = queue
+        self.check_delivered = check_delivered
+        self.late_after = late_after
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.send_ack = send_ack
@@ -179,6 +185,8 @@ class DeliveryWorker:
     async def _attempt(self, item: QueuedMessage) -> None:
         msg, mid = item.message, item.message_id
         try:
+            if await self._delivered_elsewhere(item):
+                return
             failure: DeliveryFailure | None = None
             try:
                 await self.dispatcher.deliver(msg)
@@ -220,6 +228,33 @@ class DeliveryWorker:
         finally:
             self._in_flight.discard(mid)
             self.wake()
+
+    async def _delivered_elsewhere(self, item: QueuedMessage) -> bool:
+        """A message that waited here (we were paused or cut off, or its destination
+        was down) may have been resent to and delivered by another exit meanwhile,
+        whose notice we missed: ask before delivering it ourselves."""
+        if self.check_delivered is None or self.clock() - item.accepted_at < self.late_after:
+            return False
+        key = notice_key(item.message_id)
+        try:
+            known = await self.check_delivered([key])
+        except Exception:
+            log.exception("exit: asking about earlier deliveries failed")
+            return False
+        if key not in known:
+            return False
+        try:
+            self.queue.note_delivered_elsewhere([key], self.clock())
+        except (sqlite3.Error, LocalError):
+            log.exception("exit: cannot record a delivery by another exit")
+            return False
+        log.info("exit: a waiting message was already delivered by another exit")
+        self._event("duplicate", item.message, reason=ELSEWHERE)
+        if self.ack_when == "delivered":
+            await self._send(
+                item.message.reply_block, Ack.make(item.message_id, AckStatus.DELIVERED, ELSEWHERE)
+            )
+        return True
 
     # -- helpers --------------------------------------------------------------------
 

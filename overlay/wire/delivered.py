@@ -8,7 +8,13 @@ died before its acknowledgement came back) finds the key and answers
 Wire format: one canonical CBOR map::
 
     0 version  uint (=1)
-    1 keys     array of 1..64 bstr 16: notice_key(message id) of each message
+    1 keys     array of 0..64 bstr 16: notice_key(message id) of each message
+
+The same frame is also a question and its answer on the stream protocol
+``/hydra/delivered/1.0.0``: an exit about to deliver a message that waited
+(it was paused, cut off, or the destination was down) asks a few exit-capable
+peers which of these keys they know as delivered; each answers with the subset
+(possibly empty). A gossiped notice must carry at least one key.
 
 ``notice_key(id)`` is the first 16 bytes of BLAKE2b-256 with personalisation
 ``hydra-delivered`` over the 16-byte message id: receivers match it against
@@ -29,10 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..crypto import hash32
-from ..errors import DecodeError, Reason
 from . import cbor
 
 TOPIC = "hydra/delivered/1"
+PROTOCOL = "/hydra/delivered/1.0.0"
 VERSION = 1
 KEY_SIZE = 16
 MAX_KEYS = 64
@@ -51,8 +57,8 @@ class Delivered:
     keys: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.keys) <= MAX_KEYS or any(len(k) != KEY_SIZE for k in self.keys):
-            raise ValueError(f"a notice carries 1..{MAX_KEYS} keys of {KEY_SIZE} bytes")
+        if len(self.keys) > MAX_KEYS or any(len(k) != KEY_SIZE for k in self.keys):
+            raise ValueError(f"a notice carries up to {MAX_KEYS} keys of {KEY_SIZE} bytes")
 
 
 def encode(frame: Delivered) -> bytes:
@@ -63,6 +69,4 @@ def decode(data: bytes) -> Delivered:
     raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "delivery notice")
     cbor.expect_map(raw, {K_VERSION, K_KEYS})
     keys = cbor.array(raw[K_KEYS], "keys", MAX_KEYS)
-    if not keys:
-        raise DecodeError(Reason.MALFORMED, "empty delivery notice")
     return Delivered(tuple(cbor.bstr(k, "key", KEY_SIZE) for k in keys))

@@ -628,3 +628,52 @@ async def test_worker_acks_a_message_delivered_elsewhere_without_delivering(tmp_
         assert rec.acks == [(b"rb", ack)]
         assert [e.kind for e in rec.events] == ["duplicate"]
         assert not any(maildir.rglob("*"))
+
+
+async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_path):
+    """A message that waited at this exit (paused, cut off) is delivered only if
+    no other exit says it delivered it meanwhile; fresh ones are not held up."""
+    from overlay.exits.queue import ELSEWHERE
+    from overlay.wire.delivered import notice_key
+
+    rec = Recorder()
+    root = tmp_path / "md"
+    root.mkdir()
+    asked: list[list[bytes]] = []
+    elsewhere = {notice_key(mid(1))}
+
+    async def check(keys):
+        asked.append(keys)
+        return {k for k in keys if k in elsewhere}
+
+    clock = [1000.0]
+    disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(root)})
+    with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
+        worker = DeliveryWorker(
+            q,
+            disp,
+            send_ack=rec.send_ack,
+            on_event=rec.on_event,
+            ack_when="delivered",
+            clock=lambda: clock[0],
+            check_delivered=check,
+            late_after=2.0,
+        )
+        for n in (1, 2):  # accepted, then this exit was paused for 10 s
+            await worker.submit(ExitMessage.make(mid(n), "maildir:inbox", b"%d" % n, b"rb%d" % n))
+        clock[0] += 10
+        await worker.submit(ExitMessage.make(mid(3), "maildir:inbox", b"3", b"rb3"))  # fresh
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await rec.wait(lambda: len(rec.acks) == 3)
+            nursery.cancel_scope.cancel()
+        acks = {ack.message_id: ack for _, ack in rec.acks}
+        assert acks[mid(1)].status is AckStatus.DELIVERED and acks[mid(1)].reason == ELSEWHERE
+        assert acks[mid(2)].status is AckStatus.DELIVERED and acks[mid(2)].reason == ""
+        assert acks[mid(3)].status is AckStatus.DELIVERED
+        assert q.lookup(mid(1)) == (MessageState.DELIVERED, ELSEWHERE)
+        assert sorted(asked) == sorted([[notice_key(mid(1))], [notice_key(mid(2))]])  # not 3
+        assert len(list(root.rglob("new/*"))) == 2  # 2 and 3; never 1
+        # what we delivered, we can vouch for when another exit asks
+        keys = [notice_key(mid(n)) for n in (1, 2, 3, 4)]
+        assert q.delivered_among(keys) == set(keys[:3])

@@ -357,3 +357,23 @@ async def test_withdrawn_exit_is_replaced_by_a_standby(tmp_path):
         # nobody had to declare the withdrawn exit dead for this
         for n in others:
             assert n.resilience.liveness.state(exit_node.node_id)[0] != "dead"
+
+
+async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
+    from overlay.wire.delivered import notice_key
+    from overlay.wire.delivery import ExitMessage
+
+    async with fleet(tmp_path) as f:
+        a = await f.add("a", EXIT)
+        b = await f.add("b", EXIT)
+        relay = await f.add("relay", ("relay",))
+        await wait_until(lambda: all(len(n.view) == 3 for n in (a, b, relay)), 60)
+        q = b.relay.exit_queue
+        done, other = b"\x01" * 16, b"\x02" * 16
+        q.accept(ExitMessage.make(done, "smtp:u@example.org", b"x"), time.time())
+        assert q.mark_delivered(done, time.time())
+        keys = [notice_key(done), notice_key(other)]
+        assert await a.relay.notices.ask(keys) == {notice_key(done)}
+        assert await a.relay.notices.ask([notice_key(other)]) == set()
+        # any node may ask; only exit-capable peers (here a and b) are asked
+        assert await relay.relay.notices.ask(keys) == {notice_key(done)}
