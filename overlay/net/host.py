@@ -683,6 +683,28 @@ class _CircuitProtocol(CircuitV2Protocol):
 # ---- host ---------------------------------------------------------------------
 
 
+class _FloodPublishGossipSub(GossipSub):
+    """GossipSub that floods a node's *own* messages to every peer in the topic.
+
+    WORKAROUND (flood publish): py-libp2p sends even a message we originate only
+    to our mesh peers (at most D_high), so a peer outside our mesh waits for a
+    heartbeat's IHAVE/IWANT round (1 s) or misses it. GossipSub v1.1's flood
+    publishing (on by default in go-libp2p) sends the publisher's own messages
+    to all its peers in the topic; forwarded messages still use the mesh only.
+    test_own_messages_are_flooded_to_every_topic_peer.
+    """
+
+    def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
+        topic_ids = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is not None and msg_forwarder == origin == pubsub.my_id:
+            for topic in topic_ids:
+                peers.update(pubsub.peer_topics.get(topic, ()))
+            peers.discard(origin)
+        yield from peers
+
+
 class _Notifee(INotifee):
     """Forwards connection events to the host (never blocks the swarm)."""
 
@@ -819,7 +841,7 @@ class Libp2pHost:
         self._add_dial_transports(key_pair)
         self._swarm.register_notifee(_Notifee(self))
 
-        self._gossipsub = GossipSub(
+        self._gossipsub = _FloodPublishGossipSub(
             protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10],
             degree=gossip_degree[0],
             degree_low=gossip_degree[1],

@@ -633,6 +633,31 @@ async def test_gossip_heartbeat_is_configured() -> None:
     assert h._gossipsub.heartbeat_interval == 1.0
 
 
+@pytest.mark.slow
+async def test_own_messages_are_flooded_to_every_topic_peer() -> None:
+    """WORKAROUND (flood publish): a hub with more topic peers than D_high sends
+    its own message to all of them; upstream (and forwarded messages) use the
+    mesh only."""
+    topic = "hydra/flood"
+    hub = make_host(gossip_topics=[topic], enable_dht=False, gossip_degree=(2, 1, 3))
+    leaves = [make_host(gossip_topics=[topic], enable_dht=False) for _ in range(6)]
+    async with running(hub, *leaves):
+        for leaf in leaves:
+            await leaf.connect(hub.listen_addrs()[0])
+        router = hub._gossipsub
+        me = router.pubsub.my_id
+        ids = {ID.from_base58(leaf.peer_id) for leaf in leaves}
+        await wait_until(lambda: set(router.pubsub.peer_topics.get(topic, ())) == ids, 15)
+        await wait_until(lambda: 0 < len(router.mesh.get(topic, ())) <= 3, 15)
+        mesh = set(router.mesh[topic])
+        assert set(router._get_peers_to_send([topic], me, me)) == ids  # own: every peer
+        other = next(iter(ids))
+        forwarded = set(router._get_peers_to_send([topic], other, other))
+        assert forwarded == mesh - {other}  # someone else's: the mesh
+        upstream = set(GossipSub._get_peers_to_send(router, [topic], me, me))
+        assert upstream == mesh and upstream != ids  # why the workaround exists
+
+
 async def test_upstream_adaptive_gossip_stretches_heartbeat() -> None:
     default = GossipSub(protocols=[PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12)
     assert default.heartbeat_interval == 120
