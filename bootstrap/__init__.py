@@ -18,4 +18,4 @@ from .fetch import FetchResult as FetchResult
 from .fetch import fetch_bundle as fetch_bundle
 from .fetch import parse_source as parse_source
 from .resolve import SourceError as SourceError
-from .resolve import SourceOutcome as SourceOutcome
+from .resolve import SourceReport as SourceReport

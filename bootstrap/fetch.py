@@ -45,7 +45,7 @@ from .resolve import (
     Fetched,
     NotModified,
     SourceError,
-    SourceOutcome,
+    SourceReport,
     SourceResult,
     resolve,
 )
@@ -267,7 +267,7 @@ class FetchResult:
 
     bundle: ValidBundle | None
     from_cache: bool
-    outcomes: tuple[SourceOutcome, ...]
+    outcomes: tuple[SourceReport, ...]
     cache_status: str
     expired_cache: VerifiedBundle | None = None
     cache_written: bool = False

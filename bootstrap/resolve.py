@@ -4,7 +4,7 @@ Input: for each source, what fetching it gave (``Fetched`` blobs,
 ``NotModified`` for an HTTP 304 on the cached bundle's ETag, or ``Failed``),
 the caller's pinned operator keys and threshold, the cached bundle's bytes (or
 None) and ``now`` (unix seconds). Output: a ``Resolution`` naming the chosen
-bundle and one ``SourceOutcome`` per source with a typed reason.
+bundle and one ``SourceReport`` per source with a typed reason.
 
 Rules:
 - every blob goes through decode -> verify(pinned, k) -> check_valid_at(now);
@@ -65,7 +65,7 @@ SourceResult = Fetched | NotModified | Failed
 
 
 @dataclass(frozen=True)
-class SourceOutcome:
+class SourceReport:
     """What one source contributed. ``reason`` is None only when ``ok``."""
 
     source: str
@@ -84,7 +84,7 @@ class SourceOutcome:
 class Resolution:
     bundle: ValidBundle | None
     from_cache: bool
-    outcomes: tuple[SourceOutcome, ...]
+    outcomes: tuple[SourceReport, ...]
     cache_status: str  # "none", "valid", "expired" or a rejection reason value
     expired_cache: VerifiedBundle | None = None
     write_cache: bool = False  # the caller should store bundle.raw as the new cache
@@ -133,7 +133,7 @@ def resolve(
 
     # per source: its best valid bundle, or why it had none
     best_per_source: list[ValidBundle | None] = []
-    provisional: list[SourceOutcome] = []
+    provisional: list[SourceReport] = []
     for source, result in results:
         if isinstance(result, NotModified):
             if cache is None:
@@ -144,7 +144,7 @@ def resolve(
             result = Failed(SourceError.NOT_FOUND, "no bundle")
         if isinstance(result, Failed):
             best_per_source.append(None)
-            provisional.append(SourceOutcome(source, False, result.error, result.detail))
+            provisional.append(SourceReport(source, False, result.error, result.detail))
             continue
         best: ValidBundle | None = None
         first_error: RemoteError | None = None
@@ -159,10 +159,10 @@ def resolve(
                 first_seq = verified.seq if verified is not None else None
         best_per_source.append(best)
         if best is not None or first_error is None:
-            provisional.append(SourceOutcome(source, True, seq=best.seq if best else None))
+            provisional.append(SourceReport(source, True, seq=best.seq if best else None))
         else:
             provisional.append(
-                SourceOutcome(source, False, first_error.reason, first_error.detail, first_seq)
+                SourceReport(source, False, first_error.reason, first_error.detail, first_seq)
             )
 
     floor = cache_verified.seq if cache_verified is not None else -1
@@ -175,15 +175,15 @@ def resolve(
     outcomes = []
     for out, b in zip(provisional, best_per_source, strict=True):
         if b is not None and chosen is not None and b.seq < chosen.seq:
-            out = SourceOutcome(
+            out = SourceReport(
                 out.source, False, Reason.ROLLED_BACK, f"seq {b.seq} < {chosen.seq}", b.seq
             )
         elif b is not None and b.seq < floor:
-            out = SourceOutcome(
+            out = SourceReport(
                 out.source, False, Reason.ROLLED_BACK, f"seq {b.seq} < cached {floor}", b.seq
             )
         elif b is not None and chosen is not None and not from_cache and b.raw == chosen.raw:
-            out = SourceOutcome(out.source, True, seq=b.seq, chosen=True)
+            out = SourceReport(out.source, True, seq=b.seq, chosen=True)
         outcomes.append(out)
 
     write = chosen is not None and not from_cache and chosen.raw != cache

@@ -22,7 +22,7 @@ EXPORTS = {
     "fetch_bundle",
     "parse_source",
     "SourceError",
-    "SourceOutcome",
+    "SourceReport",
 }
 ALLOWED_OVERLAY = {"overlay.errors", "overlay.crypto"}
 SANS_IO = {"bundle.py", "resolve.py", "dnstxt.py", "entries.py"}
