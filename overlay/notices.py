@@ -21,7 +21,6 @@ the sender's resend then meets only the exit's own de-duplication).
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -122,7 +121,7 @@ class DeliveryNotices:
         if rec is None:  # e.g. we joined a moment ago: we cannot tell, so we do not relay it
             self._reject("unknown_origin", forwarder)
             return False
-        if rec.is_tombstone or not rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
+        if not self._exit_capable(rec):
             self._reject("not_exit", forwarder)
             return False
         self.m_notices.labels("accepted").inc()
@@ -138,6 +137,14 @@ class DeliveryNotices:
                     log.info("%d pending message(s) were delivered by another exit", finished)
         return True
 
+    @staticmethod
+    def _exit_capable(rec) -> bool:
+        return (
+            rec is not None
+            and not rec.is_tombstone
+            and bool(rec.roles & (Role.EXIT | Role.STANDBY_EXIT))
+        )
+
     # -- asking before a late delivery -------------------------------------------
 
     async def ask(self, keys: Iterable[bytes]) -> set[bytes]:
@@ -149,13 +156,9 @@ class DeliveryNotices:
         if not keys:
             return set()
         node = self.node
-        peers = []
-        for nid in node.connected():
-            rec = node.view.get(nid)
-            if rec is not None and not rec.is_tombstone:
-                if rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
-                    peers.append(nid)
-        random.Random(node.rng.random()).shuffle(peers)
+        peers = [nid for nid in node.connected() if self._exit_capable(node.view.get(nid))]
+        node.rng.shuffle(peers)
+        question = framing.encode_frame(wire.encode(wire.Delivered(keys)), wire.MAX_SIZE)
         known: set[bytes] = set()
 
         async def one(peer: NodeId) -> None:
@@ -163,8 +166,7 @@ class DeliveryNotices:
                 with trio.move_on_after(ASK_TIMEOUT):
                     stream = await node.host.open_stream(peer.peer_id(), wire.PROTOCOL)
                     try:
-                        frame = wire.encode(wire.Delivered(keys))
-                        await stream.write(framing.encode_frame(frame, wire.MAX_SIZE))
+                        await stream.write(question)
                         data = await framing.read_frame(stream, wire.MAX_SIZE)
                     finally:
                         await stream.close()
