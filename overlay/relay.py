@@ -398,6 +398,7 @@ class RelayService:
         self.surbs = SurbRegistry()
         self.worker: DeliveryWorker | None = None
         self.notices: DeliveryNotices | None = None
+        self._dead_cache: tuple[float, frozenset] | None = None
         self.exit_queue: DeliveryQueue | None = None
         self._keys: dict[int, OnionKey] = {}
         self._pending_tags: list[tuple[int, bytes]] = []
@@ -939,10 +940,16 @@ class RelayService:
             scope.cancel()
 
     def _dead_set(self) -> frozenset:
-        if self.dead_nodes is None:
-            return frozenset()
-        try:
-            return frozenset(self.dead_nodes())
-        except Exception:  # noqa: BLE001 - a broken hook must not break sessions
-            log.exception("dead_nodes hook failed")
-            return frozenset()
+        """The dead set, computed at most once per half push interval for all sessions
+        (every session's writer asks every DEAD_PUSH_INTERVAL)."""
+        now = trio.current_time()
+        if self._dead_cache is not None and now - self._dead_cache[0] < DEAD_PUSH_INTERVAL / 2:
+            return self._dead_cache[1]
+        dead: frozenset = frozenset()
+        if self.dead_nodes is not None:
+            try:
+                dead = frozenset(self.dead_nodes())
+            except Exception:  # noqa: BLE001 - a broken hook must not break sessions
+                log.exception("dead_nodes hook failed")
+        self._dead_cache = (now, dead)
+        return dead
