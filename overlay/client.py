@@ -48,7 +48,7 @@ from .outbox_store import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
 from .runtime import SYNC_PROTOCOL
 from .wire import relay as wire
 from .wire import sync
-from .wire.delivery import ExitMessage, decode_ack
+from .wire.delivery import MAX_EARLIER, ExitMessage, decode_ack
 
 log = logging.getLogger("hydra.client")
 
@@ -61,6 +61,13 @@ _PLACEHOLDER_BLOCKS = wire.encode_reply_blocks(
 )
 
 __all__ = ["AckTimeout", "Client", "Entry", "State"]
+
+
+def earlier_exits(e: Entry, exit_id: NodeId) -> tuple[bytes, ...]:
+    """The exits other than ``exit_id`` this message was handed to (newest last):
+    the next exit asks them before delivering, in case one still holds it."""
+    seen = [x for x in dict.fromkeys((*e.exits_failed, e.exit)) if x not in (None, exit_id)]
+    return tuple(bytes(x) for x in seen[-MAX_EARLIER:])
 
 
 class AckTimeout(LocalError):
@@ -272,7 +279,11 @@ class Client:
             surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops())
             surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops())
             msg = ExitMessage.make(
-                e.message_id, e.destination, e.body, wire.encode_reply_blocks(surb_f, surb_q)
+                e.message_id,
+                e.destination,
+                e.body,
+                wire.encode_reply_blocks(surb_f, surb_q),
+                earlier_exits(e, exit_id),
             )
             payload = msg.encode()
             params = params_for_message(len(payload))

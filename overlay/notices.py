@@ -29,7 +29,7 @@ from prometheus_client import Counter
 
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, Reason
-from .exits import DeliveryQueue
+from .exits import DeliveryWorker
 from .net import framing
 from .records import Role
 from .wire import delivered as wire
@@ -40,16 +40,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("hydra.notices")
 
 BACKLOG = 1024
-ASK_PEERS = 3  # exit-capable peers asked before a late delivery
+ASK_PEERS = 3  # exit-capable peers asked besides the message's earlier exits
 ASK_TIMEOUT = 2.0
+ASK_DOUBTFUL_TIMEOUT = 0.5  # for an earlier exit we hold suspect or dead (yet still connected)
 
 
 class DeliveryNotices:
     """Publishes our deliveries and records other exits' ones. Run inside a node."""
 
-    def __init__(self, node: Node, queue: Callable[[], DeliveryQueue | None]) -> None:
+    def __init__(self, node: Node, worker: Callable[[], DeliveryWorker | None]) -> None:
         self.node = node
-        self._queue = queue
+        self._worker = worker
         self._send, self._recv = trio.open_memory_channel[bytes](BACKLOG)
         r = node.metrics.registry
         self.m_notices = Counter(
@@ -125,10 +126,10 @@ class DeliveryNotices:
             self._reject("not_exit", forwarder)
             return False
         self.m_notices.labels("accepted").inc()
-        queue = self._queue()
-        if queue is not None:
+        worker = self._worker()
+        if worker is not None:
             try:
-                finished = queue.note_delivered_elsewhere(frame.keys, self.node.clock())
+                finished = worker.queue.note_delivered_elsewhere(frame.keys, self.node.clock())
             except LocalError as e:
                 log.warning("cannot record a delivery notice: %s", e)
             else:
@@ -136,6 +137,11 @@ class DeliveryNotices:
                     self.m_finished.inc(finished)
                     log.info("%d pending message(s) were delivered by another exit", finished)
         return True
+
+    def _liveness_state(self, nid: NodeId) -> str:
+        """``alive``, ``suspect``, ``dead`` or ``unknown`` in our failure detector."""
+        liveness = getattr(getattr(self.node, "resilience", None), "liveness", None)
+        return "alive" if liveness is None else liveness.state(nid)[0]
 
     @staticmethod
     def _exit_capable(rec) -> bool:
@@ -145,41 +151,74 @@ class DeliveryNotices:
             and bool(rec.roles & (Role.EXIT | Role.STANDBY_EXIT))
         )
 
-    # -- asking before a late delivery -------------------------------------------
+    # -- asking before a late or resent delivery -------------------------------------
 
-    async def ask(self, keys: Iterable[bytes]) -> set[bytes]:
-        """Which of these notice keys do up to ``ASK_PEERS`` connected exit-capable
-        peers know as delivered? For a message that waited at this exit (we were
-        paused or cut off, and may have missed the notice of the exit that took
-        over). Unreachable or silent peers count as "don't know"."""
+    async def ask(self, keys: Iterable[bytes], earlier: Iterable[bytes] = ()) -> wire.Answer:
+        """What do the exits in ``earlier`` (raw node ids: they had these messages
+        before us) and up to ``ASK_PEERS`` other connected exit-capable peers know
+        of these notice keys: delivered, or held by them? Unreachable or silent
+        peers count as "don't know"."""
         keys = tuple(dict.fromkeys(bytes(k) for k in keys))[: wire.MAX_KEYS]
         if not keys:
-            return set()
+            return wire.Answer()
         node = self.node
-        peers = [nid for nid in node.connected() if self._exit_capable(node.view.get(nid))]
-        node.rng.shuffle(peers)
-        question = framing.encode_frame(wire.encode(wire.Delivered(keys)), wire.MAX_SIZE)
-        known: set[bytes] = set()
-
-        async def one(peer: NodeId) -> None:
+        me = node.node_id
+        connected = set(node.connected())
+        asked: dict[NodeId, float] = {}  # peer -> how long we wait for its answer
+        for raw in earlier:
             try:
-                with trio.move_on_after(ASK_TIMEOUT):
-                    stream = await node.host.open_stream(peer.peer_id(), wire.PROTOCOL)
+                nid = NodeId(bytes(raw))
+            except ValueError:
+                continue
+            state = self._liveness_state(nid)
+            if nid == me or (state == "dead" and nid not in connected):
+                continue  # crashed and gone: dialling it would only cost time
+            doubtful = state in ("suspect", "dead")
+            asked.setdefault(nid, ASK_DOUBTFUL_TIMEOUT if doubtful else ASK_TIMEOUT)
+        others = [
+            nid
+            for nid in connected
+            if nid not in asked
+            and self._exit_capable(node.view.get(nid))
+            and self._liveness_state(nid) not in ("suspect", "dead")
+        ]
+        others.sort(key=bytes)
+        node.rng.shuffle(others)
+        for nid in others[:ASK_PEERS]:
+            asked[nid] = ASK_TIMEOUT
+        question = framing.encode_frame(wire.encode(wire.Delivered(keys)), wire.MAX_SIZE)
+        delivered: set[bytes] = set()
+        holding: set[bytes] = set()
+
+        async def one(peer: NodeId, timeout: float, done: trio.CancelScope) -> None:
+            try:
+                with trio.move_on_after(timeout):
+                    stream = await node.host.open_stream(
+                        peer.peer_id(), wire.PROTOCOL, timeout=timeout
+                    )
                     try:
                         await stream.write(question)
-                        data = await framing.read_frame(stream, wire.MAX_SIZE)
+                        data = await framing.read_frame(stream, wire.ANSWER_MAX_SIZE)
                     finally:
                         await stream.close()
                     if data is not None:
-                        known.update(set(wire.decode(data).keys) & set(keys))
+                        answer = wire.decode_answer(data)
+                        delivered.update(set(answer.delivered) & set(keys))
+                        holding.update(set(answer.holding) & set(keys))
+                        if delivered | holding >= set(keys):
+                            done.cancel()  # every key is settled: no need to wait for the rest
             except Exception as e:  # noqa: BLE001 - a peer that cannot answer does not know
                 log.debug("asking %s about deliveries failed: %r", peer.short(), e)
 
         async with trio.open_nursery() as nursery:
-            for peer in peers[:ASK_PEERS]:
-                nursery.start_soon(one, peer)
-        self.m_notices.labels("asked_known" if known else "asked_unknown").inc()
-        return known
+            for peer, timeout in asked.items():
+                nursery.start_soon(one, peer, timeout, nursery.cancel_scope)
+        holding -= delivered
+        result = "asked_delivered" if delivered else "asked_held" if holding else "asked_unknown"
+        self.m_notices.labels(result).inc()
+        return wire.Answer(
+            tuple(k for k in keys if k in delivered), tuple(k for k in keys if k in holding)
+        )
 
     async def _serve(self, stream, remote_peer: str) -> None:
         try:
@@ -188,13 +227,17 @@ class DeliveryNotices:
                 if data is None:
                     return
                 keys = wire.decode(data).keys
-                queue = self._queue()
-                known = queue.delivered_among(keys) if queue is not None else set()
-                answer = wire.Delivered(tuple(k for k in keys if k in known))
-                await stream.write(framing.encode_frame(wire.encode(answer), wire.MAX_SIZE))
+                worker = self._worker()
+                if worker is None:
+                    answer = wire.Answer()
+                else:
+                    asker = NodeId.from_peer_id(remote_peer)
+                    answer = worker.answer(keys, bytes(asker) < bytes(self.node.node_id))
+                data = framing.encode_frame(wire.encode_answer(answer), wire.ANSWER_MAX_SIZE)
+                await stream.write(data)
         except DecodeError as e:
             self._reject(e.reason.value, remote_peer, penalize=True)
-        except (LocalError, trio.TooSlowError) as e:
+        except (LocalError, ValueError, trio.TooSlowError) as e:
             log.debug("answering a delivery question from %s: %r", remote_peer[-8:], e)
 
     def _reject(self, why: str, forwarder: str, penalize: bool = False) -> None:

@@ -426,7 +426,7 @@ class RelayService:
         if self.serve_clients:
             node.host.set_stream_handler(CLIENT_PROTOCOL, self._serve_client)
         node.relay = self
-        self.notices = DeliveryNotices(node, lambda: self.exit_queue)
+        self.notices = DeliveryNotices(node, lambda: self.worker)
         if self.dead_nodes is None and getattr(node, "resilience", None) is not None:
             self.dead_nodes = self._dead_from_liveness
 

@@ -80,7 +80,7 @@ class Entry:
     exit: NodeId | None = None  # exit of the latest attempt
     exit_attempts: int = 0  # PENDING: unanswered attempts through ``exit``; QUEUED: refreshes
     queued_at: NodeId | None = None  # the exit that acknowledged "queued"
-    exits_failed: tuple[NodeId, ...] = ()
+    exits_failed: tuple[NodeId, ...] = ()  # exits we moved away from (avoided; see sent())
     last_path: tuple[NodeId, ...] = ()
     avoid: tuple[NodeId, ...] = ()  # relays of unanswered attempts
     reason: str = ""
@@ -267,6 +267,8 @@ class Outbox:
         if exit == e.exit:
             e.exit_attempts += 1
         else:
+            if e.exit is not None:  # left behind (it may still hold a copy): the new
+                e.exits_failed = _add(e.exits_failed, e.exit)  # exit is told to ask it
             e.exit, e.exit_attempts = exit, 1
         if e.attempts == 1:
             self._sent_at[e.message_id] = now  # Karn: sample only unambiguous round trips

@@ -4,7 +4,7 @@ One row per message id::
 
     message_id BLOB PK | state 0 pending / 1 delivered / 2 failed | raw (encoded
     ExitMessage; NULL once finished) | accepted_at | attempts | next_at |
-    finished_at | reason
+    finished_at | reason | notice_key (indexed; added to older files on open)
 
 Invariants:
 - ``accept`` commits (``synchronous=FULL``) before it returns: an accepted
@@ -28,7 +28,9 @@ Invariants:
   ``delivered`` (reason ``delivered_elsewhere``) without storing the message,
   and finishes a pending copy we hold, so it is not delivered twice; the
   table also holds the keys of our own deliveries, so ``delivered_among``
-  answers an exit that asks about both.
+  answers an exit that asks about both; ``pending_among`` tells which asked
+  keys we hold, and ``postpone`` moves a pending message's next attempt
+  without counting an attempt (we wait for the exit that holds it too).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ CREATE TABLE IF NOT EXISTS elsewhere (
     noted_at    REAL NOT NULL
 );
 """
+_NOTICE_INDEX = "CREATE INDEX IF NOT EXISTS deliveries_notice ON deliveries(notice_key)"
 
 
 class MessageState(enum.IntEnum):
@@ -167,8 +170,21 @@ class DeliveryQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_notice_keys()
         except sqlite3.Error as e:
             raise LocalError(f"cannot open delivery queue {self.path}: {e}") from e
+
+    def _add_notice_keys(self) -> None:
+        """Files written before the ``notice_key`` column get it, filled in."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(deliveries)")}
+        if "notice_key" not in cols:
+            self._db.execute("ALTER TABLE deliveries ADD COLUMN notice_key BLOB")
+            rows = self._db.execute("SELECT message_id FROM deliveries").fetchall()
+            self._db.executemany(
+                "UPDATE deliveries SET notice_key = ? WHERE message_id = ?",
+                [(notice_key(bytes(m)), m) for (m,) in rows],
+            )
+        self._db.execute(_NOTICE_INDEX)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -236,9 +252,10 @@ class DeliveryQueue:
         if pending >= self.max_pending:
             raise QueueFull(f"{pending} messages pending")
         cur.execute(
-            "INSERT INTO deliveries (message_id, state, raw, accepted_at, attempts, next_at)"
-            " VALUES (?, 0, ?, ?, 0, ?)",
-            (msg.message_id, raw, now, now),
+            "INSERT INTO deliveries"
+            " (message_id, state, raw, accepted_at, attempts, next_at, notice_key)"
+            " VALUES (?, 0, ?, ?, 0, ?, ?)",
+            (msg.message_id, raw, now, now, notice_key(msg.message_id)),
         )
         return AcceptResult(False, MessageState.PENDING)
 
@@ -362,6 +379,29 @@ class DeliveryQueue:
             ).fetchall()
         return {bytes(r[0]) for r in rows}
 
+    def pending_among(self, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        """Of these notice keys, those of messages we hold pending: key -> message id."""
+        keys = list(dict.fromkeys(bytes(k) for k in keys))[:256]
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT notice_key, message_id FROM deliveries"  # noqa: S608
+                f" WHERE state = 0 AND notice_key IN ({marks})",
+                keys,
+            ).fetchall()
+        return {bytes(k): bytes(m) for k, m in rows}
+
+    def postpone(self, message_id: bytes, until: float) -> bool:
+        """Move a pending message's next attempt to ``until`` (no attempt counted)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE deliveries SET next_at = ? WHERE message_id = ? AND state = 0",
+                (float(until), bytes(message_id)),
+            )
+            return cur.rowcount == 1
+
     def note_delivered_elsewhere(self, keys: Iterable[bytes], now: float) -> int:
         """Another exit announced these notice keys as delivered: remember them (so a
         resent copy is answered ``delivered``, not delivered again) and finish our
@@ -375,14 +415,12 @@ class DeliveryQueue:
             "INSERT OR IGNORE INTO elsewhere (notice_key, noted_at) VALUES (?, ?)",
             [(k, now) for k in keys],
         )
-        pending = cur.execute("SELECT message_id FROM deliveries WHERE state = 0").fetchall()
-        mine = [(now, ELSEWHERE, bytes(m)) for (m,) in pending if notice_key(bytes(m)) in keys]
         cur.executemany(
             "UPDATE deliveries SET state = 1, raw = NULL, next_at = NULL, finished_at = ?,"
-            " reason = ? WHERE message_id = ? AND state = 0",
-            mine,
+            " reason = ? WHERE notice_key = ? AND state = 0",
+            [(now, ELSEWHERE, k) for k in keys],
         )
-        return len(mine)
+        return cur.rowcount
 
     # -- housekeeping -----------------------------------------------------------------
 

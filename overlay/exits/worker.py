@@ -17,6 +17,18 @@ reply block is stored with the message and the ack (``delivered`` or
 ``rejected``) is sent when delivery ends; a resent copy's reply block replaces
 the stored one. ``on_event`` (sync) sees every step, for logs and metrics.
 
+Hand-over between exits (``check_delivered``, the question of
+``overlay.wire.delivered``): before delivering a message that waited here
+``late_after`` seconds, or that the sender resent after handing it to other
+exits (``ExitMessage.earlier``), the worker asks those exits and a few others.
+A key someone knows as *delivered* finishes our copy; a key someone *holds*
+postpones our copy (the holder's notice finishes it; if the holder dies we
+ask again later and deliver). ``answer`` is our side of that question: a
+message we hold is *held* unless we already gave way for it, or we are
+asking about it ourselves at the same moment and the asker's id is lower
+(``asker_first``): so two exits asking each other never both wait, nor both
+deliver. Nobody answering means delivering: no message is lost to silence.
+
 Invariants: an attempt cancelled by shutdown records nothing, so the message
 stays pending and the next worker on the same queue delivers it; a handler
 that raises anything but a ``DeliveryFailure`` counts as a temporary failure
@@ -30,23 +42,27 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import trio
 
 from ..errors import LocalError
-from ..wire.delivered import notice_key
+from ..wire.delivered import Answer, notice_key
 from ..wire.delivery import Ack, AckStatus, ExitMessage
 from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
 from .queue import ELSEWHERE, DeliveryQueue, MessageState, QueuedMessage, QueueFull
 
 log = logging.getLogger("hydra.exits")
 
-EventKind = Literal["accepted", "duplicate", "rejected", "delivered", "retry", "gave_up"]
+EventKind = Literal[
+    "accepted", "duplicate", "rejected", "delivered", "retry", "gave_up", "deferred"
+]
 SendAck = Callable[[bytes, Ack], Awaitable[None]]
-CheckDelivered = Callable[[list[bytes]], Awaitable[set[bytes]]]
+# (notice keys, raw ids of the exits that had the message before) -> their answer
+CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer]]
+DEFER_MIN, DEFER_MAX = 3.0, 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,8 @@ class DeliveryWorker:
         self.max_sleep = max_sleep
         self._wakeup = trio.Event()
         self._in_flight: set[bytes] = set()
+        self._asking: set[bytes] = set()  # ids we are asking other exits about now
+        self._gave_way: dict[bytes, float] = {}  # ids another exit holds -> until when
         self._next_purge = 0.0
 
     @property
@@ -170,6 +188,9 @@ class DeliveryWorker:
             if dropped:
                 log.info("exit queue: forgot %d finished message ids", dropped)
             self._next_purge = now + self.purge_interval
+            for mid, until in list(self._gave_way.items()):
+                if until < now - DEFER_MAX:  # finished by a notice meanwhile
+                    del self._gave_way[mid]
         free = self.concurrency - len(self._in_flight)
         if free > 0:
             for item in self.queue.due(now, limit=free, exclude=self._in_flight):
@@ -185,7 +206,9 @@ class DeliveryWorker:
     async def _attempt(self, item: QueuedMessage) -> None:
         msg, mid = item.message, item.message_id
         try:
-            if await self._delivered_elsewhere(item):
+            if not await self._ours_to_deliver(item):
+                return
+            if not self._still_pending(mid):
                 return
             failure: DeliveryFailure | None = None
             try:
@@ -229,32 +252,85 @@ class DeliveryWorker:
             self._in_flight.discard(mid)
             self.wake()
 
-    async def _delivered_elsewhere(self, item: QueuedMessage) -> bool:
-        """A message that waited here (we were paused or cut off, or its destination
-        was down) may have been resent to and delivered by another exit meanwhile,
-        whose notice we missed: ask before delivering it ourselves."""
-        if self.check_delivered is None or self.clock() - item.accepted_at < self.late_after:
-            return False
-        key = notice_key(item.message_id)
+    async def _ours_to_deliver(self, item: QueuedMessage) -> bool:
+        """Ask other exits before delivering a message that waited here (we were
+        paused or cut off, or its destination was down) or that other exits had
+        before us: it may be delivered or held elsewhere."""
+        msg, mid = item.message, item.message_id
+        now = self.clock()
+        if self.check_delivered is None or (
+            not msg.earlier and now - item.accepted_at < self.late_after
+        ):
+            return True
+        key = notice_key(mid)
+        self._gave_way.pop(mid, None)
+        self._asking.add(mid)
         try:
-            known = await self.check_delivered([key])
+            answer = await self.check_delivered([key], msg.earlier)
         except Exception:
             log.exception("exit: asking about earlier deliveries failed")
-            return False
-        if key not in known:
-            return False
+            answer = Answer()
+        finally:
+            self._asking.discard(mid)
+        log.info(
+            "exit: asked other exits about %s (%d earlier): %s",
+            mid.hex()[:8],
+            len(msg.earlier),
+            "delivered" if key in answer.delivered else "held" if key in answer.holding else "-",
+        )
         try:
-            self.queue.note_delivered_elsewhere([key], self.clock())
+            if key in answer.delivered:
+                self.queue.note_delivered_elsewhere([key], self.clock())
+            elif key in answer.holding or mid in self._gave_way:
+                now = self.clock()
+                until = now + min(DEFER_MAX, max(DEFER_MIN, (now - item.accepted_at) / 2))
+                self._gave_way[mid] = until
+                self.queue.postpone(mid, until)
+                log.info("exit: another exit holds a message; waiting for its notice")
+                self._event("deferred", msg, retry_at=until)
+                return False
+            else:
+                return True
         except (sqlite3.Error, LocalError):
-            log.exception("exit: cannot record a delivery by another exit")
-            return False
+            log.exception("exit: cannot record what another exit answered")
+            return True
         log.info("exit: a waiting message was already delivered by another exit")
-        self._event("duplicate", item.message, reason=ELSEWHERE)
+        self._event("duplicate", msg, reason=ELSEWHERE)
         if self.ack_when == "delivered":
-            await self._send(
-                item.message.reply_block, Ack.make(item.message_id, AckStatus.DELIVERED, ELSEWHERE)
-            )
-        return True
+            await self._send(msg.reply_block, Ack.make(mid, AckStatus.DELIVERED, ELSEWHERE))
+        return False
+
+    def _still_pending(self, mid: bytes) -> bool:
+        """A notice (or an answer) may have finished the message while we waited
+        for our turn or asked: then another exit delivered it and we must not."""
+        try:
+            known = self.queue.lookup(mid)
+        except (sqlite3.Error, LocalError):
+            log.exception("exit: cannot read the delivery queue")
+            return True
+        if known is None or known[0] is MessageState.PENDING:
+            return True
+        log.info("exit: %s was finished elsewhere while waiting to be delivered", mid.hex()[:8])
+        return False
+
+    def answer(self, keys: Iterable[bytes], asker_first: bool) -> Answer:
+        """Another exit asks about these notice keys (it holds those messages and
+        is about to deliver them). ``asker_first``: its id sorts before ours, so
+        it goes first when we are both asking. See the module docstring."""
+        keys = tuple(dict.fromkeys(bytes(k) for k in keys))
+        delivered = self.queue.delivered_among(keys)
+        pending = self.queue.pending_among(k for k in keys if k not in delivered)
+        holding = []
+        for key, mid in pending.items():
+            if mid in self._gave_way:
+                continue
+            if mid in self._asking and asker_first:
+                self._gave_way[mid] = self.clock() + DEFER_MIN
+                continue
+            holding.append(key)
+        return Answer(
+            tuple(k for k in keys if k in delivered), tuple(k for k in keys if k in holding)
+        )
 
     # -- helpers --------------------------------------------------------------------
 

@@ -9,6 +9,10 @@ Wire format (canonical CBOR map, integer keys):
                                   ``http://...`` or ``https://...`` (see ``parse_destination``)
       3 body         bstr 0..MAX_BODY   delivered byte for byte
       4 reply block  bstr 1..1024 optional: an opaque SURB for the acknowledgement
+      5 earlier      array of 1..3 bstr 32, optional: node ids of exits the sender
+                     handed this message to before (it resends because they did
+                     not answer); the exit asks them before delivering, so that a
+                     message still held by a slow exit is not delivered twice
 
     ack (ACK_MAX_SIZE 256 bytes)
       0 version      uint (=1)
@@ -46,8 +50,10 @@ MAX_DEST_LEN = 512
 MAX_REPLY_BLOCK = 1024
 ACK_MAX_SIZE = 256
 MAX_REASON_LEN = 200
+MAX_EARLIER = 3
+NODE_ID_SIZE = 32
 
-K_VERSION, K_ID, K_DEST, K_BODY, K_REPLY = 0, 1, 2, 3, 4
+K_VERSION, K_ID, K_DEST, K_BODY, K_REPLY, K_EARLIER = 0, 1, 2, 3, 4, 5
 A_VERSION, A_ID, A_STATUS, A_REASON = 0, 1, 2, 3
 _MSG_REQUIRED = {K_VERSION, K_ID, K_DEST, K_BODY}
 _ACK_REQUIRED = {A_VERSION, A_ID, A_STATUS}
@@ -236,6 +242,7 @@ class ExitMessage:
     destination: str
     body: bytes
     reply_block: bytes | None = None
+    earlier: tuple[bytes, ...] = ()  # raw node ids of exits that had it before
     version: int = VERSION
 
     @classmethod
@@ -245,10 +252,13 @@ class ExitMessage:
         destination: str | Destination,
         body: bytes,
         reply_block: bytes | None = None,
+        earlier: tuple[bytes, ...] = (),
     ) -> ExitMessage:
-        """Build a message; raise ``DecodeError`` if it would not decode (too long, bad DEST)."""
+        """Build a message; raise ``DecodeError`` if it would not decode (too long, bad
+        DEST, more than ``MAX_EARLIER`` earlier exits)."""
         reply = bytes(reply_block) if reply_block else None
-        msg = cls(bytes(message_id), str(destination), bytes(body), reply)
+        before = tuple(dict.fromkeys(bytes(n) for n in earlier))
+        msg = cls(bytes(message_id), str(destination), bytes(body), reply, before)
         return decode(msg.encode())
 
     @property
@@ -268,6 +278,8 @@ class ExitMessage:
         }
         if self.reply_block is not None:
             m[K_REPLY] = self.reply_block
+        if self.earlier:
+            m[K_EARLIER] = list(self.earlier)
         return cbor.dumps(m)
 
 
@@ -278,7 +290,7 @@ def encode(msg: ExitMessage) -> bytes:
 def decode(data: bytes) -> ExitMessage:
     """Parse an exit message; raise ``DecodeError`` unless ``data`` is canonical and valid."""
     raw = cbor.loads_versioned(data, MAX_SIZE, VERSION, "exit message")
-    cbor.expect_map(raw, _MSG_REQUIRED, {K_REPLY})
+    cbor.expect_map(raw, _MSG_REQUIRED, {K_REPLY, K_EARLIER})
     mid = cbor.bstr(raw[K_ID], "message id", MESSAGE_ID_SIZE)
     dest = cbor.tstr(raw[K_DEST], "destination", MAX_DEST_LEN)
     parse_destination(dest)
@@ -288,7 +300,13 @@ def decode(data: bytes) -> ExitMessage:
         reply = cbor.bstr(raw[K_REPLY], "reply block", max_size=MAX_REPLY_BLOCK)
         if not reply:
             raise DecodeError(Reason.MALFORMED, "empty reply block (omit the key)")
-    return ExitMessage(mid, dest, body, reply)
+    earlier: tuple[bytes, ...] = ()
+    if K_EARLIER in raw:
+        ids = cbor.array(raw[K_EARLIER], "earlier exits", MAX_EARLIER)
+        earlier = tuple(cbor.bstr(n, "earlier exit", NODE_ID_SIZE) for n in ids)
+        if not earlier or len(set(earlier)) != len(earlier):
+            raise DecodeError(Reason.MALFORMED, "earlier exits: empty or repeated (omit the key)")
+    return ExitMessage(mid, dest, body, reply, earlier)
 
 
 # ---- acknowledgement ------------------------------------------------------------

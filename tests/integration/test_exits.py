@@ -634,7 +634,7 @@ async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_pa
     """A message that waited at this exit (paused, cut off) is delivered only if
     no other exit says it delivered it meanwhile; fresh ones are not held up."""
     from overlay.exits.queue import ELSEWHERE
-    from overlay.wire.delivered import notice_key
+    from overlay.wire.delivered import Answer, notice_key
 
     rec = Recorder()
     root = tmp_path / "md"
@@ -642,9 +642,9 @@ async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_pa
     asked: list[list[bytes]] = []
     elsewhere = {notice_key(mid(1))}
 
-    async def check(keys):
+    async def check(keys, earlier):
         asked.append(keys)
-        return {k for k in keys if k in elsewhere}
+        return Answer(tuple(k for k in keys if k in elsewhere))
 
     clock = [1000.0]
     disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(root)})
@@ -677,3 +677,140 @@ async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_pa
         # what we delivered, we can vouch for when another exit asks
         keys = [notice_key(mid(n)) for n in (1, 2, 3, 4)]
         assert q.delivered_among(keys) == set(keys[:3])
+
+
+def test_pending_keys_postpone_and_older_queue_files(tmp_path):
+    from overlay.wire.delivered import notice_key
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)  # a queue file from before the notice_key column
+    db.executescript(
+        "CREATE TABLE deliveries (message_id BLOB PRIMARY KEY, state INTEGER NOT NULL,"
+        " raw BLOB, accepted_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_at REAL, finished_at REAL, reason TEXT NOT NULL DEFAULT '');"
+    )
+    raw = ExitMessage.make(mid(1), "maildir:x", b"old").encode()
+    db.execute("INSERT INTO deliveries VALUES (?, 0, ?, 0, 0, 0, NULL, '')", (mid(1), raw))
+    db.commit()
+    db.close()
+    with DeliveryQueue(path) as q:
+        q.accept(ExitMessage.make(mid(2), "maildir:x", b"new"), 1)
+        keys = [notice_key(mid(n)) for n in (1, 2, 3)]
+        assert q.pending_among(keys) == {keys[0]: mid(1), keys[1]: mid(2)}
+        assert q.postpone(mid(2), 50) and not q.postpone(mid(3), 50)
+        assert [x.message_id for x in q.due(10)] == [mid(1)]
+        assert q.next_due(10) == 50
+        assert q.note_delivered_elsewhere(keys[:1], 11) == 1  # found through the column
+        assert q.pending_among(keys) == {keys[1]: mid(2)}
+
+
+def _handover_worker(q, root, rec, clock, check):
+    disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(root)})
+    return DeliveryWorker(
+        q,
+        disp,
+        send_ack=rec.send_ack,
+        on_event=rec.on_event,
+        ack_when="delivered",
+        clock=lambda: clock[0],
+        check_delivered=check,
+    )
+
+
+async def test_a_resent_message_waits_for_the_exit_that_holds_it(tmp_path):
+    """A message the sender handed to another exit before is not delivered while
+    that exit says it holds it; the holder's notice finishes it, and when the
+    holder goes silent, it is delivered here."""
+    from overlay.wire.delivered import Answer, notice_key
+
+    rec = Recorder()
+    root = tmp_path / "md"
+    root.mkdir()
+    other = b"o" * 32
+    holder_alive = [True]
+    asked: list[tuple] = []
+
+    async def check(keys, earlier):
+        asked.append((tuple(keys), tuple(earlier)))
+        return Answer((), tuple(keys)) if holder_alive[0] else Answer()
+
+    clock = [1000.0]
+    with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
+        worker = _handover_worker(q, root, rec, clock, check)
+        for n in (1, 2):
+            msg = ExitMessage.make(mid(n), "maildir:inbox", b"%d" % n, b"rb%d" % n, (other,))
+            await worker.submit(msg)
+        await worker.submit(ExitMessage.make(mid(3), "maildir:inbox", b"3", b"rb3"))  # first copy
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await rec.wait(lambda: [e.kind for e in rec.events].count("deferred") == 2)
+            await rec.wait(lambda: len(rec.acks) == 1)  # 3 is ours alone: delivered at once
+            assert sorted(asked) == sorted(((notice_key(mid(n)),), (other,)) for n in (1, 2))
+            assert len(list(root.rglob("new/*"))) == 1
+            # the holder delivered 1 and says so; then it dies before delivering 2
+            assert q.note_delivered_elsewhere([notice_key(mid(1))], clock[0]) == 1
+            holder_alive[0] = False
+            clock[0] += 2.0  # still within the wait: nothing happens
+            worker.wake()
+            await trio.sleep(0.2)
+            assert len(asked) == 2
+            clock[0] += 60.0
+            worker.wake()
+            await rec.wait(lambda: len(rec.acks) == 2)
+            nursery.cancel_scope.cancel()
+        acks = {ack.message_id: ack for _, ack in rec.acks}
+        assert set(acks) == {mid(2), mid(3)}
+        assert all(a.status is AckStatus.DELIVERED and not a.reason for a in acks.values())
+        assert len(list(root.rglob("new/*"))) == 2 and len(asked) == 3
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_two_exits_asking_each_other_deliver_exactly_once(tmp_path, seed):
+    """Two exits hold the same resent message and ask each other at about the
+    same time: exactly one of them delivers it, the other waits for its notice."""
+    from overlay.wire.delivered import notice_key
+
+    rng = random.Random(seed)
+    root = tmp_path / "md"
+    root.mkdir()
+    clock = [1000.0]
+    workers: dict[bytes, DeliveryWorker] = {}
+    ids = (b"\x01" * 32, b"\x02" * 32)  # the first sorts first
+
+    def asker(me: bytes):
+        async def check(keys, earlier):
+            (peer,) = earlier
+            await trio.sleep(rng.uniform(0, 0.02))  # the question in flight
+            answer = workers[peer].answer(keys, asker_first=me < peer)
+            await trio.sleep(rng.uniform(0, 0.02))  # the answer in flight
+            return answer
+
+        return check
+
+    recs = [Recorder(), Recorder()]
+    with (
+        DeliveryQueue(tmp_path / "a.db", retry=FAST) as qa,
+        DeliveryQueue(tmp_path / "b.db", retry=FAST) as qb,
+    ):
+        for me, peer, q, rec in ((ids[0], ids[1], qa, recs[0]), (ids[1], ids[0], qb, recs[1])):
+            workers[me] = _handover_worker(q, root, rec, clock, asker(me))
+            msg = ExitMessage.make(mid(7), "maildir:inbox", b"once", b"rb", (peer,))
+            await workers[me].submit(msg)
+
+        def notice(ev, other):
+            if ev.kind == "delivered":
+                other.queue.note_delivered_elsewhere([notice_key(ev.message_id)], clock[0])
+
+        workers[ids[0]].on_event = lambda ev: (recs[0].on_event(ev), notice(ev, workers[ids[1]]))
+        workers[ids[1]].on_event = lambda ev: (recs[1].on_event(ev), notice(ev, workers[ids[0]]))
+        async with trio.open_nursery() as nursery:
+            for w in workers.values():
+                await nursery.start(w.run)
+            for r in recs:
+                await r.wait(lambda r=r: {"delivered", "deferred"} & set(r.kinds(mid(7))))
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        kinds = [e.kind for r in recs for e in r.events if e.kind != "accepted"]
+        assert sorted(kinds) == ["deferred", "delivered"]
+        assert len(list(root.rglob("new/*"))) == 1
+        assert {q.lookup(mid(7))[0] for q in (qa, qb)} == {MessageState.DELIVERED}

@@ -360,7 +360,7 @@ async def test_withdrawn_exit_is_replaced_by_a_standby(tmp_path):
 
 
 async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
-    from overlay.wire.delivered import notice_key
+    from overlay.wire.delivered import Answer, notice_key
     from overlay.wire.delivery import ExitMessage
 
     async with fleet(tmp_path) as f:
@@ -369,11 +369,21 @@ async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
         relay = await f.add("relay", ("relay",))
         await wait_until(lambda: all(len(n.view) == 3 for n in (a, b, relay)), 60)
         q = b.relay.exit_queue
-        done, other = b"\x01" * 16, b"\x02" * 16
+        done, held, other = b"\x01" * 16, b"\x03" * 16, b"\x02" * 16
         q.accept(ExitMessage.make(done, "smtp:u@example.org", b"x"), time.time())
         assert q.mark_delivered(done, time.time())
-        keys = [notice_key(done), notice_key(other)]
-        assert await a.relay.notices.ask(keys) == {notice_key(done)}
-        assert await a.relay.notices.ask([notice_key(other)]) == set()
+        q.postpone(done, 0)  # no-op: finished
+        # held: pending at b, not due for a while (its destination is down, say)
+        q.accept(ExitMessage.make(held, "smtp:u@example.org", b"x"), time.time())
+        assert q.postpone(held, time.time() + 3600)
+        keys = [notice_key(done), notice_key(other), notice_key(held)]
+        answer = await a.relay.notices.ask(keys)
+        assert answer.delivered == (notice_key(done),)
+        assert answer.holding == (notice_key(held),)
+        assert await a.relay.notices.ask([notice_key(other)]) == Answer()
         # any node may ask; only exit-capable peers (here a and b) are asked
-        assert await relay.relay.notices.ask(keys) == {notice_key(done)}
+        assert (await relay.relay.notices.ask(keys)).delivered == (notice_key(done),)
+        # a message's earlier exits are asked first; ourselves and garbage are skipped
+        earlier = [bytes(b.node_id), bytes(a.node_id), b"\x00" * 5]
+        answer = await a.relay.notices.ask([notice_key(held)], earlier)
+        assert answer.holding == (notice_key(held),)

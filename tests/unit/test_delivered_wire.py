@@ -53,3 +53,31 @@ def test_rejects_oversized_and_garbage():
         wire.Delivered((b"short",))
     # an empty frame is a valid answer to a question (never a valid gossip notice)
     assert wire.decode(wire.encode(wire.Delivered(()))) == wire.Delivered(())
+
+
+@given(st.sets(st.binary(min_size=16, max_size=16), max_size=2 * wire.MAX_KEYS), st.data())
+def test_answer_round_trip_and_size_bound(keys, data):
+    keys = sorted(keys)
+    split = data.draw(st.integers(0, len(keys)))
+    delivered, holding = keys[:split][: wire.MAX_KEYS], keys[split:][: wire.MAX_KEYS]
+    answer = wire.Answer(tuple(delivered), tuple(holding))
+    raw = wire.encode_answer(answer)
+    assert len(raw) <= wire.ANSWER_MAX_SIZE
+    assert wire.decode_answer(raw) == answer
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {0: 1, 1: [b"k" * 16], 2: [b"k" * 16]},  # both delivered and held
+        {0: 1, 1: []},  # holding missing
+        {0: 1, 1: [], 2: [], 3: []},  # unknown key
+        {0: 1, 1: [], 2: [b"k" * 16] * (wire.MAX_KEYS + 1)},
+        {0: 1, 1: [], 2: [b"short"]},
+    ],
+)
+def test_answer_rejects(value):
+    with pytest.raises(DecodeError):
+        wire.decode_answer(cbor.dumps(value))
+    with pytest.raises(ValueError):
+        wire.Answer((b"k" * 16,), (b"k" * 16,))

@@ -69,8 +69,22 @@ def test_largest_message_fits_the_large_onion_class():
 
     dest = "maildir:" + "a/" * 251 + "bb"
     assert len(dest) == d.MAX_DEST_LEN
-    msg = ExitMessage.make(MID, dest, b"x" * d.MAX_BODY, b"r" * d.MAX_REPLY_BLOCK)
+    earlier = tuple(bytes([i]) * d.NODE_ID_SIZE for i in range(d.MAX_EARLIER))
+    msg = ExitMessage.make(MID, dest, b"x" * d.MAX_BODY, b"r" * d.MAX_REPLY_BLOCK, earlier)
     assert len(msg.encode()) <= min(d.MAX_SIZE, LARGE.max_message)
+
+
+def test_earlier_exits_round_trip_and_bounds():
+    a, b = b"a" * 32, b"b" * 32
+    msg = ExitMessage.make(MID, "smtp:a@b.org", b"hi", None, (a, b, a))
+    assert msg.earlier == (a, b)  # repeats dropped by make
+    assert decode(msg.encode()) == msg
+    assert ExitMessage.make(MID, "smtp:a@b.org", b"hi").earlier == ()
+    base = {0: 1, 1: MID, 2: "smtp:a@b.org", 3: b""}
+    for bad in ([], [a, a], [a, b, b"c" * 32, b"d" * 32], [b"short"], "x"):
+        with pytest.raises(DecodeError) as e:
+            decode(cbor2.dumps({**base, 5: bad}, canonical=True))
+        assert e.value.reason is Reason.MALFORMED
 
 
 def test_ack_round_trip_and_reason_cleaning():

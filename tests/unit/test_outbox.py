@@ -314,3 +314,23 @@ def test_store_finished_rows_are_final_and_forget_secrets(tmp_path):
     assert st.load() == [] and len(st.load(unfinished_only=False)) == 1
     assert st.purge(before=6.0) == 1 and st.load(unfinished_only=False) == []
     st.close()
+
+
+def test_every_exit_left_behind_is_named_to_the_next_one():
+    """A resend through another exit names the exits that may still hold a copy
+    (``ExitMessage.earlier``), also when path selection, not a timeout, switched."""
+    from overlay.client import earlier_exits
+
+    ob = Outbox(timeout=3.0, same_exit_attempts=3)
+    ob.add(MID, DEST, b"hi", now=0.0)
+    ob.sent(MID, [ENTRY, R1, X1], X1, now=0.0)
+    assert earlier_exits(ob.get(MID), X1) == ()
+    assert earlier_exits(ob.get(MID), X2) == (bytes(X1),)  # the attempt about to go to X2
+    ob.sent(MID, [ENTRY, R2, X2], X2, now=1.0)  # X1 still qualified, yet X2 was chosen
+    assert X1 in ob.get(MID).exits_failed
+    ob.sent(MID, [ENTRY, R1, X2], X2, now=2.0)  # a plain resend to X2 still names X1
+    assert earlier_exits(ob.get(MID), X2) == (bytes(X1),)
+    ob.sent(MID, [ENTRY, R1, X3], X3, now=3.0)
+    assert earlier_exits(ob.get(MID), N[6]) == (bytes(X1), bytes(X2), bytes(X3))
+    ob.sent(MID, [ENTRY, R1, N[6]], N[6], now=4.0)
+    assert earlier_exits(ob.get(MID), N[5]) == (bytes(X2), bytes(X3), bytes(N[6]))  # newest 3
