@@ -42,7 +42,51 @@ log = logging.getLogger("hydra.notices")
 BACKLOG = 1024
 ASK_PEERS = 3  # exit-capable peers asked besides the message's earlier exits
 ASK_TIMEOUT = 2.0
+OTHERS_NEEDED = 2  # exits not named by the sender that must agree a message was delivered
 ASK_DOUBTFUL_TIMEOUT = 0.5  # for an earlier exit we hold suspect or dead (yet still connected)
+
+
+class AnswerTally:
+    """Combines the answers to one question (pure; see ``DeliveryNotices.ask``).
+
+    The exits the sender named (``named``: it handed them the message) are
+    believed alone, "delivered" and "held" alike: they had the message, and a
+    lying one could have dropped it anyway. Any other exit can only vouch for
+    a delivery it heard of, and must be backed by a second one (unless only
+    one was asked): else a single lying exit, asked at random, could make us
+    drop every late message by answering "delivered", or stall it forever by
+    answering "held". "Held" from an exit not named is ignored.
+    """
+
+    def __init__(self, keys: Iterable[bytes], named: set[NodeId], others: int) -> None:
+        self.keys = tuple(keys)
+        self.named = named
+        self.needed = max(1, min(OTHERS_NEEDED, others))
+        self.delivered: set[bytes] = set()
+        self.holding: set[bytes] = set()
+        self._votes: dict[bytes, set[NodeId]] = {}
+
+    def add(self, peer: NodeId, answer: wire.Answer) -> bool:
+        """Count ``peer``'s answer; True once every key is settled (delivered or held)."""
+        asked = set(self.keys)
+        for key in set(answer.delivered) & asked:
+            if peer in self.named:
+                self.delivered.add(key)
+            else:
+                votes = self._votes.setdefault(key, set())
+                votes.add(peer)
+                if len(votes) >= self.needed:
+                    self.delivered.add(key)
+        if peer in self.named:
+            self.holding.update(set(answer.holding) & asked)
+        return self.delivered | self.holding >= asked
+
+    def result(self) -> wire.Answer:
+        holding = self.holding - self.delivered
+        return wire.Answer(
+            tuple(k for k in self.keys if k in self.delivered),
+            tuple(k for k in self.keys if k in holding),
+        )
 
 
 class DeliveryNotices:
@@ -165,6 +209,7 @@ class DeliveryNotices:
         me = node.node_id
         connected = set(node.connected())
         asked: dict[NodeId, float] = {}  # peer -> how long we wait for its answer
+        named: set[NodeId] = set()
         for raw in earlier:
             try:
                 nid = NodeId(bytes(raw))
@@ -175,6 +220,7 @@ class DeliveryNotices:
                 continue  # crashed and gone: dialling it would only cost time
             doubtful = state in ("suspect", "dead")
             asked.setdefault(nid, ASK_DOUBTFUL_TIMEOUT if doubtful else ASK_TIMEOUT)
+            named.add(nid)
         others = [
             nid
             for nid in connected
@@ -184,11 +230,11 @@ class DeliveryNotices:
         ]
         others.sort(key=bytes)
         node.rng.shuffle(others)
-        for nid in others[:ASK_PEERS]:
+        others = others[:ASK_PEERS]
+        for nid in others:
             asked[nid] = ASK_TIMEOUT
         question = framing.encode_frame(wire.encode(wire.Delivered(keys)), wire.MAX_SIZE)
-        delivered: set[bytes] = set()
-        holding: set[bytes] = set()
+        tally = AnswerTally(keys, named, others=len(others))
 
         async def one(peer: NodeId, timeout: float, done: trio.CancelScope) -> None:
             try:
@@ -201,24 +247,24 @@ class DeliveryNotices:
                         data = await framing.read_frame(stream, wire.ANSWER_MAX_SIZE)
                     finally:
                         await stream.close()
-                    if data is not None:
-                        answer = wire.decode_answer(data)
-                        delivered.update(set(answer.delivered) & set(keys))
-                        holding.update(set(answer.holding) & set(keys))
-                        if delivered | holding >= set(keys):
-                            done.cancel()  # every key is settled: no need to wait for the rest
+                    if data is not None and tally.add(peer, wire.decode_answer(data)):
+                        done.cancel()  # every key is settled: no need to wait for the rest
             except Exception as e:  # noqa: BLE001 - a peer that cannot answer does not know
                 log.debug("asking %s about deliveries failed: %r", peer.short(), e)
 
         async with trio.open_nursery() as nursery:
             for peer, timeout in asked.items():
                 nursery.start_soon(one, peer, timeout, nursery.cancel_scope)
-        holding -= delivered
-        result = "asked_delivered" if delivered else "asked_held" if holding else "asked_unknown"
-        self.m_notices.labels(result).inc()
-        return wire.Answer(
-            tuple(k for k in keys if k in delivered), tuple(k for k in keys if k in holding)
+        answer = tally.result()
+        result = (
+            "asked_delivered"
+            if answer.delivered
+            else "asked_held"
+            if answer.holding
+            else "asked_unknown"
         )
+        self.m_notices.labels(result).inc()
+        return answer
 
     async def _serve(self, stream, remote_peer: str) -> None:
         try:

@@ -379,9 +379,14 @@ async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
         keys = [notice_key(done), notice_key(other), notice_key(held)]
         answer = await a.relay.notices.ask(keys)
         assert answer.delivered == (notice_key(done),)
+        assert answer.holding == ()  # b never had it as far as this question knows
+        answer = await a.relay.notices.ask(keys, [bytes(b.node_id)])
         assert answer.holding == (notice_key(held),)
         assert await a.relay.notices.ask([notice_key(other)]) == Answer()
-        # any node may ask; only exit-capable peers (here a and b) are asked
+        # any node may ask; only exit-capable peers (here a and b) are asked, and
+        # with two of them asked, one alone cannot vouch for a delivery
+        assert (await relay.relay.notices.ask(keys)).delivered == ()
+        a.relay.exit_queue.note_delivered_elsewhere([notice_key(done)], time.time())
         assert (await relay.relay.notices.ask(keys)).delivered == (notice_key(done),)
         # a message's earlier exits are asked first; ourselves and garbage are skipped
         earlier = [bytes(b.node_id), bytes(a.node_id), b"\x00" * 5]
