@@ -278,7 +278,8 @@ class DeliveryNotices:
                     answer = wire.Answer()
                 else:
                     asker = NodeId.from_peer_id(remote_peer)
-                    answer = worker.answer(keys, bytes(asker) < bytes(self.node.node_id))
+                    me = bytes(self.node.node_id)
+                    answer = worker.answer(keys, bytes(asker), bytes(asker) < me)
                 data = framing.encode_frame(wire.encode_answer(answer), wire.ANSWER_MAX_SIZE)
                 await stream.write(data)
         except DecodeError as e:

@@ -27,7 +27,9 @@ ask again later and deliver). ``answer`` is our side of that question: a
 message we hold is *held* unless we already gave way for it, or we are
 asking about it ourselves at the same moment and the asker's id is lower
 (``asker_first``): so two exits asking each other never both wait, nor both
-deliver. Nobody answering means delivering: no message is lost to silence.
+deliver. A question about a message we do not have yet is remembered: the
+sender's earlier attempt may still be on its way to us through the overlay,
+and when it arrives we ask the exit that asked. Nobody answering means delivering: no message is lost to silence.
 
 Invariants: an attempt cancelled by shutdown records nothing, so the message
 stays pending and the next worker on the same queue delivers it; a handler
@@ -42,6 +44,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -63,6 +66,7 @@ SendAck = Callable[[bytes, Ack], Awaitable[None]]
 # (notice keys, raw ids of the exits that had the message before) -> their answer
 CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer]]
 DEFER_MIN, DEFER_MAX = 3.0, 60.0
+CLAIM_TTL, MAX_CLAIMS = 120.0, 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,9 @@ class DeliveryWorker:
         self._in_flight: set[bytes] = set()
         self._asking: set[bytes] = set()  # ids we are asking other exits about now
         self._gave_way: dict[bytes, float] = {}  # ids another exit holds -> until when
+        # notice keys another exit asked about before we had the message -> (its raw
+        # id, until when): our copy may be an earlier attempt that the overlay delayed
+        self._claims: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._next_purge = 0.0
 
     @property
@@ -191,6 +198,9 @@ class DeliveryWorker:
             for mid, until in list(self._gave_way.items()):
                 if until < now - DEFER_MAX:  # finished by a notice meanwhile
                     del self._gave_way[mid]
+            for key, (_, until) in list(self._claims.items()):
+                if until < now:
+                    del self._claims[key]
         free = self.concurrency - len(self._in_flight)
         if free > 0:
             for item in self.queue.due(now, limit=free, exclude=self._in_flight):
@@ -258,15 +268,19 @@ class DeliveryWorker:
         before us: it may be delivered or held elsewhere."""
         msg, mid = item.message, item.message_id
         now = self.clock()
+        key = notice_key(mid)
+        claim = self._claims.get(key)
+        earlier = msg.earlier
+        if claim is not None and claim[1] >= now:
+            earlier = tuple(dict.fromkeys((*earlier, claim[0])))
         if self.check_delivered is None or (
-            not msg.earlier and now - item.accepted_at < self.late_after
+            not earlier and now - item.accepted_at < self.late_after
         ):
             return True
-        key = notice_key(mid)
         self._gave_way.pop(mid, None)
         self._asking.add(mid)
         try:
-            answer = await self.check_delivered([key], msg.earlier)
+            answer = await self.check_delivered([key], earlier)
         except Exception:
             log.exception("exit: asking about earlier deliveries failed")
             answer = Answer()
@@ -275,7 +289,7 @@ class DeliveryWorker:
         log.info(
             "exit: asked other exits about %s (%d earlier): %s",
             mid.hex()[:8],
-            len(msg.earlier),
+            len(earlier),
             "delivered" if key in answer.delivered else "held" if key in answer.holding else "-",
         )
         try:
@@ -313,13 +327,23 @@ class DeliveryWorker:
         log.info("exit: %s was finished elsewhere while waiting to be delivered", mid.hex()[:8])
         return False
 
-    def answer(self, keys: Iterable[bytes], asker_first: bool) -> Answer:
-        """Another exit asks about these notice keys (it holds those messages and
-        is about to deliver them). ``asker_first``: its id sorts before ours, so
-        it goes first when we are both asking. See the module docstring."""
+    def answer(self, keys: Iterable[bytes], asker: bytes, asker_first: bool) -> Answer:
+        """Another exit (raw id ``asker``) asks about these notice keys: it holds
+        those messages and is about to deliver them. ``asker_first``: its id sorts
+        before ours, so it goes first when we are both asking. A key we know
+        nothing of is remembered for ``CLAIM_TTL`` s: if the message reaches us
+        later (an earlier attempt the overlay delayed), we ask the asker first.
+        See the module docstring."""
         keys = tuple(dict.fromkeys(bytes(k) for k in keys))
         delivered = self.queue.delivered_among(keys)
         pending = self.queue.pending_among(k for k in keys if k not in delivered)
+        until = self.clock() + CLAIM_TTL
+        for key in keys:
+            if key not in delivered and key not in pending:
+                self._claims[key] = (bytes(asker), until)
+                self._claims.move_to_end(key)
+        while len(self._claims) > MAX_CLAIMS:
+            self._claims.popitem(last=False)
         holding = []
         for key, mid in pending.items():
             if mid in self._gave_way:

@@ -781,7 +781,7 @@ async def test_two_exits_asking_each_other_deliver_exactly_once(tmp_path, seed):
         async def check(keys, earlier):
             (peer,) = earlier
             await trio.sleep(rng.uniform(0, 0.02))  # the question in flight
-            answer = workers[peer].answer(keys, asker_first=me < peer)
+            answer = workers[peer].answer(keys, me, asker_first=me < peer)
             await trio.sleep(rng.uniform(0, 0.02))  # the answer in flight
             return answer
 
@@ -814,3 +814,43 @@ async def test_two_exits_asking_each_other_deliver_exactly_once(tmp_path, seed):
         assert sorted(kinds) == ["deferred", "delivered"]
         assert len(list(root.rglob("new/*"))) == 1
         assert {q.lookup(mid(7))[0] for q in (qa, qb)} == {MessageState.DELIVERED}
+
+
+async def test_a_delayed_first_copy_asks_the_exit_that_asked_about_it(tmp_path):
+    """The sender's resend overtook its first attempt: exit B asked A about the
+    message before A had it. When A's (delayed) copy arrives, A asks B first."""
+    from overlay.wire.delivered import Answer, notice_key
+
+    rec = Recorder()
+    root = tmp_path / "md"
+    root.mkdir()
+    b_id = b"b" * 32
+    asked: list[tuple] = []
+
+    async def check(keys, earlier):
+        asked.append(tuple(earlier))
+        return Answer(tuple(keys)) if b_id in earlier else Answer()  # B delivered it
+
+    clock = [1000.0]
+    with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
+        a = _handover_worker(q, root, rec, clock, check)
+        key = notice_key(mid(5))
+        assert a.answer([key], b_id, asker_first=True) == Answer()  # A knows nothing yet
+        await a.submit(ExitMessage.make(mid(5), "maildir:inbox", b"5", b"rb5"))  # no earlier
+        await a.submit(ExitMessage.make(mid(6), "maildir:inbox", b"6", b"rb6"))  # unrelated
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await rec.wait(lambda: len(rec.acks) == 2)
+            nursery.cancel_scope.cancel()
+        assert asked == [(b_id,)]  # only for the message B asked about
+        assert q.lookup(mid(5))[1] == "delivered_elsewhere"
+        assert len(list(root.rglob("new/*"))) == 1  # 6 only
+        # claims expire
+        assert a.answer([notice_key(mid(8))], b_id, asker_first=True) == Answer()
+        clock[0] += 10_000
+        await a.submit(ExitMessage.make(mid(8), "maildir:inbox", b"8", b"rb8"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await rec.wait(lambda: len(rec.acks) == 3)
+            nursery.cancel_scope.cancel()
+        assert asked == [(b_id,)]
