@@ -366,11 +366,20 @@ async def hydra_trials_procs(
     print(f"  {n} nodes started in {time.monotonic() - t:.1f} s", file=sys.stderr)
 
     t = time.monotonic()
+    shown = t
     with trio.fail_after(300):
         while True:
             counts = [c for r in await on_all(workers, "counts") for _, c in r["counts"]]
             if all(c == n for c in counts):
                 break
+            if time.monotonic() - shown >= 15:
+                shown = time.monotonic()
+                print(
+                    f"  {shown - t:.0f} s: {sum(c == n for c in counts)} of {n} nodes hold all"
+                    f" {n} records; fewest held {min(counts)}, median"
+                    f" {statistics.median(counts):.0f}; load average {os.getloadavg()[0]:.1f}",
+                    file=sys.stderr,
+                )
             await trio.sleep(0.5)
     print(
         f"  {n} nodes converged {time.monotonic() - t:.1f} s after the last start",

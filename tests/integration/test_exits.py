@@ -647,18 +647,8 @@ async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_pa
         return Answer(tuple(k for k in keys if k in elsewhere))
 
     clock = [1000.0]
-    disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(root)})
     with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
-        worker = DeliveryWorker(
-            q,
-            disp,
-            send_ack=rec.send_ack,
-            on_event=rec.on_event,
-            ack_when="delivered",
-            clock=lambda: clock[0],
-            check_delivered=check,
-            late_after=2.0,
-        )
+        worker = _handover_worker(q, root, rec, clock, check)  # late_after: 2 s
         for n in (1, 2):  # accepted, then this exit was paused for 10 s
             await worker.submit(ExitMessage.make(mid(n), "maildir:inbox", b"%d" % n, b"rb%d" % n))
         clock[0] += 10
@@ -705,6 +695,7 @@ def test_pending_keys_postpone_and_older_queue_files(tmp_path):
 
 
 def _handover_worker(q, root, rec, clock, check):
+    """A maildir exit on a fake clock that asks ``check`` before late or resent deliveries."""
     disp = Dispatcher(["maildir:*"], {"maildir": MaildirHandler(root)})
     return DeliveryWorker(
         q,
