@@ -259,6 +259,63 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
         sink.stop()
 
 
+async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_path):
+    """The client's entry wrongly holds the exit that queued a message dead (as on
+    a starved machine) while that exit is still delivering it (a slow mail
+    server). The client resends through the other exit, naming the first; the
+    second asks it, hears "held", and waits for its notice: one copy arrives."""
+    import asyncio
+
+    from overlay.client import Client
+    from overlay.demo import SmtpSink
+    from overlay.exits import MessageState
+    from overlay.exits.queue import ELSEWHERE
+
+    sink = SmtpSink()
+    handler = sink.controller.handler
+    fast = handler.handle_DATA
+
+    async def slow(server, session, envelope):  # the mail server takes 4 s to answer
+        await asyncio.sleep(4)
+        return await fast(server, session, envelope)
+
+    handler.handle_DATA = slow
+    port = sink.start()
+    smtp = {"smtp_relay": f"127.0.0.1:{port}", "target_live_exits": 2}
+    token = "hydra-demo-2-0000cafe"
+    try:
+        async with fleet(tmp_path) as f:
+            entry = await f.add("entry", ("entry", "relay"), **smtp)
+            exits = [await f.add(f"exit{i}", EXIT, **smtp) for i in range(2)]
+            relays = [await f.add(f"relay{i}", ("relay",), **smtp) for i in range(2)]
+            everyone = [entry, *exits, *relays]
+            await wait_until(lambda: all(len(n.view) == 5 for n in everyone), 90)
+            await trio.sleep(6)  # the exit pools settle
+            async with Client(tmp_path / "client", via=[join_addr(entry)]) as client:
+                mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
+                e = await client.wait_acked(mid, timeout=60, until="queued")
+                (first,) = [x for x in exits if x.node_id == e.queued_at]
+                (other,) = [x for x in exits if x is not first]
+                assert first.relay.exit_queue.lookup(mid) == (MessageState.PENDING, "")
+                entry.relay.dead_nodes = lambda: [first.node_id]  # a false death
+                entry.relay._dead_cache = None
+                held = other.relay.notices.m_notices.labels("asked_held")
+                await wait_until(lambda: held._value.get() >= 1, 30, 0.02)
+                e = await client.wait_acked(mid, timeout=60)
+                assert e.state.name == "DELIVERED", e
+                await wait_until(
+                    lambda: (
+                        other.relay.exit_queue.lookup(mid) == (MessageState.DELIVERED, ELSEWHERE)
+                    ),
+                    30,
+                )
+                assert first.relay.exit_queue.lookup(mid) == (MessageState.DELIVERED, "")
+        await trio.sleep(0.5)
+        assert sink.counts == {token: 1}
+    finally:
+        sink.stop()
+
+
 async def test_delivery_notices_from_non_exits_and_garbage_are_rejected(tmp_path):
     from overlay.wire import delivered
 
