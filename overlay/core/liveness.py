@@ -157,9 +157,9 @@ class Liveness:
     Defaults: 0.5 s probes with a 0.25 s direct timeout sit between
     memberlist's LAN (1 s / 0.5 s) and aggressive (0.2 s / 0.1 s) profiles;
     with ``indirect_k = 3`` one lossy link rarely fails a whole probe. The
-    suspicion timeout runs from 4 s (one accuser) down to 1 s (three or more,
-    ``expected_confirmations``), so a crash is declared within about 2-2.6 s
-    (measured 10-100 nodes). ``confirmations_needed = 2`` is the smallest
+    suspicion timeout runs from 4 s (one accuser) down to 1 s (ourselves and two
+    others or more, ``expected_confirmations = 2``, memberlist's
+    ``SuspicionMult - 2``), so a crash is declared about 2 s after it happens. ``confirmations_needed = 2`` is the smallest
     number that keeps a single liar from killing anyone. ``verify_fanout = 6``
     nodes re-probe on a lone accusation. ``accusation_ttl`` defaults to twice
     ``suspicion_max``.
@@ -177,7 +177,7 @@ class Liveness:
         suspicion_min: float = 1.0,
         suspicion_max: float = 4.0,
         confirmations_needed: int = 2,
-        expected_confirmations: int = 3,
+        expected_confirmations: int = 2,
         verify_fanout: int = 6,
         accusation_ttl: float | None = None,
         health_max: int = 8,
