@@ -48,6 +48,7 @@ RECORDS_TOPIC = "hydra/records/1"
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
 SYNC_TIMEOUT = 5.0
+REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync runs fast
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
@@ -180,7 +181,15 @@ class Node:
                 n.start_soon(self._maintenance_loop)
                 n.start_soon(self._republish_loop)
                 if self.join_addrs:
-                    await self.join(self.join_addrs)
+                    try:
+                        await self.join(self.join_addrs)
+                    except LocalError as e:
+                        known = len(self.view) - (self.node_id in self.view)
+                        if not known:
+                            raise
+                        # e.g. a restart after the join peer was taken down: the
+                        # stored members are dialled, and the peer loop retries
+                        log.warning("%s; carrying on with %d members from the store", e, known)
                 self.ready.set()
                 try:
                     yield self
@@ -519,9 +528,22 @@ class Node:
                     n.start_soon(self.connect_record, rec)
 
     async def _peer_loop(self) -> None:
+        """Keep ``target_peers`` connections; with none at all (every member we know
+        is unreachable, or we never got the membership), join again through the
+        join addresses, backing off from ``REJOIN_MIN`` to ``REJOIN_MAX`` seconds."""
+        rejoin_at, backoff = 0.0, REJOIN_MIN
         while True:
             await trio.sleep(1.0 + self.rng.random())
             try:
+                if self.join_addrs and not self.connected() and self.clock() >= rejoin_at:
+                    try:
+                        via = await self.join(self.join_addrs)
+                    except LocalError as e:
+                        log.info("alone: %s; next try in %.0f s", e, backoff)
+                        rejoin_at, backoff = self.clock() + backoff, min(REJOIN_MAX, backoff * 2)
+                    else:
+                        log.info("alone: joined again via %s", via)
+                        rejoin_at, backoff = 0.0, REJOIN_MIN
                 await self._fill_peers()
             except Exception as e:  # noqa: BLE001 - keep the node running
                 log.warning("peer maintenance failed: %r", e)

@@ -171,3 +171,42 @@ async def test_restart_keeps_store_and_catches_up(tmp_path):
             assert node.own.seq > seq_before
             await node.join([join_addr(nodes[2])])
             await wait_until(lambda: node.view.seq_of(nodes[1].node_id) == changed.seq, 20)
+
+
+async def test_restart_after_the_join_peer_is_gone_and_joining_again_when_alone(tmp_path):
+    """A node restarted after its join peer was taken down starts from its store
+    (a fresh node with only a dead join address still fails); a node left with no
+    reachable member keeps trying its join address and joins when it answers."""
+    import socket
+
+    from overlay.errors import LocalError
+
+    def dead_addr(key_seed: int) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        pid = SigningKey(bytes([key_seed]) * 32).node_id.peer_id()
+        return f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}"
+
+    with pytest.raises(LocalError, match="could not join"):
+        async with Node(
+            make_home(tmp_path / "fresh"), join=[dead_addr(7)], services=light_services()
+        ):
+            pass
+
+    home = make_home(tmp_path / "x")
+    async with overlay(tmp_path / "a", 3) as old:
+        async with Node(home, join=[join_addr(old[0])], services=light_services()) as x:
+            await wait_until(lambda: len(x.view) == 4, 20)
+    # every member x knows is gone now; its join address will be y's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    y_home = make_home(tmp_path / "y", listen=[f"/ip4/127.0.0.1/tcp/{port}"])
+    y_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{y_home.signing_key().node_id.peer_id()}"
+    async with Node(home, join=[y_addr], services=light_services()) as x:  # y is not up yet
+        assert x.ready.is_set() and len(x.view) >= 4  # started from its store
+        async with overlay(tmp_path / "b", 2) as new:
+            async with Node(y_home, join=[join_addr(new[0])], services=light_services()):
+                await wait_until(lambda: all(n.node_id in x.view for n in new), 60)
+                assert x.joined_via == y_addr
