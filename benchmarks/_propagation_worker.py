@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import trio
-from bench_propagation import TOPIC, JsonLines, _traffic
+from bench_propagation import TOPIC, JsonLines, _counter, _traffic
 
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
@@ -128,7 +128,17 @@ class Worker:
 
     # ------------------------------------------------------------ state
     async def counts(self):
-        return {"counts": [[i, len(x.view)] for i, x in self.nodes.items()]}
+        return {
+            "counts": [[i, len(x.view)] for i, x in self.nodes.items()],
+            "peers": [len(x.connected()) for x in self.nodes.values()],
+            "sync": {
+                r: sum(
+                    _counter(x.metrics.sync_rounds, side="initiator", result=r)
+                    for x in self.nodes.values()
+                )
+                for r in ("ok", "failed")
+            },
+        }
 
     async def graph(self):
         return {

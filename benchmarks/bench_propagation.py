@@ -369,15 +369,20 @@ async def hydra_trials_procs(
     shown = t
     with trio.fail_after(300):
         while True:
-            counts = [c for r in await on_all(workers, "counts") for _, c in r["counts"]]
+            replies = await on_all(workers, "counts")
+            counts = [c for r in replies for _, c in r["counts"]]
             if all(c == n for c in counts):
                 break
             if time.monotonic() - shown >= 15:
                 shown = time.monotonic()
+                peers = [c for r in replies for c in r["peers"]]
+                ok, failed = (sum(r["sync"][k] for r in replies) for k in ("ok", "failed"))
                 print(
                     f"  {shown - t:.0f} s: {sum(c == n for c in counts)} of {n} nodes hold all"
                     f" {n} records; fewest held {min(counts)}, median"
-                    f" {statistics.median(counts):.0f}; load average {os.getloadavg()[0]:.1f}",
+                    f" {statistics.median(counts):.0f}; connections min {min(peers)}, median"
+                    f" {statistics.median(peers):.0f}; sync rounds ok {ok:.0f}, failed"
+                    f" {failed:.0f}; load average {os.getloadavg()[0]:.1f}",
                     file=sys.stderr,
                 )
             await trio.sleep(0.5)

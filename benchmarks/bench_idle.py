@@ -1,0 +1,111 @@
+"""Idle cost of a node: CPU per node, and connections, for overlays of growing size.
+
+Starts N real Hydra nodes in this process (loopback, ``target_peers`` 4, the
+liveness settings of the propagation benchmark unless given), waits until every
+node holds every record, lets the overlay settle, then measures this process's
+CPU time over a quiet window. Baseline, same run and same connection graph:
+bare py-libp2p hosts (GossipSub on one topic, no Hydra logic) left idle for the
+same window. Prints one JSON object; every loop is bounded in time.
+
+    .venv/bin/python benchmarks/bench_idle.py --nodes 8 16 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from overlay.crypto import SigningKey
+from overlay.net.host import Libp2pHost
+from overlay.testing import overlay, wait_until
+
+TOPIC = "bench/idle"
+
+
+async def _cpu_over(window: float) -> float:
+    c0 = time.process_time()
+    await trio.sleep(window)
+    return time.process_time() - c0
+
+
+async def hydra_idle(n: int, settle: float, window: float, settings: dict):
+    with tempfile.TemporaryDirectory() as tmp:
+        async with overlay(Path(tmp), n, target_peers=4, **settings) as nodes:
+            await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
+            await trio.sleep(settle)
+            cpu = await _cpu_over(window)
+            graph = {x.node_id.peer_id(): [p.peer_id() for p in x.connected()] for x in nodes}
+    return cpu / window / n, graph
+
+
+async def baseline_idle(graph: dict[str, list[str]], settle: float, window: float) -> float:
+    ids = list(graph)
+    index = {pid: i for i, pid in enumerate(ids)}
+    async with trio.open_nursery() as nursery:
+        hosts = []
+        for _ in ids:
+            h = Libp2pHost(
+                SigningKey.generate(),
+                ["/ip4/127.0.0.1/tcp/0"],
+                gossip_topics=[TOPIC],
+                enable_dht=False,
+            )
+            hosts.append(await nursery.start(h.run))
+        for pid, peers in graph.items():
+            i = index[pid]
+            for p in peers:
+                j = index.get(p)
+                if j is not None and j > i:
+                    await hosts[i].connect(hosts[j].listen_addrs()[0])
+        subs = [await h.subscribe(TOPIC) for h in hosts]
+        await trio.sleep(settle)
+        cpu = await _cpu_over(window)
+        for s in subs:
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+    return cpu / window / len(ids)
+
+
+async def main_async(args) -> dict:
+    settings = {"probe_interval": args.probe_interval, "probe_timeout": args.probe_interval / 2}
+    if args.sync_idle_interval is not None:
+        settings["sync_idle_interval"] = args.sync_idle_interval
+    rows = []
+    for n in args.nodes:
+        print(f"{n} nodes ...", file=sys.stderr)
+        per_node, graph = await hydra_idle(n, args.settle, args.window, settings)
+        base = await baseline_idle(graph, args.settle, args.window)
+        conns = [len(v) for v in graph.values()]
+        rows.append(
+            {
+                "nodes": n,
+                "connections_median": statistics.median(conns),
+                "hydra_cpu_pct_per_node": round(per_node * 100, 2),
+                "baseline_cpu_pct_per_node": round(base * 100, 2),
+                "ratio": round(per_node / base, 1) if base > 0 else None,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"settings": settings, "window_s": args.window, "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, nargs="+", default=[8, 16, 24])
+    p.add_argument("--probe-interval", type=float, default=5.0)
+    p.add_argument("--sync-idle-interval", type=float, default=None, help="node setting")
+    p.add_argument("--settle", type=float, default=20.0, help="seconds before measuring")
+    p.add_argument("--window", type=float, default=20.0, help="seconds measured")
+    args = p.parse_args()
+    print(json.dumps(trio.run(main_async, args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
