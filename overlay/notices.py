@@ -279,7 +279,11 @@ class DeliveryNotices:
                 else:
                     asker = NodeId.from_peer_id(remote_peer)
                     me = bytes(self.node.node_id)
-                    answer = worker.answer(keys, bytes(asker), bytes(asker) < me)
+                    # only an exit may leave a claim we would later trust (see answer)
+                    claimant = (
+                        bytes(asker) if self._exit_capable(self.node.view.get(asker)) else None
+                    )
+                    answer = worker.answer(keys, claimant, bytes(asker) < me)
                 data = framing.encode_frame(wire.encode_answer(answer), wire.ANSWER_MAX_SIZE)
                 await stream.write(data)
         except DecodeError as e:

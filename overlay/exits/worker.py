@@ -29,7 +29,8 @@ asking about it ourselves at the same moment and the asker's id is lower
 (``asker_first``): so two exits asking each other never both wait, nor both
 deliver. A question about a message we do not have yet is remembered: the
 sender's earlier attempt may still be on its way to us through the overlay,
-and when it arrives we ask the exit that asked. Nobody answering means delivering: no message is lost to silence.
+and when it arrives we ask the exit that asked. Nobody answering means
+delivering: no message is lost to silence.
 
 Invariants: an attempt cancelled by shutdown records nothing, so the message
 stays pending and the next worker on the same queue delivers it; a handler
@@ -327,18 +328,19 @@ class DeliveryWorker:
         log.info("exit: %s was finished elsewhere while waiting to be delivered", mid.hex()[:8])
         return False
 
-    def answer(self, keys: Iterable[bytes], asker: bytes, asker_first: bool) -> Answer:
+    def answer(self, keys: Iterable[bytes], asker: bytes | None, asker_first: bool) -> Answer:
         """Another exit (raw id ``asker``) asks about these notice keys: it holds
         those messages and is about to deliver them. ``asker_first``: its id sorts
         before ours, so it goes first when we are both asking. A key we know
         nothing of is remembered for ``CLAIM_TTL`` s: if the message reaches us
-        later (an earlier attempt the overlay delayed), we ask the asker first.
+        later (an earlier attempt the overlay delayed), we ask the asker first
+        (``asker`` None: an asker that is no exit, whose claim we would not trust).
         See the module docstring."""
         keys = tuple(dict.fromkeys(bytes(k) for k in keys))
         delivered = self.queue.delivered_among(keys)
         pending = self.queue.pending_among(k for k in keys if k not in delivered)
         until = self.clock() + CLAIM_TTL
-        for key in keys:
+        for key in keys if asker is not None else ():
             if key not in delivered and key not in pending:
                 self._claims[key] = (bytes(asker), until)
                 self._claims.move_to_end(key)

@@ -440,6 +440,11 @@ async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
         answer = await a.relay.notices.ask(keys, [bytes(b.node_id)])
         assert answer.holding == (notice_key(held),)
         assert await a.relay.notices.ask([notice_key(other)]) == Answer()
+        # b remembers that exit a asked about a message b does not have yet ...
+        assert b.relay.worker._claims[notice_key(other)][0] == bytes(a.node_id)
+        never = b"\x04" * 16
+        await relay.relay.notices.ask([notice_key(never)])
+        assert notice_key(never) not in b.relay.worker._claims  # ... but not a relay's question
         # any node may ask; only exit-capable peers (here a and b) are asked, and
         # with two of them asked, one alone cannot vouch for a delivery
         assert (await relay.relay.notices.ask(keys)).delivered == ()
