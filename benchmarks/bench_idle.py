@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import trio
+from bench_propagation import start_baseline_hosts
 
-from overlay.crypto import SigningKey
-from overlay.net.host import Libp2pHost
 from overlay.testing import overlay, wait_until
 
 TOPIC = "bench/idle"
@@ -46,31 +45,15 @@ async def hydra_idle(n: int, settle: float, window: float, settings: dict):
 
 
 async def baseline_idle(graph: dict[str, list[str]], settle: float, window: float) -> float:
-    ids = list(graph)
-    index = {pid: i for i, pid in enumerate(ids)}
     async with trio.open_nursery() as nursery:
-        hosts = []
-        for _ in ids:
-            h = Libp2pHost(
-                SigningKey.generate(),
-                ["/ip4/127.0.0.1/tcp/0"],
-                gossip_topics=[TOPIC],
-                enable_dht=False,
-            )
-            hosts.append(await nursery.start(h.run))
-        for pid, peers in graph.items():
-            i = index[pid]
-            for p in peers:
-                j = index.get(p)
-                if j is not None and j > i:
-                    await hosts[i].connect(hosts[j].listen_addrs()[0])
+        hosts = await start_baseline_hosts(nursery, graph, TOPIC)
         subs = [await h.subscribe(TOPIC) for h in hosts]
         await trio.sleep(settle)
         cpu = await _cpu_over(window)
         for s in subs:
             await s.aclose()
         nursery.cancel_scope.cancel()
-    return cpu / window / len(ids)
+    return cpu / window / len(hosts)
 
 
 async def main_async(args) -> dict:

@@ -158,23 +158,33 @@ def layer_shares(per_node: dict[str, float]) -> dict[str, float]:
     return {layer: round(v / total, 3) for layer, v in got.items()}
 
 
+async def start_baseline_hosts(
+    nursery: trio.Nursery, graph: dict[str, list[str]], topic: str, keys=None
+) -> list[Libp2pHost]:
+    """Bare py-libp2p hosts (GossipSub on ``topic``, no DHT), one per node of
+    ``graph`` (peer id -> connected peer ids), connected like it."""
+    ids = list(graph)
+    index = {pid: i for i, pid in enumerate(ids)}
+    keys = keys or [SigningKey.generate() for _ in ids]
+    hosts = []
+    for k in keys:
+        h = Libp2pHost(k, ["/ip4/127.0.0.1/tcp/0"], gossip_topics=[topic], enable_dht=False)
+        hosts.append(await nursery.start(h.run))
+    for pid, peers in graph.items():
+        i = index[pid]
+        for p in peers:
+            j = index.get(p)
+            if j is not None and j > i:
+                await hosts[i].connect(hosts[j].listen_addrs()[0])
+    return hosts
+
+
 async def baseline_trials(graph: dict[str, list[str]], trials: int, size: int, seed: int):
     rng = random.Random(seed)
     keys = [SigningKey.generate() for _ in graph]
-    ids = list(graph)
-    index = {pid: i for i, pid in enumerate(ids)}
     results = []
     async with trio.open_nursery() as nursery:
-        hosts = []
-        for k in keys:
-            h = Libp2pHost(k, ["/ip4/127.0.0.1/tcp/0"], gossip_topics=[TOPIC], enable_dht=False)
-            hosts.append(await nursery.start(h.run))
-        for pid, peers in graph.items():
-            i = index[pid]
-            for p in peers:
-                j = index.get(p)
-                if j is not None and j > i:
-                    await hosts[i].connect(hosts[j].listen_addrs()[0])
+        hosts = await start_baseline_hosts(nursery, graph, TOPIC, keys)
         subs = [await h.subscribe(TOPIC) for h in hosts]
         await trio.sleep(3)  # mesh formation (heartbeat 1 s)
         for trial in range(trials):

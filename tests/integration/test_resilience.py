@@ -27,6 +27,17 @@ def live_exit_ids(node) -> set[str]:
     return {x["peer_id"] for x in view["exits"] if x["state"] != "dead"}
 
 
+async def _entry_two_exits_two_relays(f, smtp: dict):
+    """An entry, two exits and two relays delivering to ``smtp``, settled."""
+    entry = await f.add("entry", ("entry", "relay"), **smtp)
+    exits = [await f.add(f"exit{i}", EXIT, **smtp) for i in range(2)]
+    relays = [await f.add(f"relay{i}", ("relay",), **smtp) for i in range(2)]
+    everyone = [entry, *exits, *relays]
+    await wait_until(lambda: all(len(n.view) == 5 for n in everyone), 90)
+    await trio.sleep(6)  # the exit pools settle
+    return entry, exits
+
+
 async def test_killed_exits_are_replaced_by_standbys(tmp_path):
     async with fleet(tmp_path) as f:
         exits = [await f.add(f"exit{i}", EXIT, target_live_exits=3) for i in range(3)]
@@ -224,12 +235,7 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
 
     try:
         async with fleet(tmp_path) as f:
-            entry = await f.add("entry", ("entry", "relay"), **smtp)
-            exits = [await f.add(f"exit{i}", EXIT, **smtp) for i in range(2)]
-            relays = [await f.add(f"relay{i}", ("relay",), **smtp) for i in range(2)]
-            everyone = [entry, *exits, *relays]
-            await wait_until(lambda: all(len(n.view) == 5 for n in everyone), 90)
-            await trio.sleep(6)  # the exit pools settle
+            entry, exits = await _entry_two_exits_two_relays(f, smtp)
             for x in exits:
                 x.relay._send_ack = lost
             async with Client(tmp_path / "client", via=[join_addr(entry)]) as client:
@@ -285,12 +291,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     token = "hydra-demo-2-0000cafe"
     try:
         async with fleet(tmp_path) as f:
-            entry = await f.add("entry", ("entry", "relay"), **smtp)
-            exits = [await f.add(f"exit{i}", EXIT, **smtp) for i in range(2)]
-            relays = [await f.add(f"relay{i}", ("relay",), **smtp) for i in range(2)]
-            everyone = [entry, *exits, *relays]
-            await wait_until(lambda: all(len(n.view) == 5 for n in everyone), 90)
-            await trio.sleep(6)  # the exit pools settle
+            entry, exits = await _entry_two_exits_two_relays(f, smtp)
             async with Client(tmp_path / "client", via=[join_addr(entry)]) as client:
                 mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
                 e = await client.wait_acked(mid, timeout=60, until="queued")
