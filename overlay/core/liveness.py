@@ -159,8 +159,9 @@ class Liveness:
     with ``indirect_k = 3`` one lossy link rarely fails a whole probe. The
     suspicion timeout runs from 4 s (one accuser) down to 1 s (ourselves and two
     others or more, ``expected_confirmations = 2``, memberlist's
-    ``SuspicionMult - 2``), so a crash is declared about 2 s after it happens. ``confirmations_needed = 2`` is the smallest
-    number that keeps a single liar from killing anyone. ``verify_fanout = 6``
+    ``SuspicionMult - 2``), so a crash is declared about 2 s after it happens.
+    ``confirmations_needed = 2`` is the smallest number that keeps a single liar
+    from killing anyone. ``verify_fanout = 6``
     nodes re-probe on a lone accusation. ``accusation_ttl`` defaults to twice
     ``suspicion_max``.
     """

@@ -368,30 +368,25 @@ class DeliveryQueue:
     def delivered_among(self, keys: Iterable[bytes]) -> set[bytes]:
         """Which of these notice keys we know as delivered (by us or, from a notice,
         by another exit)."""
-        keys = list(dict.fromkeys(bytes(k) for k in keys))[:256]
-        if not keys:
-            return set()
-        marks = ",".join("?" * len(keys))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT notice_key FROM elsewhere WHERE notice_key IN ({marks})",  # noqa: S608
-                keys,
-            ).fetchall()
+        rows = self._rows_for_keys("SELECT notice_key FROM elsewhere WHERE", keys)
         return {bytes(r[0]) for r in rows}
 
     def pending_among(self, keys: Iterable[bytes]) -> dict[bytes, bytes]:
         """Of these notice keys, those of messages we hold pending: key -> message id."""
+        rows = self._rows_for_keys(
+            "SELECT notice_key, message_id FROM deliveries WHERE state = 0 AND", keys
+        )
+        return {bytes(k): bytes(m) for k, m in rows}
+
+    def _rows_for_keys(self, select: str, keys: Iterable[bytes]) -> list[tuple]:
+        """``select`` (ending in WHERE or AND) ``notice_key IN (...)`` for up to 256
+        distinct ``keys``."""
         keys = list(dict.fromkeys(bytes(k) for k in keys))[:256]
         if not keys:
-            return {}
+            return []
         marks = ",".join("?" * len(keys))
         with self._lock:
-            rows = self._db.execute(
-                "SELECT notice_key, message_id FROM deliveries"  # noqa: S608
-                f" WHERE state = 0 AND notice_key IN ({marks})",
-                keys,
-            ).fetchall()
-        return {bytes(k): bytes(m) for k, m in rows}
+            return self._db.execute(f"{select} notice_key IN ({marks})", keys).fetchall()  # noqa: S608
 
     def postpone(self, message_id: bytes, until: float) -> bool:
         """Move a pending message's next attempt to ``until`` (no attempt counted)."""

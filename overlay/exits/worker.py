@@ -346,14 +346,14 @@ class DeliveryWorker:
                 self._claims.move_to_end(key)
         while len(self._claims) > MAX_CLAIMS:
             self._claims.popitem(last=False)
-        holding = []
+        holding = set()
         for key, mid in pending.items():
             if mid in self._gave_way:
                 continue
             if mid in self._asking and asker_first:
                 self._gave_way[mid] = self.clock() + DEFER_MIN
                 continue
-            holding.append(key)
+            holding.add(key)
         return Answer(
             tuple(k for k in keys if k in delivered), tuple(k for k in keys if k in holding)
         )
