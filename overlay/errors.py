@@ -37,6 +37,22 @@ class Reason(enum.Enum):
     # transport / rate limiting
     RATE_LIMITED = "rate_limited"
     POLICY_DENIED = "policy_denied"
+    # strict decoding (wire/cbor.py)
+    UNSUPPORTED_TYPE = "unsupported_type"  # CBOR tags, floats, simple values, indefinite lengths
+    TOO_DEEP = "too_deep"  # nesting or item count beyond the decoder's bound
+    # admission of new members (core/admission.py)
+    ADMISSION_LIMIT = "admission_limit"  # too many new identities, from this source or at all
+    TABLE_FULL = "table_full"  # the bounded table of unverified members is full
+    # connection and stream bounds (net/)
+    CONNECTION_LIMIT = "connection_limit"
+    BANNED = "banned"
+    IDLE_TIMEOUT = "idle_timeout"
+    # relay bounds (relay.py)
+    UNKNOWN_NEXT_HOP = "unknown_next_hop"
+    LINK_LIMIT = "link_limit"
+    CLIENT_LIMIT = "client_limit"
+    # control endpoint
+    UNAUTHORIZED = "unauthorized"
 
 
 class OverlayError(Exception):
