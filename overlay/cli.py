@@ -40,7 +40,7 @@ def _home(path: Path | None) -> Home:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, unwrapped
     return typer.Exit(code)
 
 

@@ -6,6 +6,7 @@ all, commented, so a volunteer can see what can be tuned.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,13 @@ class Config:
             raise ConfigError("[liveness] needs 0 < suspicion_min <= suspicion_max")
         if not self.listen:
             raise ConfigError("at least one listen address is required")
+        host, _, port = self.control_listen.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "::1") or not (
+            port.isascii() and port.isdigit() and int(port) < 65536
+        ):
+            raise ConfigError(
+                f"[control] listen must be 127.0.0.1:PORT (local only), not {self.control_listen!r}"
+            )
         return self
 
 
@@ -109,28 +117,57 @@ _MAP = {
 }
 
 
+def _check_value(where: str, value, default):
+    """``value`` if it has the type of ``default`` (the setting's default), else ConfigError."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+    elif isinstance(default, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where} must be a finite number >= 0")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string")
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings")
+    return value
+
+
 def load(path: Path) -> Config:
+    """Read and validate ``path``. Any problem is one ``ConfigError`` line naming the file."""
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"no config at {path}; run `overlay init`") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     cfg = Config()
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
-        for key, value in values.items():
-            attr = _MAP.get((section, key))
-            if attr is None:
-                raise ConfigError(f"{path}: unknown setting [{section}] {key}")
-            default = getattr(cfg, attr)
-            if isinstance(default, list) and not isinstance(value, list):
-                raise ConfigError(f"{path}: [{section}] {key} must be a list")
-            if isinstance(default, int | float) and not isinstance(value, int | float):
-                raise ConfigError(f"{path}: [{section}] {key} must be a number")
-            setattr(cfg, attr, value)
-    return cfg.validate()
+    try:
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"top-level key {section!r} must be a [section]")
+            for key, value in values.items():
+                attr = _MAP.get((section, key))
+                if attr is None:
+                    raise ConfigError(f"unknown setting [{section}] {key}")
+                where = f"[{section}] {key}"
+                setattr(cfg, attr, _check_value(where, value, getattr(cfg, attr)))
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _toml(value) -> str:
