@@ -86,12 +86,13 @@ def _current_record(h: Home) -> records.ValidRecord:
 
     now = time.time()
     key = h.signing_key()
+    rec = None
     if h.db_path.exists():
         with RecordStore(h.db_path) as st:
             rec = st.get(key.node_id, now)
         if rec is not None and not rec.is_tombstone and rec.expires_at - now > 60:
             return rec
-    rec = h.make_record(now=now)
+    rec = h.make_record(now=now, above=rec.seq if rec is not None else 0)
     with RecordStore(h.db_path) as st:
         st.put(rec)
     return rec

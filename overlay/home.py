@@ -5,7 +5,8 @@ Layout::
     HOME/config.toml        settings (see config.py)
     HOME/node.key           Ed25519 seed, 32 bytes, mode 0600
     HOME/onion/<epoch>.key  X25519 secrets, 32 bytes each, mode 0600
-    HOME/state.json         last published seq
+    HOME/state.json         last published seq (see Home.next_seq)
+    HOME/control.token      bearer token of the control endpoint, mode 0600
     HOME/records.db         SQLite record store
     HOME/control.json       URL of the running node's control endpoint
 """
@@ -13,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -25,6 +27,16 @@ from . import config as config_mod
 from .crypto import OnionKey, SigningKey
 from .errors import ConfigError, LocalError
 from .records import Role, ValidRecord, make_record, make_tombstone
+
+log = logging.getLogger("hydra.home")
+
+MAX_SEQ = 1 << 64  # record seqs are uint64
+MAX_STATE_SIZE = 4096  # state.json is a few bytes; a larger file is corrupt
+
+
+def time_floor(now: float | None = None) -> int:
+    """The seq a node with lost state restarts from: unix time in milliseconds."""
+    return int((time.time() if now is None else now) * 1000)
 
 
 def default_home() -> Path:
@@ -136,7 +148,7 @@ class Home:
             for f in home.onion_dir.glob("*.key"):
                 f.unlink()
         write_atomic(home.onion_dir / "0.key", OnionKey.generate(0).secret())
-        write_atomic(home.path / "state.json", json.dumps({"seq": 0}).encode(), 0o644)
+        write_atomic(home.state_path, json.dumps({"seq": 0}).encode(), 0o644)
         if home.db_path.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(str(home.db_path) + suffix).unlink(missing_ok=True)
@@ -179,16 +191,57 @@ class Home:
             (self.onion_dir / f"{epoch}.key").unlink(missing_ok=True)
         return new
 
-    def last_seq(self) -> int:
-        try:
-            return int(json.loads((self.path / "state.json").read_text())["seq"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return 0
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
 
-    def next_seq(self) -> int:
-        """Reserve the next seq, persisted before use so a crash never reuses one."""
-        seq = self.last_seq() + 1
-        write_atomic(self.path / "state.json", json.dumps({"seq": seq}).encode(), 0o644)
+    def _read_state(self) -> int | None:
+        """The stored last seq, or None when the state file is missing or unreadable."""
+        try:
+            with open(self.state_path, "rb") as f:
+                data = f.read(MAX_STATE_SIZE + 1)
+            state = json.loads(data) if len(data) <= MAX_STATE_SIZE else None
+        except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, non-UTF-8 bytes
+            return None
+        seq = state.get("seq") if isinstance(state, dict) else None
+        if type(seq) is not int or not 0 <= seq < MAX_SEQ:
+            return None
+        return seq
+
+    def last_seq(self) -> int:
+        """The last seq this home reserved (0 when the state file is missing or corrupt)."""
+        seq = self._read_state()
+        return 0 if seq is None else seq
+
+    def next_seq(self, above: int = 0) -> int:
+        """Reserve a seq higher than any this identity has used, and than ``above``.
+
+        The seq is persisted before use, so a crash never reuses one. Normally it is
+        the stored seq + 1. When ``state.json`` is missing or corrupt, the stored
+        value is unknown: the seq restarts from a time floor (unix time in
+        milliseconds), which is above every seq published earlier (seqs grow by one
+        per record, at most a few a second, from a smaller floor), so the node's
+        next records are not rejected as stale. Callers pass in ``above`` the
+        highest seq of ours they hold (the record store, records seen in the
+        overlay), which covers a state file rolled back with a clock gone backwards.
+        """
+        stored = self._read_state()
+        if stored is None:
+            why = "missing" if not self.state_path.exists() else "corrupt"
+            stored = time_floor()
+            log.warning(
+                "%s is %s; record seq restarts above the time floor %d (file rewritten)",
+                self.state_path,
+                why,
+                stored,
+            )
+        seq = max(stored, above) + 1
+        if seq >= MAX_SEQ:
+            raise LocalError(f"record seq exhausted in {self.state_path}")
+        try:
+            write_atomic(self.state_path, json.dumps({"seq": seq}).encode(), 0o644)
+        except OSError as e:
+            raise LocalError(f"cannot write {self.state_path}: {e.strerror or e}") from None
         return seq
 
     def feeds(self, cfg: config_mod.Config | None = None) -> list[str]:
@@ -202,7 +255,9 @@ class Home:
         feeds: list[str] | None = None,
         roles=None,
         cfg: config_mod.Config | None = None,
+        above: int = 0,
     ) -> ValidRecord:
+        """Sign a new record of this node with a fresh seq (higher than ``above``)."""
         cfg = cfg or self.config()
         onion = self.onion_key()
         feeds = feeds if feeds is not None else self.feeds(cfg)
@@ -212,7 +267,7 @@ class Home:
         exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
         return make_record(
             self.signing_key(),
-            seq=self.next_seq(),
+            seq=self.next_seq(above),
             now=time.time() if now is None else now,
             roles=roles,
             feeds=feeds,
@@ -222,7 +277,7 @@ class Home:
             ttl=cfg.record_ttl,
         )
 
-    def make_tombstone(self, now: float | None = None) -> ValidRecord:
+    def make_tombstone(self, now: float | None = None, above: int = 0) -> ValidRecord:
         return make_tombstone(
-            self.signing_key(), seq=self.next_seq(), now=time.time() if now is None else now
+            self.signing_key(), seq=self.next_seq(above), now=time.time() if now is None else now
         )

@@ -126,6 +126,7 @@ class Node:
         self.joined_via: str | None = None
         self._publish_bucket = TokenBucket(rate=1.0, burst=3.0)
         self._republish = trio.Event()
+        self._own_seen = -1  # highest seq of a record of ours seen from the overlay
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
@@ -209,12 +210,16 @@ class Node:
         try:
             outcome, rec = self.view.offer(raw, now)
         except RemoteError as e:
+            if source != "local" and self._own_seq_conflict(raw, e):
+                return False  # our own record from an earlier life: not forwarded, no penalty
             self.metrics.records_rejected.labels(source, e.reason.value).inc()
             log.info("rejected record from %s via %s: %s", peer and peer.short(), source, e)
             if peer is not None and peer != self.node_id:
                 self.penalize(peer, e.reason)
             return False
         if outcome is Outcome.ACCEPTED:
+            if rec.node_id == self.node_id and source != "local":
+                self._own_superseded(rec.seq)
             self.changes += 1
             self.store.put(rec)
             self.metrics.records_accepted.labels(source).inc()
@@ -224,6 +229,34 @@ class Node:
                     ch.send_nowait(rec)
                 except (trio.WouldBlock, trio.BrokenResourceError):
                     pass
+        return True
+
+    def _own_superseded(self, seq: int) -> None:
+        """The overlay holds a record of ours at ``seq`` >= our current one (signed before
+        a lost or rolled-back state file): publish again above it, or every node keeps
+        the old record and rejects our new ones as stale."""
+        if seq > self._own_seen:
+            log.warning("the overlay holds our record seq=%d; republishing above it", seq)
+            self._own_seen = seq
+        self._republish.set()
+
+    def _own_seq_conflict(self, raw: bytes, err: RemoteError) -> bool:
+        """True if ``raw`` is a genuine record of ours, other than the one we hold, with
+        the same seq (a ``Stale`` rejection): that record lives in the overlay too."""
+        if err.reason is not Reason.STALE_SEQ:
+            return False
+        try:
+            unverified = decode(raw)
+        except RemoteError:
+            return False
+        held = self.view.seq_of(self.node_id)
+        if unverified.node_id != self.node_id or held is None or unverified.seq < held:
+            return False
+        try:
+            unverified.verify()  # only our own key can make us republish
+        except RemoteError:
+            return False
+        self._own_superseded(unverified.seq)
         return True
 
     def penalize(self, peer: NodeId, reason: Reason) -> None:
@@ -268,7 +301,11 @@ class Node:
             await trio.sleep(0.2)
             now = self.clock()
         rec = self.home.make_record(
-            now=now, feeds=self.current_feeds(), roles=self.roles, cfg=self.config
+            now=now,
+            feeds=self.current_feeds(),
+            roles=self.roles,
+            cfg=self.config,
+            above=self.view.seq_of(self.node_id) or 0,
         )
         self.own = rec
         self.ingest(rec.encode(), "local")
@@ -279,7 +316,7 @@ class Node:
 
     async def withdraw(self) -> ValidRecord:
         """Publish a tombstone: the overlay forgets this node."""
-        rec = self.home.make_tombstone(self.clock())
+        rec = self.home.make_tombstone(self.clock(), above=self.view.seq_of(self.node_id) or 0)
         self.own = rec
         self.ingest(rec.encode(), "local")
         await self._push(rec)
@@ -564,6 +601,12 @@ class Node:
                 await self._republish.wait()
             self._republish = trio.Event()
             own = self.own
+            if own is not None and own.seq <= self._own_seen:
+                if own.is_tombstone:
+                    await self.withdraw()
+                else:
+                    await self.publish_own("own record seen with a higher seq")
+                continue
             if own is None or own.is_tombstone:
                 continue
             now = self.clock()
