@@ -261,23 +261,11 @@ async def _seed_addrs(h: Home, cfg, sources: list[str]) -> list[str]:
     return result.bundle.join_addrs()
 
 
-def _control(h: Home) -> str:
-    try:
-        return json.loads(h.control_path.read_text())["url"]
-    except (FileNotFoundError, ValueError, KeyError):
-        raise LocalError(f"no running node for {h.path} (is `overlay run` running?)") from None
-
-
 def _get(home: Path | None, route: str) -> dict:
-    import httpx
+    """GET a route of the running node's control endpoint, with the token from its home."""
+    from .control import control_get
 
-    url = _control(_home(home))
-    try:
-        r = httpx.get(url + route, timeout=5)
-        r.raise_for_status()
-    except httpx.HTTPError as e:
-        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
-    return r.json()
+    return control_get(_home(home).path, route)
 
 
 @app.command()

@@ -106,15 +106,11 @@ async def _entry_addrs(
 
 def _running_node_addrs(h: Home) -> list[str]:
     """Listen addresses of the node running from this home, if any (wildcards -> loopback)."""
-    try:
-        url = json.loads(h.control_path.read_text())["url"]
-    except (OSError, ValueError, KeyError):
-        return []
-    import httpx
+    from .control import control_get
 
     try:
-        listen = httpx.get(url + "/status", timeout=3).json().get("listen", [])
-    except (httpx.HTTPError, ValueError):
+        listen = control_get(h.path, "/status", timeout=3).get("listen", [])
+    except (LocalError, AttributeError):
         return []
     return [a.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1) for a in listen]
 

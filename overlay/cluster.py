@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from .control import auth_headers
+from .errors import LocalError
 from .home import Home
 from .testing import LOOPBACK
 
@@ -40,7 +42,8 @@ class NodeProc:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, route: str, timeout: float = 2.0) -> dict:
-        r = httpx.get(self.control + route, timeout=timeout)
+        headers = auth_headers(self.home.path)
+        r = httpx.get(self.control + route, headers=headers, timeout=timeout, trust_env=False)
         r.raise_for_status()
         return r.json()
 
@@ -105,7 +108,7 @@ class Cluster:
                 if not join or st.get("joined_via"):
                     node.killed_at = None
                     return
-            except (OSError, ValueError, KeyError, httpx.HTTPError):
+            except (OSError, ValueError, KeyError, httpx.HTTPError, LocalError):
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"node {node.index} did not start within {timeout} s")

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from .client import Client
 from .cluster import Cluster
+from .control import auth_headers
 from .core.outbox import State
 
 
@@ -231,7 +232,8 @@ def _take_down(state: DemoState, cluster: Cluster, client: Client, how: str) -> 
 
 async def _watch(state: DemoState, cluster: Cluster, client: Client) -> None:
     entry = cluster.nodes[0]
-    async with httpx.AsyncClient() as http:
+    headers = auth_headers(entry.home.path)
+    async with httpx.AsyncClient(headers=headers, trust_env=False) as http:
         while True:
             try:
                 view = (await http.get(entry.control + "/exits", timeout=2)).json()

@@ -41,6 +41,12 @@ class Metrics:
         )
         self.publishes = Counter("hydra_record_publishes", "Own record publications", registry=r)
         self.exits_live = Gauge("hydra_exits_live", "Exits this node sees as live", registry=r)
+        self.control_refused = Counter(
+            "hydra_control_refused",
+            "Control endpoint requests refused (check: host or token)",
+            ["reason", "check"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

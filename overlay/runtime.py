@@ -122,6 +122,7 @@ class Node:
         self.roles = self.config.role_flags
         self.own: ValidRecord | None = None
         self.control_url = ""
+        self.control_token = ""  # bearer token of the control endpoint (HOME/control.token)
         self.started_at = 0.0
         self.joined_via: str | None = None
         self._publish_bucket = TokenBucket(rate=1.0, burst=3.0)
@@ -622,15 +623,24 @@ class Node:
     # ---------------------------------------------------------------- control
     async def _run_control(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = control.bind_local(self.config.control_listen)
-        host, port = sock.getsockname()[:2]
-        self.control_url = f"http://{host}:{port}"
+        self.control_url = control.url_of(sock)
+        self.control_token = control.ensure_token(self.home.path)
         write_atomic(
             self.home.control_path,
             json.dumps({"url": self.control_url, "peer_id": self.node_id.peer_id()}).encode(),
             0o600,
         )
+
+        def refused(check: str) -> None:
+            self.metrics.control_refused.labels(Reason.UNAUTHORIZED.value, check).inc()
+
         await control.serve_control(
-            sock, self.control_state, self.metrics.render, task_status=task_status
+            sock,
+            self.control_state,
+            self.metrics.render,
+            token=self.control_token,
+            on_refused=refused,
+            task_status=task_status,
         )
 
     def control_state(self, what: str) -> dict:

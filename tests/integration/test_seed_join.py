@@ -10,6 +10,8 @@ import trio
 
 from bootstrap import publish
 from bootstrap.bundle import Entry, SeedBundle
+from overlay.control import auth_headers
+from overlay.errors import LocalError
 from overlay.testing import fleet, make_home, wait_until
 from tests.bootstrap.helpers import OPS, PINNED, closed_port, forged_copy
 
@@ -42,11 +44,12 @@ async def run_until_joined(home, sources, timeout=60) -> dict:
                 assert proc.poll() is None, "overlay run exited"
                 try:
                     url = json.loads(home.control_path.read_text())["url"]
-                    async with httpx.AsyncClient() as c:
+                    headers = auth_headers(home.path)
+                    async with httpx.AsyncClient(headers=headers, trust_env=False) as c:
                         st = (await c.get(url + "/status", timeout=2)).json()
                     if st["joined_via"] and st["members"] >= 4:
                         return st
-                except (OSError, ValueError, KeyError, httpx.HTTPError):
+                except (OSError, ValueError, KeyError, httpx.HTTPError, LocalError):
                     pass
                 await trio.sleep(0.2)
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from overlay.control import token_path
 from overlay.home import Home
 from overlay.testing_netns import Host, Lab
 
@@ -31,7 +32,10 @@ TRANSPORTS = {"tcp": f"tcp/{PORT}", "quic": f"udp/{PORT}/quic-v1", "ws": f"tcp/{
 
 _GET = (
     "import sys, urllib.request\n"
-    "print(urllib.request.urlopen(sys.argv[1] + sys.argv[2], timeout=3).read().decode())"
+    "token = open(sys.argv[3]).read().strip()\n"
+    "req = urllib.request.Request(sys.argv[1] + sys.argv[2],"
+    " headers={'Authorization': 'Bearer ' + token})\n"
+    "print(urllib.request.urlopen(req, timeout=3).read().decode())"
 )
 
 
@@ -48,7 +52,9 @@ class LabNode:
 
     def get(self, route: str) -> dict:
         out = self.lab.run(
-            self.host, [sys.executable, "-S", "-c", _GET, self.url, route], timeout=10
+            self.host,
+            [sys.executable, "-S", "-c", _GET, self.url, route, str(token_path(self.home.path))],
+            timeout=10,
         )
         if out.returncode != 0:
             raise RuntimeError(f"{self.name} {route}: {out.stderr.strip()[-300:]}")
