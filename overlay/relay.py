@@ -1061,7 +1061,7 @@ class RelayService:
                     except _NoRoute as e:  # not a member, not in the DHT: give up on it
                         log.debug("relay link to %s: %s", link.peer.short(), e)
                         self.metrics.dropped.labels("no_route").inc(len(fresh))
-                        self._unreachable[link.peer] = self.node.clock() + 30.0
+                        self._unreachable[link.peer] = self.node.clock() + 10.0
                         return
                     except Exception as e:  # noqa: BLE001 - dial/lookup/libp2p errors
                         log.debug("relay link to %s: %r", link.peer.short(), e)
