@@ -41,6 +41,7 @@ from .errors import DecodeError, LocalError, OverlayError, RemoteError
 from .home import Home
 from .net import framing
 from .net.host import Libp2pHost, NetError, Stream
+from .onion import epochs
 from .onion.build import build_packet
 from .onion.params import LARGE, SMALL, params_for_message
 from .onion.surb import SurbSecret, make_surb, open_reply
@@ -101,12 +102,15 @@ class Client:
         connect_timeout: float = 10.0,
         sync_interval: float = 1.0,
         tick_interval: float = 0.1,
+        epoch_length: float = epochs.EPOCH_LENGTH,
     ) -> None:
         """
         :param via: multiaddrs (ending in ``/p2p/<peer id>``) of entry nodes, tried in turn.
         :param hops: nodes per path, the entry and the exit included (2..5).
         :param timeout: first ack timeout; later ones grow by 1.5x up to ``max_timeout``.
         :param same_exit_attempts: unanswered attempts through one exit before another.
+        :param epoch_length: the overlay's onion key epoch (``[onion] epoch_length``):
+            hops whose record names a key already retired on that schedule are skipped.
         """
         if not via:
             raise LocalError("a light client needs at least one --via peer multiaddr")
@@ -119,6 +123,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.sync_interval = sync_interval
         self.tick_interval = tick_interval
+        self.epoch_length = epoch_length
         self.outbox = Outbox(
             timeout=timeout,
             max_timeout=max_timeout,
@@ -153,7 +158,8 @@ class Client:
             self.store = stack.enter_context(OutboxStore.in_home(self.home))
             self.outbox.load(self.store.load())
             self.store.purge(self.clock() - 7 * 86400)
-            self.store.drop_surbs_before(self.clock() - 86400)  # their epochs are over
+            # a SURB's keys are accepted for at most two epochs after it was made
+            self.store.drop_surbs_before(self.clock() - max(86400, 2 * self.epoch_length))
             self.host = Libp2pHost(
                 SigningKey.generate(), self.listen, enable_dht=False, dial_timeout=5.0
             )
@@ -321,7 +327,11 @@ class Client:
 
     def _paths(self, e: Entry, a: Attempt, entry: NodeId, now: float):
         """Forward path and two return paths (final, queued). Hook for tests."""
-        live = self.view.snapshot(now).live()
+        live = [
+            r
+            for r in self.view.snapshot(now).live()
+            if not epochs.record_key_retired(r.onion_epoch, r.issued_at, now, self.epoch_length)
+        ]
         weights = {n: "dead" for n in self.dead}
         path = select_path(
             live,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .onion.epochs import EPOCH_LENGTH, MIN_EPOCH_LENGTH
 from .records import DEFAULT_TTL, MAX_FEEDS, Role, check_feed, check_rule
 
 HOME_LISTEN = [
@@ -46,6 +47,11 @@ class Config:
     suspicion_min: float = 1.0
     suspicion_max: float = 4.0
     maildir_root: str = ""
+    onion_epoch_length: float = EPOCH_LENGTH
+    relay_max_links: int = 256
+    relay_max_clients: int = 256
+    relay_clients_per_peer: int = 4
+    relay_client_idle: float = 300.0
 
     @property
     def role_flags(self) -> Role:
@@ -88,6 +94,12 @@ class Config:
             raise ConfigError(
                 f"[control] listen must be 127.0.0.1:PORT (local only), not {self.control_listen!r}"
             )
+        if not self.onion_epoch_length >= MIN_EPOCH_LENGTH:
+            raise ConfigError(f"[onion] epoch_length must be >= {MIN_EPOCH_LENGTH:g} seconds")
+        if min(self.relay_max_links, self.relay_max_clients, self.relay_clients_per_peer) < 1:
+            raise ConfigError("[relay] max_links, max_clients and clients_per_peer must be >= 1")
+        if not self.relay_client_idle > 0:
+            raise ConfigError("[relay] client_idle_timeout must be > 0")
         return self
 
 
@@ -114,6 +126,11 @@ _MAP = {
     ("liveness", "probe_timeout"): "probe_timeout",
     ("liveness", "suspicion_min"): "suspicion_min",
     ("liveness", "suspicion_max"): "suspicion_max",
+    ("onion", "epoch_length"): "onion_epoch_length",
+    ("relay", "max_links"): "relay_max_links",
+    ("relay", "max_clients"): "relay_max_clients",
+    ("relay", "clients_per_peer"): "relay_clients_per_peer",
+    ("relay", "client_idle_timeout"): "relay_client_idle",
 }
 
 
@@ -188,6 +205,8 @@ _SECTIONS = {
     "seeds": "Seed bundles used by `overlay run --seeds` / `overlay send --seeds`.",
     "exits": "Overlay-wide exit pool policy.",
     "liveness": "SWIM failure detection (seconds).",
+    "onion": "Onion key rotation (all nodes of one overlay use the same epoch length).",
+    "relay": "Relay links and light-client sessions.",
 }
 
 _COMMENTS = {
@@ -209,6 +228,11 @@ _COMMENTS = {
     "threshold": "signatures needed from pinned operators",
     "target_live_exits": "standby exits promote when fewer exits are live",
     "exit_policy_mode": '"all-public" or "chain" (one public exit, the next takes over)',
+    "epoch_length": "seconds per onion key epoch; the previous key stays accepted one more epoch",
+    "max_links": "outbound relay links to neighbours; the least recently used idle one closes",
+    "max_clients": "light-client sessions in total; the longest idle one makes room",
+    "clients_per_peer": "light-client sessions per client identity",
+    "client_idle_timeout": "seconds a light-client session may stay silent before it is closed",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
 }
 

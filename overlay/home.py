@@ -4,9 +4,9 @@ Layout::
 
     HOME/config.toml        settings (see config.py)
     HOME/node.key           Ed25519 seed, 32 bytes, mode 0600
-    HOME/onion/<epoch>.key  X25519 secrets, 32 bytes each, mode 0600
-    HOME/state.json         last published seq (see Home.next_seq)
-    HOME/control.token      bearer token of the control endpoint, mode 0600
+    HOME/onion/<epoch>.key  X25519 secrets of the accepted epochs, 32 bytes each, mode 0600
+    HOME/onion/<epoch>.next the next epoch's secret, made ahead of its switch
+    HOME/state.json         last published seq
     HOME/records.db         SQLite record store
     HOME/control.json       URL of the running node's control endpoint
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 from . import config as config_mod
 from .crypto import OnionKey, SigningKey
 from .errors import ConfigError, LocalError
+from .onion.epochs import scheduled_epoch
 from .records import Role, ValidRecord, make_record, make_tombstone
 
 log = logging.getLogger("hydra.home")
@@ -145,9 +146,11 @@ class Home:
         os.chmod(home.path, 0o700)
         write_atomic(home.key_path, SigningKey.generate().seed())
         if home.onion_dir.exists():
-            for f in home.onion_dir.glob("*.key"):
-                f.unlink()
-        write_atomic(home.onion_dir / "0.key", OnionKey.generate(0).secret())
+            for pattern in ("*.key", "*.next"):
+                for f in home.onion_dir.glob(pattern):
+                    f.unlink()
+        epoch = scheduled_epoch(time.time(), cfg.onion_epoch_length)
+        write_atomic(home.onion_dir / f"{epoch}.key", OnionKey.generate(epoch).secret())
         write_atomic(home.state_path, json.dumps({"seq": 0}).encode(), 0o644)
         if home.db_path.exists():
             for suffix in ("", "-wal", "-shm"):
@@ -166,29 +169,76 @@ class Home:
         except FileNotFoundError:
             raise ConfigError(f"no identity in {self.path}; run `overlay init`") from None
 
-    def onion_keys(self) -> dict[int, OnionKey]:
-        keys = {}
-        for f in sorted(self.onion_dir.glob("*.key")):
+    def _onion_files(self, suffix: str) -> dict[int, Path]:
+        out = {}
+        for f in self.onion_dir.glob(f"*{suffix}"):
             try:
-                epoch = int(f.stem)
+                epoch = int(f.name[: -len(suffix)])
             except ValueError:
                 continue
-            keys[epoch] = OnionKey(f.read_bytes(), epoch)
+            if epoch >= 0:
+                out[epoch] = f
+        return out
+
+    def onion_keys(self) -> dict[int, OnionKey]:
+        """The keys of every epoch still accepted (``onion/<epoch>.key``)."""
+        keys = {}
+        for epoch, f in sorted(self._onion_files(".key").items()):
+            try:
+                keys[epoch] = OnionKey(f.read_bytes(), epoch)
+            except FileNotFoundError:
+                continue  # erased meanwhile
+            except OSError as e:
+                raise LocalError(f"cannot read onion key {f}: {e}") from e
         if not keys:
             raise ConfigError(f"no onion key in {self.onion_dir}; run `overlay init`")
         return keys
 
     def onion_key(self) -> OnionKey:
+        """The current key: the newest accepted epoch (the one the record announces)."""
         keys = self.onion_keys()
         return keys[max(keys)]
 
+    def prepare_onion_key(self, epoch: int) -> OnionKey:
+        """Make ``epoch``'s key ahead of its switch (``onion/<epoch>.next``); idempotent."""
+        path = self.onion_dir / f"{epoch}.next"
+        try:
+            return OnionKey(path.read_bytes(), epoch)
+        except (FileNotFoundError, LocalError):
+            pass
+        key = OnionKey.generate(epoch)
+        write_atomic(path, key.secret())
+        return key
+
+    def activate_onion_key(self, epoch: int) -> OnionKey:
+        """Switch to ``epoch``: its prepared key (or a fresh one) becomes ``<epoch>.key``.
+
+        Prepared keys of epochs up to ``epoch`` are consumed or erased. Idempotent.
+        """
+        path = self.onion_dir / f"{epoch}.key"
+        nxt = self.onion_dir / f"{epoch}.next"
+        if not path.exists():
+            try:
+                key = OnionKey(nxt.read_bytes(), epoch)
+                os.replace(nxt, path)
+            except (FileNotFoundError, LocalError):
+                key = OnionKey.generate(epoch)
+                write_atomic(path, key.secret())
+        for e, f in self._onion_files(".next").items():
+            if e <= epoch:
+                f.unlink(missing_ok=True)
+        return OnionKey(path.read_bytes(), epoch)
+
+    def drop_onion_key(self, epoch: int) -> None:
+        """Erase ``epoch``'s private key: packets for that epoch can no longer be opened."""
+        (self.onion_dir / f"{epoch}.key").unlink(missing_ok=True)
+
     def rotate_onion_key(self, keep: int = 2) -> OnionKey:
-        """Start a new epoch; keep the previous ``keep-1`` epochs for the overlap window."""
+        """Start the epoch after the newest one now; keep the newest ``keep`` keys."""
         keys = self.onion_keys()
-        new = OnionKey.generate(max(keys) + 1)
-        write_atomic(self.onion_dir / f"{new.epoch}.key", new.secret())
+        new = self.activate_onion_key(max(keys) + 1)
         for epoch in sorted(keys)[: max(0, len(keys) + 1 - keep)]:
-            (self.onion_dir / f"{epoch}.key").unlink(missing_ok=True)
+            self.drop_onion_key(epoch)
         return new
 
     @property

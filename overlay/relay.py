@@ -12,12 +12,21 @@ two stream protocols (frames in ``overlay.wire.relay``):
   back as REPLY frames, DEAD hints about nodes this node believes dead.
 
 Per packet: size class check, per-peer token bucket, ``process()`` with the
-node's onion keys (every epoch still on disk) and a replay cache whose tags
+node's onion keys (the epochs still accepted) and a replay cache whose tags
 are appended to ``HOME/replay/<epoch>.tags`` before the packet is acted on,
-so a replay is refused even after a restart. Then:
+so a replay is refused even after a restart.
 
-- ``Forward``: queue it for the next hop (found in the membership view, else
-  by DHT lookup; dialled through its feeds when not connected); a
+Onion keys rotate (``overlay.onion.epochs``): at each epoch boundary, or
+early when the current epoch's replay cache is half full, the key prepared
+ahead of time (``onion/<epoch>.next``) becomes current and the node
+republishes its record; the previous key stays accepted for one more epoch,
+then its key file, replay cache and tags file are erased together. Then:
+
+- ``Forward``: queue it for the next hop, which must be a live member of the
+  view (one that is not is looked up in the DHT within a small budget, else
+  refused as ``unknown_next_hop``); at most ``max_links`` links, the least
+  recently used idle one closed to make room (``link_limit`` when none is
+  idle); dials through the hop's feeds run ``max_dials`` at a time; a
   ``delay_ms`` is honoured (held until due, bounded), for mixing later;
 - ``Deliver`` (forward message) at an exit: decode the ``ExitMessage``, hand it
   to the ``DeliveryWorker`` (persisted, de-duplicating queue in
@@ -37,8 +46,14 @@ counted in ``hydra_relay_rejected_total{reason}`` but never penalise the
 previous hop (or a malicious sender could get honest relays disconnected).
 Bad input never raises out of a handler.
 
-Invariants: every queue and table is bounded (per-neighbour queues, held
-packets, client sessions and registrations, buffered replies, exit intake);
+Light-client sessions: at most ``clients_per_peer`` per client identity and
+``max_clients`` in all (a new one closes the session idle longest when all
+slots are taken); a session silent for ``client_idle`` seconds, and any
+stream stalled mid-frame for ``frame_timeout``, is closed (``idle_timeout``).
+
+Invariants: every queue and table is bounded (links and their queues, held
+packets, next-hop lookups and dials, client sessions and registrations,
+buffered replies, exit intake, onion epochs and their replay tags);
 all tasks live in the service's nursery or in the host's stream handlers,
 and stop with the node.
 """
@@ -63,6 +78,7 @@ from .exits import DeliveryEvent, DeliveryQueue, DeliveryWorker, RetryPolicy, bu
 from .net.framing import FrameDecoder, encode_frame
 from .net.host import NetError, Stream, StreamOpenTimeout
 from .notices import DeliveryNotices
+from .onion import epochs
 from .onion.params import LARGE, SMALL, TAG_SIZE, PacketRejected, ReplayCacheFull
 from .onion.process import Deliver, Forward, process
 from .onion.replay import ReplayCache
@@ -275,12 +291,23 @@ class SurbRegistry:
 # ---- per-neighbour links and client sessions -----------------------------------------
 
 
+class _NoRoute(LocalError):
+    """A next hop that is neither in the view nor found in the DHT."""
+
+
 @dataclass(eq=False)
 class _Link:
     peer: NodeId
     send: trio.MemorySendChannel
     recv: trio.MemoryReceiveChannel
     failures: int = 0
+    resolving: bool = False  # the next hop is not in the view: a DHT lookup first
+    busy: bool = False  # opening a stream or writing: not idle
+    stream: Stream | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def idle(self) -> bool:
+        return not self.busy and self.send.statistics().current_buffer_used == 0
 
 
 @dataclass(eq=False)
@@ -290,6 +317,8 @@ class _Session(ReplySink):
     recv: trio.MemoryReceiveChannel
     dropped: int = 0
     last_dead: frozenset = field(default_factory=frozenset)
+    last_active: float = 0.0  # trio time of the last complete frame from the client
+    scope: trio.CancelScope | None = None
 
     def push(self, surb_id: bytes, payload: bytes) -> bool:
         try:
@@ -329,6 +358,29 @@ class _Metrics:
         self.links = Gauge("hydra_relay_links", "Open outbound relay links", registry=r)
         self.sessions = Gauge("hydra_relay_client_sessions", "Light-client sessions", registry=r)
         self.acks = Counter("hydra_exit_acks", "Acks sent by this exit", ["status"], registry=r)
+        self.closed = Counter(
+            "hydra_relay_closed",
+            "Relay links and client sessions closed by this node, by cause",
+            ["what", "why"],
+            registry=r,
+        )
+        self.lookups = Gauge(
+            "hydra_relay_next_hop_lookups", "DHT lookups for unknown next hops running", registry=r
+        )
+        self.lookups_started = Counter(
+            "hydra_relay_next_hop_lookups_started",
+            "DHT lookups started for next hops missing from the view",
+            registry=r,
+        )
+        self.dials = Counter("hydra_relay_dials", "Dials to next hops", registry=r)
+        self.epoch = Gauge("hydra_onion_epoch", "Current onion key epoch", registry=r)
+        self.epochs = Gauge("hydra_onion_epochs", "Onion key epochs accepted", registry=r)
+        self.replay_tags = Gauge(
+            "hydra_onion_replay_tags", "Replay tags held, all accepted epochs", registry=r
+        )
+        self.rotations = Counter(
+            "hydra_onion_rotations", "Onion key switches, by cause", ["why"], registry=r
+        )
 
 
 # ---- the service ---------------------------------------------------------------------
@@ -351,7 +403,17 @@ class RelayService:
         stream_timeout: float = 3.0,
         max_delay_ms: int = 60_000,
         max_held: int = 4096,
-        max_clients: int = 256,
+        max_clients: int | None = None,
+        clients_per_peer: int | None = None,
+        client_idle: float | None = None,
+        client_evict_idle: float = 10.0,
+        frame_timeout: float = 10.0,
+        max_links: int | None = None,
+        max_dials: int = 8,
+        lookup_concurrency: int = 2,
+        lookup_rate: float = 1.0,
+        lookup_burst: float = 4.0,
+        epoch_length: float | None = None,
         serve_clients: bool = True,
         exit_retry: RetryPolicy | None = None,
         exit_concurrency: int = 8,
@@ -359,6 +421,7 @@ class RelayService:
         dead_nodes: Callable[[], Iterable[NodeId]] | None = None,
         key_refresh: float = 30.0,
         replay_max_per_epoch: int = 1 << 20,
+        replay_max_epochs: int = 4,
         smtp_relay: str | None = None,
         maildir_root: str | None = None,
     ) -> None:
@@ -372,6 +435,20 @@ class RelayService:
         :param dead_nodes: returns the nodes this node believes dead, pushed to
             light clients as DEAD hints (default: the node's liveness view, if any).
         :param smtp_relay, maildir_root: override ``[exit]`` settings of the config.
+        :param max_links: outbound neighbour links at once; a new one closes the least
+            recently used idle link, or is refused (``link_limit``) when none is idle.
+        :param max_dials: dials for next hops running at once.
+        :param lookup_concurrency, lookup_rate, lookup_burst: DHT lookups for next hops
+            missing from the membership view; beyond them such a packet is refused
+            (``unknown_next_hop``).
+        :param max_clients, clients_per_peer: light-client sessions in total and per
+            client identity (``client_limit``). At the total, a new session closes
+            the one idle longest if it has been idle ``client_evict_idle`` seconds.
+        :param client_idle: a session that sends no complete frame for this long is
+            closed (``idle_timeout``); ``frame_timeout``: the same for a frame begun
+            and not finished, on client and relay streams.
+        :param epoch_length: onion key epoch in seconds (see ``overlay.onion.epochs``).
+        Limits left as ``None`` come from the node's config (``[relay]``, ``[onion]``).
         """
         self.queue_size = queue_size
         self.rate, self.burst = rate, burst
@@ -383,6 +460,15 @@ class RelayService:
         self.max_delay_ms = max_delay_ms
         self.max_held = max_held
         self.max_clients = max_clients
+        self.clients_per_peer = clients_per_peer
+        self.client_idle = client_idle
+        self.client_evict_idle = client_evict_idle
+        self.frame_timeout = frame_timeout
+        self.max_links = max_links
+        self.max_dials = max_dials
+        self.lookup_concurrency = lookup_concurrency
+        self.lookup_bucket = TokenBucket(rate=lookup_rate, burst=lookup_burst)
+        self.epoch_length = epoch_length
         self.serve_clients = serve_clients
         self.exit_retry = exit_retry
         self.exit_concurrency = exit_concurrency
@@ -393,7 +479,7 @@ class RelayService:
         self.maildir_root = maildir_root
         self.node = None
         self.metrics: _Metrics | None = None
-        self.replay = ReplayCache(max_per_epoch=replay_max_per_epoch)
+        self.replay = ReplayCache(max_per_epoch=replay_max_per_epoch, max_epochs=replay_max_epochs)
         self.replay_store: ReplayStore | None = None
         self.surbs = SurbRegistry()
         self.worker: DeliveryWorker | None = None
@@ -408,6 +494,10 @@ class RelayService:
         self._buckets: dict[tuple[NodeId, bool], TokenBucket] = {}
         self._rl_penalized: dict[NodeId, float] = {}
         self._sessions: set[_Session] = set()
+        self._sessions_of: dict[NodeId, int] = {}
+        self._dials = trio.Semaphore(max_dials)
+        self._lookups = 0
+        self._epoch = 0  # current onion key epoch
         self._held: list[tuple[float, int, NodeId, bytes]] = []
         self._held_wakeup = trio.Event()
         self._seq = itertools.count()
@@ -421,6 +511,17 @@ class RelayService:
 
     def attach(self, node) -> None:
         self.node = node
+        cfg = node.config
+        if self.max_clients is None:
+            self.max_clients = cfg.relay_max_clients
+        if self.clients_per_peer is None:
+            self.clients_per_peer = cfg.relay_clients_per_peer
+        if self.client_idle is None:
+            self.client_idle = cfg.relay_client_idle
+        if self.max_links is None:
+            self.max_links = cfg.relay_max_links
+        if self.epoch_length is None:
+            self.epoch_length = cfg.onion_epoch_length
         self.metrics = _Metrics(node.metrics.registry)
         node.host.set_stream_handler(RELAY_PROTOCOL, self._serve_relay)
         if self.serve_clients:
@@ -492,37 +593,131 @@ class RelayService:
             if self.exit_queue is not None:
                 self.exit_queue.close()
 
-    def _load_keys(self) -> None:
-        keys = self.node.home.onion_keys()
-        keep = sorted(keys)[-self.replay.max_epochs :]
-        self._keys = {e: keys[e] for e in keep}
-        for epoch in self.replay.epochs():
-            if epoch not in self._keys:
-                self.replay.drop_epoch(epoch)
-        for epoch in self.replay_store.epochs():
-            if epoch not in self._keys:
-                self.replay_store.drop_epoch(epoch)
-        for epoch in keep:
-            if epoch not in self.replay.epochs():
-                self.replay.load(epoch, self.replay_store.tags(epoch))
+    # ---- onion keys ----------------------------------------------------------------
+
+    def _load_keys(self, now: float | None = None) -> str | None:
+        """Bring keys, replay caches and tag files in line with the epoch plan.
+
+        Order matters for crash safety: the new current key is written first; a
+        retired epoch loses its private key before its tags (a key without its
+        tags would re-admit replays after a restart); the tags of every epoch
+        still accepted are loaded before any packet is processed with its key.
+        Returns why the current key changed (None, "schedule" or "early").
+        """
+        home = self.node.home
+        now = self.node.clock() if now is None else now
+        held = home.onion_keys()
+        why = None
+        for _ in range(3):  # a reloaded full cache can change the plan once more
+            p = epochs.plan(
+                held,
+                now,
+                self.epoch_length,
+                cache_sizes=self.replay.sizes(),
+                max_per_epoch=self.replay.max_per_epoch,
+                max_epochs=self.replay.max_epochs,
+            )
+            if p.rotated is not None:
+                held[p.current] = home.activate_onion_key(p.current)
+                why = why or p.rotated
+            for epoch in p.drop:
+                home.drop_onion_key(epoch)
+                held.pop(epoch, None)
+            for epoch in set(self.replay.epochs()) | set(self.replay_store.epochs()):
+                if epoch not in p.keep:
+                    self.replay.drop_epoch(epoch)
+                    self.replay_store.drop_epoch(epoch)
+            stable = True
+            for epoch in p.keep:
+                if epoch not in self.replay.epochs():
+                    try:
+                        self.replay.load(epoch, self.replay_store.tags(epoch))
+                    except ReplayCacheFull:
+                        stable = False  # full on disk: the next plan retires or rotates it
+            if stable and p.rotated is None:
+                break
+        self._keys = {e: held[e] for e in p.keep}
+        if p.current != self._epoch and why is not None:
+            self.metrics.rotations.labels(why).inc()
+            log.info("onion key epoch %d (%s)", p.current, why)
+        self._epoch = p.current
+        try:
+            home.prepare_onion_key(p.next)
+        except OSError as e:
+            log.warning("cannot prepare the next onion key: %s", e)
+        self.metrics.epoch.set(self._epoch)
+        self.metrics.epochs.set(len(self._keys))
+        self.metrics.replay_tags.set(len(self.replay))
+        return why
+
+    @property
+    def epoch(self) -> int:
+        """The current onion key epoch (the one the node's record announces)."""
+        return self._epoch
+
+    def _next_key_check(self, now: float) -> float:
+        """Seconds until the next key check: at most 1 s, or the next epoch boundary."""
+        boundary = epochs.epoch_start(
+            epochs.scheduled_epoch(now, self.epoch_length) + 1, self.epoch_length
+        )
+        return max(0.01, min(1.0, boundary - now + 0.001))
+
+    async def _publish_rotated(self) -> None:
+        try:
+            await self.node.publish_own(f"onion key epoch {self._epoch}")
+        except OverlayError as e:
+            log.warning("publishing the rotated onion key failed: %s", e)
 
     async def _maintenance_loop(self) -> None:
-        next_keys = self.node.clock() + self.key_refresh
+        next_reload = self.node.clock() + self.key_refresh
+        next_sweep = 0.0
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(self._next_key_check(self.node.clock()))
             now = self.node.clock()
-            self.surbs.expire(now)
-            for d in (self._unreachable, self._rl_penalized):
-                for k in [k for k, t in d.items() if t <= now]:
-                    del d[k]
-            if len(self._buckets) > 4096:
-                self._buckets.clear()
-            if now >= next_keys:
-                next_keys = now + self.key_refresh
+            if now >= next_sweep:
+                next_sweep = now + 1.0
+                self._sweep(now)
+            sizes = self.replay.sizes()
+            due = (
+                epochs.scheduled_epoch(now, self.epoch_length) > self._epoch
+                or sizes.get(self._epoch, 0) >= self.replay.max_per_epoch * epochs.ROTATE_AT
+                or any(n >= self.replay.max_per_epoch for n in sizes.values())
+                or any(epochs.key_retired(e, now, self.epoch_length) for e in self._keys)
+            )
+            if due or now >= next_reload:
+                next_reload = now + self.key_refresh
                 try:
-                    self._load_keys()
+                    why = self._load_keys(now)
                 except OverlayError as e:
-                    log.warning("reloading onion keys failed: %s", e)
+                    log.warning("onion key maintenance failed: %s", e)
+                    continue
+                if why is not None:
+                    await self._publish_rotated()
+
+    def _sweep(self, now: float) -> None:
+        self.surbs.expire(now)
+        for d in (self._unreachable, self._rl_penalized):
+            for k in [k for k, t in d.items() if t <= now]:
+                del d[k]
+        if len(self._buckets) > 4096:
+            self._buckets.clear()
+        self.metrics.replay_tags.set(len(self.replay))
+
+    def status(self) -> dict:
+        """Links, client sessions, held packets and onion epochs, for ``overlay status``."""
+        return {
+            "links": len(self._links),
+            "max_links": self.max_links,
+            "lookups": self._lookups,
+            "clients": len(self._sessions),
+            "max_clients": self.max_clients,
+            "client_ids": len(self._sessions_of),
+            "held": len(self._held),
+            "epoch": self._epoch,
+            "epochs": [
+                {"epoch": e, "tags": self.replay.size(e)} for e in sorted(self._keys, reverse=True)
+            ],
+        }
 
     # ---- inbound ---------------------------------------------------------------------
 
@@ -538,10 +733,15 @@ class RelayService:
             return
         await self._ready.wait()
         decoder = FrameDecoder(wire.MAX_RELAY_FRAME)
+        last_frame = trio.current_time()
         while not self._closed:
+            # the sending side closes its link after idle_timeout: twice that is a stuck one
             try:
-                chunk = await stream.read(_READ)
+                chunk = await self._read(stream, decoder, last_frame + 2 * self.idle_timeout)
             except NetError:
+                return
+            if chunk is None:
+                self._closed_for("relay_stream", Reason.IDLE_TIMEOUT)
                 return
             if not chunk:
                 if not decoder.at_boundary():
@@ -553,7 +753,21 @@ class RelayService:
                 self._reject("relay", e.reason, peer, penalize=True)
                 return
             if frames:
+                last_frame = trio.current_time()
                 self._handle_batch(frames, peer, "relay")
+
+    async def _read(self, stream: Stream, decoder: FrameDecoder, deadline: float) -> bytes | None:
+        """One chunk from ``stream`` (``b""`` at its end; ``NetError`` passes), or None
+        when nothing came before ``deadline`` or, in the middle of a frame, for
+        ``frame_timeout`` seconds (a stalled frame)."""
+        if not decoder.at_boundary():
+            deadline = min(deadline, trio.current_time() + self.frame_timeout)
+        with trio.move_on_at(deadline):
+            return await stream.read(_READ)
+        return None
+
+    def _closed_for(self, what: str, reason: Reason) -> None:
+        self.metrics.closed.labels(what, reason.value).inc()
 
     def _bucket(self, peer: NodeId, source: str) -> TokenBucket:
         key = (peer, source == "client")
@@ -600,7 +814,7 @@ class RelayService:
                 self._reject(source, e.reason, peer, penalize=False)
             except ReplayCacheFull:
                 self._reject(source, "replay_cache_full", peer, penalize=False)
-                log.warning("replay cache full: rotate the onion key")
+                log.debug("replay cache of an old epoch full; it is retired at the next check")
         if self._pending_tags:
             try:
                 self.replay_store.add(self._pending_tags)
@@ -611,7 +825,7 @@ class RelayService:
             finally:
                 self._pending_tags = []
         for res in results:
-            self._act(res, now)
+            self._act(res, now, source)
 
     def _packets_in(self, source: str):
         child = self._in_children.get(source)
@@ -625,10 +839,10 @@ class RelayService:
             self._rl_penalized[peer] = now + 1.0
             self.node.penalize(peer, Reason.RATE_LIMITED)
 
-    def _act(self, res: Forward | Deliver, now: float) -> None:
+    def _act(self, res: Forward | Deliver, now: float, source: str = "local") -> None:
         if isinstance(res, Forward):
             self.metrics.forwarded.inc()
-            self.forward(res.next_node, res.packet, res.delay_ms, now)
+            self.forward(res.next_node, res.packet, res.delay_ms, now, source=source)
         elif res.surb_id is not None:
             self.metrics.delivered.labels("reply").inc()
             owner = self.surbs.route(res.surb_id, res.payload, now)
@@ -645,11 +859,36 @@ class RelayService:
 
     # ---- outbound --------------------------------------------------------------------
 
-    def forward(self, node_id: NodeId, packet: bytes, delay_ms: int = 0, now: float = 0.0) -> None:
-        """Queue ``packet`` for ``node_id`` (non-blocking; drops and counts when it cannot)."""
+    def forward(
+        self,
+        node_id: NodeId,
+        packet: bytes,
+        delay_ms: int = 0,
+        now: float = 0.0,
+        *,
+        source: str = "local",
+    ) -> None:
+        """Queue ``packet`` for ``node_id`` (non-blocking; drops and counts when it cannot).
+
+        The next hop must be a live member of the view; one that is not is
+        looked up in the DHT within the lookup budget, else refused
+        (``unknown_next_hop``, counted against ``source`` but nobody is
+        penalised: the packet's sender chose the hop, not the previous one).
+        """
         if self._nursery is None:
             self.metrics.dropped.labels("stopped").inc()
             return
+        if node_id == self.node.node_id:
+            if delay_ms <= 0:
+                try:
+                    self._loop_send.send_nowait(packet)
+                except trio.WouldBlock:
+                    self.metrics.dropped.labels("queue_full").inc()
+                return
+        elif node_id not in self._links and not self._known(node_id):
+            if not self._lookup_allowed():
+                self._reject(source, Reason.UNKNOWN_NEXT_HOP, None, penalize=False)
+                return
         if delay_ms > 0:
             if len(self._held) >= self.max_held:
                 self.metrics.dropped.labels("hold_full").inc()
@@ -658,47 +897,85 @@ class RelayService:
             heapq.heappush(self._held, (due, next(self._seq), node_id, packet))
             self._held_wakeup.set()
             return
-        if node_id == self.node.node_id:
-            try:
-                self._loop_send.send_nowait(packet)
-            except trio.WouldBlock:
-                self.metrics.dropped.labels("queue_full").inc()
-            return
         now = now or self.node.clock()
         if self._unreachable.get(node_id, 0) > now:
             self.metrics.dropped.labels("unreachable").inc()
             return
-        link = self._links.get(node_id)
-        if link is None:
+        link = self._links.pop(node_id, None)
+        if link is not None:
+            self._links[node_id] = link  # most recently used last
+        else:
+            resolving = not self._known(node_id)
+            if resolving and not self._take_lookup(now):
+                self._reject(source, Reason.UNKNOWN_NEXT_HOP, None, penalize=False)
+                return
+            if len(self._links) >= self.max_links and not self._evict_link():
+                self._reject(source, Reason.LINK_LIMIT, None, penalize=False)
+                self.metrics.dropped.labels(Reason.LINK_LIMIT.value).inc()
+                return
             send, recv = trio.open_memory_channel(self.queue_size)
-            link = self._links[node_id] = _Link(node_id, send, recv)
+            link = self._links[node_id] = _Link(node_id, send, recv, resolving=resolving)
+            if resolving:
+                self._lookups += 1
+                self.metrics.lookups.set(self._lookups)
+                self.metrics.lookups_started.inc()
             self.metrics.links.set(len(self._links))
             self._nursery.start_soon(self._run_link, link)
         try:
             link.send.send_nowait((now, packet))
         except trio.WouldBlock:
             self.metrics.dropped.labels("queue_full").inc()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.metrics.dropped.labels("link_closed").inc()
 
-    async def _open_link(self, peer: NodeId) -> Stream:
-        """A relay stream to ``peer``, dialling it through its feeds if needed.
+    def _known(self, node_id: NodeId) -> bool:
+        rec = self.node.view.get(node_id)
+        return rec is not None and not rec.is_tombstone
 
-        A stream that does not open within ``stream_timeout`` on an existing
-        connection means a wedged connection (seen with py-libp2p when both
-        sides dialled at once): drop the connection and dial afresh, once.
+    def _lookup_allowed(self) -> bool:
+        return self._lookups < self.lookup_concurrency
+
+    def _take_lookup(self, now: float) -> bool:
+        return self._lookup_allowed() and self.lookup_bucket.take(now)
+
+    def _evict_link(self) -> bool:
+        """Close the least recently used idle link; False if every link is busy."""
+        for peer, link in self._links.items():
+            if link.idle():
+                del self._links[peer]
+                link.scope.cancel()
+                self._closed_for("link", Reason.LINK_LIMIT)
+                return True
+        return False
+
+    async def _open_link(self, link: _Link) -> Stream:
+        """A relay stream to ``link.peer``, dialling it through its feeds if needed.
+
+        A next hop missing from the view is looked up in the DHT (the link holds
+        one of the few lookup slots meanwhile). Dials run at most
+        ``max_dials`` at once. A stream that does not open within
+        ``stream_timeout`` on an existing connection means a wedged connection
+        (seen with py-libp2p when both sides dialled at once): drop the
+        connection and dial afresh, once.
         """
         node = self.node
+        peer = link.peer
         pid = peer.peer_id()
-        with trio.fail_after(self.connect_timeout * 2 + self.stream_timeout * 2):
+        with trio.fail_after(self.connect_timeout * 2 + self.stream_timeout * 2 + 10):
             for fresh in (False, True):
                 if pid not in set(node.host.connected_peers()):
                     rec = node.view.get(peer)
-                    if rec is None or rec.is_tombstone:
+                    if (rec is None or rec.is_tombstone) and link.resolving:
                         rec = await node.lookup(peer)
+                    self._lookup_done(link)
                     if rec is None or rec.is_tombstone:
-                        raise LocalError(f"no route to {peer.short()}")
-                    with trio.fail_after(self.connect_timeout):
-                        if not await node.connect_record(rec):
-                            raise LocalError(f"{peer.short()} unreachable through its feeds")
+                        raise _NoRoute(f"no route to {peer.short()}")
+                    async with self._dials:
+                        self.metrics.dials.inc()
+                        with trio.fail_after(self.connect_timeout):
+                            if not await node.connect_record(rec):
+                                raise LocalError(f"{peer.short()} unreachable through its feeds")
+                self._lookup_done(link)
                 try:
                     return await node.host.open_stream(
                         pid, RELAY_PROTOCOL, timeout=self.stream_timeout
@@ -711,66 +988,21 @@ class RelayService:
                     await node.host.disconnect(pid)
         raise LocalError("unreachable")  # pragma: no cover
 
+    def _lookup_done(self, link: _Link) -> None:
+        if link.resolving:
+            link.resolving = False
+            self._lookups -= 1
+            self.metrics.lookups.set(self._lookups)
+
     async def _run_link(self, link: _Link) -> None:
-        stream: Stream | None = None
         try:
-            while True:
-                with trio.move_on_after(self.idle_timeout) as idle:
-                    first = await link.recv.receive()
-                if idle.cancelled_caught:
-                    return
-                batch = [first]
-                size = len(first[1])
-                while len(batch) < _BATCH and size < 1 << 20:
-                    try:
-                        item = link.recv.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    batch.append(item)
-                    size += len(item[1])
-                now = self.node.clock()
-                fresh = [p for t, p in batch if now - t <= self.max_hold]
-                if len(fresh) < len(batch):
-                    self.metrics.dropped.labels("stale").inc(len(batch) - len(fresh))
-                if not fresh:
-                    continue
-                data = b"".join(encode_frame(p, wire.MAX_RELAY_FRAME) for p in fresh)
-                sent = False
-                for _ in range(2):  # a broken stream gets one fresh replacement
-                    if stream is None:
-                        try:
-                            t0 = trio.current_time()
-                            stream = await self._open_link(link.peer)
-                            log.debug(
-                                "relay link to %s open in %.3f s",
-                                link.peer.short(),
-                                trio.current_time() - t0,
-                            )
-                        except Exception as e:  # noqa: BLE001 - dial/lookup/libp2p errors
-                            log.debug("relay link to %s: %r", link.peer.short(), e)
-                            break
-                    try:
-                        await stream.write(data)
-                        sent = True
-                        break
-                    except NetError as e:
-                        log.debug("relay write to %s failed: %r", link.peer.short(), e)
-                        await stream.reset()
-                        stream = None
-                if sent:
-                    link.failures = 0
-                    self.metrics.packets_out.inc(len(fresh))
-                    self.metrics.bytes_out.inc(len(data))
-                    continue
-                self.metrics.dropped.labels("unreachable").inc(len(fresh))
-                link.failures += 1
-                if link.failures >= 2:
-                    self._unreachable[link.peer] = self.node.clock() + 2.0
-                    return
-                await trio.sleep(0.2)
+            with link.scope:
+                await self._link_loop(link)
         finally:
+            self._lookup_done(link)
             if self._links.get(link.peer) is link:
                 del self._links[link.peer]
+            link.send.close()
             link.recv.close()
             dropped = 0
             while True:
@@ -782,8 +1014,77 @@ class RelayService:
             if dropped:
                 self.metrics.dropped.labels("unreachable").inc(dropped)
             self.metrics.links.set(len(self._links))
-            if stream is not None:
-                await stream.close()
+            if link.stream is not None:
+                with trio.move_on_after(1, shield=True):
+                    await link.stream.close()
+                link.stream = None
+
+    async def _link_loop(self, link: _Link) -> None:
+        while True:
+            link.busy = False
+            with trio.move_on_after(self.idle_timeout) as idle:
+                try:
+                    first = await link.recv.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+            if idle.cancelled_caught:
+                self._closed_for("link", Reason.IDLE_TIMEOUT)
+                return
+            link.busy = True
+            batch = [first]
+            size = len(first[1])
+            while len(batch) < _BATCH and size < 1 << 20:
+                try:
+                    item = link.recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(item)
+                size += len(item[1])
+            now = self.node.clock()
+            fresh = [p for t, p in batch if now - t <= self.max_hold]
+            if len(fresh) < len(batch):
+                self.metrics.dropped.labels("stale").inc(len(batch) - len(fresh))
+            if not fresh:
+                continue
+            data = b"".join(encode_frame(p, wire.MAX_RELAY_FRAME) for p in fresh)
+            sent = False
+            for _ in range(2):  # a broken stream gets one fresh replacement
+                if link.stream is None:
+                    try:
+                        t0 = trio.current_time()
+                        link.stream = await self._open_link(link)
+                        log.debug(
+                            "relay link to %s open in %.3f s",
+                            link.peer.short(),
+                            trio.current_time() - t0,
+                        )
+                    except _NoRoute as e:  # not a member, not in the DHT: give up on it
+                        log.debug("relay link to %s: %s", link.peer.short(), e)
+                        self.metrics.dropped.labels("no_route").inc(len(fresh))
+                        self._unreachable[link.peer] = self.node.clock() + 10.0
+                        return
+                    except Exception as e:  # noqa: BLE001 - dial/lookup/libp2p errors
+                        log.debug("relay link to %s: %r", link.peer.short(), e)
+                        break
+                try:
+                    await link.stream.write(data)
+                    sent = True
+                    break
+                except NetError as e:
+                    log.debug("relay write to %s failed: %r", link.peer.short(), e)
+                    await link.stream.reset()
+                    link.stream = None
+            if sent:
+                link.failures = 0
+                self.metrics.packets_out.inc(len(fresh))
+                self.metrics.bytes_out.inc(len(data))
+                continue
+            self.metrics.dropped.labels("unreachable").inc(len(fresh))
+            link.failures += 1
+            if link.failures >= 2:
+                self._unreachable[link.peer] = self.node.clock() + 2.0
+                return
+            await trio.sleep(0.2)
 
     async def _loopback_loop(self) -> None:
         async for packet in self._loop_recv:
@@ -864,31 +1165,56 @@ class RelayService:
         if peer is None:
             return
         await self._ready.wait()
-        if len(self._sessions) >= self.max_clients:
-            self._reject("client", "too_many_clients", peer, penalize=False)
+        if self._sessions_of.get(peer, 0) >= self.clients_per_peer:
+            self._reject("client", Reason.CLIENT_LIMIT, peer, penalize=False)
+            return
+        if len(self._sessions) >= self.max_clients and not self._evict_session():
+            self._reject("client", Reason.CLIENT_LIMIT, peer, penalize=False)
             return
         send, recv = trio.open_memory_channel(256)
-        session = _Session(peer, send, recv)
+        session = _Session(peer, send, recv, last_active=trio.current_time())
         self._sessions.add(session)
+        self._sessions_of[peer] = self._sessions_of.get(peer, 0) + 1
         self.metrics.sessions.set(len(self._sessions))
         try:
             async with trio.open_nursery() as n:
+                session.scope = n.cancel_scope
                 n.start_soon(self._client_writer, stream, session, n.cancel_scope)
                 await self._client_reader(stream, session)
                 n.cancel_scope.cancel()
         finally:
             self._sessions.discard(session)
+            left = self._sessions_of.get(peer, 1) - 1
+            if left > 0:
+                self._sessions_of[peer] = left
+            else:
+                self._sessions_of.pop(peer, None)
             self.surbs.detach(session)
             send.close()
             self.metrics.sessions.set(len(self._sessions))
+
+    def _evict_session(self) -> bool:
+        """Close the session idle longest, if idle ``client_evict_idle`` s; else False."""
+        now = trio.current_time()
+        oldest = min(self._sessions, key=lambda x: x.last_active, default=None)
+        if oldest is None or now - oldest.last_active < self.client_evict_idle:
+            return False
+        self._sessions.discard(oldest)  # its slot is free now; its task ends soon
+        if oldest.scope is not None:
+            oldest.scope.cancel()
+        self._closed_for("client", Reason.CLIENT_LIMIT)
+        return True
 
     async def _client_reader(self, stream: Stream, session: _Session) -> None:
         peer = session.peer
         decoder = FrameDecoder(wire.MAX_SIZE)
         while not self._closed:
             try:
-                chunk = await stream.read(_READ)
+                chunk = await self._read(stream, decoder, session.last_active + self.client_idle)
             except NetError:
+                return
+            if chunk is None:
+                self._closed_for("client", Reason.IDLE_TIMEOUT)
                 return
             if not chunk:
                 return
@@ -897,6 +1223,8 @@ class RelayService:
             except DecodeError as e:
                 self._reject("client", e.reason, peer, penalize=True)
                 return
+            if bodies:
+                session.last_active = trio.current_time()
             packets = []
             for body in bodies:
                 try:

@@ -695,6 +695,7 @@ class Node:
             "peers": len(self.peers),
             "joined_via": self.joined_via,
             "control": self.control_url,
+            "relay": self.relay.status() if getattr(self, "relay", None) else None,
         }
 
 

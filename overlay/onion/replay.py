@@ -7,7 +7,10 @@ Invariants:
   opened, so its tags are useless);
 - bounded: at most ``max_epochs`` epochs and ``max_per_epoch`` tags each;
   when an epoch is full ``check_and_add`` fails closed (``ReplayCacheFull``)
-  rather than evicting, since eviction would re-admit replays;
+  rather than evicting, since eviction would re-admit replays. The relay
+  never lets it come to that for honest traffic: it switches to a new key
+  epoch when the current one is half full and erases an older epoch (key and
+  tags) once full (``overlay.onion.epochs``);
 - ``check_and_add`` raises ``Replay`` for a tag already seen in that epoch.
 """
 
@@ -62,6 +65,13 @@ class ReplayCache:
 
     def size(self, epoch: int) -> int:
         return len(self._epochs.get(epoch, ()))
+
+    def sizes(self) -> dict[int, int]:
+        """Tags held per epoch."""
+        return {e: len(b) for e, b in self._epochs.items()}
+
+    def full(self, epoch: int) -> bool:
+        return self.size(epoch) >= self.max_per_epoch
 
     def tags(self, epoch: int) -> frozenset[bytes]:
         """A snapshot of one epoch's tags, for persisting."""
