@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LocalError, OverlayError
@@ -55,7 +56,7 @@ ThresholdOpt = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -91,6 +92,9 @@ async def _entry_addrs(
             raise LocalError("operator keys must be hex") from None
         need = threshold or (cfg.seed_threshold if cfg else 1)
         result = await fetch_bundle(seeds, pinned, need, h.path / "seeds-cache.cbor")
+        for o in result.outcomes:  # a bad source is reported and skipped; others still count
+            if not o.ok:
+                err.print(f"seeds {o}", markup=False, highlight=False, soft_wrap=True)
         if result.bundle is None:
             reasons = "; ".join(str(o) for o in result.outcomes)
             raise LocalError(f"no valid seed bundle from any source ({reasons})")
