@@ -1,7 +1,8 @@
 """Seed bundles for Hydra bootstrap operators (``overlay-seeds``).
 
-Layering: imports only ``overlay.errors`` and ``overlay.crypto`` from the
-overlay package, never the node runtime; the node receives bundle peers as
+Layering: imports only ``overlay.errors``, ``overlay.crypto`` and
+``overlay.wire.cbor`` (the one strict CBOR decoder) from the overlay package,
+never the node runtime; the node receives bundle peers as
 data (``FetchResult.join_addrs()``).
 """
 

@@ -1,7 +1,8 @@
 """Seed bundle: a signed, expiring list of entry peers, co-signed by k of n operators.
 
 Wire format (``VERSION`` 1; byte-level description in docs/operator.md): one
-canonical CBOR map (``cbor2.dumps(x, canonical=True)``) with integer keys::
+canonical CBOR map (the strict subset of ``overlay.wire.cbor``, shared with every
+wire format) with integer keys::
 
     0 version     uint, == 1
     1 seq         uint64, grows with every new bundle from the same operators
@@ -33,13 +34,10 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import cbor2
 
 from overlay.crypto import NodeId, SigningKey
 from overlay.errors import (
@@ -50,6 +48,8 @@ from overlay.errors import (
     LocalError,
     Reason,
 )
+from overlay.wire.cbor import dumps as _dumps
+from overlay.wire.cbor import loads_canonical
 
 VERSION = 1
 MAX_SIZE = 32 * 1024
@@ -73,13 +73,11 @@ _BODY_KEYS = {K_VERSION, K_SEQ, K_ISSUED, K_EXPIRES, K_PEERS, K_OPERATORS, K_THR
 _ADDR_RE = re.compile(r"^(/[A-Za-z0-9._~:%+=@,\-]+)+$")
 
 
-def _dumps(value: Any) -> bytes:
-    return cbor2.dumps(value, canonical=True)
-
-
 def addr_problem(addr: object, peer: NodeId) -> str | None:
     if type(addr) is not str:
         return "multiaddr is not a text string"
+    if len(addr) > MAX_JOIN_ADDR:  # before any parsing: base58 decoding is quadratic
+        return "multiaddr too long"
     if not _ADDR_RE.match(addr):
         return f"invalid multiaddr {addr[:60]!r}"
     parts = addr.split("/")
@@ -288,22 +286,6 @@ def _problem(b: SeedBundle) -> str | None:
     return None
 
 
-def _loads_canonical(data: bytes) -> Any:
-    fp = io.BytesIO(data)
-    try:
-        value = cbor2.CBORDecoder(
-            fp,
-            max_depth=8,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        ).decode()
-    except Exception as e:  # cbor2 raises several types (ValueError, RecursionError, ...)
-        raise DecodeError(Reason.MALFORMED, f"cbor: {type(e).__name__}") from None
-    if fp.tell() != len(data):
-        raise DecodeError(Reason.MALFORMED, "trailing bytes after the CBOR item")
-    return value
-
-
 def _map(v: object, required: set[int], what: str) -> dict:
     if type(v) is not dict:
         raise DecodeError(Reason.MALFORMED, f"{what}: expected a map")
@@ -327,13 +309,9 @@ def decode(data: bytes) -> UnverifiedBundle:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(Reason.MALFORMED, "input is not bytes")
     data = bytes(data)
-    if len(data) > MAX_SIZE:
-        raise DecodeError(Reason.OVERSIZED, f"{len(data)} > {MAX_SIZE} bytes")
-    if not data:
-        raise DecodeError(Reason.MALFORMED, "empty input")
-    top = _loads_canonical(data)
+    top = loads_canonical(data, MAX_SIZE)  # size cap, strict subset, canonical form
     if type(top) is dict and K_VERSION in top and top[K_VERSION] != VERSION:
-        raise DecodeError(Reason.UNKNOWN_VERSION, f"version {top[K_VERSION]!r}")
+        raise DecodeError(Reason.UNKNOWN_VERSION, f"version {top[K_VERSION]!r:.40}")
     top = _map(top, _BODY_KEYS | {K_SIGS}, "bundle")
     peers = top[K_PEERS]
     if type(peers) is not list or len(peers) > MAX_PEERS:
@@ -344,6 +322,8 @@ def decode(data: bytes) -> UnverifiedBundle:
         addrs = p[E_ADDRS]
         if type(addrs) is not list or len(addrs) > MAX_ADDRS:
             raise DecodeError(Reason.MALFORMED, "addrs: expected a short array")
+        if not all(type(a) is str for a in addrs):
+            raise DecodeError(Reason.MALFORMED, "addrs: multiaddrs must be text strings")
         entries.append(Entry(_key32(p[E_PEER], "peer"), tuple(addrs)))
     ops = top[K_OPERATORS]
     if type(ops) is not list or len(ops) > MAX_OPERATORS:

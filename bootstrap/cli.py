@@ -16,7 +16,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from overlay.crypto import NodeId
 from overlay.errors import DecodeError, LocalError, RemoteError
@@ -40,7 +42,7 @@ EXIT_LOCAL = 2
 
 
 def _fail(message: str, code: int = EXIT_LOCAL) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -271,7 +273,7 @@ def verify(
         if as_json:
             typer.echo(json.dumps({"ok": False, "reason": e.reason.value, "detail": e.detail}))
         else:
-            err.print(f"[red]rejected[/red]: {e.reason.value}: {e.detail}")
+            err.print(f"[red]rejected[/red]: {e.reason.value}: {escape(e.detail)}")
         raise typer.Exit(EXIT_REJECTED) from None
     if as_json:
         typer.echo(
@@ -399,7 +401,8 @@ def fetch(
                 if o.chosen
                 else ("ok" if o.ok else f"[red]{o.reason_text}[/red]")
             )
-            table.add_row(o.source, res, "" if o.seq is None else str(o.seq), o.detail)
+            seq = "" if o.seq is None else str(o.seq)
+            table.add_row(Text(o.source), res, seq, Text(o.detail))  # Text: no markup
         out.print(table)
         out.print(f"cache: {result.cache_status}" + (" (updated)" if result.cache_written else ""))
         if result.bundle is not None:

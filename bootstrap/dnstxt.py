@@ -86,11 +86,13 @@ def decode_txt(strings: Iterable[bytes | str]) -> list[bytes]:
         count += 1
         if count > MAX_STRINGS:
             raise DecodeError(Reason.OVERSIZED, f"more than {MAX_STRINGS} TXT strings")
-        if isinstance(s, bytes | bytearray):
+        if isinstance(s, bytes | bytearray | memoryview):
             try:
                 s = bytes(s).decode("ascii")
             except UnicodeDecodeError:
                 continue
+        elif not isinstance(s, str):
+            continue
         parts = s.split(" ")
         if len(parts) != 4 or parts[0] != PREFIX or not _HEX8_RE.match(parts[1]):
             continue

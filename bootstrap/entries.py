@@ -45,6 +45,7 @@ _VALUED = {
     "onion3",
 }
 _NAMES = {"ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr"}
+_MAX_PEER_ID = 64  # an Ed25519 peer id is 52 characters
 
 
 def components(addr: str) -> list[tuple[str, str | None]]:
@@ -144,8 +145,11 @@ def candidates(
         expires = rec.get("expires_at")
         if type(expires) is not int or expires < now + min_remaining:
             continue
+        peer_id = rec.get("peer_id")
+        if not isinstance(peer_id, str) or len(peer_id) > _MAX_PEER_ID:
+            continue  # (base58 decoding is quadratic in the length)
         try:
-            peer = NodeId.from_peer_id(str(rec.get("peer_id", "")))
+            peer = NodeId.from_peer_id(peer_id)
         except ValueError:
             continue
         if peer in seen:

@@ -79,6 +79,22 @@ class SourceReport:
     def reason_text(self) -> str:
         return self.reason.value if self.reason is not None else "ok"
 
+    def __str__(self) -> str:
+        """One printable line: ``SOURCE: chosen (seq 12)``, ``SOURCE: ok (seq 11)`` or
+        ``SOURCE: skipped: REASON: DETAIL`` (no reprs; control characters replaced)."""
+        if self.ok:
+            state = "chosen" if self.chosen else "ok"
+            seq = f" (seq {self.seq})" if self.seq is not None else ""
+            return f"{_printable(self.source, 120)}: {state}{seq}"
+        detail = f": {_printable(self.detail, 160)}" if self.detail else ""
+        return f"{_printable(self.source, 120)}: skipped: {self.reason_text}{detail}"
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` on one line: non-printable characters become ``?``, cut to ``limit``."""
+    clean = "".join(c if c.isprintable() else "?" for c in str(text)[: limit + 1])
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
 
 @dataclass(frozen=True)
 class Resolution:

@@ -254,8 +254,8 @@ async def _seed_addrs(h: Home, cfg, sources: list[str]) -> list[str]:
             "seed sources need [seeds] operators (pinned operator keys) in config.toml"
         )
     result = await fetch_bundle(sources, operators, cfg.seed_threshold, h.path / "seeds-cache.cbor")
-    for o in result.outcomes:
-        err.print(f"  seeds {o}")
+    for o in result.outcomes:  # a bad source is reported and skipped; others still count
+        err.print(f"  seeds {o}", markup=False, highlight=False, soft_wrap=True)
     if result.bundle is None:
         raise LocalError("no valid seed bundle from any source and no cached bundle")
     return result.bundle.join_addrs()

@@ -92,6 +92,9 @@ async def _entry_addrs(
             raise LocalError("operator keys must be hex") from None
         need = threshold or (cfg.seed_threshold if cfg else 1)
         result = await fetch_bundle(seeds, pinned, need, h.path / "seeds-cache.cbor")
+        for o in result.outcomes:  # a bad source is reported and skipped; others still count
+            if not o.ok:
+                err.print(f"seeds {o}", markup=False, highlight=False, soft_wrap=True)
         if result.bundle is None:
             reasons = "; ".join(str(o) for o in result.outcomes)
             raise LocalError(f"no valid seed bundle from any source ({reasons})")

@@ -24,7 +24,7 @@ EXPORTS = {
     "SourceError",
     "SourceReport",
 }
-ALLOWED_OVERLAY = {"overlay.errors", "overlay.crypto"}
+ALLOWED_OVERLAY = {"overlay.errors", "overlay.crypto", "overlay.wire.cbor"}
 SANS_IO = {"bundle.py", "resolve.py", "dnstxt.py", "entries.py"}
 IO_MODULES = {"trio", "httpx", "hypercorn", "dns", "socket", "asyncio"}
 

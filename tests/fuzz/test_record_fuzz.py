@@ -1,21 +1,15 @@
 """A brief fuzz run of the record decoder: structured mutations of valid records.
 
-Run longer by hand: HYPOTHESIS_PROFILE=fuzz pytest tests/fuzz
+Run longer by hand: HYPOTHESIS_PROFILE=fuzz pytest tests/fuzz (profiles: tests/conftest.py)
 """
 
-import os
-
 import cbor2
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.errors import RemoteError
 from overlay.records import validate
 from tests.recgen import NOW, exit_record
-
-settings.register_profile("fuzz", max_examples=20000, deadline=None)
-settings.register_profile("ci", max_examples=500, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BASE = cbor2.loads(exit_record().encode())
 

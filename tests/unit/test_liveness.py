@@ -198,7 +198,7 @@ def _raw(frame) -> dict:
         (lambda m: m.pop(15), Reason.MALFORMED),  # unsigned accusation
         (lambda m: m.update({3: b"x" * 31}), Reason.MALFORMED),
         (lambda m: m.update({4: -1}), Reason.MALFORMED),
-        (lambda m: m.update({4: 2**64}), Reason.MALFORMED),
+        (lambda m: m.update({4: 2**64}), Reason.UNSUPPORTED_TYPE),  # a bignum is a CBOR tag
         (lambda m: m.update({5: bytes(A)}), Reason.MALFORMED),  # self-accusation
         (lambda m: m.update({15: b"s" * 63}), Reason.MALFORMED),
         (lambda m: m.update({2: 1}), Reason.MALFORMED),  # nonce on a suspect
