@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -151,7 +152,14 @@ class Node:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[Node]:
         self.started_at = self.clock()
-        self.store = RecordStore(self.home.db_path)
+        # one node per home: the lock comes before anything in the home is written
+        self._home_lock = self.home.locked()
+        self._home_lock.__enter__()
+        try:
+            self.store = RecordStore(self.home.db_path)
+        except BaseException:
+            self._home_lock.__exit__(None, None, None)
+            raise
         try:
             now = self.clock()
             for rec in self.store.all(now):
@@ -200,7 +208,8 @@ class Node:
             self.host = None
             self.store.close()
             self.store = None
-            self.home.control_path.unlink(missing_ok=True)
+            self._remove_control_file()
+            self._home_lock.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- records
     def ingest(self, raw: bytes, source: str, peer: NodeId | None = None) -> bool:
@@ -583,12 +592,23 @@ class Node:
         self.control_url = f"http://{host}:{port}"
         write_atomic(
             self.home.control_path,
-            json.dumps({"url": self.control_url, "peer_id": self.node_id.peer_id()}).encode(),
+            json.dumps(
+                {"url": self.control_url, "peer_id": self.node_id.peer_id(), "pid": os.getpid()}
+            ).encode(),
             0o600,
         )
         await control.serve_control(
             sock, self.control_state, self.metrics.render, task_status=task_status
         )
+
+    def _remove_control_file(self) -> None:
+        """Remove HOME/control.json only if this process wrote it (same pid and URL)."""
+        try:
+            info = json.loads(self.home.control_path.read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("pid") == os.getpid() and info.get("url") == self.control_url:
+            self.home.control_path.unlink(missing_ok=True)
 
     def control_state(self, what: str) -> dict:
         now = self.clock()
