@@ -19,6 +19,7 @@ HOME_LISTEN = [
     "/ip4/0.0.0.0/tcp/4002/ws",
 ]
 LOCAL_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Config:
     suspicion_min: float = 1.0
     suspicion_max: float = 4.0
     maildir_root: str = ""
+    log_level: str = "info"
 
     @property
     def role_flags(self) -> Role:
@@ -80,6 +82,8 @@ class Config:
             raise ConfigError("[liveness] needs 0 < suspicion_min <= suspicion_max")
         if not self.listen:
             raise ConfigError("at least one listen address is required")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"[log] level must be one of {', '.join(LOG_LEVELS)}")
         return self
 
 
@@ -106,6 +110,7 @@ _MAP = {
     ("liveness", "probe_timeout"): "probe_timeout",
     ("liveness", "suspicion_min"): "suspicion_min",
     ("liveness", "suspicion_max"): "suspicion_max",
+    ("log", "level"): "log_level",
 }
 
 
@@ -151,6 +156,7 @@ _SECTIONS = {
     "seeds": "Seed bundles used by `overlay run --seeds` / `overlay send --seeds`.",
     "exits": "Overlay-wide exit pool policy.",
     "liveness": "SWIM failure detection (seconds).",
+    "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
 }
 
 _COMMENTS = {
@@ -172,6 +178,7 @@ _COMMENTS = {
     "threshold": "signatures needed from pinned operators",
     "target_live_exits": "standby exits promote when fewer exits are live",
     "exit_policy_mode": '"all-public" or "chain" (one public exit, the next takes over)',
+    "level": "debug, info, warning or error",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
 }
 
