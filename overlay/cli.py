@@ -49,7 +49,7 @@ from .cli_util import (
     console as make_console,
 )
 from .config import HOME_LISTEN, LOG_LEVELS
-from .errors import OverlayError, RemoteError
+from .errors import LocalError, OverlayError, RemoteError
 from .home import Home, HomeLocked, default_home, write_atomic
 
 app = typer.Typer(
@@ -179,7 +179,6 @@ def _current_record(h: Home) -> records.ValidRecord:
     While a node runs from the home (it holds the lock and keeps its record
     fresh) only the stored record is read.
     """
-    from .errors import LocalError
     from .store import RecordStore
 
     now = time.time()
@@ -661,13 +660,15 @@ async def _show_new_addresses(node, shown: set[str]) -> None:
 
 # ---------------------------------------------------------------- control endpoint clients
 def _control(h: Home) -> str:
-    from .errors import LocalError
-
     try:
         info = json.loads(h.control_path.read_text())
         url = info["url"]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         raise LocalError(f"no running node for {h.path} (is `overlay run` running?)") from None
+    except PermissionError:
+        raise LocalError(
+            f"cannot read {h.control_path}: permission denied (run as the node's user or root)"
+        ) from None
     pid = info.get("pid")
     if isinstance(pid, int) and pid > 0:
         try:
@@ -684,8 +685,6 @@ def _control(h: Home) -> str:
 
 def _get(home: Path | None, route: str) -> dict:
     import httpx
-
-    from .errors import LocalError
 
     url = _control(_home(home))
     try:
@@ -881,6 +880,13 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exception(e)
             err.print(f"[red]error:[/red] {escape(one_line(str(leaf)))}")
             code = exit_code(leaf)
+        elif isinstance(leaf, OSError) and leaf.strerror:
+            # the machine said no (permissions, a full disk, a missing directory)
+            if _debug:
+                traceback.print_exception(e)
+            where = f"{leaf.filename}: " if leaf.filename else ""
+            err.print(f"[red]error:[/red] {escape(where + leaf.strerror)}")
+            code = EXIT_FAILED
         else:
             if _debug:
                 traceback.print_exception(e)

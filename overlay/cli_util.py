@@ -15,6 +15,7 @@ Exit codes (docs/volunteer.md, "Exit codes"), the same for every command:
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -68,8 +69,12 @@ def fail_for(e: OverlayError) -> typer.Exit:
     return fail(str(e), exit_code(e))
 
 
+_REPR = re.compile(r"\b[A-Z]\w*(?:Error|Exception|Timeout)\((['\"])(.*?)\1\)")
+
+
 def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """``text`` on one line, with exception reprs (``SwarmException('x')``) as plain ``x``."""
+    return _REPR.sub(r"\2", " ".join(str(text).split()))
 
 
 # ---------------------------------------------------------------- input checks

@@ -70,7 +70,7 @@ def assert_for_people(stderr: str, *, progress: bool = False) -> None:
     got = lines(stderr)
     assert got and got[-1].startswith("error: "), stderr
     assert len(got) == 1 or progress, stderr
-    for bad in ("Traceback", "Reason.", "<Reason", "SourceReport(", "Error(", "╭"):
+    for bad in ("Traceback", "Reason.", "<Reason", "SourceReport(", "Error(", "Exception(", "╭"):
         assert bad not in stderr, stderr
 
 
@@ -353,7 +353,9 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name
+)
 def test_demo_end_ends_its_nodes(tmp_path: Path, sig):
     demo = subprocess.Popen(
         [*OVERLAY, "demo", "--nodes", "3", "--exits", "1", "--standby", "0", "--duration", "600"],
@@ -504,6 +506,15 @@ def test_config_errors_and_debug(tmp_path: Path):
     assert_for_people(check.stderr)
     debug = cli("--debug", "run", "--home", home, check=78)
     assert "Traceback" in debug.stderr and "no_such_key" in debug.stderr.splitlines()[-1]
+
+
+def test_join_failure_is_one_line(tmp_path: Path):
+    home = init(tmp_path / "h")
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCv79ZBj17H8HycVStZN6y8CW3sLdkkpzeZEJfnSGDPwZ"
+    r = cli("run", "--home", home, "--join", nobody, "--log-level", "warning", check=1)
+    assert_for_people(r.stderr, progress=True)
+    assert "could not join through any address" in r.stderr
+    assert not (home / "control.json").exists()
 
 
 def test_config_check_prints_effective_settings(tmp_path: Path):
