@@ -41,6 +41,29 @@ EXIT_REJECTED = 1
 EXIT_LOCAL = 2
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"overlay-seeds {version('hydra-overlay')}")
+        except PackageNotFoundError:  # pragma: no cover - a bare source tree
+            typer.echo("overlay-seeds unknown")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Hydra seed bundles: signed lists of entry peers, co-signed by k of n operators."""
+
+
 def _fail(message: str, code: int = EXIT_LOCAL) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)

@@ -6,7 +6,10 @@ Plain functions with typer options; ``overlay/cli.py`` registers them with
 Exit codes of ``send``: 0 acknowledged (delivered, or durably queued at an
 exit when ``--timeout`` ran out first), 1 no ack yet (the message stays in
 the outbox and is resent by the next ``send`` or ``outbox --flush``) or a
-local error, 2 rejected for good.
+local error, 2 rejected for good, 64 a bad option value (overlay/cli_util.py).
+
+The seed-bundle helpers here (``check_seed_sources``, ``seed_join_addrs``)
+serve ``overlay run`` too: only the command line imports ``bootstrap``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,28 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import LocalError, OverlayError
+from .cli_util import (
+    EXIT_REJECTED,
+    EXIT_USAGE,
+    BadInput,
+    check_multiaddr,
+    check_threshold,
+    fail,
+    fail_for,
+    one_line,
+    parse_operators,
+)
+from .cli_util import (
+    console as make_console,
+)
+from .errors import LocalError, OverlayError, Reason
 from .home import Home, default_home
 
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 HomeOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional
@@ -55,22 +71,82 @@ ThresholdOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, unwrapped
-    return typer.Exit(code)
-
-
 def _quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("libp2p", "multiaddr", "hypercorn", "async_service", "aioquic"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
+SEEDS_CACHE = "seeds-cache.cbor"
+
+
+def check_seed_sources(values: list[str]) -> list[str]:
+    from bootstrap.fetch import parse_source
+
+    for v in values:
+        try:
+            parse_source(v)
+        except LocalError as e:
+            raise BadInput(f"--seeds {v!r}: {e}") from None
+    return values
+
+
+def describe_source(o) -> str:
+    """One line for a seed source's outcome (bootstrap.resolve.SourceReport)."""
+    if o.chosen:
+        return f"{o.source}: chosen (seq {o.seq})"
+    if o.ok:
+        return f"{o.source}: valid" + (f" (seq {o.seq})" if o.seq is not None else "")
+    return f"{o.source}: {o.reason_text}" + (f" ({one_line(o.detail)})" if o.detail else "")
+
+
+async def seed_join_addrs(
+    h: Home,
+    cfg,
+    sources: list[str],
+    operators: list[bytes],
+    threshold: int | None,
+    report=None,
+) -> list[str]:
+    """Join addresses from the newest verified seed bundle (docs/operator.md).
+
+    ``operators``/``threshold`` come from the command line, else from
+    ``[seeds]`` in config.toml. The last good bundle is cached in
+    HOME/seeds-cache.cbor; ``overlay seeds forget`` removes it.
+    """
+    from bootstrap.fetch import fetch_bundle
+
+    keys = operators or parse_operators(cfg.seed_operators if cfg else [])
+    if not keys:
+        raise BadInput(
+            "seed sources need pinned operator keys: --operator KEY or [seeds] operators"
+            " in HOME/config.toml"
+        )
+    need = threshold or (cfg.seed_threshold if cfg else 1)
+    if need > len(keys):
+        raise BadInput(f"--threshold {need} is more than the {len(keys)} pinned operator key(s)")
+    result = await fetch_bundle(sources, keys, need, h.path / SEEDS_CACHE)
+    for o in result.outcomes:
+        if report is not None:
+            report(describe_source(o))
+    if result.bundle is None:
+        reasons = "; ".join(describe_source(o) for o in result.outcomes)
+        old = result.expired_cache
+        if old is not None and any(o.reason is Reason.ROLLED_BACK for o in result.outcomes):
+            raise LocalError(
+                f"the cached seed bundle (seq {old.seq}) has expired and every source offers an"
+                f" older seq ({reasons}); if the operators really restarted their numbering, run"
+                f" `overlay seeds forget --home {h.path}` and start again"
+            )
+        raise LocalError(f"no valid seed bundle from any source and no usable cache ({reasons})")
+    return result.join_addrs()
+
+
 async def _entry_addrs(
     h: Home,
     via: list[str],
     seeds: list[str],
-    operators: list[str],
+    operators: list[bytes],
     threshold: int | None,
 ) -> list[str]:
     """Where to enter the overlay: --via, else --seeds, else the home's running node or join list."""
@@ -78,27 +154,7 @@ async def _entry_addrs(
         return via
     cfg = h.config() if h.config_path.exists() else None
     if seeds:
-        from bootstrap.fetch import fetch_bundle
-
-        keys = operators or (cfg.seed_operators if cfg else [])
-        if not keys:
-            raise LocalError(
-                "--seeds needs pinned operator keys: --operator HEX or [seeds] operators"
-                " in HOME/config.toml"
-            )
-        try:
-            pinned = [bytes.fromhex(k) for k in keys]
-        except ValueError:
-            raise LocalError("operator keys must be hex") from None
-        need = threshold or (cfg.seed_threshold if cfg else 1)
-        result = await fetch_bundle(seeds, pinned, need, h.path / "seeds-cache.cbor")
-        for o in result.outcomes:  # a bad source is reported and skipped; others still count
-            if not o.ok:
-                err.print(f"seeds {o}", markup=False, highlight=False, soft_wrap=True)
-        if result.bundle is None:
-            reasons = "; ".join(str(o) for o in result.outcomes)
-            raise LocalError(f"no valid seed bundle from any source ({reasons})")
-        return result.join_addrs()
+        return await seed_join_addrs(h, cfg, seeds, operators, threshold)
     addrs = _running_node_addrs(h)
     if not addrs and cfg is not None:
         addrs = list(cfg.join)
@@ -159,20 +215,38 @@ def send(
     import trio
 
     from .client import AckTimeout, Client, State
+    from .wire.delivery import parse_destination
 
     _quiet_logging()
     if until not in ("queued", "delivered"):
-        raise _fail("--until must be 'queued' or 'delivered'", 2)
+        raise fail(f"--until must be 'queued' or 'delivered', not {until!r}", EXIT_USAGE)
+    try:
+        parse_destination(to)
+    except OverlayError as e:
+        raise fail(
+            f"--to {to!r}: {getattr(e, 'detail', '') or e}"
+            " (smtp:user@host[:port], maildir:PATH or an http(s):// URL)",
+            EXIT_USAGE,
+        ) from None
+    if not 2 <= hops <= 5:
+        raise fail(f"--hops must be 2 to 5, not {hops}", EXIT_USAGE)
+    if not timeout > 0:
+        raise fail(f"--timeout must be more than 0 seconds, not {timeout:g}", EXIT_USAGE)
+    try:
+        via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
+        pinned = parse_operators(list(operator or []))
+        check_threshold(threshold)
+        check_seed_sources(list(seeds or []))
+    except OverlayError as e:
+        raise fail_for(e) from None
     try:
         body = file.read_bytes() if file is not None else sys.stdin.buffer.read()
     except OSError as e:
-        raise _fail(f"cannot read {file}: {e.strerror}") from None
+        raise fail(f"cannot read {file}: {e.strerror}", EXIT_USAGE) from None
     h = Home(home or default_home())
 
     async def main():
-        addrs = await _entry_addrs(
-            h, list(via or []), list(seeds or []), list(operator or []), threshold
-        )
+        addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
         async with Client(h.path, addrs, hops=hops) as c:
             mid = await c.send(to, body)
             try:
@@ -183,7 +257,7 @@ def send(
     try:
         entry = trio.run(main)
     except OverlayError as e:
-        raise _fail(str(e)) from None
+        raise fail_for(e) from None
     info = _entry_json(entry)
     if as_json:
         print(json.dumps(info))
@@ -197,7 +271,7 @@ def send(
             " the exit holds it and keeps trying; it stays in the outbox until delivered"
         )
     elif entry.state is State.FAILED:
-        err.print(f"[red]rejected[/red] {info['message_id']}: {entry.reason}")
+        err.print(f"[red]rejected[/red] {info['message_id']}: {escape(str(entry.reason))}")
     else:
         err.print(
             f"[yellow]no ack yet[/yellow] {info['message_id']} after {entry.attempts} attempt(s)"
@@ -205,7 +279,7 @@ def send(
             " or `overlay outbox --flush`"
         )
     if entry.state is State.FAILED:
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_REJECTED)
     if entry.state is State.PENDING:
         raise typer.Exit(1)
 
@@ -235,11 +309,18 @@ def outbox(
         from .client import Client
 
         _quiet_logging()
+        if not timeout > 0:
+            raise fail(f"--timeout must be more than 0 seconds, not {timeout:g}", EXIT_USAGE)
+        try:
+            via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
+            pinned = parse_operators(list(operator or []))
+            check_threshold(threshold)
+            check_seed_sources(list(seeds or []))
+        except OverlayError as e:
+            raise fail_for(e) from None
 
         async def run_flush():
-            addrs = await _entry_addrs(
-                h, list(via or []), list(seeds or []), list(operator or []), threshold
-            )
+            addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
             async with Client(h.path, addrs) as c:
                 with trio.move_on_after(timeout):
                     while any(e.state.name == "PENDING" for e in c.pending()):
@@ -248,7 +329,7 @@ def outbox(
         try:
             trio.run(run_flush)
         except OverlayError as e:
-            raise _fail(str(e)) from None
+            raise fail_for(e) from None
     if not (h.path / FILENAME).exists():
         entries = []
     else:
@@ -256,7 +337,7 @@ def outbox(
             with OutboxStore(h.path / FILENAME) as st:
                 entries = st.load(unfinished_only=not show_all)
         except OverlayError as e:
-            raise _fail(str(e)) from None
+            raise fail_for(e) from None
     rows = [_entry_json(e) for e in entries]
     if as_json:
         print(json.dumps({"messages": rows}, indent=2))

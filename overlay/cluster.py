@@ -3,6 +3,13 @@
 Each node is a separate ``overlay run`` process with its own home under one
 root directory; node 0 starts first and every later node joins through a
 random earlier one. All processes are stopped when the cluster closes.
+
+Each node runs in its own process group (``kill`` signals the group), and on
+Linux with a parent-death signal (``prctl(PR_SET_PDEATHSIG, SIGKILL)``): when
+the process that started the cluster dies, however it dies, its nodes die
+too, frozen (SIGSTOPped) ones included. The kernel sends that signal when the
+*thread* that forked the child ends, so every node is started from one
+long-lived spawner thread that lives as long as the cluster.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +57,30 @@ class NodeProc:
         return r.json()
 
 
+# Runs before ``overlay run`` in each node process (then execs it): set the
+# parent-death signal, and exit if the parent is already gone (the race where it
+# died between fork and prctl).
+_PDEATHSIG_WRAPPER = (
+    "import ctypes, os, signal, sys\n"
+    "PR_SET_PDEATHSIG = 1\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def with_parent_death_signal(args: list[str]) -> list[str]:
+    """``args`` wrapped so that the process is SIGKILLed when this process dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return list(args)
+    return [sys.executable, "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *args]
+
+
+class ClusterClosed(RuntimeError):
+    """The cluster was stopped while nodes were still being started."""
+
+
 class Cluster:
     def __init__(
         self,
@@ -63,6 +96,9 @@ class Cluster:
         self.settings = {"control_listen": "127.0.0.1:0", "sync_interval": 1.0, **(settings or {})}
         self.log_dir = log_dir or self.root / "logs"
         self.nodes: list[NodeProc] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-spawn")
         for i, r in enumerate(roles):
             policy = ["maildir:*", "smtp:*"] if {"exit", "standby-exit"} & set(r) else None
             home = Home.init(
@@ -77,8 +113,6 @@ class Cluster:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start node 0, then every other node at once, each joining through node 0."""
-        from concurrent.futures import ThreadPoolExecutor
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
         first, rest = self.nodes[0], self.nodes[1:]
         self.start_node(first, [], timeout)
@@ -86,22 +120,35 @@ class Cluster:
             for f in [pool.submit(self.start_node, n, [first.addrs[0]], timeout) for n in rest]:
                 f.result()
 
+    def _spawn(self, args: list[str], log_path: Path) -> subprocess.Popen:
+        with self._lock:
+            if self._closed:
+                raise ClusterClosed("the cluster is stopping")
+            with open(log_path, "ab") as log:
+                return subprocess.Popen(
+                    with_parent_death_signal(args),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # own process group: kill() signals the group
+                )
+
     def start_node(self, node: NodeProc, join: Sequence[str], timeout: float = 30.0) -> None:
-        node.home.control_path.unlink(missing_ok=True)
         args = [sys.executable, "-m", "overlay", "run", "--home", str(node.home.path)]
         for a in join:
             args += ["--join", a]
-        log = open(self.log_dir / f"node{node.index:02d}.log", "ab")  # noqa: SIM115
-        node.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        log_path = self.log_dir / f"node{node.index:02d}.log"
+        node.proc = self._spawner.submit(self._spawn, args, log_path).result()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._closed:
+                raise ClusterClosed("the cluster is stopping")
             if node.proc.poll() is not None:
                 raise RuntimeError(f"node {node.index} exited; see {self.log_dir}")
             try:
                 info = json.loads(node.home.control_path.read_text())
+                if info.get("pid") != node.proc.pid:
+                    raise ValueError("control.json of an earlier run")
                 node.control = info["url"]
                 st = node.get("/status")
                 node.peer_id, node.addrs = st["peer_id"], st["listen"]
@@ -121,21 +168,29 @@ class Cluster:
                 node.killed_at = time.time()
 
     def stop(self) -> None:
+        """Stop every node (frozen ones are continued first); no new node starts after."""
+        with self._lock:
+            self._closed = True
         for node in self.nodes:
             if node.alive:
-                try:
-                    os.killpg(node.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
+                for sig in (signal.SIGCONT, signal.SIGTERM):
+                    try:
+                        os.killpg(node.proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        deadline = time.monotonic() + 15  # a planned stop withdraws the record first
         for node in self.nodes:
             if node.proc is None:
                 continue
             try:
                 node.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(node.proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(node.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 node.proc.wait(5)
+        self._spawner.shutdown(wait=False)
 
     def __enter__(self) -> Cluster:
         try:

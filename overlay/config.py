@@ -21,6 +21,7 @@ HOME_LISTEN = [
     "/ip4/0.0.0.0/tcp/4002/ws",
 ]
 LOCAL_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Config:
     relay_max_clients: int = 256
     relay_clients_per_peer: int = 4
     relay_client_idle: float = 300.0
+    log_level: str = "info"
 
     @property
     def role_flags(self) -> Role:
@@ -100,6 +102,8 @@ class Config:
             raise ConfigError("[relay] max_links, max_clients and clients_per_peer must be >= 1")
         if not self.relay_client_idle > 0:
             raise ConfigError("[relay] client_idle_timeout must be > 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"[log] level must be one of {', '.join(LOG_LEVELS)}")
         return self
 
 
@@ -131,6 +135,7 @@ _MAP = {
     ("relay", "max_clients"): "relay_max_clients",
     ("relay", "clients_per_peer"): "relay_clients_per_peer",
     ("relay", "client_idle_timeout"): "relay_client_idle",
+    ("log", "level"): "log_level",
 }
 
 
@@ -207,6 +212,7 @@ _SECTIONS = {
     "liveness": "SWIM failure detection (seconds).",
     "onion": "Onion key rotation (all nodes of one overlay use the same epoch length).",
     "relay": "Relay links and light-client sessions.",
+    "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
 }
 
 _COMMENTS = {
@@ -233,6 +239,7 @@ _COMMENTS = {
     "max_clients": "light-client sessions in total; the longest idle one makes room",
     "clients_per_peer": "light-client sessions per client identity",
     "client_idle_timeout": "seconds a light-client session may stay silent before it is closed",
+    "level": "debug, info, warning or error",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
 }
 

@@ -205,10 +205,28 @@ async def serve_control(
 # ---------------------------------------------------------------- client
 def control_url(home: Path) -> str:
     """The URL of the node running from ``home`` (from ``HOME/control.json``)."""
+    path = Path(home) / URL_FILE
     try:
-        return json.loads((Path(home) / URL_FILE).read_text())["url"]
+        info = json.loads(path.read_text())
+        url = info["url"]
+    except PermissionError:
+        raise LocalError(
+            f"cannot read {path}: permission denied (run as the node's user or root)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError):
         raise LocalError(f"no running node for {home} (is `overlay run` running?)") from None
+    pid = info.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise LocalError(
+                f"no running node for {home} (its control.json is from process {pid},"
+                " which has exited)"
+            ) from None
+        except PermissionError:
+            pass  # runs as another user (e.g. the service's): ask it
+    return url
 
 
 def auth_headers(home: Path) -> dict[str, str]:

@@ -7,6 +7,11 @@ alternately killed (SIGKILL) and frozen (SIGSTOP: every feed of the node goes
 silent at once, as when its links are cut) — while the terminal shows nodes,
 live exits, promotions, and messages sent / delivered / pending / lost. At the
 end every process is stopped and a summary is printed (``--json`` for scripts).
+
+However the demo ends, its node processes end too: SIGTERM, SIGHUP and SIGINT
+stop the demo cleanly (``run_demo_until_signal``), and every node is started
+with a parent-death signal (``overlay/cluster.py``), so even a SIGKILL of the
+demo kills them, frozen ones included.
 """
 
 from __future__ import annotations
@@ -119,9 +124,53 @@ class DemoState:
 
 
 # ---------------------------------------------------------------- demo
+def check_demo_args(nodes: int, exits: int, standby: int, duration: float) -> None:
+    """Raise ``ValueError`` (a sentence for the user) for settings the demo cannot run."""
+    if exits < 1:
+        raise ValueError(f"--exits must be 1 or more, not {exits}")
+    if standby < 0:
+        raise ValueError(f"--standby must be 0 or more, not {standby}")
+    if not duration > 0:
+        raise ValueError(f"--duration must be more than 0 seconds, not {duration:g}")
+    _roles(nodes, exits, standby)
+
+
+def run_demo_until_signal(**kwargs) -> dict:
+    """``run_demo`` that SIGTERM, SIGHUP or SIGINT end early: every node is stopped
+    and ``{"ok": False, "stopped_by": NAME}`` returned."""
+    stopped: dict = {}
+
+    async def main() -> dict | None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as sigs:
+            async with trio.open_nursery() as n:
+
+                async def watch() -> None:
+                    async for signum in sigs:
+                        stopped["by"] = signal.Signals(signum).name
+                        n.cancel_scope.cancel()
+                        return
+
+                n.start_soon(watch)
+                summary = await run_demo(**kwargs)
+                n.cancel_scope.cancel()
+                return summary
+        return None
+
+    summary = trio.run(main)
+    if summary is None or "by" in stopped:
+        Console(stderr=True).print(
+            f"demo stopped by {stopped.get('by', 'a signal')}; every node it started is stopped"
+        )
+        return {"ok": False, "stopped_by": stopped.get("by", "")}
+    return summary
+
+
 def _roles(nodes: int, exits: int, standby: int) -> list[list[str]]:
     if nodes < exits + standby + 2:
-        raise ValueError("need at least exits + standby + 2 nodes (an entry and a relay)")
+        raise ValueError(
+            f"--nodes {nodes} is too few: need at least exits + standby + 2"
+            f" = {exits + standby + 2} (an entry and a relay besides the exits)"
+        )
     out = [["entry", "relay"]]
     out += [["exit", "relay"]] * exits
     out += [["standby-exit", "relay"]] * standby
@@ -152,7 +201,8 @@ async def run_demo(
     cluster = Cluster(root, _roles(nodes, exits, standby), settings=settings)
     try:
         console.print(f"starting {nodes} nodes and an SMTP sink on 127.0.0.1:{smtp_port} …")
-        await trio.to_thread.run_sync(cluster.start)
+        # abandoned on cancellation (a signal): cluster.stop() below stops what it started
+        await trio.to_thread.run_sync(cluster.start, abandon_on_cancel=True)
         entry = cluster.nodes[0]
         async with Client(root / "client", via=[entry.addrs[0]]) as client:
             with Live(
@@ -174,13 +224,8 @@ async def run_demo(
                 live.update(_render(state, cluster, client, sink))
             summary = _summary(state, client, sink, nodes, exits, standby, duration)
     finally:
-        for node in cluster.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                try:
-                    os.killpg(node.proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-        await trio.to_thread.run_sync(cluster.stop)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cluster.stop)  # continues frozen nodes first
         sink.stop()
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -9,10 +9,13 @@ Layout::
     HOME/state.json         last published seq
     HOME/records.db         SQLite record store
     HOME/control.json       URL of the running node's control endpoint
+    HOME/node.lock          held (flock) by the one process using the home; its PID
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +23,9 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
@@ -93,9 +98,57 @@ def feeds_from_listen(listen: list[str]) -> list[str]:
     return list(seen)[:8]
 
 
+class HomeLocked(LocalError):
+    """Another process holds the home's lock (another node runs from it)."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(
+            f"{path} is in use by {holder} (another `overlay run`?); stop it first,"
+            " or use another --home"
+        )
+
+
+class HomeLock:
+    """An exclusive ``flock`` on ``HOME/node.lock``, held until ``release()``.
+
+    The lock is tied to the open file, so it is released however the process
+    ends; the file itself stays and only names the last holder's PID.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LocalError(f"cannot lock {self.path}: {e.strerror}") from None
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            raise HomeLocked(self.path.parent, pid or None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the file releases the flock
+
+
 @dataclass
 class Home:
     path: Path
+    _lock: HomeLock | None = field(default=None, init=False, repr=False, compare=False)
+    _lock_depth: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def config_path(self) -> Path:
@@ -117,8 +170,33 @@ class Home:
     def control_path(self) -> Path:
         return self.path / "control.json"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "node.lock"
+
     def exists(self) -> bool:
         return self.key_path.exists()
+
+    @contextmanager
+    def locked(self) -> Iterator[Home]:
+        """Hold the home's exclusive lock (re-entrant on this ``Home`` object).
+
+        Raises ``HomeLocked`` (naming the holder's PID) when another process,
+        or another ``Home`` object, holds it. Take it before writing anything.
+        """
+        if self._lock is None:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = HomeLock(self.lock_path)
+            lock.acquire()
+            self._lock = lock
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                lock, self._lock = self._lock, None
+                lock.release()
 
     @classmethod
     def init(

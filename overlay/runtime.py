@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -153,7 +154,14 @@ class Node:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[Node]:
         self.started_at = self.clock()
-        self.store = RecordStore(self.home.db_path)
+        # one node per home: the lock comes before anything in the home is written
+        self._home_lock = self.home.locked()
+        self._home_lock.__enter__()
+        try:
+            self.store = RecordStore(self.home.db_path)
+        except BaseException:
+            self._home_lock.__exit__(None, None, None)
+            raise
         try:
             now = self.clock()
             for rec in self.store.all(now):
@@ -202,7 +210,8 @@ class Node:
             self.host = None
             self.store.close()
             self.store = None
-            self.home.control_path.unlink(missing_ok=True)
+            self._remove_control_file()
+            self._home_lock.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- records
     def ingest(self, raw: bytes, source: str, peer: NodeId | None = None) -> bool:
@@ -627,7 +636,9 @@ class Node:
         self.control_token = control.ensure_token(self.home.path)
         write_atomic(
             self.home.control_path,
-            json.dumps({"url": self.control_url, "peer_id": self.node_id.peer_id()}).encode(),
+            json.dumps(
+                {"url": self.control_url, "peer_id": self.node_id.peer_id(), "pid": os.getpid()}
+            ).encode(),
             0o600,
         )
 
@@ -642,6 +653,15 @@ class Node:
             on_refused=refused,
             task_status=task_status,
         )
+
+    def _remove_control_file(self) -> None:
+        """Remove HOME/control.json only if this process wrote it (same pid and URL)."""
+        try:
+            info = json.loads(self.home.control_path.read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("pid") == os.getpid() and info.get("url") == self.control_url:
+            self.home.control_path.unlink(missing_ok=True)
 
     def control_state(self, what: str) -> dict:
         now = self.clock()

@@ -35,6 +35,7 @@ LAYERS = {
     "cluster": 7,
     "sim": 6,
     "demo": 8,
+    "cli_util": 9,
     "cli_send": 9,
     "cli": 9,
     "__main__": 10,

@@ -1035,7 +1035,10 @@ class Libp2pHost:
         bound = set(self._swarm.listeners)
         missing = [str(a) for a in self._listen if str(a) not in bound]
         if missing:
-            raise LocalError(f"could not listen on {missing}")
+            raise LocalError(
+                f"could not listen on {', '.join(missing)} (address in use or not on this"
+                " machine); change [node] listen"
+            )
 
     def _require_running(self) -> trio.Nursery:
         if self._nursery is None:
