@@ -143,7 +143,7 @@ def test_non_utf8_config_is_one_line(tmp_path):
             text=True,
             timeout=60,
         )
-        assert p.returncode == 1
+        assert p.returncode == 78  # EX_CONFIG, docs/volunteer.md exit codes
         assert p.stderr.splitlines() == [
             f"error: {home.config_path}: not UTF-8 text (byte {bad_at})"
         ], p.stderr
