@@ -45,6 +45,17 @@ class Config:
     suspicion_min: float = 1.0
     suspicion_max: float = 4.0
     maildir_root: str = ""
+    # [admission]: bounds on new members and on dials to what records claim
+    admission_rate: float = 2.0
+    admission_burst: float = 512.0
+    admission_peer_rate: float = 1.0
+    admission_peer_burst: float = 256.0
+    max_unverified: int = 1024
+    max_members: int = 16384
+    unverified_ttl: float = 1800.0
+    dial_rate: float = 1.0
+    dial_burst: float = 8.0
+    dial_addr_interval: float = 60.0
 
     @property
     def role_flags(self) -> Role:
@@ -80,6 +91,19 @@ class Config:
             raise ConfigError("[liveness] needs 0 < suspicion_min <= suspicion_max")
         if not self.listen:
             raise ConfigError("at least one listen address is required")
+        admission = (
+            self.admission_rate,
+            self.admission_burst,
+            self.admission_peer_rate,
+            self.admission_peer_burst,
+            self.dial_rate,
+            self.dial_burst,
+            self.dial_addr_interval,
+        )
+        if min(admission) < 0 or self.max_unverified < 0 or self.unverified_ttl <= 0:
+            raise ConfigError("[admission] rates, bursts, bounds and intervals must be >= 0")
+        if self.max_members < 1 or self.max_members < self.max_unverified:
+            raise ConfigError("[admission] needs max_members >= max_unverified and >= 1")
         return self
 
 
@@ -106,6 +130,16 @@ _MAP = {
     ("liveness", "probe_timeout"): "probe_timeout",
     ("liveness", "suspicion_min"): "suspicion_min",
     ("liveness", "suspicion_max"): "suspicion_max",
+    ("admission", "rate"): "admission_rate",
+    ("admission", "burst"): "admission_burst",
+    ("admission", "peer_rate"): "admission_peer_rate",
+    ("admission", "peer_burst"): "admission_peer_burst",
+    ("admission", "max_unverified"): "max_unverified",
+    ("admission", "max_members"): "max_members",
+    ("admission", "unverified_ttl"): "unverified_ttl",
+    ("admission", "dial_rate"): "dial_rate",
+    ("admission", "dial_burst"): "dial_burst",
+    ("admission", "dial_addr_interval"): "dial_addr_interval",
 }
 
 
@@ -151,6 +185,7 @@ _SECTIONS = {
     "seeds": "Seed bundles used by `overlay run --seeds` / `overlay send --seeds`.",
     "exits": "Overlay-wide exit pool policy.",
     "liveness": "SWIM failure detection (seconds).",
+    "admission": "Bounds on new members and on dials to addresses records only claim.",
 }
 
 _COMMENTS = {
@@ -172,6 +207,16 @@ _COMMENTS = {
     "threshold": "signatures needed from pinned operators",
     "target_live_exits": "standby exits promote when fewer exits are live",
     "exit_policy_mode": '"all-public" or "chain" (one public exit, the next takes over)',
+    "admission.rate": "new identities admitted per second (a joining node's first pull is exempt)",
+    "admission.burst": "... and at once",
+    "admission.peer_rate": "new identities per second from one forwarding peer",
+    "admission.peer_burst": "... and at once",
+    "admission.max_unverified": "members held that never talked to this node themselves",
+    "admission.max_members": "members held in all",
+    "admission.unverified_ttl": "seconds an unverified member is kept without contact",
+    "admission.dial_rate": "dials per second to members not yet verified",
+    "admission.dial_burst": "... and at once",
+    "admission.dial_addr_interval": "seconds before an unverified (or failed) host:port is dialled again",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
 }
 
