@@ -61,7 +61,8 @@ SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync r
 DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
 REFUSAL_LOG_EVERY = 10.0  # seconds between two INFO lines about refused new identities
-VERIFY_DIALS_PER_ROUND = 4  # dials to unverified members per peer-loop round, at most
+VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
+VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
 
 
 def dht_key(node_id: NodeId) -> str:
@@ -627,19 +628,29 @@ class Node:
         raise LocalError("could not join through any address: " + "; ".join(errors))
 
     async def _fill_peers(self) -> None:
-        """Dial towards ``target_peers`` (verified members first, others within the
-        dial budget), then spend what is left of the budget on verifying members
-        we were only told about (exits and standbys first, least recently tried
-        first), so honest members get verified and exits count soon."""
+        """Dial towards ``target_peers`` and verify members we were only told about.
+
+        The dial budget goes first to unverified exits and standbys (so that the
+        exit pool soon counts the honest ones), then to unverified peers that
+        ``choose_dials`` picks when too few verified ones are left to dial, and
+        what remains to one unverified member known for ``VERIFY_AFTER`` seconds
+        (least recently tried first), so honest members that never contact us
+        get verified before ``unverified_ttl`` drops them.
+        """
         connected = set(self.connected())
         now = self.clock()
         snap = self.view.snapshot(now)
         banned = {p for p in snap.records if self.scores.banned(p, now)}
         live = snap.live()
         budget = int(self.dial_budget.tokens(now))
-        dials = choose_dials(
+        dials = self._verification_dials(
+            live, connected | banned, min(budget, VERIFY_DIALS_PER_ROUND), now, exits=True
+        )
+        budget -= len(dials)
+        early = {r.node_id for r in dials}
+        picked = choose_dials(
             live,
-            connected,
+            connected | early,
             self.node_id,
             self.config.target_peers,
             self.rng,
@@ -647,34 +658,42 @@ class Node:
             prefer=self.view.is_verified,
             max_other=budget,
         )
-        spent = sum(1 for r in dials if not self.view.is_verified(r.node_id))
-        chosen = {r.node_id for r in dials}
-        room = min(VERIFY_DIALS_PER_ROUND, budget - spent)
-        if room > 0:
-            dials += self._verification_dials(live, connected | chosen | banned, room, now)
+        budget -= sum(1 for r in picked if not self.view.is_verified(r.node_id))
+        dials += picked
+        if budget > 0:
+            skip = connected | banned | {r.node_id for r in dials}
+            dials += self._verification_dials(live, skip, 1, now, exits=False)
         if dials:
             async with trio.open_nursery() as n:
                 for rec in dials:
                     n.start_soon(self.connect_record, rec)
 
     def _verification_dials(
-        self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float
+        self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
     ) -> list[ValidRecord]:
+        """Up to ``room`` unverified members to dial: exits and standbys (``exits``)
+        or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
+        if room <= 0:
+            return []
         exitish = Role.EXIT | Role.STANDBY_EXIT
         tried = self._verify_tried
-        todo = [
-            r
-            for r in live
-            if r.node_id != self.node_id
-            and r.node_id not in skip
-            and not self.view.is_verified(r.node_id)
-        ]
-        todo.sort(key=lambda r: (not (r.roles & exitish), tried.get(r.node_id, -1e18)))
+        view = self.view
+        todo = []
+        for r in live:
+            nid = r.node_id
+            if nid == self.node_id or nid in skip or view.is_verified(nid):
+                continue
+            if bool(r.roles & exitish) != exits:
+                continue
+            if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
+                continue
+            todo.append(r)
+        todo.sort(key=lambda r: tried.get(r.node_id, -1e18))
         out = todo[:room]
         for r in out:
             tried[r.node_id] = now
         if len(tried) > 2 * self.config.max_unverified + 64:
-            for nid in [n for n in tried if self.view.is_verified(n) or n not in self.view]:
+            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
                 del tried[nid]
         return out
 

@@ -82,6 +82,13 @@ class MembershipView:
             return -float("inf") if node_id in self._records else None
         return self.admission.verified_since(node_id)
 
+    def first_seen(self, node_id: NodeId) -> float | None:
+        """When the member entered the view (``None`` without admission or record)."""
+        if self.admission is None:
+            return None
+        e = self.admission.entries.get(node_id)
+        return None if e is None else e.first_seen
+
     def confirm(self, node_id: NodeId, now: float) -> bool:
         """``node_id`` authenticated to us itself; True if a member became verified."""
         if self.admission is None:
