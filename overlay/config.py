@@ -54,6 +54,17 @@ class Config:
     relay_clients_per_peer: int = 4
     relay_client_idle: float = 300.0
     log_level: str = "info"
+    # [admission]: bounds on new members and on dials to what records claim
+    admission_rate: float = 2.0
+    admission_burst: float = 512.0
+    admission_peer_rate: float = 1.0
+    admission_peer_burst: float = 256.0
+    max_unverified: int = 1024
+    max_members: int = 16384
+    unverified_ttl: float = 1800.0
+    dial_rate: float = 1.0
+    dial_burst: float = 8.0
+    dial_addr_interval: float = 60.0
 
     @property
     def role_flags(self) -> Role:
@@ -104,6 +115,19 @@ class Config:
             raise ConfigError("[relay] client_idle_timeout must be > 0")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"[log] level must be one of {', '.join(LOG_LEVELS)}")
+        admission = (
+            self.admission_rate,
+            self.admission_burst,
+            self.admission_peer_rate,
+            self.admission_peer_burst,
+            self.dial_rate,
+            self.dial_burst,
+            self.dial_addr_interval,
+        )
+        if min(admission) < 0 or self.max_unverified < 0 or self.unverified_ttl <= 0:
+            raise ConfigError("[admission] rates, bursts, bounds and intervals must be >= 0")
+        if self.max_members < 1 or self.max_members < self.max_unverified:
+            raise ConfigError("[admission] needs max_members >= max_unverified and >= 1")
         return self
 
 
@@ -136,6 +160,16 @@ _MAP = {
     ("relay", "clients_per_peer"): "relay_clients_per_peer",
     ("relay", "client_idle_timeout"): "relay_client_idle",
     ("log", "level"): "log_level",
+    ("admission", "rate"): "admission_rate",
+    ("admission", "burst"): "admission_burst",
+    ("admission", "peer_rate"): "admission_peer_rate",
+    ("admission", "peer_burst"): "admission_peer_burst",
+    ("admission", "max_unverified"): "max_unverified",
+    ("admission", "max_members"): "max_members",
+    ("admission", "unverified_ttl"): "unverified_ttl",
+    ("admission", "dial_rate"): "dial_rate",
+    ("admission", "dial_burst"): "dial_burst",
+    ("admission", "dial_addr_interval"): "dial_addr_interval",
 }
 
 
@@ -213,6 +247,7 @@ _SECTIONS = {
     "onion": "Onion key rotation (all nodes of one overlay use the same epoch length).",
     "relay": "Relay links and light-client sessions.",
     "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
+    "admission": "Bounds on new members and on dials to addresses records only claim.",
 }
 
 _COMMENTS = {
@@ -240,6 +275,16 @@ _COMMENTS = {
     "clients_per_peer": "light-client sessions per client identity",
     "client_idle_timeout": "seconds a light-client session may stay silent before it is closed",
     "level": "debug, info, warning or error",
+    "admission.rate": "new identities admitted per second (a joining node's first pull is exempt)",
+    "admission.burst": "... and at once",
+    "admission.peer_rate": "new identities per second from one forwarding peer",
+    "admission.peer_burst": "... and at once",
+    "admission.max_unverified": "members held that never talked to this node themselves",
+    "admission.max_members": "members held in all",
+    "admission.unverified_ttl": "seconds an unverified member is kept without contact",
+    "admission.dial_rate": "dials per second to members not yet verified",
+    "admission.dial_burst": "... and at once",
+    "admission.dial_addr_interval": "seconds before an unverified (or failed) host:port is dialled again",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
 }
 

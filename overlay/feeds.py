@@ -206,7 +206,8 @@ async def dial_record(
 
     Already connected: returns the remembered feed (or the first one). Every
     failure is remembered for ``DialMemory.fail_memory`` seconds and moves
-    that feed to the back next time.
+    that feed to the back next time. Only the feeds the node's dial budget
+    permits (``Node.permitted_feeds``) are dialled; ``None`` if there are none.
     """
     host = node.host
     peer = rec.node_id.peer_id()
@@ -218,10 +219,18 @@ async def dial_record(
         return None
     if peer in host.connected_peers():
         return memory.good(peer) or order[0]
+    # the node's dial budget decides which claimed addresses may be dialled now
+    permit = getattr(node, "permitted_feeds", None)
+    if permit is not None:
+        order = permit(rec, order)
+        if not order:
+            return None
+    report = getattr(node, "dial_outcome", None) or (lambda feed, outcome: None)
     winner: str | None = None
 
     async def attempt(feed: str, failed: trio.Event, nursery: trio.Nursery) -> None:
         nonlocal winner
+        report(feed, "started")
         try:
             if is_relay_feed(feed):
                 await _dial_relay_feed(node, feed, peer, stagger)
@@ -229,9 +238,11 @@ async def dial_record(
                 await host.connect(f"{feed}/p2p/{peer}")
         except Exception as e:  # noqa: BLE001 - any failure: try the next feed
             memory.failed(peer, feed, time.monotonic())
+            report(feed, "failed")
             log.debug("dial %s via %s failed: %s", rec.node_id.short(), feed, e)
             failed.set()
             return
+        report(feed, "ok")
         if winner is None:
             winner = feed
             memory.succeeded(peer, feed)

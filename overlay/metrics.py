@@ -18,6 +18,11 @@ class Metrics:
             registry=r,
         )
         self.records_known = Gauge("hydra_records_known", "Records in the view", registry=r)
+        self.records_unverified = Gauge(
+            "hydra_records_unverified",
+            "Members in the view that never authenticated to this node",
+            registry=r,
+        )
         self.peers = Gauge("hydra_peers_connected", "Connected peers", registry=r)
         self.gossip_messages = Counter(
             "hydra_gossip_messages", "Gossip messages", ["direction"], registry=r

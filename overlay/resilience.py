@@ -4,6 +4,11 @@ I/O edge only: streams and gossip carry liveness frames to ``Liveness``; its
 effects are executed here; ``ExitPool`` sees the membership and the liveness
 view and its ``Announce`` effects re-publish our record (promotion to exit, or
 stepping back to standby).
+
+Only verified members (``overlay.core.admission``: they authenticated to this
+node themselves) are monitored, count as accusers, and count as exits for the
+pool; a liveness frame received from a peer confirms it. A probe never opens a
+new connection to a member that is not verified.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Resilience:
         self.pool: ExitPool | None = None
         self._wake = trio.Event()
         self._sends = trio.Semaphore(MAX_INFLIGHT_SENDS)
-        self._members_version = -1
+        self._members_version: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._ready_at: float | None = None
         self._streams: dict[NodeId, object] = {}
@@ -69,7 +74,9 @@ class Resilience:
             suspicion_min=cfg.suspicion_min,
             suspicion_max=cfg.suspicion_max,
             incarnation=int(now * 1000),  # grows across restarts
-            is_known=node.view.__contains__,
+            # accusations count only from members that authenticated to us:
+            # inventing records does not add confirmations
+            is_known=node.view.is_verified,
         )
         self.pool = ExitPool(
             node.node_id,
@@ -114,7 +121,11 @@ class Resilience:
                         self._ready_at = now
                     if now - self._ready_at >= SETTLE:
                         records = node.view.snapshot(now).records.values()
-                        self._execute(self.pool.update(records, self.liveness.view(), now))
+                        self._execute(
+                            self.pool.update(
+                                records, self.liveness.view(), now, node.view.verified_since
+                            )
+                        )
                 states = self.liveness.states()
                 self.m_dead.set(sum(1 for s in states.values() if s == DEAD))
                 node.metrics.exits_live.set(self.pool.live_exits)
@@ -125,11 +136,16 @@ class Resilience:
                 self._wake = trio.Event()
 
     def _refresh_members(self, now: float) -> None:
-        if self._members_version == self.node.changes:
+        node = self.node
+        version = (node.changes, node.admission.version)
+        if self._members_version == version:
             return
-        self._members_version = self.node.changes
+        self._members_version = version
+        verified = node.view.is_verified
         members = [
-            r.node_id for r in self.node.view.snapshot(now).live() if r.node_id != self.node.node_id
+            r.node_id
+            for r in node.view.snapshot(now).live()
+            if r.node_id != node.node_id and verified(r.node_id)
         ]
         self.liveness.set_members(members, now)
 
@@ -178,6 +194,8 @@ class Resilience:
                     try:
                         stream = self._streams.get(e.peer)
                         if stream is None:
+                            if not self._may_open(e.peer):
+                                return  # never dial a member that did not authenticate to us
                             stream = await self.node.host.open_stream(e.peer.peer_id(), e.protocol)
                             self._streams[e.peer] = stream
                         await stream.write(framing.encode_frame(e.frame, wire.MAX_SIZE))
@@ -191,6 +209,11 @@ class Resilience:
                     await _reset(stream)
             if len(self._locks) > 4 * MAX_INFLIGHT_SENDS and not lock.locked():
                 self._locks.pop(e.peer, None)
+
+    def _may_open(self, peer: NodeId) -> bool:
+        """A new stream may go to a verified member, or over a connection we have."""
+        node = self.node
+        return node.view.is_verified(peer) or peer.peer_id() in node.host.connected_peers()
 
     async def _broadcast(self, e: Broadcast) -> None:
         try:
@@ -211,6 +234,7 @@ class Resilience:
                 if frame is None:
                     break
                 self.m_frames.labels("in").inc()
+                self.node.confirm(peer)  # it wrote to us over an authenticated stream
                 if self.fault_drop and self.node.rng.random() < self.fault_drop:
                     continue
                 self._execute(self.liveness.receive(peer, frame, self.node.clock()))
@@ -260,6 +284,8 @@ class Resilience:
         view = self.liveness.view()
         snap = self.node.view.snapshot(now)
 
+        verified = self.node.view.is_verified
+
         def entry(r):
             state, since = view.get(r.node_id, ("alive", r.issued_at))
             if r.node_id == self.node.node_id:
@@ -267,6 +293,7 @@ class Resilience:
             return {
                 "peer_id": r.node_id.peer_id(),
                 "state": state,
+                "verified": verified(r.node_id),
                 "since": round(since if math.isfinite(since) else r.issued_at, 3),
                 "seq": r.seq,
                 "roles": r.roles.names(),
@@ -279,7 +306,8 @@ class Resilience:
         return {
             "exits": exits,
             "standby": standby,
-            "live_exits": sum(1 for x in exits if x["state"] != DEAD),
+            # as the exit pool counts: verified here and not dead
+            "live_exits": sum(1 for x in exits if x["state"] != DEAD and x["verified"]),
             "target_live_exits": self.pool.target,
             "mode": self.pool.mode,
             "events": [

@@ -6,7 +6,10 @@ node's own record, and stops everything (host closed, store closed) on exit.
 
 Record ingestion has one path (``ingest``) whatever the source — gossip, sync,
 DHT, local — so every record is validated the same way before it is stored or
-forwarded.
+forwarded, and every new identity passes the same admission bounds
+(``overlay.core.admission``). Members become verified when they authenticate
+to this node themselves (``confirm``: a connection, a sync round, a liveness
+frame); dials to members that are not verified go through a dial budget.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import trio
 
 from . import control
 from .config import Config
+from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
 from .core.antientropy import AntiEntropy
-from .core.membership import MembershipView, Outcome
+from .core.membership import MembershipView, Outcome, StrangerView
 from .core.peering import choose_dials, feed_network
 from .core.scores import PeerScores, TokenBucket
 from .crypto import NodeId
@@ -57,6 +61,9 @@ SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync r
 # the roles change or are this old (they serve discovery, not dissemination).
 DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
+REFUSAL_LOG_EVERY = 10.0  # seconds between two INFO lines about refused new identities
+VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
+VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
 
 
 def dht_key(node_id: NodeId) -> str:
@@ -114,8 +121,35 @@ class Node:
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = Metrics()
-        self.view = MembershipView()
+        cfg = self.config
+        self.admission = Admission(
+            Limits(
+                rate=cfg.admission_rate,
+                burst=cfg.admission_burst,
+                peer_rate=cfg.admission_peer_rate,
+                peer_burst=cfg.admission_peer_burst,
+                max_unverified=cfg.max_unverified,
+                max_members=cfg.max_members,
+                unverified_ttl=cfg.unverified_ttl,
+            ),
+            me=self.node_id,
+        )
+        self.dial_budget = DialBudget(
+            DialLimits(
+                rate=cfg.dial_rate,
+                burst=cfg.dial_burst,
+                addr_interval=cfg.dial_addr_interval,
+                failed_interval=min(10.0, cfg.dial_addr_interval),
+            )
+        )
+        self.view = MembershipView(admission=self.admission)
         self.ae = AntiEntropy(self.view)
+        # what a peer holding no record here (a light client, a node in its first
+        # pull) is served: no exit this node has not verified
+        self.ae_stranger = AntiEntropy(StrangerView(self.view))
+        self._refusals_logged_at = -1e18
+        self._refusals_unlogged = 0
+        self._verify_tried: dict[NodeId, float] = {}
         self.scores = PeerScores()
         self.store: RecordStore | None = None
         self.host: Libp2pHost | None = None
@@ -163,10 +197,7 @@ class Node:
             self._home_lock.__exit__(None, None, None)
             raise
         try:
-            now = self.clock()
-            for rec in self.store.all(now):
-                self.view.accept(rec)
-            self.metrics.records_known.set(len(self.view))
+            self._load_store(self.clock())
             self.host = Libp2pHost(
                 self.key,
                 self.config.listen,
@@ -214,15 +245,59 @@ class Node:
             self._home_lock.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- records
-    def ingest(self, raw: bytes, source: str, peer: NodeId | None = None) -> bool:
-        """Validate and merge one record from anywhere. True if valid (new or duplicate)."""
+    def _load_store(self, now: float) -> None:
+        """Fill the view from the store: verified members first, then the newest
+        unverified ones up to the bound; what does not fit is deleted."""
+        left_out = []
+        for rec, first_seen, verified_at in self.store.members(now):
+            fs = now if first_seen is None else min(first_seen, now)
+            if not self.view.restore(rec, fs, verified_at) and rec.node_id not in self.view:
+                left_out.append(rec.node_id)
+        if left_out:
+            self.store.delete(left_out)
+            log.info(
+                "store: %d unverified records beyond the admission bound dropped", len(left_out)
+            )
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.records_known.set(len(self.view))
+        self.metrics.records_unverified.set(self.admission.unverified)
+
+    def _sync_store(self) -> None:
+        """Remove from the store what admission evicted or dropped from the view."""
+        gone = self.view.take_dropped()
+        if gone:
+            self.store.delete(gone)
+
+    def confirm(self, peer: NodeId) -> None:
+        """``peer`` authenticated to us itself (connection, sync, liveness frame)."""
+        if peer == self.node_id:
+            return
+        now = self.clock()
+        if self.view.confirm(peer, now):
+            self.store.set_verified(peer, now)
+            self.metrics.records_unverified.set(self.admission.unverified)
+
+    def ingest(
+        self, raw: bytes, source: str, peer: NodeId | None = None, *, bulk: bool = False
+    ) -> bool:
+        """Validate and merge one record from anywhere. True if valid (new or duplicate).
+
+        A new identity beyond the admission bounds is refused (False: a gossip
+        validator does not forward it) without blame for ``peer``; ``bulk`` marks
+        a joining node's first pull (no rate limit, the bounds still hold).
+        """
         now = self.clock()
         try:
-            outcome, rec = self.view.offer(raw, now)
+            outcome, rec = self.view.offer(raw, now, peer=peer, bulk=bulk)
         except RemoteError as e:
             if source != "local" and self._own_seq_conflict(raw, e):
                 return False  # our own record from an earlier life: not forwarded, no penalty
             self.metrics.records_rejected.labels(source, e.reason.value).inc()
+            if e.reason in REFUSALS:
+                self._log_refusal(e, source, peer, now)
+                return False
             log.info("rejected record from %s via %s: %s", peer and peer.short(), source, e)
             if peer is not None and peer != self.node_id:
                 self.penalize(peer, e.reason)
@@ -231,9 +306,14 @@ class Node:
             if rec.node_id == self.node_id and source != "local":
                 self._own_superseded(rec.seq)
             self.changes += 1
-            self.store.put(rec)
+            self.store.put(
+                rec,
+                first_seen=now,
+                verified_at=self.view.verified_since(rec.node_id),
+            )
+            self._sync_store()
             self.metrics.records_accepted.labels(source).inc()
-            self.metrics.records_known.set(len(self.view))
+            self._update_gauges()
             for ch in list(self._record_events):
                 try:
                     ch.send_nowait(rec)
@@ -268,6 +348,20 @@ class Node:
             return False
         self._own_superseded(unverified.seq)
         return True
+
+    def _log_refusal(self, e: RemoteError, source: str, peer: NodeId | None, now: float) -> None:
+        self._refusals_unlogged += 1
+        if now - self._refusals_logged_at < REFUSAL_LOG_EVERY:
+            return
+        log.info(
+            "admission: refused %d new identities (latest via %s from %s: %s); %d unverified held",
+            self._refusals_unlogged,
+            source,
+            peer and peer.short(),
+            e,
+            self.admission.unverified,
+        )
+        self._refusals_logged_at, self._refusals_unlogged = now, 0
 
     def penalize(self, peer: NodeId, reason: Reason) -> None:
         self.metrics.penalties.labels(reason.value).inc()
@@ -379,6 +473,8 @@ class Node:
             peer = NodeId.from_peer_id(from_peer)
         except ValueError:
             peer = None
+        if peer is not None:
+            self.confirm(peer)
         return self.ingest(data, "gossip", peer)
 
     async def _gossip_loop(self) -> None:
@@ -394,8 +490,14 @@ class Node:
         return recv
 
     # ---------------------------------------------------------------- anti-entropy
-    async def sync_with(self, peer: NodeId) -> int:
-        """One anti-entropy round pulling from ``peer``. Returns records accepted."""
+    def _ae_for(self, peer: NodeId) -> AntiEntropy:
+        """A peer that holds no record here is served no exit we have not verified."""
+        return self.ae if peer in self.view else self.ae_stranger
+
+    async def sync_with(self, peer: NodeId, *, bulk: bool = False) -> int:
+        """One anti-entropy round pulling from ``peer``. Returns records accepted.
+
+        ``bulk``: the pull of a joining node (exempt from the admission rate)."""
         accepted = 0
         try:
             with trio.fail_after(SYNC_TIMEOUT):
@@ -403,15 +505,16 @@ class Node:
                 try:
                     await self._send(stream, self.ae.summary())
                     entries = await self._recv(stream, sync.Entries)
-                    want = self.ae.want(entries)
+                    self.confirm(peer)
+                    want = self.ae.want(entries, self.clock())
                     await self._send(stream, want)
                     if want.ids:
                         recs = await self._recv(stream, sync.Records)
                         for raw in recs.records:
-                            if self.ingest(raw, "sync", peer):
+                            if self.ingest(raw, "sync", peer, bulk=bulk):
                                 accepted += 1
                         self.metrics.sync_records.inc(len(recs.records))
-                    push = self.ae.push_for(entries)
+                    push = self._ae_for(peer).push_for(entries)
                     if push.records:
                         await self._send(stream, push)
                         self.metrics.sync_pushed.inc(len(push.records))
@@ -443,6 +546,8 @@ class Node:
             return
         info = self.peers.get(peer)
         bucket = info.bucket if info else TokenBucket(rate=2.0, burst=6.0)
+        self.confirm(peer)
+        ae = self._ae_for(peer)
         try:
             if not bucket.take(self.clock()):
                 self.penalize(peer, Reason.RATE_LIMITED)
@@ -450,10 +555,10 @@ class Node:
                 return
             with trio.fail_after(SYNC_TIMEOUT):
                 summary = await self._recv(stream, sync.Summary)
-                await self._send(stream, self.ae.entries_for(summary))
+                await self._send(stream, ae.entries_for(summary))
                 want = await self._recv(stream, sync.Want)
                 if want.ids:
-                    await self._send(stream, self.ae.records_for(want))
+                    await self._send(stream, ae.records_for(want))
                 # the initiator may push what we lack; a clean end of stream means nothing
                 data = await framing.read_frame(stream, sync.MAX_SIZE)
                 if data is not None:
@@ -511,6 +616,7 @@ class Node:
             except ValueError:
                 continue
             out.append(nid)
+            self.confirm(nid)  # a connection authenticates its peer id (Noise)
             if nid not in self.peers:
                 self.peers[nid] = PeerInfo(nid, self.clock())
         for gone in set(self.peers) - set(out):
@@ -527,7 +633,18 @@ class Node:
         if feed is None:
             return False
         self.peers[rec.node_id] = PeerInfo(rec.node_id, self.clock(), feed)
+        self.confirm(rec.node_id)
         return True
+
+    def permitted_feeds(self, rec: ValidRecord, feeds: Sequence[str]) -> list[str]:
+        """The feeds of ``rec`` the dial budget lets us dial now (``dial_record`` asks):
+        any feed that did not just fail for a verified member; for a member that
+        never authenticated to us, a budgeted few (see ``core.admission.DialBudget``)."""
+        return self.dial_budget.permit(feeds, self.view.is_verified(rec.node_id), self.clock())
+
+    def dial_outcome(self, feed: str, outcome: str) -> None:
+        """``dial_record`` reports each dial: ``"started"``, then ``"ok"`` or ``"failed"``."""
+        self.dial_budget.dialled(feed, outcome, self.clock())
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
@@ -543,7 +660,7 @@ class Node:
             failures = 0
             for _ in range(20):  # each round moves at most sync.MAX_WANT records
                 self._last_sync_ok = False
-                moved = await self.sync_with(peer)
+                moved = await self.sync_with(peer, bulk=True)
                 if self._last_sync_ok and moved == 0:
                     break
                 if not self._last_sync_ok:
@@ -558,21 +675,74 @@ class Node:
         raise LocalError("could not join through any address: " + "; ".join(errors))
 
     async def _fill_peers(self) -> None:
+        """Dial towards ``target_peers`` and verify members we were only told about.
+
+        The dial budget goes first to unverified exits and standbys (so that the
+        exit pool soon counts the honest ones), then to unverified peers that
+        ``choose_dials`` picks when too few verified ones are left to dial, and
+        what remains to one unverified member known for ``VERIFY_AFTER`` seconds
+        (least recently tried first), so honest members that never contact us
+        get verified before ``unverified_ttl`` drops them.
+        """
         connected = set(self.connected())
         now = self.clock()
-        banned = {p for p in self.view.snapshot(now).records if self.scores.banned(p, now)}
-        dials = choose_dials(
-            self.view.snapshot(now).live(),
-            connected,
+        snap = self.view.snapshot(now)
+        banned = {p for p in snap.records if self.scores.banned(p, now)}
+        live = snap.live()
+        budget = int(self.dial_budget.tokens(now))
+        dials = self._verification_dials(
+            live, connected | banned, min(budget, VERIFY_DIALS_PER_ROUND), now, exits=True
+        )
+        budget -= len(dials)
+        early = {r.node_id for r in dials}
+        picked = choose_dials(
+            live,
+            connected | early,
             self.node_id,
             self.config.target_peers,
             self.rng,
             exclude=banned,
+            prefer=self.view.is_verified,
+            max_other=budget,
         )
+        budget -= sum(1 for r in picked if not self.view.is_verified(r.node_id))
+        dials += picked
+        if budget > 0:
+            skip = connected | banned | {r.node_id for r in dials}
+            dials += self._verification_dials(live, skip, 1, now, exits=False)
         if dials:
             async with trio.open_nursery() as n:
                 for rec in dials:
                     n.start_soon(self.connect_record, rec)
+
+    def _verification_dials(
+        self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
+    ) -> list[ValidRecord]:
+        """Up to ``room`` unverified members to dial: exits and standbys (``exits``)
+        or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
+        if room <= 0:
+            return []
+        exitish = Role.EXIT | Role.STANDBY_EXIT
+        tried = self._verify_tried
+        view = self.view
+        todo = []
+        for r in live:
+            nid = r.node_id
+            if nid == self.node_id or nid in skip or view.is_verified(nid):
+                continue
+            if bool(r.roles & exitish) != exits:
+                continue
+            if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
+                continue
+            todo.append(r)
+        todo.sort(key=lambda r: tried.get(r.node_id, -1e18))
+        out = todo[:room]
+        for r in out:
+            tried[r.node_id] = now
+        if len(tried) > 2 * self.config.max_unverified + 64:
+            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
+                del tried[nid]
+        return out
 
     async def _peer_loop(self) -> None:
         """Keep ``target_peers`` connections; with none at all (every member we know
@@ -600,10 +770,12 @@ class Node:
         while True:
             await trio.sleep(5.0)
             now = self.clock()
-            self.view.expire(now)
+            gone = self.view.expire(now)
             self.store.purge_expired(now)
+            self.store.delete(gone)
+            self._sync_store()
             self.scores.forget_idle(now)
-            self.metrics.records_known.set(len(self.view))
+            self._update_gauges()
 
     async def _republish_loop(self) -> None:
         while True:
@@ -716,6 +888,12 @@ class Node:
             "joined_via": self.joined_via,
             "control": self.control_url,
             "relay": self.relay.status() if getattr(self, "relay", None) else None,
+            "admission": {
+                "verified": self.admission.verified,
+                "unverified": self.admission.unverified,
+                "max_unverified": self.admission.limits.max_unverified,
+                "rejected": self.admission.rejected,
+            },
         }
 
 

@@ -6,7 +6,11 @@ Invariants:
   enforced inside one SQL statement, so concurrent writers (threads, tasks or
   processes) cannot lower a node's ``seq``;
 - records are re-validated when loaded, so a tampered file yields nothing invalid;
-- tombstones are kept (they block older records) until they expire.
+- tombstones are kept (they block older records) until they expire;
+- each row carries its member's admission state (``first_seen``, and
+  ``verified_at``: NULL while unverified, see ``overlay.core.admission``); a
+  newer record of the same node keeps both. Files written before these columns
+  existed are migrated in place on open (their rows load as unverified).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ CREATE INDEX IF NOT EXISTS record_roles_by_role ON record_roles(role);
 CREATE INDEX IF NOT EXISTS records_by_expiry ON records(expires_at);
 """
 
+# admission state, added after the first release: migrated with ALTER TABLE
+_COLUMNS = {"first_seen": "REAL", "verified_at": "REAL"}
+
 
 def _seq_sql(seq: int) -> int:
     # SQLite integers are signed 64-bit: store uint64 shifted so ordering is preserved
@@ -56,6 +63,10 @@ class RecordStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+            for name, kind in _COLUMNS.items():
+                if name.encode() not in have and name not in have:
+                    self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
         except sqlite3.Error as e:
             raise LocalError(f"cannot open record store {self.path}: {e}") from e
 
@@ -69,8 +80,13 @@ class RecordStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def put(self, rec: ValidRecord) -> bool:
-        """Store ``rec`` if it beats the stored seq for its node. Returns True if stored."""
+    def put(
+        self, rec: ValidRecord, *, first_seen: float | None = None, verified_at: float | None = None
+    ) -> bool:
+        """Store ``rec`` if it beats the stored seq for its node. Returns True if stored.
+
+        ``first_seen`` / ``verified_at`` are kept from the stored row when it has them.
+        """
         if not isinstance(rec, ValidRecord):
             raise LocalError("only validated records may be stored")
         nid = bytes(rec.node_id)
@@ -79,12 +95,22 @@ class RecordStore:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 cur.execute(
-                    "INSERT INTO records(node_id, seq, tombstone, expires_at, raw) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                    "INSERT INTO records(node_id, seq, tombstone, expires_at, raw, first_seen, "
+                    "verified_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
                     "seq=excluded.seq, tombstone=excluded.tombstone, "
-                    "expires_at=excluded.expires_at, raw=excluded.raw "
+                    "expires_at=excluded.expires_at, raw=excluded.raw, "
+                    "first_seen=COALESCE(records.first_seen, excluded.first_seen), "
+                    "verified_at=COALESCE(records.verified_at, excluded.verified_at) "
                     "WHERE excluded.seq > records.seq",
-                    (nid, _seq_sql(rec.seq), int(rec.is_tombstone), rec.expires_at, rec.encode()),
+                    (
+                        nid,
+                        _seq_sql(rec.seq),
+                        int(rec.is_tombstone),
+                        rec.expires_at,
+                        rec.encode(),
+                        first_seen,
+                        verified_at,
+                    ),
                 )
                 stored = cur.rowcount == 1
                 if stored:
@@ -118,6 +144,55 @@ class RecordStore:
             rows = self._db.execute("SELECT raw FROM records").fetchall()
         return [r for r in (self._load(raw, now) for (raw,) in rows) if r is not None]
 
+    def members(self, now: float) -> list[tuple[ValidRecord, float | None, float | None]]:
+        """Every stored record still valid at ``now`` with its ``(first_seen,
+        verified_at)``: verified members first (oldest verification first), then
+        the unverified ones newest first (the order in which to fill a bounded view)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT raw, first_seen, verified_at FROM records ORDER BY "
+                "verified_at IS NULL, verified_at, first_seen IS NULL, first_seen DESC"
+            ).fetchall()
+        out = []
+        for raw, first_seen, verified_at in rows:
+            rec = self._load(raw, now)
+            if rec is not None:
+                out.append((rec, _real(first_seen), _real(verified_at)))
+        return out
+
+    def set_verified(self, node_id: NodeId, at: float) -> bool:
+        """Mark a stored member verified (kept across restarts). True if a row changed."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE records SET verified_at=? WHERE node_id=? AND verified_at IS NULL",
+                (float(at), bytes(node_id)),
+            )
+            return cur.rowcount == 1
+
+    def delete(self, node_ids) -> int:
+        """Remove these nodes' records (dropped or evicted by admission)."""
+        ids = [(bytes(n),) for n in node_ids]
+        if not ids:
+            return 0
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany("DELETE FROM record_roles WHERE node_id=?", ids)
+                cur.executemany("DELETE FROM records WHERE node_id=?", ids)
+                n = cur.rowcount
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return n
+
+    def count_unverified(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM records WHERE verified_at IS NULL"
+            ).fetchone()[0]
+
     def by_role(self, role: Role, now: float) -> list[ValidRecord]:
         name = role.names()[0]
         with self._lock:
@@ -150,3 +225,8 @@ class RecordStore:
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+
+def _real(v) -> float | None:
+    """A REAL cell as a float (``None`` for NULL or a tampered non-number)."""
+    return float(v) if isinstance(v, int | float) else None

@@ -60,10 +60,15 @@ class AntiEntropy:
     def summary(self) -> sync.Summary:
         return sync.Summary(self.bucket_hashes())
 
-    def want(self, entries: sync.Entries) -> sync.Want:
+    def want(self, entries: sync.Entries, now: float | None = None) -> sync.Want:
+        """Ids whose record the peer has newer; with ``now``, not the new identities
+        our admission refused lately (asking again would only be refused again)."""
         ids = []
         for nid, seq in entries.entries:
-            mine = self.view.seq_of(NodeId(nid))
+            node = NodeId(nid)
+            mine = self.view.seq_of(node)
+            if mine is None and now is not None and self.view.refused_recently(node, now):
+                continue
             if mine is None or mine < seq:
                 ids.append(nid)
         return sync.Want(tuple(ids[: sync.MAX_WANT]))

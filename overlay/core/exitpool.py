@@ -6,12 +6,18 @@ and rank the standby candidates the same way, so they agree on *which*
 standbys should promote without talking to each other.
 
 Definitions (evaluated on the last ``update``):
-- a *live exit* is a record with EXIT that is not a tombstone and not DEAD in
+- a *live exit* is a record with EXIT that is not a tombstone, not DEAD in
   the liveness view (SUSPECT and unmonitored nodes still count: promotion
-  waits for a death, not a doubt); our own roles replace our own record, which
-  may lag behind in the snapshot;
+  waits for a death, not a doubt) and, when ``update`` is given
+  ``verified_since``, verified at this node (it authenticated to us itself:
+  see ``overlay.core.admission``) — a record merely claiming the role counts
+  for nothing; our own roles replace our own record, which may lag behind in
+  the snapshot;
 - a *candidate* is a live standby: STANDBY_EXIT without EXIT, not a
-  tombstone, not DEAD (ourselves included);
+  tombstone, not DEAD, verified likewise (ourselves included);
+- a *seasoned* live exit has been verified for at least ``min_verified_age``
+  seconds; only seasoned exits (and ourselves) count towards a surplus, so
+  exits that just appeared cannot make a standby step back;
 - the *rank* of a candidate is its position when candidates are sorted by
   ``BLAKE2b(rank_salt || node id)``; rank 0 is the most preferred;
 - ``deficit = target - live``; in chain mode ``target = 1`` and ``surplus = 0``
@@ -34,7 +40,7 @@ Invariants:
   takes longer than ``promote_delay_unit`` to propagate;
 - a node only ever announces its own roles; an original exit (no
   STANDBY_EXIT) never steps back;
-- step back happens only after live exits exceeded ``target + surplus``
+- step back happens only after seasoned live exits exceeded ``target + surplus``
   continuously for ``hysteresis`` seconds, and only by the least preferred
   promoted standby in our view, so the pool shrinks one exit at a time;
 - no I/O, no wall clock; randomness only from the given ``rng``.
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..crypto import NodeId, hash32
@@ -90,6 +96,7 @@ class ExitPool:
         jitter: float | None = None,
         rank_salt: bytes = b"",
         max_events: int = 256,
+        min_verified_age: float = 60.0,
     ) -> None:
         if mode not in MODES:
             raise LocalError(f"exit_policy_mode must be one of {MODES}, not {mode!r}")
@@ -106,12 +113,14 @@ class ExitPool:
         self.patience = patience
         self.jitter = promote_delay_unit / 3 if jitter is None else jitter
         self._salt = rank_salt
+        self.min_verified_age = min_verified_age
         self.events: deque[PoolEvent] = deque(maxlen=max_events)
 
         self._keys: dict[NodeId, bytes] = {}
         self._live_others: set[NodeId] = set()  # live exits other than us
         self._candidates_others: list[NodeId] = []  # live standbys other than us
         self._promoted_others: list[NodeId] = []  # live EXIT|STANDBY_EXIT other than us
+        self._seasoned_others = 0  # live exits other than us verified for min_verified_age
         self._deficit_since: float | None = None
         self._surplus_since: float | None = None
         self._fire_at: float | None = None
@@ -132,6 +141,11 @@ class ExitPool:
     @property
     def live_exits(self) -> int:
         return len(self._live_others) + (1 if Role.EXIT in self._roles else 0)
+
+    @property
+    def seasoned_exits(self) -> int:
+        """Live exits that count towards a surplus (verified long enough, and us)."""
+        return self._seasoned_others + (1 if Role.EXIT in self._roles else 0)
 
     def set_roles(self, roles: Role) -> None:
         """Our roles changed outside this policy (config reload)."""
@@ -156,16 +170,20 @@ class ExitPool:
         records: Iterable[ValidRecord],
         liveness: Mapping[NodeId, str | tuple[str, float]],
         now: float,
+        verified_since: Callable[[NodeId], float | None] | None = None,
     ) -> list[Effect]:
         """Take a new membership snapshot and liveness view; act if due.
 
         ``liveness`` maps node ids to ``"alive" | "suspect" | "dead"`` (or to
         ``(state, since)`` as ``Liveness.view()`` gives); absent nodes count
-        as alive.
+        as alive. ``verified_since(node)`` gives when this node verified a
+        member (``None``: not verified, so it counts for nothing); without it
+        every record counts, as verified forever.
         """
         live: set[NodeId] = set()
         cands: list[NodeId] = []
         promoted: list[NodeId] = []
+        seasoned = 0
         for r in records:
             if r.is_tombstone or r.node_id == self.me:
                 continue
@@ -176,8 +194,15 @@ class ExitPool:
                 st = st[0]
             if st == DEAD:
                 continue
+            since = -float("inf")
+            if verified_since is not None:
+                since = verified_since(r.node_id)
+                if since is None:
+                    continue
             if Role.EXIT in r.roles:
                 live.add(r.node_id)
+                if now - since >= self.min_verified_age:
+                    seasoned += 1
                 if Role.STANDBY_EXIT in r.roles:
                     promoted.append(r.node_id)
             else:
@@ -185,6 +210,7 @@ class ExitPool:
         self._live_others = live
         self._candidates_others = cands
         self._promoted_others = promoted
+        self._seasoned_others = seasoned
         return self.tick(now)
 
     def next_wakeup(self) -> float | None:
@@ -206,7 +232,7 @@ class ExitPool:
         elif deficit <= 0 and self._deficit_since is not None:
             self._deficit_since = None
             self._log(now, RESTORED, live, f"live exits {live} >= target {self.target}")
-        if live > self.target + self.surplus:
+        if self.seasoned_exits > self.target + self.surplus:
             if self._surplus_since is None:
                 self._surplus_since = now
         else:

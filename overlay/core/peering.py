@@ -2,13 +2,15 @@
 
 Goal: ``target`` connections, spread over as many different feed networks
 (address prefix + transport) as the membership offers, so that losing one
-network or provider does not partition the node.
+network or provider does not partition the node. Members this node verified
+(``prefer``) come first; others (whose addresses are only claimed) are chosen
+only to make up the rest, at most ``max_other`` of them (the dial budget).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..crypto import NodeId
 from ..records import ValidRecord
@@ -34,8 +36,12 @@ def choose_dials(
     target: int,
     rng: random.Random,
     exclude: set[NodeId] = frozenset(),
+    prefer: Callable[[NodeId], bool] | None = None,
+    max_other: int | None = None,
 ) -> list[ValidRecord]:
-    """Records of peers to dial so that connections reach ``target``, most diverse first."""
+    """Records of peers to dial so that connections reach ``target``: preferred
+    (verified) members first, most diverse first within each tier; at most
+    ``max_other`` members that are not preferred."""
     need = target - len(connected)
     if need <= 0:
         return []
@@ -56,12 +62,21 @@ def choose_dials(
             for f in r.feeds:
                 covered[feed_network(f)] = covered.get(feed_network(f), 0) + 1
 
-    def novelty(r: ValidRecord) -> int:
-        return -len({feed_network(f) for f in r.feeds} - set(covered))
+    def tier(r: ValidRecord) -> int:
+        return 0 if prefer is None or prefer(r.node_id) else 1
+
+    tiers = {r.node_id: tier(r) for r in pool}
+    if max_other is not None:
+        pool = [r for r in pool if tiers[r.node_id] == 0] + [
+            r for r in pool if tiers[r.node_id] == 1
+        ][: max(0, max_other)]
+
+    def rank(r: ValidRecord) -> tuple[int, int]:
+        return tiers[r.node_id], -len({feed_network(f) for f in r.feeds} - set(covered))
 
     chosen: list[ValidRecord] = []
     while pool and len(chosen) < need:
-        pool.sort(key=novelty)
+        pool.sort(key=rank)
         best = pool.pop(0)
         chosen.append(best)
         for f in best.feeds:

@@ -464,3 +464,69 @@ def test_with_real_liveness_cores_killing_all_exits_promotes_three_of_five():
         ]
         assert len([r for r in live if r.node_id not in net.down]) == 3
     assert LIVENESS_IDS[:n] == ids
+
+
+# -- exits that have earned it (admission: verified at this node) ------------------
+
+
+FAKE_KEYS = [SigningKey(hashlib.sha256(b"exitpool-fake-%d" % i).digest()) for i in range(100)]
+
+
+def test_a_hundred_unverified_fake_exits_never_make_a_standby_step_back():
+    """The promoted standby sees 100 extra exit records nobody verified: they count
+    for nothing, however long they stay, while the honest exits still count."""
+    honest = record(KEYS[0], EXIT)
+    me = KEYS[1].node_id
+    pool = ExitPool(me, STANDBY, random.Random(1), target_live_exits=2, hysteresis=10.0)
+    verified = {honest.node_id: 0.0, me: 0.0}
+    mine = [honest, record(KEYS[1], STANDBY)]
+    for t in range(0, 20):
+        for e in pool.update(mine, {}, float(t), verified.get):
+            pool_roles = Role.parse(e.roles)
+            mine[1] = record(KEYS[1], pool_roles, mine[1].seq + 1)
+    assert pool.promoted and pool.live_exits == 2
+    fakes = [record(k, EXIT) for k in FAKE_KEYS]
+    for t in range(20, 400):
+        assert pool.update(mine + fakes, {}, float(t), verified.get) == []
+    assert pool.promoted and pool.live_exits == 2
+    assert [e.kind for e in pool.events if e.kind in (PROMOTE, STEP_BACK)] == [PROMOTE]
+    # without the verification map every record counts: the old behaviour steps back
+    old = ExitPool(me, STANDBY | Role.EXIT, random.Random(1), target_live_exits=2)
+    out = []
+    for t in range(0, 30):
+        out += old.update(mine + fakes, {}, float(t))
+    assert [e.roles for e in out] == [tuple(STANDBY.names())]
+
+
+def test_verified_exits_count_and_surplus_needs_seasoned_exits():
+    me = KEYS[0].node_id
+    exits = [record(k, EXIT) for k in KEYS[1:5]]
+    pool = ExitPool(me, STANDBY | Role.EXIT, random.Random(2), target_live_exits=2, hysteresis=5.0)
+    verified = {exits[0].node_id: 0.0}
+    assert pool.update(exits, {}, 100.0, verified.get) == []
+    assert pool.live_exits == 2  # the verified one and us
+    # three more exits, verified only now: live, but not yet seasoned for a step back
+    for e in exits[1:]:
+        verified[e.node_id] = 100.0
+    out = []
+    for t in range(100, 160):
+        out += pool.update(exits, {}, float(t), verified.get)
+    assert pool.live_exits == 5 and out == []
+    assert pool.seasoned_exits == 2
+    for t in range(160, 170):
+        out += pool.update(exits, {}, float(t), verified.get)
+    assert [Role.EXIT in Role.parse(e.roles) for e in out] == [False]  # then it steps back
+    # a dead verified exit does not count either
+    pool2 = ExitPool(me, STANDBY, random.Random(3), target_live_exits=1)
+    pool2.update(exits[:1], {exits[0].node_id: DEAD}, 0.0, {exits[0].node_id: 0.0}.get)
+    assert pool2.live_exits == 0
+
+
+def test_unverified_standbys_do_not_take_better_ranks():
+    me = KEYS[0].node_id
+    fakes = [record(k, STANDBY) for k in FAKE_KEYS[:50]]
+    pool = ExitPool(me, STANDBY, random.Random(4), target_live_exits=1)
+    pool.update(fakes, {}, 0.0, {}.get)
+    assert pool.rank() == 0
+    out = pool.update(fakes, {}, 1.0, {}.get)
+    assert out and Role.EXIT in Role.parse(out[0].roles)
