@@ -52,6 +52,11 @@ class Config:
     relay_max_clients: int = 256
     relay_clients_per_peer: int = 4
     relay_client_idle: float = 300.0
+    # [limits]: inbound connection bounds (see overlay/net/host.py ConnectionLimits)
+    max_inbound: int = 512
+    max_inbound_per_ip: int = 384
+    max_handshakes_per_ip: int = 32
+    handshake_timeout: float = 5.0
 
     @property
     def role_flags(self) -> Role:
@@ -100,6 +105,12 @@ class Config:
             raise ConfigError("[relay] max_links, max_clients and clients_per_peer must be >= 1")
         if not self.relay_client_idle > 0:
             raise ConfigError("[relay] client_idle_timeout must be > 0")
+        if not 1 <= self.max_inbound_per_ip <= self.max_inbound:
+            raise ConfigError("[limits] needs 1 <= max_inbound_per_ip <= max_inbound")
+        if not 1 <= self.max_handshakes_per_ip <= self.max_inbound_per_ip:
+            raise ConfigError("[limits] needs 1 <= max_handshakes_per_ip <= max_inbound_per_ip")
+        if not self.handshake_timeout > 0:
+            raise ConfigError("[limits] handshake_timeout must be positive")
         return self
 
 
@@ -131,6 +142,10 @@ _MAP = {
     ("relay", "max_clients"): "relay_max_clients",
     ("relay", "clients_per_peer"): "relay_clients_per_peer",
     ("relay", "client_idle_timeout"): "relay_client_idle",
+    ("limits", "max_inbound"): "max_inbound",
+    ("limits", "max_inbound_per_ip"): "max_inbound_per_ip",
+    ("limits", "max_handshakes_per_ip"): "max_handshakes_per_ip",
+    ("limits", "handshake_timeout"): "handshake_timeout",
 }
 
 
@@ -207,6 +222,7 @@ _SECTIONS = {
     "liveness": "SWIM failure detection (seconds).",
     "onion": "Onion key rotation (all nodes of one overlay use the same epoch length).",
     "relay": "Relay links and light-client sessions.",
+    "limits": "Bounds on inbound connections (per source IP and in total).",
 }
 
 _COMMENTS = {
@@ -234,6 +250,10 @@ _COMMENTS = {
     "clients_per_peer": "light-client sessions per client identity",
     "client_idle_timeout": "seconds a light-client session may stay silent before it is closed",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
+    "max_inbound": "inbound connections at once, handshaking or established",
+    "max_inbound_per_ip": "... from one IP address (IPv6: one /64); many local nodes share 127.0.0.1",
+    "max_handshakes_per_ip": "connections from one IP whose handshake has not finished",
+    "handshake_timeout": "seconds an inbound connection may take to finish its handshake",
 }
 
 
