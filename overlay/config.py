@@ -65,6 +65,11 @@ class Config:
     dial_rate: float = 1.0
     dial_burst: float = 8.0
     dial_addr_interval: float = 60.0
+    # [limits]: inbound connection bounds (see overlay/net/host.py ConnectionLimits)
+    max_inbound: int = 512
+    max_inbound_per_ip: int = 384
+    max_handshakes_per_ip: int = 32
+    handshake_timeout: float = 5.0
 
     @property
     def role_flags(self) -> Role:
@@ -128,6 +133,12 @@ class Config:
             raise ConfigError("[admission] rates, bursts, bounds and intervals must be >= 0")
         if self.max_members < 1 or self.max_members < self.max_unverified:
             raise ConfigError("[admission] needs max_members >= max_unverified and >= 1")
+        if not 1 <= self.max_inbound_per_ip <= self.max_inbound:
+            raise ConfigError("[limits] needs 1 <= max_inbound_per_ip <= max_inbound")
+        if not 1 <= self.max_handshakes_per_ip <= self.max_inbound_per_ip:
+            raise ConfigError("[limits] needs 1 <= max_handshakes_per_ip <= max_inbound_per_ip")
+        if not self.handshake_timeout > 0:
+            raise ConfigError("[limits] handshake_timeout must be positive")
         return self
 
 
@@ -170,6 +181,10 @@ _MAP = {
     ("admission", "dial_rate"): "dial_rate",
     ("admission", "dial_burst"): "dial_burst",
     ("admission", "dial_addr_interval"): "dial_addr_interval",
+    ("limits", "max_inbound"): "max_inbound",
+    ("limits", "max_inbound_per_ip"): "max_inbound_per_ip",
+    ("limits", "max_handshakes_per_ip"): "max_handshakes_per_ip",
+    ("limits", "handshake_timeout"): "handshake_timeout",
 }
 
 
@@ -248,6 +263,7 @@ _SECTIONS = {
     "relay": "Relay links and light-client sessions.",
     "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
     "admission": "Bounds on new members and on dials to addresses records only claim.",
+    "limits": "Bounds on inbound connections (per source IP and in total).",
 }
 
 _COMMENTS = {
@@ -286,6 +302,10 @@ _COMMENTS = {
     "admission.dial_burst": "... and at once",
     "admission.dial_addr_interval": "seconds before an unverified (or failed) host:port is dialled again",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
+    "max_inbound": "inbound connections at once, handshaking or established",
+    "max_inbound_per_ip": "... from one IP address (IPv6: one /64); many local nodes share 127.0.0.1",
+    "max_handshakes_per_ip": "connections from one IP whose handshake has not finished",
+    "handshake_timeout": "seconds an inbound connection may take to finish its handshake",
 }
 
 

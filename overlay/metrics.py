@@ -53,5 +53,19 @@ class Metrics:
             registry=r,
         )
 
+    def watch_connections(self, host) -> None:
+        """Connection refusals and live connection counts of a ``Libp2pHost``."""
+        r = self.registry
+        refused = Counter(
+            "hydra_connections_refused",
+            "Connections and streams refused by a bound or a ban, by reason",
+            ["reason"],
+            registry=r,
+        )
+        live = Gauge("hydra_connections", "Live connections", ["direction"], registry=r)
+        host.on_refused(lambda reason: refused.labels(reason).inc())
+        for direction in ("inbound", "outbound", "handshakes"):
+            live.labels(direction).set_function(lambda d=direction: host.connection_counts()[d])
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

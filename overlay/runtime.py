@@ -14,6 +14,7 @@ frame); dials to members that are not verified go through a dial budget.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from .feeds import FeedMonitor
 from .home import Home, write_atomic
 from .metrics import Metrics
 from .net import framing
-from .net.host import Libp2pHost
+from .net.host import ConnectionLimits, Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .relay import RelayService
@@ -67,7 +68,8 @@ VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact u
 
 
 def dht_key(node_id: NodeId) -> str:
-    return f"/{DHT_NAMESPACE}/{node_id.hex()}"
+    """``/hydra/<node id, unpadded base64url>``: 50 bytes, within what libp2p DHTs accept."""
+    return f"/{DHT_NAMESPACE}/{base64.urlsafe_b64encode(bytes(node_id)).rstrip(b'=').decode()}"
 
 
 def role_key(role: Role) -> str:
@@ -205,7 +207,14 @@ class Node:
                 gossip_heartbeat=self.config.gossip_heartbeat,
                 dht_validators={DHT_NAMESPACE: _DhtRecordValidator(self.clock)},
                 dht_timeout=10.0,
+                limits=ConnectionLimits(
+                    max_inbound=int(self.config.max_inbound),
+                    max_inbound_per_ip=int(self.config.max_inbound_per_ip),
+                    max_handshakes_per_ip=int(self.config.max_handshakes_per_ip),
+                    handshake_timeout=float(self.config.handshake_timeout),
+                ),
             )
+            self.metrics.watch_connections(self.host)
             self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
             self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
             for svc in self.services:
@@ -280,7 +289,7 @@ class Node:
             self.metrics.records_unverified.set(self.admission.unverified)
 
     def ingest(
-        self, raw: bytes, source: str, peer: NodeId | None = None, *, bulk: bool = False
+        self, raw: bytes, source: str, peer: NodeId | str | None = None, *, bulk: bool = False
     ) -> bool:
         """Validate and merge one record from anywhere. True if valid (new or duplicate).
 
@@ -298,7 +307,7 @@ class Node:
             if e.reason in REFUSALS:
                 self._log_refusal(e, source, peer, now)
                 return False
-            log.info("rejected record from %s via %s: %s", peer and peer.short(), source, e)
+            log.info("rejected record from %s via %s: %s", peer and _short(peer), source, e)
             if peer is not None and peer != self.node_id:
                 self.penalize(peer, e.reason)
             return False
@@ -349,7 +358,9 @@ class Node:
         self._own_superseded(unverified.seq)
         return True
 
-    def _log_refusal(self, e: RemoteError, source: str, peer: NodeId | None, now: float) -> None:
+    def _log_refusal(
+        self, e: RemoteError, source: str, peer: NodeId | str | None, now: float
+    ) -> None:
         self._refusals_unlogged += 1
         if now - self._refusals_logged_at < REFUSAL_LOG_EVERY:
             return
@@ -357,25 +368,32 @@ class Node:
             "admission: refused %d new identities (latest via %s from %s: %s); %d unverified held",
             self._refusals_unlogged,
             source,
-            peer and peer.short(),
+            peer and _short(peer),
             e,
             self.admission.unverified,
         )
         self._refusals_logged_at, self._refusals_unlogged = now, 0
 
-    def penalize(self, peer: NodeId, reason: Reason) -> None:
+    def penalize(self, peer: NodeId | str, reason: Reason) -> None:
+        """Score bad input from ``peer`` (a node id, or the peer id of a non-Hydra key)."""
+        peer = _as_peer(peer)
         self.metrics.penalties.labels(reason.value).inc()
         if self.scores.penalize(peer, reason, self.clock()) and self._nursery is not None:
-            log.warning("disconnecting %s after repeated bad input", peer.short())
+            log.warning("disconnecting and banning %s after repeated bad input", _short(peer))
             self.metrics.disconnects.inc()
             self._nursery.start_soon(self._disconnect, peer)
 
-    async def _disconnect(self, peer: NodeId) -> None:
-        self.peers.pop(peer, None)
+    async def _disconnect(self, peer: NodeId | str) -> None:
+        pid = peer if isinstance(peer, str) else peer.peer_id()
+        if isinstance(peer, NodeId):
+            self.peers.pop(peer, None)
+        if self.host is None:
+            return
+        self.host.ban(pid, self.scores.ban_seconds)
         try:
-            await self.host.disconnect(peer.peer_id())
+            await self.host.disconnect(pid)
         except Exception as e:  # noqa: BLE001 - already gone is fine
-            log.debug("disconnect %s: %s", peer.short(), e)
+            log.debug("disconnect %s: %s", _short(peer), e)
 
     def current_feeds(self) -> list[str]:
         # A feed monitor service (overlay/feeds.py) decides which feeds work.
@@ -469,11 +487,8 @@ class Node:
         data = msg.data
         self.metrics.gossip_messages.labels("in").inc()
         self.metrics.gossip_bytes.labels("in").inc(len(data))
-        try:
-            peer = NodeId.from_peer_id(from_peer)
-        except ValueError:
-            peer = None
-        if peer is not None:
+        peer = _as_peer(from_peer)
+        if isinstance(peer, NodeId):
             self.confirm(peer)
         return self.ingest(data, "gossip", peer)
 
@@ -655,12 +670,17 @@ class Node:
             except Exception as e:  # noqa: BLE001 - try the next one
                 errors.append(f"{addr}: {e}")
                 continue
-            peer = NodeId.from_peer_id(pid)
+            try:
+                peer = NodeId.from_peer_id(pid)
+            except ValueError:
+                errors.append(f"{addr}: not a Hydra node (its key is not Ed25519)")
+                continue
             self.peers.setdefault(peer, PeerInfo(peer, self.clock(), addr))
-            failures = 0
+            failures, synced = 0, False
             for _ in range(20):  # each round moves at most sync.MAX_WANT records
                 self._last_sync_ok = False
                 moved = await self.sync_with(peer, bulk=True)
+                synced = synced or self._last_sync_ok
                 if self._last_sync_ok and moved == 0:
                     break
                 if not self._last_sync_ok:
@@ -668,11 +688,25 @@ class Node:
                     if failures >= 3:
                         break  # the periodic rounds will catch up
                     await trio.sleep(0.5)
+            if not synced and not await self._speaks_sync(pid):
+                # reached a libp2p peer that does not speak Hydra's sync protocol
+                errors.append(f"{addr}: not a Hydra node (no {SYNC_PROTOCOL})")
+                continue
             self.joined_via = addr
             await self.publish_own("joined")
             await self._fill_peers()
             return addr
         raise LocalError("could not join through any address: " + "; ".join(errors))
+
+    async def _speaks_sync(self, peer_id: str, wait: float = 5.0) -> bool:
+        """False once identify has listed the peer's protocols without Hydra's sync;
+        True while they are unknown (a busy Hydra peer gets the benefit of the doubt)."""
+        with trio.move_on_after(wait):
+            while not (protocols := self.host.peer_protocols(peer_id)):
+                await trio.sleep(0.1)
+            return SYNC_PROTOCOL in protocols
+        log.warning("join: %s did not identify within %.0f s", peer_id[-8:], wait)
+        return True
 
     async def _fill_peers(self) -> None:
         """Dial towards ``target_peers`` and verify members we were only told about.
@@ -930,3 +964,17 @@ async def _close(stream) -> None:
             await stream.close()
         except Exception:  # noqa: BLE001 - closing a broken stream
             pass
+
+
+def _as_peer(peer: NodeId | str) -> NodeId | str:
+    """A node id when the peer's key is Ed25519 (a Hydra node), else its peer id string."""
+    if isinstance(peer, str):
+        try:
+            return NodeId.from_peer_id(peer)
+        except ValueError:
+            return peer
+    return peer
+
+
+def _short(peer: NodeId | str) -> str:
+    return peer.short() if isinstance(peer, NodeId) else peer[-8:]

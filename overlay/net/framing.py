@@ -14,18 +14,28 @@ Invariants:
   that ends exactly on a frame boundary is a clean end (``None``);
 - the decoder is sans-I/O (``FrameDecoder.feed``) and its buffer never holds
   more than one maximal frame plus one read chunk;
-- timeouts belong to the caller (wrap calls in ``trio.fail_after``).
+- a frame, once its first byte has arrived, must be complete within
+  ``frame_timeout`` seconds (default ``PARTIAL_FRAME_TIMEOUT``), else the
+  readers raise ``DecodeError(Reason.IDLE_TIMEOUT)``: a peer that sends part of
+  a frame and stalls cannot hold a reader (and its stream slot) forever.
+  Waiting *between* frames is not bounded here: that deadline belongs to the
+  caller (wrap calls in ``trio.fail_after``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
+
+import trio
 
 from ..errors import DecodeError, LocalError, Reason
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024
 MAX_VARINT_BYTES = 9  # multiformats unsigned-varint: at most 63 bits
 _READ_CHUNK = 64 * 1024
+# Seconds a started frame may take to complete (64 KiB at >= 6.5 KB/s).
+PARTIAL_FRAME_TIMEOUT = 10.0
 
 
 class ByteReader(Protocol):
@@ -128,20 +138,35 @@ class FrameReader:
     Reading exactly what the pending frame needs (instead of big chunks) keeps
     bytes that follow the last frame in the stream, so a protocol may switch
     from frames to raw bytes (e.g. fixed-size packets) on the same stream.
+    A frame must complete within ``frame_timeout`` seconds of its first byte
+    (``None``: no bound).
     """
 
-    __slots__ = ("_stream", "_decoder", "_ready")
+    __slots__ = ("_stream", "_decoder", "_ready", "_timeout")
 
-    def __init__(self, stream: ByteReader, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        stream: ByteReader,
+        max_size: int = DEFAULT_MAX_FRAME_SIZE,
+        *,
+        frame_timeout: float | None = PARTIAL_FRAME_TIMEOUT,
+    ) -> None:
         self._stream = stream
         self._decoder = FrameDecoder(max_size)
         self._ready: list[bytes] = []
+        self._timeout = frame_timeout
 
     async def read_frame(self) -> bytes | None:
         """Next frame, or ``None`` on a clean end of stream. Raises ``DecodeError``."""
+        deadline = math.inf
         while not self._ready:
             want = min(self._decoder.wanted(), _READ_CHUNK)
-            chunk = await self._stream.read(want)
+            if self._decoder.at_boundary() or self._timeout is None:
+                chunk = await self._stream.read(want)
+            else:
+                if deadline == math.inf:
+                    deadline = trio.current_time() + self._timeout
+                chunk = await _read_until(self._stream, want, deadline)
             if not chunk:
                 if self._decoder.at_boundary():
                     return None
@@ -159,9 +184,20 @@ class FrameReader:
         return frame
 
 
-async def read_frame(stream: ByteReader, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes | None:
+async def _read_until(stream: ByteReader, want: int, deadline: float) -> bytes:
+    with trio.move_on_at(deadline):
+        return await stream.read(want)
+    raise DecodeError(Reason.IDLE_TIMEOUT, "peer stalled inside a frame")
+
+
+async def read_frame(
+    stream: ByteReader,
+    max_size: int = DEFAULT_MAX_FRAME_SIZE,
+    *,
+    frame_timeout: float | None = PARTIAL_FRAME_TIMEOUT,
+) -> bytes | None:
     """Read one frame (unbuffered); ``None`` on a clean end of stream."""
-    return await FrameReader(stream, max_size).read_frame()
+    return await FrameReader(stream, max_size, frame_timeout=frame_timeout).read_frame()
 
 
 async def write_frame(
@@ -171,17 +207,27 @@ async def write_frame(
     await stream.write(encode_frame(payload, max_size))
 
 
-async def read_exactly(stream: ByteReader, n: int) -> bytes:
+async def read_exactly(
+    stream: ByteReader, n: int, *, frame_timeout: float | None = PARTIAL_FRAME_TIMEOUT
+) -> bytes:
     """Read exactly ``n`` bytes, looping over short reads.
 
-    Raises ``DecodeError(Reason.MALFORMED)`` if the stream ends first.
+    Raises ``DecodeError(Reason.MALFORMED)`` if the stream ends first and
+    ``DecodeError(Reason.IDLE_TIMEOUT)`` if the bytes, once the first has
+    arrived, take longer than ``frame_timeout`` seconds.
     """
     if n < 0:
         raise LocalError("n must be >= 0")
     parts: list[bytes] = []
     missing = n
+    deadline = math.inf
     while missing:
-        chunk = await stream.read(min(missing, _READ_CHUNK))
+        if parts and frame_timeout is not None:
+            if deadline == math.inf:
+                deadline = trio.current_time() + frame_timeout
+            chunk = await _read_until(stream, min(missing, _READ_CHUNK), deadline)
+        else:
+            chunk = await stream.read(min(missing, _READ_CHUNK))
         if not chunk:
             raise DecodeError(Reason.MALFORMED, f"stream ended after {n - missing} of {n} bytes")
         parts.append(chunk)
