@@ -634,8 +634,12 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
                             await stop.wait()
                             n.cancel_scope.cancel()
                         with trio.move_on_after(5):
-                            await node.withdraw()
-                            await trio.sleep(0.5)  # let the tombstone's gossip leave
+                            try:
+                                tomb = await node.withdraw()
+                                log.info("withdrew the record (tombstone seq %d)", tomb.seq)
+                                await trio.sleep(0.5)  # let the tombstone's gossip leave
+                            except (OverlayError, OSError) as e:
+                                log.warning("could not withdraw the record: %s", e)
                 outer.cancel_scope.cancel()
 
     trio.run(main)
