@@ -24,7 +24,14 @@ Invariants:
   and raise ``NetError`` subclasses (``LocalError`` branch: unreachable or slow
   peers are not evidence of misbehaviour);
 - at most ``max_streams_per_conn`` of our outbound streams, and as many inbound
-  ones, are open per peer at a time;
+  ones, are open per peer at a time; inbound ones also at most
+  ``max_streams_per_protocol`` per peer and protocol;
+- inbound connections are bounded (``ConnectionLimits``) per source address,
+  in total, and in unfinished handshakes per address, checked at accept before
+  any cryptography; a slot is held exactly as long as its connection lives;
+- banned peer ids are never dialed, and their connections (either direction)
+  are closed right after the handshake authenticates them;
+- the node's own keys never depend on the (evictable) peerstore;
 - leaving the ``async with`` (or cancelling ``run``) closes listeners,
   connections and every task this class started.
 """

@@ -121,6 +121,7 @@ async def test_half_open_flood_does_not_starve_newcomers(tmp_path) -> None:
         assert node.status()["peer_id"] == node.node_id.peer_id()
         text = node.metrics.render().decode()
         assert 'hydra_connections_refused_total{reason="handshake_limit"}' in text
+        assert 'hydra_connections{direction="inbound"}' in text
 
 
 async def test_per_ip_inbound_cap_holds(tmp_path) -> None:
