@@ -33,7 +33,6 @@ from .cli_util import (
     check_threshold,
     fail,
     fail_for,
-    one_line,
     parse_operators,
 )
 from .cli_util import (
@@ -93,11 +92,7 @@ def check_seed_sources(values: list[str]) -> list[str]:
 
 def describe_source(o) -> str:
     """One line for a seed source's outcome (bootstrap.resolve.SourceReport)."""
-    if o.chosen:
-        return f"{o.source}: chosen (seq {o.seq})"
-    if o.ok:
-        return f"{o.source}: valid" + (f" (seq {o.seq})" if o.seq is not None else "")
-    return f"{o.source}: {o.reason_text}" + (f" ({one_line(o.detail)})" if o.detail else "")
+    return str(o)
 
 
 async def seed_join_addrs(
@@ -142,6 +137,12 @@ async def seed_join_addrs(
     return result.join_addrs()
 
 
+def _report_skipped(line: str) -> None:
+    """`overlay send` names only the seed sources it had to skip."""
+    if ": skipped: " in line:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 async def _entry_addrs(
     h: Home,
     via: list[str],
@@ -154,7 +155,7 @@ async def _entry_addrs(
         return via
     cfg = h.config() if h.config_path.exists() else None
     if seeds:
-        return await seed_join_addrs(h, cfg, seeds, operators, threshold)
+        return await seed_join_addrs(h, cfg, seeds, operators, threshold, report=_report_skipped)
     addrs = _running_node_addrs(h)
     if not addrs and cfg is not None:
         addrs = list(cfg.join)

@@ -7,6 +7,7 @@ seed step of `overlay run` / `overlay send`.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import cbor2
@@ -18,7 +19,7 @@ from bootstrap import dnstxt
 from bootstrap.bundle import MAX_SIZE, decode
 from bootstrap.cli import app
 from bootstrap.fetch import fetch_bundle
-from overlay.errors import DecodeError, Reason
+from overlay.errors import DecodeError, LocalError, Reason
 
 from .helpers import PINNED, wall_bundle
 
@@ -201,14 +202,21 @@ def _seed_home(tmp_path):
 
 async def test_overlay_run_seed_step_skips_a_crafted_source(tmp_path, capsys):
     """The seed step of `overlay run --seeds GOOD --seeds CRAFTED` (overlay/cli.py)."""
-    from overlay.cli import _seed_addrs
+    from overlay.cli_send import seed_join_addrs
 
     home = _seed_home(tmp_path)
     good = wall_bundle(33)
     (tmp_path / "good.cbor").write_bytes(good.encode())
     (tmp_path / "crafted.cbor").write_bytes(crafted(_set((4, 0, 1), ["/[/x]", ["nested"]])))
     sources = [str(tmp_path / "crafted.cbor"), str(tmp_path / "good.cbor")]
-    addrs = await _seed_addrs(home, home.config(), sources)
+    addrs = await seed_join_addrs(
+        home,
+        home.config(),
+        sources,
+        [],
+        None,
+        report=lambda ln: print(f"  seeds {ln}", file=sys.stderr),
+    )
     assert addrs == good.join_addrs()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "seeds" in ln]
     assert len(lines) == 2
@@ -242,6 +250,7 @@ async def test_overlay_run_joins_with_a_good_and_a_crafted_source(tmp_path):
 
     import httpx
 
+    from overlay.control import auth_headers
     from overlay.testing import fleet
     from tests.integration.test_seed_join import bundle_for
 
@@ -264,10 +273,13 @@ async def test_overlay_run_joins_with_a_good_and_a_crafted_source(tmp_path):
                         try:
                             url = json.loads(home.control_path.read_text())["url"]
                             async with httpx.AsyncClient() as c:
-                                st = (await c.get(url + "/status", timeout=2)).json()
+                                r = await c.get(
+                                    url + "/status", headers=auth_headers(home.path), timeout=2
+                                )
+                                st = r.json()
                             if st["joined_via"]:
                                 break
-                        except (OSError, ValueError, KeyError, httpx.HTTPError):
+                        except (OSError, ValueError, KeyError, LocalError, httpx.HTTPError):
                             pass
                         await trio.sleep(0.2)
             finally:
