@@ -50,6 +50,7 @@ from pathlib import Path
 
 import trio
 
+from overlay.cluster import with_parent_death_signal
 from overlay.crypto import OnionKey, SigningKey
 from overlay.net import framing
 from overlay.net.host import Libp2pHost
@@ -256,7 +257,8 @@ class HonestNode:
             args += ["--join", a]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args,
+                # a killed test run must not leave its nodes running
+                with_parent_death_signal(args),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
