@@ -68,7 +68,7 @@ class Config:
     # [limits]: inbound connection bounds (see overlay/net/host.py ConnectionLimits)
     max_inbound: int = 512
     max_inbound_per_ip: int = 384
-    max_handshakes_per_ip: int = 32
+    max_handshakes_per_ip: int = 128
     handshake_timeout: float = 5.0
 
     @property

@@ -367,7 +367,7 @@ class ConnectionLimits:
 
     max_inbound: int = 512
     max_inbound_per_ip: int = 384
-    max_handshakes_per_ip: int = 32
+    max_handshakes_per_ip: int = 128
     handshake_timeout: float = 5.0
     max_bans: int = 4096
 
