@@ -480,6 +480,10 @@ def _reload(node, h: Home, filt: LogFilter, fixed_level: str | None) -> None:
         note,
         ("applied " + ", ".join(applied)) if applied else "no other change applied",
     )
+    log.debug(
+        "SIGHUP: reloadable settings now %s",
+        ", ".join(f"{_setting_name(a)} = {getattr(node.config, a)}" for a in RELOADABLE),
+    )
     if restart:
         log.warning(
             "SIGHUP: %s changed; restart the node to apply (e.g. systemctl restart hydra-node)",
