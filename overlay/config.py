@@ -36,7 +36,7 @@ class Config:
     control_listen: str = "127.0.0.1:0"
     gossip_heartbeat: float = 1.0
     sync_interval: float = 0.5
-    sync_idle_interval: float = 2.0
+    sync_idle_interval: float = 30.0
     seed_sources: list[str] = field(default_factory=list)
     seed_operators: list[str] = field(default_factory=list)
     seed_threshold: int = 1
@@ -101,6 +101,8 @@ class Config:
             raise ConfigError('exit_policy_mode must be "all-public" or "chain"')
         if not 0 < self.probe_timeout < self.probe_interval:
             raise ConfigError("[liveness] needs 0 < probe_timeout < probe_interval")
+        if not 0 < self.sync_interval <= self.sync_idle_interval:
+            raise ConfigError("[network] needs 0 < sync_interval <= sync_idle_interval")
         if not 0 < self.suspicion_min <= self.suspicion_max:
             raise ConfigError("[liveness] needs 0 < suspicion_min <= suspicion_max")
         if not self.listen:
@@ -277,8 +279,8 @@ _COMMENTS = {
     "target_peers": "connections kept open, chosen for diverse feeds",
     "join": "multiaddrs tried in turn at start",
     "gossip_heartbeat": "GossipSub heartbeat, seconds",
-    "sync_interval": "seconds between anti-entropy rounds while records change",
-    "sync_idle_interval": "... and when nothing changed for 10 s",
+    "sync_interval": "seconds between anti-entropy rounds while rounds find differences",
+    "sync_idle_interval": "longest gap between rounds while they find none (doubles up to it)",
     "control.listen": "127.0.0.1:PORT (0 picks a free port; written to HOME/control.json)",
     "sources": "seed bundle files, https:// URLs or dns:NAME",
     "operators": "pinned operator public keys (hex)",

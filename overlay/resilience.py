@@ -40,6 +40,8 @@ MAX_INFLIGHT_SENDS = 64
 # the exit pool acts only this long after the node joined, so that a standby does
 # not promote itself on the partial membership it holds while still syncing
 SETTLE = 5.0
+POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
+MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
 
 class Resilience:
@@ -55,6 +57,7 @@ class Resilience:
         self._wake = trio.Event()
         self._sends = trio.Semaphore(MAX_INFLIGHT_SENDS)
         self._members_version: tuple[int, int] | None = None
+        self._transitions = 0  # liveness state changes seen (the exit pool reads states)
         self._nursery: trio.Nursery | None = None
         self._ready_at: float | None = None
         self._streams: dict[NodeId, object] = {}
@@ -112,26 +115,41 @@ class Resilience:
             self._nursery = nursery
             nursery.start_soon(self._drain_gossip)
             task_status.started()
+            pool_seen, pool_at, dead_seen = None, -float("inf"), None
             while True:
                 now = node.clock()
                 self._refresh_members(now)
                 self._execute(self.liveness.tick(now))
+                if dead_seen != (self._transitions, self._members_version):
+                    dead_seen = (self._transitions, self._members_version)
+                    states = self.liveness.states()
+                    self.m_dead.set(sum(1 for s in states.values() if s == DEAD))
                 if node.ready.is_set():
                     if self._ready_at is None:
                         self._ready_at = now
-                    if now - self._ready_at >= SETTLE:
+                    # the pool reads records, liveness states and verification ages:
+                    # look again when one of them changed, or once per POOL_RECHECK
+                    # (ages grow with time alone), or when the pool asked to be woken
+                    inputs = (node.changes, node.admission.version, self._transitions)
+                    pool_due = self.pool.next_wakeup()
+                    if now - self._ready_at >= SETTLE and (
+                        inputs != pool_seen
+                        or now - pool_at >= POOL_RECHECK
+                        or (pool_due is not None and now >= pool_due)
+                    ):
+                        pool_seen, pool_at = inputs, now
                         records = node.view.snapshot(now).records.values()
                         self._execute(
                             self.pool.update(
                                 records, self.liveness.view(), now, node.view.verified_since
                             )
                         )
-                states = self.liveness.states()
-                self.m_dead.set(sum(1 for s in states.values() if s == DEAD))
-                node.metrics.exits_live.set(self.pool.live_exits)
+                        node.metrics.exits_live.set(self.pool.live_exits)
                 wake = [t for t in (self.liveness.next_wakeup(), self.pool.next_wakeup()) if t]
-                delay = min(wake, default=now + 0.2) - now
-                with trio.move_on_after(min(max(delay, 0.01), 0.2)):
+                if node.ready.is_set() and self._ready_at is not None:
+                    wake.append(max(self._ready_at + SETTLE, pool_at + POOL_RECHECK))
+                delay = min(wake, default=now + MAX_SLEEP) - now
+                with trio.move_on_after(min(max(delay, 0.01), MAX_SLEEP)):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
@@ -162,6 +180,7 @@ class Resilience:
             elif isinstance(e, Penalize):
                 node.penalize(e.peer, e.reason)
             elif isinstance(e, StateChanged):
+                self._transitions += 1
                 self.m_states.labels(e.state).inc()
                 rec = node.view.get(e.node)
                 lvl = logging.WARNING if rec and Role.EXIT in rec.roles else logging.INFO

@@ -34,6 +34,7 @@ from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView, Outcome, StrangerView
 from .core.peering import choose_dials, feed_network
 from .core.scores import PeerScores, TokenBucket
+from .core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
 from .feeds import FeedMonitor
@@ -55,7 +56,6 @@ SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
 SYNC_TIMEOUT = 5.0
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
-SYNC_BUSY_WINDOW = 10.0  # seconds after a membership change during which sync runs fast
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
 # gossip in the first second; role provider records are re-announced only when
@@ -170,6 +170,12 @@ class Node:
         self.changes = 0  # bumped whenever the view accepts a record
         self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
         self._last_sync_ok = False
+        self._last_sync_outcome = FAILED
+        self.sync_schedule = SyncSchedule(
+            self.config.sync_interval, self.config.sync_idle_interval, self.rng, self.clock()
+        )
+        self._sync_kicked = trio.Event()
+        self._isolated = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
         given = [s for s in services if isinstance(s, Resilience)]
         self.resilience = given[0] if given else Resilience()
@@ -315,6 +321,7 @@ class Node:
             if rec.node_id == self.node_id and source != "local":
                 self._own_superseded(rec.seq)
             self.changes += 1
+            self._kick_sync_for(rec, source, peer, now)
             self.store.put(
                 rec,
                 first_seen=now,
@@ -329,6 +336,19 @@ class Node:
                 except (trio.WouldBlock, trio.BrokenResourceError):
                     pass
         return True
+
+    def _kick_sync_for(self, rec: ValidRecord, source: str, peer, now: float) -> None:
+        """Anti-entropy comes back to the fast rate when a record shows that peers
+        may differ: it reached us other than by gossip (so our peers may lack it),
+        or a gossiped seq skipped one (so we missed an update its forwarder has)."""
+        if source == "gossip":
+            prior = self.view.prior_seq
+            if prior is not None and rec.seq > prior + 1 and isinstance(peer, NodeId):
+                self.kick_sync(peer)
+            return
+        if source == "sync" or rec.node_id == self.node_id:
+            return  # a round that moved records already keeps the fast rate; own: gossiped
+        self.kick_sync()
 
     def _own_superseded(self, seq: int) -> None:
         """The overlay holds a record of ours at ``seq`` >= our current one (signed before
@@ -514,6 +534,8 @@ class Node:
 
         ``bulk``: the pull of a joining node (exempt from the admission rate)."""
         accepted = 0
+        differed = False
+        self._last_sync_outcome = FAILED
         try:
             with trio.fail_after(SYNC_TIMEOUT):
                 stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
@@ -533,6 +555,7 @@ class Node:
                     if push.records:
                         await self._send(stream, push)
                         self.metrics.sync_pushed.inc(len(push.records))
+                    differed = bool(entries.entries or want.ids or push.records)
                 finally:
                     await _close(stream)
         except RemoteError as e:
@@ -548,6 +571,7 @@ class Node:
             return accepted
         self.metrics.sync_rounds.labels("initiator", "ok").inc()
         self._last_sync_ok = True
+        self._last_sync_outcome = DIFFERED if differed else SAME
         info = self.peers.get(peer)
         if info:
             info.sync_ok += 1
@@ -581,8 +605,11 @@ class Node:
                     pushed = sync.decode(data)
                     if not isinstance(pushed, sync.Records):
                         raise DecodeError(Reason.MALFORMED, "expected Records")
+                    before = self.changes
                     for raw in pushed.records:
                         self.ingest(raw, "sync", peer)
+                    if self.changes != before:
+                        self.kick_sync()  # news pushed to us: our other peers may lack it
             self.metrics.sync_rounds.labels("responder", "ok").inc()
         except RemoteError as e:
             self.metrics.sync_rounds.labels("responder", e.reason.value).inc()
@@ -610,17 +637,27 @@ class Node:
         return frame
 
     async def _sync_loop(self) -> None:
-        """Anti-entropy rounds: fast while the membership is changing, slower when quiet."""
-        seen, last_change = self.changes, self.clock()
+        """Anti-entropy rounds, one at a time, as ``core.syncsched`` schedules them:
+        fast while rounds find differences, backing off to ``sync_idle_interval``
+        while they do not."""
+        sched = self.sync_schedule
         while True:
-            busy = self.clock() - last_change < SYNC_BUSY_WINDOW
-            base = self.config.sync_interval if busy else self.config.sync_idle_interval
-            await trio.sleep(base * (0.75 + 0.5 * self.rng.random()))
-            if self.changes != seen:
-                seen, last_change = self.changes, self.clock()
+            cfg = self.config
+            if (sched.fastest, sched.slowest) != (cfg.sync_interval, cfg.sync_idle_interval):
+                sched.configure(cfg.sync_interval, cfg.sync_idle_interval)  # SIGHUP
+            step = sched.poll(self.clock())
+            if not isinstance(step, Due):
+                with trio.move_on_after(step):
+                    await self._sync_kicked.wait()
+                self._sync_kicked = trio.Event()
+                continue
             peers = self.connected()
-            if peers:
-                await self.sync_with(self.rng.choice(peers))
+            if not peers:
+                sched.done(FAILED, self.clock())
+                continue
+            peer = step.peer if step.peer in peers else self.rng.choice(peers)
+            await self.sync_with(peer)
+            sched.done(self._last_sync_outcome, self.clock())
 
     # ---------------------------------------------------------------- peers
     def connected(self) -> list[NodeId]:
@@ -637,7 +674,15 @@ class Node:
         for gone in set(self.peers) - set(out):
             del self.peers[gone]
         self.metrics.peers.set(len(out))
+        if out and self._isolated:
+            self.kick_sync()  # connected again after having none: compare views soon
+        self._isolated = not out
         return out
+
+    def kick_sync(self, peer: NodeId | None = None) -> None:
+        """Bring anti-entropy rounds back to the fast rate now (with ``peer`` next)."""
+        self.sync_schedule.kick(self.clock(), peer)
+        self._sync_kicked.set()
 
     async def connect_record(self, rec: ValidRecord) -> bool:
         """Dial a member through its feeds in turn, the next in parallel after 300 ms
@@ -719,6 +764,8 @@ class Node:
         get verified before ``unverified_ttl`` drops them.
         """
         connected = set(self.connected())
+        if len(connected) >= self.config.target_peers and not self.admission.unverified:
+            return  # enough connections and nobody to verify: nothing to dial
         now = self.clock()
         snap = self.view.snapshot(now)
         banned = {p for p in snap.records if self.scores.banned(p, now)}

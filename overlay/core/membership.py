@@ -126,6 +126,7 @@ class MembershipView:
         """
         unverified = decode(data)
         known = self._records.get(unverified.node_id)
+        self.prior_seq = None if known is None else known.seq
         if known is not None and unverified.seq <= known.seq:
             if unverified.seq == known.seq and unverified.signature == known.signature:
                 return Outcome.DUPLICATE, None

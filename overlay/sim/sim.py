@@ -3,8 +3,9 @@
 Each simulated node owns, exactly like a running node (``overlay.runtime``):
 - a ``MembershipView`` (``SimView``: the real class on shared storage) and an
   ``AntiEntropy`` over it, in push-pull rounds with a random connected peer
-  every ``sync_interval`` (±25 %) while the view changed in the last 10 s and
-  every ``sync_idle_interval`` otherwise (``Node._sync_loop``), frames passed
+  when the real ``SyncSchedule`` says so (fast while rounds find differences,
+  backing off to ``sync_idle_interval`` while they find none; kicked by pushed
+  news, as ``Node._sync_loop``), frames passed
   as the core's frame objects and sized with the real encoder
   (``overlay.wire.sync``);
 - connections chosen by the real ``peering.choose_dials`` (from a random sample
@@ -58,6 +59,7 @@ from ..core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from ..core.exitpool import ExitPool
 from ..core.liveness import DEAD, Liveness
 from ..core.peering import choose_dials
+from ..core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from ..crypto import NodeId, OnionPublicKey, SigningKey, hash32
 from ..errors import BadSignature
 from ..records import DEFAULT_TTL, Role, make_record, make_tombstone
@@ -81,8 +83,8 @@ PROTOCOLS = {
     "flood": ("flood", False, False),
 }
 JOIN_ROUNDS = 20  # as overlay.runtime.Node.join
+SYNC_TIMEOUT = 5.0  # as overlay.runtime
 SETTLE = 1.5  # as overlay.resilience: the exit pool acts this long after joining
-SYNC_BUSY_WINDOW = 10.0  # as overlay.runtime: fast rounds this long after a change
 _NODE = Config()
 LIVENESS_DEFAULTS = {  # the node's configuration defaults (overlay.config)
     "probe_interval": _NODE.probe_interval,
@@ -151,8 +153,8 @@ class SimNode:
         "member",
         "left",
         "changes",
-        "seen_changes",
-        "last_change",
+        "sched",
+        "sync_gen",
     )
 
     def __init__(self, idx: int, key: SigningKey, secret: bytes) -> None:
@@ -177,8 +179,8 @@ class SimNode:
         self.member = False  # part of the overlay (joined at least once)
         self.left = False  # withdrew (tombstone)
         self.changes = 0  # records the view accepted (overlay.runtime.Node.changes)
-        self.seen_changes = 0
-        self.last_change = 0.0
+        self.sched: SyncSchedule | None = None  # anti-entropy rounds (Node.sync_schedule)
+        self.sync_gen = 0  # only the newest scheduled sync tick runs
 
 
 class _States:
@@ -579,30 +581,47 @@ class Simulation:
         self._pool_effects(node, node.pool.tick(t), t)
 
     # ---- anti-entropy -----------------------------------------------------------------
-    def _sync_tick(self, i: int, _b, _c) -> None:
-        """One turn of ``Node._sync_loop``: fast while the view changes, slower when quiet."""
+    def _sync_at(self, node: SimNode, t: float) -> None:
+        node.sync_gen += 1
+        self.engine.at(t, self._sync_tick, node.idx, node.sync_gen)
+
+    def _sync_kick(self, node: SimNode, now: float) -> None:
+        if node.sched is not None and node.syncing:
+            node.sched.kick(now)
+            self._sync_at(node, now)
+
+    def _sync_tick(self, i: int, gen, _c) -> None:
         node = self.nodes[i]
+        if gen != node.sync_gen:
+            return  # superseded by a kick
         if not self.net.up[i] or not node.syncing:
             node.syncing = False
             return
         now = self.engine.now
-        if node.changes != node.seen_changes:
-            node.seen_changes, node.last_change = node.changes, now
-        if not node.joining and self.net.reach[i]:
-            peers = self.gossip.conns[i]
-            if peers:
-                peer = list(peers)[self.rng.randrange(len(peers))]
-                self._sync_round(i, peer, now)
-        cfg = self.cfg
-        busy = now - node.last_change < SYNC_BUSY_WINDOW
-        base = cfg.sync_interval if busy else cfg.sync_idle_interval
-        self.engine.at(now + base * (0.75 + 0.5 * self.rng.random()), self._sync_tick, i)
+        step = node.sched.poll(now)
+        if not isinstance(step, Due):
+            self._sync_at(node, now + step)
+            return
+        peers = self.gossip.conns[i] if not node.joining and self.net.reach[i] else ()
+        if peers:
+            peer = step.peer if step.peer in peers else list(peers)[self.rng.randrange(len(peers))]
+            node.sched.started(now, SYNC_TIMEOUT)
+            self._sync_round(i, peer, now)
+        else:
+            node.sched.done(FAILED, now)
+        # the round reports its outcome to the schedule; look again at the fast rate
+        self._sync_at(node, now + node.sched.fastest)
+
+    def _sync_outcome(self, i: int, outcome: str) -> None:
+        node = self.nodes[i]
+        if node.sched is not None and not node.joining:
+            node.sched.done(outcome, self.engine.now)
 
     def _start_sync(self, node: SimNode, now: float) -> None:
         node.syncing = True
-        node.seen_changes, node.last_change = node.changes, now
-        delay = self.cfg.sync_interval * (0.75 + 0.5 * self.rng.random())
-        self.engine.at(now + delay, self._sync_tick, node.idx)
+        cfg = self.cfg
+        node.sched = SyncSchedule(cfg.sync_interval, cfg.sync_idle_interval, self.rng, now)
+        self._sync_at(node, node.sched.next_at)
 
     def _sync_round(self, i: int, j: int, now: float) -> None:
         summary = self.nodes[i].ae.summary()
@@ -633,6 +652,7 @@ class Simulation:
         node = self.nodes[i]
         now = self.engine.now
         want = node.ae.want(entries)
+        self._sync_outcome(i, DIFFERED if entries.entries else SAME)
         size = len(sync.encode(want)) + STREAM_OVERHEAD if want.ids else EMPTY_WANT_SIZE
         at = self.net.send(C_SYNC, i, j, size, now)
         if want.ids and at is not None:
@@ -657,9 +677,12 @@ class Simulation:
         if not self.net.ok(j):
             return
         now = self.engine.now
+        before = node.changes
         for raw in push.records:
             self._on_record(node, self.registry[raw], now)
         self.metrics.sync_pushed += len(push.records)
+        if node.changes != before:
+            self._sync_kick(node, now)  # news pushed to us, as Node._serve_sync
 
     def _sync_want(self, j: int, i: int, pair) -> None:
         if not self.net.ok(j):
@@ -698,6 +721,7 @@ class Simulation:
 
     def _sync_failed(self, i: int) -> None:
         node = self.nodes[i]
+        self._sync_outcome(i, FAILED)
         if node.joining:
             self._join_done(node, self.engine.now)
 
@@ -798,6 +822,7 @@ class Simulation:
         self.metrics.exits_changed(self.engine.now)
         if self.net.up[i]:
             self._schedule_refill(i)
+            self._sync_kick(self.nodes[i], self.engine.now)  # a feed change, as Node
 
     def cut_one_feed(self, i: int) -> None:
         """One of several feeds is cut: the node stays reachable and re-announces the rest."""

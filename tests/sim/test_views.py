@@ -107,7 +107,7 @@ def test_simulator_uses_the_runtime_constants():
     from overlay import runtime
     from overlay.sim import sim
 
-    assert sim.SYNC_BUSY_WINDOW == runtime.SYNC_BUSY_WINDOW
+    assert sim.SYNC_TIMEOUT == runtime.SYNC_TIMEOUT
     assert sim.JOIN_ROUNDS == 20
 
 
