@@ -573,6 +573,7 @@ class RelayService:
                     ack_when="delivered",
                     clock=node.clock,
                     check_delivered=self.notices.ask,
+                    gate=node.caps.delivery_slot,  # [limits] exit_deliveries_per_minute
                 )
             async with trio.open_nursery() as n:
                 self._nursery = n
@@ -808,6 +809,8 @@ class RelayService:
             if bucket is not None and not bucket.take(now, 1 if params is SMALL else 16):
                 self._rate_limited(source, peer, now)
                 continue
+            if peer is not None and not self.node.caps.relay_allows(len(frame)):
+                continue  # over [limits] bandwidth_rate: dropped, counted by the caps
             try:
                 results.append(process(params, self._keys, frame, replay=self._replay_hook))
             except RemoteError as e:  # PacketRejected, Replay: the sender's doing

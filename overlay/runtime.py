@@ -28,6 +28,7 @@ from typing import Protocol
 import trio
 
 from . import control
+from .caps import Caps
 from .config import Config
 from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
 from .core.antientropy import AntiEntropy
@@ -40,7 +41,7 @@ from .feeds import FeedMonitor
 from .home import Home, write_atomic
 from .metrics import Metrics
 from .net import framing
-from .net.host import ConnectionLimits, Libp2pHost
+from .net.host import Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .relay import RelayService
@@ -123,6 +124,7 @@ class Node:
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = Metrics()
+        self.caps = Caps(self.config, self.metrics)  # [limits]: bandwidth, connections, exits
         cfg = self.config
         self.admission = Admission(
             Limits(
@@ -207,14 +209,10 @@ class Node:
                 gossip_heartbeat=self.config.gossip_heartbeat,
                 dht_validators={DHT_NAMESPACE: _DhtRecordValidator(self.clock)},
                 dht_timeout=10.0,
-                limits=ConnectionLimits(
-                    max_inbound=int(self.config.max_inbound),
-                    max_inbound_per_ip=int(self.config.max_inbound_per_ip),
-                    max_handshakes_per_ip=int(self.config.max_handshakes_per_ip),
-                    handshake_timeout=float(self.config.handshake_timeout),
-                ),
+                limits=self.caps.connection_limits(),
             )
             self.metrics.watch_connections(self.host)
+            self.caps.attach_host(self.host)
             self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
             self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
             for svc in self.services:
@@ -922,6 +920,7 @@ class Node:
             "joined_via": self.joined_via,
             "control": self.control_url,
             "relay": self.relay.status() if getattr(self, "relay", None) else None,
+            "limits": self.caps.status(),
             "admission": {
                 "verified": self.admission.verified,
                 "unverified": self.admission.unverified,
