@@ -489,7 +489,7 @@ def _reload(node, h: Home, filt: LogFilter, fixed_level: str | None) -> None:
     filt.level = logging.getLevelName(level.upper())
     _set_library_levels(filt.level)
     note = " (fixed by --log-level)" if fixed_level else ""
-    log.warning(
+    log.info(
         "SIGHUP: reloaded %s; log level %s%s; %s",
         h.config_path,
         level,
@@ -612,12 +612,20 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
                                 try:
                                     _reload(running["node"], h, filt, fixed_level)
                                 except Exception as e:  # noqa: BLE001 - keep the node running
-                                    log.warning("SIGHUP: reload failed: %r", e)
+                                    log.warning(
+                                        "SIGHUP: reload failed (%s: %s); the node keeps its "
+                                        "settings; `overlay config check` shows the problem",
+                                        type(e).__name__,
+                                        e,
+                                    )
                             else:
-                                log.warning("SIGHUP while starting: ignored")
+                                log.warning(
+                                    "SIGHUP while the node is starting: ignored; send it "
+                                    "again once `overlay status` answers"
+                                )
                             continue
                         if stop.is_set() or "node" not in running:
-                            log.warning("%s: stopping at once", name)
+                            log.warning("%s: stopping at once, without leaving cleanly", name)
                             stopped_by["signal"] = stopped_by["signal"] or name
                             body.cancel()
                         else:
@@ -659,7 +667,11 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
                                 log.info("withdrew the record (tombstone seq %d)", tomb.seq)
                                 await trio.sleep(0.5)  # let the tombstone's gossip leave
                             except (OverlayError, OSError) as e:
-                                log.warning("could not withdraw the record: %s", e)
+                                log.info(
+                                    "could not withdraw the record (%s); the overlay will "
+                                    "notice the node is gone by itself",
+                                    e,
+                                )
                 outer.cancel_scope.cancel()
 
     trio.run(main)

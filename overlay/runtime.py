@@ -237,7 +237,12 @@ class Node:
                             raise
                         # e.g. a restart after the join peer was taken down: the
                         # stored members are dialled, and the peer loop retries
-                        log.warning("%s; carrying on with %d members from the store", e, known)
+                        log.warning(
+                            "%s; carrying on with %d members from the store (check --join "
+                            "or [network] join if this repeats)",
+                            e,
+                            known,
+                        )
                 self.ready.set()
                 try:
                     yield self
@@ -333,7 +338,11 @@ class Node:
         a lost or rolled-back state file): publish again above it, or every node keeps
         the old record and rejects our new ones as stale."""
         if seq > self._own_seen:
-            log.warning("the overlay holds our record seq=%d; republishing above it", seq)
+            log.warning(
+                "the overlay holds our record seq=%d; republishing above it (if another "
+                "node runs from a copy of this home, stop it: identities must not be shared)",
+                seq,
+            )
             self._own_seen = seq
         self._republish.set()
 
@@ -377,7 +386,7 @@ class Node:
         peer = _as_peer(peer)
         self.metrics.penalties.labels(reason.value).inc()
         if self.scores.penalize(peer, reason, self.clock()) and self._nursery is not None:
-            log.warning("disconnecting and banning %s after repeated bad input", _short(peer))
+            log.info("disconnecting and banning %s after repeated bad input", _short(peer))
             self.metrics.disconnects.inc()
             self._nursery.start_soon(self._disconnect, peer)
 
@@ -703,7 +712,7 @@ class Node:
             while not (protocols := self.host.peer_protocols(peer_id)):
                 await trio.sleep(0.1)
             return SYNC_PROTOCOL in protocols
-        log.warning("join: %s did not identify within %.0f s", peer_id[-8:], wait)
+        log.info("join: %s did not identify within %.0f s; trying it anyway", peer_id[-8:], wait)
         return True
 
     async def _fill_peers(self) -> None:
@@ -795,7 +804,10 @@ class Node:
                         rejoin_at, backoff = 0.0, REJOIN_MIN
                 await self._fill_peers()
             except Exception as e:  # noqa: BLE001 - keep the node running
-                log.warning("peer maintenance failed: %r", e)
+                log.warning(
+                    "peer maintenance failed (%s: %s); retrying in a second", type(e).__name__, e
+                )
+                log.debug("peer maintenance failure", exc_info=True)
 
     # ---------------------------------------------------------------- maintenance
     async def _maintenance_loop(self) -> None:

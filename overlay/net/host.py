@@ -1202,7 +1202,8 @@ class Libp2pHost:
                 await handler(stream)
             except Exception as e:  # noqa: BLE001 - one stream must not end the process
                 peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
-                logger.warning("libp2p stream handler failed (peer %s): %r", peer, e)
+                # contained upstream failure: nothing for an operator to do
+                logger.debug("libp2p stream handler failed (peer %s): %r", peer, e)
                 with contextlib.suppress(Exception):
                     await stream.reset()
 
