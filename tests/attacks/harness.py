@@ -400,6 +400,7 @@ class HonestOverlay:
         self.nodes = [self.relay, self.exit, self.standby]
         self.probe = node("probe", ["standby-exit", "relay"])
         self._probe_ready = False
+        self.timings: dict[str, float] = {}  # seconds per phase, shown in every report
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> HonestOverlay:
@@ -414,6 +415,7 @@ class HonestOverlay:
         self.stop()
 
     async def start(self, timeout: float = START_TIMEOUT) -> None:
+        t0 = trio.current_time()
         with trio.fail_after(timeout):
             async with trio.open_nursery() as n:
                 for node in [*self.nodes, self.probe]:
@@ -426,6 +428,7 @@ class HonestOverlay:
             for node in (self.exit, self.standby):
                 await node.wait_started(True, timeout)
             await self.wait_formed()
+        self.timings["start"] = round(trio.current_time() - t0, 1)
 
     def honest_exits(self) -> list[HonestNode]:
         """The honest nodes serving as exits: the exit, and the standby when promoted."""
@@ -854,10 +857,13 @@ async def settle_rss(
 
 async def take_baseline(ov: HonestOverlay, sink: FeedSink | None, settle: float = 5.0) -> Baseline:
     """Before the attack: one probe publish (the overlay works), then quiet RSS."""
+    t0 = trio.current_time()
     gossip, missing = await ov.honest_gossip()
     if missing:
         raise RuntimeError(f"honest gossip did not work before the attack: {missing} missed it")
     await trio.sleep(settle)
+    ov.timings["baseline"] = round(trio.current_time() - t0, 1)
+    ov.timings["baseline_end"] = trio.current_time()
     return Baseline(
         rss_kb=await settle_rss(ov.nodes),
         log_offsets={n.name: n.log_size() for n in ov.nodes},
@@ -924,6 +930,9 @@ async def check_held(
 ) -> Report:
     """Every post-attack check of issue 14 ("Done when"), with the numbers."""
     rep = Report()
+    t0 = trio.current_time()
+    if "baseline_end" in ov.timings:
+        ov.timings["attack"] = round(t0 - ov.timings.pop("baseline_end"), 1)
     nodes = ov.nodes
 
     # 1. alive and answering `overlay status` (the CLI, as an operator runs it)
@@ -1023,6 +1032,9 @@ async def check_held(
                 f"honest nodes dialled the attacker-chosen feed {dials} times (budget {dial_budget})"
             )
     rep.numbers["tcp_connections"] = {n.name: n.tcp_connections() for n in nodes}
+    ov.timings["check"] = round(trio.current_time() - t0, 1)
+    rep.numbers["timings_s"] = dict(ov.timings)
+    print(rep.text())  # shown with -rP (and on failure)
     return rep
 
 
