@@ -438,7 +438,20 @@ def _check_log_file(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- run
-RELOADABLE = ("log_level", "target_peers", "sync_interval", "sync_idle_interval")
+RELOADABLE = (
+    "log_level",
+    "target_peers",
+    "sync_interval",
+    "sync_idle_interval",
+    # [limits] caps, applied through node.caps (new connections only for the bounds)
+    "max_inbound",
+    "max_inbound_per_ip",
+    "max_handshakes_per_ip",
+    "max_connections",
+    "bandwidth_rate",
+    "bandwidth_burst",
+    "exit_deliveries_per_minute",
+)
 
 
 def _setting_name(attr: str) -> str:
@@ -469,11 +482,14 @@ def _reload(node, h: Home, filt: LogFilter, fixed_level: str | None) -> None:
             applied.append(f"{_setting_name(f.name)} = {value}")
         else:
             restart.append(_setting_name(f.name))
+    caps = getattr(node, "caps", None)
+    if caps is not None:
+        caps.apply(node.config)
     level = fixed_level or node.config.log_level
     filt.level = logging.getLevelName(level.upper())
     _set_library_levels(filt.level)
     note = " (fixed by --log-level)" if fixed_level else ""
-    log.warning(
+    log.info(
         "SIGHUP: reloaded %s; log level %s%s; %s",
         h.config_path,
         level,
@@ -596,12 +612,20 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
                                 try:
                                     _reload(running["node"], h, filt, fixed_level)
                                 except Exception as e:  # noqa: BLE001 - keep the node running
-                                    log.warning("SIGHUP: reload failed: %r", e)
+                                    log.warning(
+                                        "SIGHUP: reload failed (%s: %s); the node keeps its "
+                                        "settings; `overlay config check` shows the problem",
+                                        type(e).__name__,
+                                        e,
+                                    )
                             else:
-                                log.warning("SIGHUP while starting: ignored")
+                                log.warning(
+                                    "SIGHUP while the node is starting: ignored; send it "
+                                    "again once `overlay status` answers"
+                                )
                             continue
                         if stop.is_set() or "node" not in running:
-                            log.warning("%s: stopping at once", name)
+                            log.warning("%s: stopping at once, without leaving cleanly", name)
                             stopped_by["signal"] = stopped_by["signal"] or name
                             body.cancel()
                         else:
@@ -643,7 +667,11 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
                                 log.info("withdrew the record (tombstone seq %d)", tomb.seq)
                                 await trio.sleep(0.5)  # let the tombstone's gossip leave
                             except (OverlayError, OSError) as e:
-                                log.warning("could not withdraw the record: %s", e)
+                                log.info(
+                                    "could not withdraw the record (%s); the overlay will "
+                                    "notice the node is gone by itself",
+                                    e,
+                                )
                 outer.cancel_scope.cancel()
 
     trio.run(main)
@@ -712,6 +740,57 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             _cell(f.get("bytes_out")),
         )
     console.print(t)
+    if isinstance(st.get("limits"), dict):
+        console.print(_limits_table(st["limits"]))
+
+
+def _limits_table(lim: dict) -> Table:
+    """``[limits]`` caps: configured value, current use, what they refused or held."""
+
+    def cap(v) -> str:
+        return "no cap" if not v else str(v)
+
+    bw = lim.get("bandwidth", {})
+    conns = lim.get("connections", {})
+    ex = lim.get("exit_deliveries", {})
+    refused = conns.get("refused", {})
+    t = Table(title="limits")
+    t.add_column("limit", no_wrap=True)
+    for col in ("configured", "in use", "refused / held"):
+        t.add_column(col)
+    t.add_row(
+        "bandwidth_rate (B/s)",
+        cap(bw.get("rate")),
+        f"{_cell(bw.get('bytes_per_s'))} B/s (10 s)",
+        f"{_cell(bw.get('dropped_packets'))} packets dropped",
+    )
+    t.add_row(
+        "bandwidth_burst (B)",
+        cap(bw.get("burst")),
+        "-" if bw.get("available") is None else f"{bw['available']} B available",
+        "",
+    )
+    t.add_row(
+        "max_connections",
+        _cell(conns.get("max_connections")),
+        f"{_cell(conns.get('total'))} ({_cell(conns.get('outbound'))} outbound)",
+        f"{_cell(refused.get('max_connections'))} refused",
+    )
+    t.add_row(
+        "max_inbound",
+        _cell(conns.get("max_inbound")),
+        _cell(conns.get("inbound")),
+        f"{_cell(refused.get('max_inbound'))} refused",
+    )
+    waiting = ex.get("waiting") or 0
+    t.add_row(
+        "exit_deliveries_per_minute",
+        cap(ex.get("per_minute")),
+        f"{_cell(ex.get('last_minute'))} in the last minute",
+        (f"OVER CAP: {waiting} waiting; " if waiting else "")
+        + f"{_cell(ex.get('delayed'))} held so far",
+    )
+    return t
 
 
 @app.command()

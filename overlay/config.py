@@ -22,6 +22,7 @@ HOME_LISTEN = [
 ]
 LOCAL_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_BANDWIDTH_BURST = 32768  # bytes: the largest onion packet must fit in the bucket
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Config:
     max_inbound_per_ip: int = 384
     max_handshakes_per_ip: int = 128
     handshake_timeout: float = 5.0
+    # [limits]: operator caps (see overlay/caps.py); 0 bandwidth / deliveries: no cap
+    max_connections: int = 1024
+    bandwidth_rate: int = 0
+    bandwidth_burst: int = 0
+    exit_deliveries_per_minute: int = 600
 
     @property
     def role_flags(self) -> Role:
@@ -141,6 +147,13 @@ class Config:
             raise ConfigError("[limits] needs 1 <= max_handshakes_per_ip <= max_inbound_per_ip")
         if not self.handshake_timeout > 0:
             raise ConfigError("[limits] handshake_timeout must be positive")
+        if not self.max_inbound <= self.max_connections:
+            raise ConfigError("[limits] needs max_inbound <= max_connections")
+        if self.bandwidth_rate > 0 and 0 < self.bandwidth_burst < MIN_BANDWIDTH_BURST:
+            raise ConfigError(
+                f"[limits] bandwidth_burst must be 0 (twice the rate) or >= {MIN_BANDWIDTH_BURST}"
+                " bytes (one large packet)"
+            )
         return self
 
 
@@ -187,6 +200,10 @@ _MAP = {
     ("limits", "max_inbound_per_ip"): "max_inbound_per_ip",
     ("limits", "max_handshakes_per_ip"): "max_handshakes_per_ip",
     ("limits", "handshake_timeout"): "handshake_timeout",
+    ("limits", "max_connections"): "max_connections",
+    ("limits", "bandwidth_rate"): "bandwidth_rate",
+    ("limits", "bandwidth_burst"): "bandwidth_burst",
+    ("limits", "exit_deliveries_per_minute"): "exit_deliveries_per_minute",
 }
 
 
@@ -265,7 +282,7 @@ _SECTIONS = {
     "relay": "Relay links and light-client sessions.",
     "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
     "admission": "Bounds on new members and on dials to addresses records only claim.",
-    "limits": "Bounds on inbound connections (per source IP and in total).",
+    "limits": "Bounds on connections, relayed bandwidth and exit deliveries (SIGHUP re-reads all but handshake_timeout).",
 }
 
 _COMMENTS = {
@@ -308,6 +325,10 @@ _COMMENTS = {
     "max_inbound_per_ip": "... from one IP address (IPv6: one /64); many local nodes share 127.0.0.1",
     "max_handshakes_per_ip": "connections from one IP whose handshake has not finished",
     "handshake_timeout": "seconds an inbound connection may take to finish its handshake",
+    "max_connections": "connections at once, inbound and outbound together (>= max_inbound)",
+    "bandwidth_rate": "onion bytes per second relayed for others; beyond it packets are dropped (0: no cap)",
+    "bandwidth_burst": "... and at once, in bytes (0: twice the rate, at least 64 KiB)",
+    "exit_deliveries_per_minute": "deliveries an exit starts per minute; more wait in the queue (0: no cap)",
 }
 
 

@@ -113,7 +113,14 @@ def make_app(
         on_refused(check)
         level = logging.DEBUG if check in warned else logging.WARNING
         warned.add(check)
-        log.log(level, "control request refused (%s): %s %s", check, scope["method"], scope["path"])
+        log.log(
+            level,
+            "control request refused (%s): %s %s; use `overlay status` or send the token "
+            "in HOME/control.token",
+            check,
+            scope["method"],
+            scope["path"],
+        )
         if check == "host":
             return 421, b'{"error": "unknown host"}', []
         return 401, b'{"error": "unauthorized"}', [(b"www-authenticate", b"Bearer")]

@@ -53,6 +53,41 @@ class Metrics:
             registry=r,
         )
 
+    def watch_caps(self, caps) -> None:
+        """The ``[limits]`` caps of a node (``overlay.caps.Caps``): configured values,
+        current use, and what they refused or held back."""
+        r = self.registry
+        configured = Gauge(
+            "hydra_limit", "Configured cap from [limits] (0: no cap)", ["limit"], registry=r
+        )
+        use = Gauge(
+            "hydra_limit_use",
+            "Current use of a cap (bytes/s over 10 s, bytes drawn from the burst, "
+            "connections, deliveries started in the last minute)",
+            ["limit"],
+            registry=r,
+        )
+        self.limit_refused = Counter(
+            "hydra_limit_refused",
+            "Packets dropped (bandwidth) or connections refused (connections) by a cap",
+            ["limit"],
+            registry=r,
+        )
+        self.limit_delayed = Counter(
+            "hydra_limit_delayed", "Exit deliveries held back by the per-minute cap", registry=r
+        )
+        Gauge(
+            "hydra_limit_waiting", "Exit deliveries waiting for the per-minute cap now", registry=r
+        ).set_function(lambda: caps.waiting)
+        self.limit_relayed = Counter(
+            "hydra_limit_relayed_bytes",
+            "Onion bytes from peers and light clients taken under the bandwidth cap",
+            registry=r,
+        )
+        for name in caps.LIMITS:
+            configured.labels(name).set_function(lambda n=name: caps.configured(n))
+            use.labels(name).set_function(lambda n=name: caps.use(n))
+
     def watch_connections(self, host) -> None:
         """Connection refusals and live connection counts of a ``Libp2pHost``."""
         r = self.registry

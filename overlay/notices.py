@@ -138,7 +138,8 @@ class DeliveryNotices:
                 await self.node.host.publish(wire.TOPIC, wire.encode(wire.Delivered(tuple(keys))))
                 self.m_notices.labels("published").inc()
             except Exception as e:  # noqa: BLE001 - best effort, like all gossip
-                log.warning("publishing a delivery notice failed: %r", e)
+                # best effort: exits that hold a copy ask before they deliver it
+                log.info("publishing a delivery notice failed: %s", e)
                 self.m_notices.labels("publish_failed").inc()
 
     async def _drain(self) -> None:
@@ -175,7 +176,11 @@ class DeliveryNotices:
             try:
                 finished = worker.queue.note_delivered_elsewhere(frame.keys, self.node.clock())
             except LocalError as e:
-                log.warning("cannot record a delivery notice: %s", e)
+                log.warning(
+                    "cannot record a delivery notice (%s); check that HOME is writable "
+                    "and the disk has room",
+                    e,
+                )
             else:
                 if finished:
                     self.m_finished.inc(finished)

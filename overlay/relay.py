@@ -573,6 +573,7 @@ class RelayService:
                     ack_when="delivered",
                     clock=node.clock,
                     check_delivered=self.notices.ask,
+                    gate=node.caps.delivery_slot,  # [limits] exit_deliveries_per_minute
                 )
             async with trio.open_nursery() as n:
                 self._nursery = n
@@ -644,7 +645,7 @@ class RelayService:
         try:
             home.prepare_onion_key(p.next)
         except OSError as e:
-            log.warning("cannot prepare the next onion key: %s", e)
+            log.warning("cannot prepare the next onion key (%s); check HOME/onion is writable", e)
         self.metrics.epoch.set(self._epoch)
         self.metrics.epochs.set(len(self._keys))
         self.metrics.replay_tags.set(len(self.replay))
@@ -666,7 +667,7 @@ class RelayService:
         try:
             await self.node.publish_own(f"onion key epoch {self._epoch}")
         except OverlayError as e:
-            log.warning("publishing the rotated onion key failed: %s", e)
+            log.info("publishing the rotated onion key failed (retried later): %s", e)
 
     async def _maintenance_loop(self) -> None:
         next_reload = self.node.clock() + self.key_refresh
@@ -689,7 +690,7 @@ class RelayService:
                 try:
                     why = self._load_keys(now)
                 except OverlayError as e:
-                    log.warning("onion key maintenance failed: %s", e)
+                    log.warning("onion key maintenance failed (%s); check HOME/onion", e)
                     continue
                 if why is not None:
                     await self._publish_rotated()
@@ -808,6 +809,8 @@ class RelayService:
             if bucket is not None and not bucket.take(now, 1 if params is SMALL else 16):
                 self._rate_limited(source, peer, now)
                 continue
+            if peer is not None and not self.node.caps.relay_allows(len(frame)):
+                continue  # over [limits] bandwidth_rate: dropped, counted by the caps
             try:
                 results.append(process(params, self._keys, frame, replay=self._replay_hook))
             except RemoteError as e:  # PacketRejected, Replay: the sender's doing
@@ -819,7 +822,9 @@ class RelayService:
             try:
                 self.replay_store.add(self._pending_tags)
             except LocalError as e:
-                log.error("cannot persist replay tags, dropping %d packets: %s", len(results), e)
+                log.error(
+                    "dropping %d packets: %s; check HOME/replay and disk space", len(results), e
+                )
                 self.metrics.dropped.labels("replay_store").inc(len(results))
                 return
             finally:
@@ -1136,7 +1141,7 @@ class RelayService:
         try:
             ack = await self.worker.submit(msg)
         except LocalError as e:  # queue unavailable: no ack, the sender resends
-            log.error("exit: cannot accept a message: %s", e)
+            log.error("exit: cannot accept a message (%s); check HOME and disk space", e)
             return
         if ack.status is AckStatus.QUEUED and blocks is not None and blocks.queued:
             await self._send_ack(blocks.queued, ack)

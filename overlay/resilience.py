@@ -183,15 +183,16 @@ class Resilience:
                 self._transitions += 1
                 self.m_states.labels(e.state).inc()
                 rec = node.view.get(e.node)
-                lvl = logging.WARNING if rec and Role.EXIT in rec.roles else logging.INFO
-                log.log(lvl, "member %s is %s", e.node.short(), e.state)
+                # another node's state: nothing for this node's operator to do
+                exit_ = " (an exit)" if rec and Role.EXIT in rec.roles else ""
+                log.info("member %s is %s%s", e.node.short(), e.state, exit_)
             elif isinstance(e, Announce):
                 roles = Role.parse(e.roles)
                 kind = (
                     "promote" if Role.EXIT in roles and Role.EXIT not in node.roles else "step-back"
                 )
                 self.m_promotions.labels(kind).inc()
-                log.warning("exit pool: %s (%s)", kind, e.why)
+                log.info("exit pool: %s (%s)", kind, e.why)  # automatic, by design
                 self._spawn(node.publish_own, e.why, roles)
 
     def _spawn(self, fn, *args) -> None:

@@ -28,6 +28,7 @@ from typing import Protocol
 import trio
 
 from . import control
+from .caps import Caps
 from .config import Config
 from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
 from .core.antientropy import AntiEntropy
@@ -41,7 +42,7 @@ from .feeds import FeedMonitor
 from .home import Home, write_atomic
 from .metrics import Metrics
 from .net import framing
-from .net.host import ConnectionLimits, Libp2pHost
+from .net.host import Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .relay import RelayService
@@ -123,6 +124,7 @@ class Node:
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = Metrics()
+        self.caps = Caps(self.config, self.metrics)  # [limits]: bandwidth, connections, exits
         cfg = self.config
         self.admission = Admission(
             Limits(
@@ -213,14 +215,10 @@ class Node:
                 gossip_heartbeat=self.config.gossip_heartbeat,
                 dht_validators={DHT_NAMESPACE: _DhtRecordValidator(self.clock)},
                 dht_timeout=10.0,
-                limits=ConnectionLimits(
-                    max_inbound=int(self.config.max_inbound),
-                    max_inbound_per_ip=int(self.config.max_inbound_per_ip),
-                    max_handshakes_per_ip=int(self.config.max_handshakes_per_ip),
-                    handshake_timeout=float(self.config.handshake_timeout),
-                ),
+                limits=self.caps.connection_limits(),
             )
             self.metrics.watch_connections(self.host)
+            self.caps.attach_host(self.host)
             self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
             self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
             for svc in self.services:
@@ -245,7 +243,12 @@ class Node:
                             raise
                         # e.g. a restart after the join peer was taken down: the
                         # stored members are dialled, and the peer loop retries
-                        log.warning("%s; carrying on with %d members from the store", e, known)
+                        log.warning(
+                            "%s; carrying on with %d members from the store (check --join "
+                            "or [network] join if this repeats)",
+                            e,
+                            known,
+                        )
                 self.ready.set()
                 try:
                     yield self
@@ -355,7 +358,11 @@ class Node:
         a lost or rolled-back state file): publish again above it, or every node keeps
         the old record and rejects our new ones as stale."""
         if seq > self._own_seen:
-            log.warning("the overlay holds our record seq=%d; republishing above it", seq)
+            log.warning(
+                "the overlay holds our record seq=%d; republishing above it (if another "
+                "node runs from a copy of this home, stop it: identities must not be shared)",
+                seq,
+            )
             self._own_seen = seq
         self._republish.set()
 
@@ -399,7 +406,7 @@ class Node:
         peer = _as_peer(peer)
         self.metrics.penalties.labels(reason.value).inc()
         if self.scores.penalize(peer, reason, self.clock()) and self._nursery is not None:
-            log.warning("disconnecting and banning %s after repeated bad input", _short(peer))
+            log.info("disconnecting and banning %s after repeated bad input", _short(peer))
             self.metrics.disconnects.inc()
             self._nursery.start_soon(self._disconnect, peer)
 
@@ -750,7 +757,7 @@ class Node:
             while not (protocols := self.host.peer_protocols(peer_id)):
                 await trio.sleep(0.1)
             return SYNC_PROTOCOL in protocols
-        log.warning("join: %s did not identify within %.0f s", peer_id[-8:], wait)
+        log.info("join: %s did not identify within %.0f s; trying it anyway", peer_id[-8:], wait)
         return True
 
     async def _fill_peers(self) -> None:
@@ -844,7 +851,10 @@ class Node:
                         rejoin_at, backoff = 0.0, REJOIN_MIN
                 await self._fill_peers()
             except Exception as e:  # noqa: BLE001 - keep the node running
-                log.warning("peer maintenance failed: %r", e)
+                log.warning(
+                    "peer maintenance failed (%s: %s); retrying in a second", type(e).__name__, e
+                )
+                log.debug("peer maintenance failure", exc_info=True)
 
     # ---------------------------------------------------------------- maintenance
     async def _maintenance_loop(self) -> None:
@@ -969,6 +979,7 @@ class Node:
             "joined_via": self.joined_via,
             "control": self.control_url,
             "relay": self.relay.status() if getattr(self, "relay", None) else None,
+            "limits": self.caps.status(),
             "admission": {
                 "verified": self.admission.verified,
                 "unverified": self.admission.unverified,

@@ -29,6 +29,7 @@ LAYERS = {
     "relay": 4,
     "notices": 4,
     "feeds": 4,
+    "caps": 4,
     "runtime": 5,
     "client": 6,
     "testing": 6,

@@ -32,6 +32,10 @@ sender's earlier attempt may still be on its way to us through the overlay,
 and when it arrives we ask the exit that asked. Nobody answering means
 delivering: no message is lost to silence.
 
+``gate`` (optional) is awaited before every delivery attempt: a cap on
+deliveries (``[limits] exit_deliveries_per_minute``) holds the attempt there,
+the message still pending in the queue, until the cap has room.
+
 Invariants: an attempt cancelled by shutdown records nothing, so the message
 stays pending and the next worker on the same queue delivers it; a handler
 that raises anything but a ``DeliveryFailure`` counts as a temporary failure
@@ -97,6 +101,7 @@ class DeliveryWorker:
         max_sleep: float = 60.0,
         check_delivered: CheckDelivered | None = None,
         late_after: float = 2.0,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -105,6 +110,7 @@ class DeliveryWorker:
         self.queue = queue
         self.check_delivered = check_delivered
         self.late_after = late_after
+        self.gate = gate  # awaited before each delivery: an operator's cap holds it there
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.send_ack = send_ack
@@ -219,6 +225,8 @@ class DeliveryWorker:
         try:
             if not await self._ours_to_deliver(item):
                 return
+            if self.gate is not None:  # over a cap the message waits queued, never dropped
+                await self.gate()
             if not self._still_pending(mid):
                 return
             failure: DeliveryFailure | None = None

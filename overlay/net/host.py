@@ -29,6 +29,8 @@ Invariants:
 - inbound connections are bounded (``ConnectionLimits``) per source address,
   in total, and in unfinished handshakes per address, checked at accept before
   any cryptography; a slot is held exactly as long as its connection lives;
+- connections in both directions together stay within ``max_connections``
+  (inbound refused at accept, our dials refused before they start);
 - banned peer ids are never dialed, and their connections (either direction)
   are closed right after the handshake authenticates them;
 - the node's own keys never depend on the (evictable) peerstore;
@@ -39,6 +41,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -135,8 +138,8 @@ __all__ = [
 # stream on one connection; our bound must stay below this.
 YAMUX_STREAM_BACKLOG = 256
 
-# Room for outbound connections above the inbound bound in upstream's own
-# total connection cap (which counts both directions).
+# Room for outbound connections above the default inbound bound in the default
+# total (``ConnectionLimits.max_connections``, which counts both directions).
 MAX_OUTBOUND_CONNECTIONS = 512
 
 
@@ -362,7 +365,10 @@ class ConnectionLimits:
     half-open or silent connections hold, while established honest
     connections from one address (many nodes on one machine) only meet the
     much larger per-IP cap. A handshake not finished within
-    ``handshake_timeout`` seconds is dropped.
+    ``handshake_timeout`` seconds is dropped. ``max_connections`` bounds
+    connections in both directions together: an inbound one is refused at
+    accept, a dial of ours before it starts (and libp2p's own dials by its
+    swarm, which shares the bound).
     """
 
     max_inbound: int = 512
@@ -370,8 +376,11 @@ class ConnectionLimits:
     max_handshakes_per_ip: int = 128
     handshake_timeout: float = 5.0
     max_bans: int = 4096
+    max_connections: int = 512 + MAX_OUTBOUND_CONNECTIONS
 
     def __post_init__(self) -> None:
+        if not self.max_inbound <= self.max_connections:
+            raise LocalError("limits: need max_inbound <= max_connections")
         if not 1 <= self.max_inbound_per_ip <= self.max_inbound:
             raise LocalError("limits: need 1 <= max_inbound_per_ip <= max_inbound")
         if not 1 <= self.max_handshakes_per_ip <= self.max_inbound_per_ip:
@@ -389,6 +398,7 @@ REFUSED_HANDSHAKES_PER_IP = "handshake_limit"
 REFUSED_HANDSHAKE_TIMEOUT = "handshake_timeout"
 REFUSED_BANNED = "banned"
 REFUSED_STREAM_LIMIT = "stream_limit"
+REFUSED_CONNECTION_LIMIT = "connection_limit"
 
 
 def _ip_group(ip: str | None) -> str:
@@ -415,10 +425,13 @@ class _InboundGate:
         self._per_ip: dict[str, int] = {}
         self._handshaking: dict[str, int] = {}
 
-    def refusal(self, group: str) -> str | None:
-        """Why a new connection from ``group`` must be refused now, or None."""
+    def refusal(self, group: str, outbound: int = 0) -> str | None:
+        """Why a new connection from ``group`` must be refused now, or None
+        (``outbound``: our established outbound connections, for the total)."""
         if self.total >= self.limits.max_inbound:
             return REFUSED_INBOUND_LIMIT
+        if self.total + outbound >= self.limits.max_connections:
+            return REFUSED_CONNECTION_LIMIT
         if self._per_ip.get(group, 0) >= self.limits.max_inbound_per_ip:
             return REFUSED_INBOUND_PER_IP
         if self._handshaking.get(group, 0) >= self.limits.max_handshakes_per_ip:
@@ -1042,11 +1055,11 @@ class Libp2pHost:
                 outbound_upgrade_timeout=self._dial_timeout,
                 inbound_upgrade_timeout=self.limits.handshake_timeout,
                 # Inbound bounds are ours (_handle_inbound); upstream's total
-                # cap stays above them with room for outbound connections,
-                # and its pruner (above high_watermark) never runs: the
-                # runtime decides which peers to keep.
-                max_connections=self.limits.max_inbound + MAX_OUTBOUND_CONNECTIONS,
-                high_watermark=self.limits.max_inbound + MAX_OUTBOUND_CONNECTIONS,
+                # cap is our max_connections (it also refuses libp2p's own
+                # dials beyond it), and its pruner (above high_watermark)
+                # never runs: the runtime decides which peers to keep.
+                max_connections=self.limits.max_connections,
+                high_watermark=self.limits.max_connections,
                 low_watermark=0,
                 min_connections=0,
             ),
@@ -1189,7 +1202,8 @@ class Libp2pHost:
                 await handler(stream)
             except Exception as e:  # noqa: BLE001 - one stream must not end the process
                 peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
-                logger.warning("libp2p stream handler failed (peer %s): %r", peer, e)
+                # contained upstream failure: nothing for an operator to do
+                logger.debug("libp2p stream handler failed (peer %s): %r", peer, e)
                 with contextlib.suppress(Exception):
                     await stream.reset()
 
@@ -1241,7 +1255,7 @@ class Libp2pHost:
         if self._bans.banned("ip:" + group, time.monotonic()):
             reason: str | None = REFUSED_BANNED
         else:
-            reason = self._gate.refusal(group)
+            reason = self._gate.refusal(group, self._outbound_count())
         if reason is not None:
             self._count_refused(reason)
             logger.debug("refusing inbound connection from %s: %s", group, reason)
@@ -1310,19 +1324,45 @@ class Libp2pHost:
         """Call ``listener(reason)`` for every connection or stream refused by a bound or ban.
 
         Reasons: ``inbound_limit``, ``inbound_per_ip_limit``, ``handshake_limit``,
-        ``handshake_timeout``, ``banned``, ``stream_limit``.
+        ``handshake_timeout``, ``banned``, ``stream_limit``, ``connection_limit``.
         """
         self._refused_listeners.append(listener)
 
     def connection_counts(self) -> dict[str, int]:
-        """Live connections by direction, and inbound handshakes in progress."""
+        """Live connections by direction, inbound handshakes in progress, and the
+        ``total`` that ``max_connections`` bounds (inbound from accept, outbound)."""
         counts = {"inbound": 0, "outbound": 0, "handshakes": self._gate.handshakes()}
         for conns in list(self._swarm.connections.values()):
             for conn in list(conns):
                 name = getattr(getattr(conn, "direction", None), "name", "").lower()
                 if name in counts:
                     counts[name] += 1
+        counts["total"] = self._gate.inbound() + counts["outbound"]
         return counts
+
+    def _outbound_count(self) -> int:
+        n = 0
+        for conns in list(self._swarm.connections.values()):
+            for conn in conns:
+                if getattr(getattr(conn, "direction", None), "name", "") == "OUTBOUND":
+                    n += 1
+        return n
+
+    def _at_connection_limit(self) -> bool:
+        return self._gate.inbound() + self._outbound_count() >= self.limits.max_connections
+
+    def set_limits(self, limits: ConnectionLimits) -> None:
+        """New connection bounds (a reload). They apply to connections accepted or
+        dialled from now on; connections already open stay. ``handshake_timeout``
+        and ``max_bans`` keep their values from the start."""
+        limits = dataclasses.replace(
+            limits, handshake_timeout=self.limits.handshake_timeout, max_bans=self.limits.max_bans
+        )
+        self.limits = limits
+        self._gate.limits = limits
+        cfg = self._swarm.connection_config
+        cfg.max_connections = limits.max_connections
+        cfg.high_watermark = limits.max_connections
 
     def ban(self, peer_id: str, seconds: float) -> None:
         """Refuse ``peer_id`` for ``seconds``: no dials to it, and its connections
@@ -1551,6 +1591,12 @@ class Libp2pHost:
         if self.is_banned(str(peer)):
             self._count_refused(REFUSED_BANNED)
             raise DialError(f"dial {addr} refused: {peer} is banned")
+        if self._at_connection_limit():
+            self._count_refused(REFUSED_CONNECTION_LIMIT)
+            raise DialError(
+                f"dial {addr} refused: {self.limits.max_connections} connections open "
+                "([limits] max_connections)"
+            )
         transport_addr = info.addrs[0]
         # WORKAROUND (dial hangs): an unresponsive address (SYN accepted, no
         # Noise reply) hangs the dial for minutes. Own deadline around the dial

@@ -12,9 +12,12 @@ and serves as the second exit: the configuration in which a flood of fake exits
 can make it step back. With 1 it stands by, ready to take over.
 
 Everything about the honest nodes is read from outside, as an operator would:
-``overlay status --json`` and ``overlay exits --json`` (subprocesses: the CLI
-sends whatever the control endpoint requires), the node logs, ``/proc`` (RSS,
-CPU time, TCP connections). A fourth honest node, the *probe*, is started (and
+their control endpoints (``/status`` and ``/exits``, what ``overlay status
+--json`` and ``overlay exits --json`` print, fetched with the token from the
+home the way the CLI does), ``overlay status`` itself as a subprocess once per
+node and check, the node logs, ``/proc`` (RSS, CPU time, TCP connections).
+Waits poll (cheap HTTP requests, not a CLI process of ~1.5 s CPU each) rather
+than sleep a fixed time. A fourth honest node, the *probe*, is started (and
 restarted) through the CLI to publish a new record; the time until every honest
 node holds it is the honest-gossip check.
 
@@ -51,7 +54,9 @@ from pathlib import Path
 import trio
 
 from overlay.cluster import with_parent_death_signal
+from overlay.control import control_get
 from overlay.crypto import OnionKey, SigningKey
+from overlay.errors import LocalError
 from overlay.net import framing
 from overlay.net.host import Libp2pHost
 from overlay.records import (
@@ -272,18 +277,23 @@ class HonestNode:
                 if not self.alive:
                     raise RuntimeError(f"{self.name} exited; see {self.log_path}")
                 if (self.home / "control.json").exists():
-                    st = await self.status()
+                    st = await self.status(timeout=5.0)
                     if st and st.get("listen") and (not joining or st.get("joined_via")):
                         self.addr = st["listen"][0]
                         return
-                await trio.sleep(0.5)
+                await trio.sleep(0.2)
+
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the node's process group (no wait)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
+            self.send_signal(sig)
             try:
                 self.proc.wait(wait)
             except subprocess.TimeoutExpired:
@@ -294,11 +304,30 @@ class HonestNode:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
+    async def _get(self, route: str, timeout: float) -> dict | None:
+        """GET ``route`` of the node's control endpoint (token from the home, as the
+        CLI does); None if it does not answer within ``timeout``."""
+        with trio.move_on_after(timeout + 1):
+            try:
+                value = await trio.to_thread.run_sync(
+                    lambda: control_get(self.home, route, timeout=timeout), abandon_on_cancel=True
+                )
+            except LocalError:
+                return None
+            return value if isinstance(value, dict) else None
+        return None
+
     async def status(self, timeout: float = 60.0) -> dict | None:
-        return await cli_json("status", "--home", str(self.home), timeout=timeout)
+        """What ``overlay status --json`` prints (but ``addresses``)."""
+        return await self._get("/status", timeout)
 
     async def exits(self, timeout: float = 60.0) -> dict | None:
-        return await cli_json("exits", "--home", str(self.home), timeout=timeout)
+        """What ``overlay exits --json`` prints."""
+        return await self._get("/exits", timeout)
+
+    async def status_cli(self, timeout: float = 60.0) -> dict | None:
+        """``overlay status --json`` run as a subprocess, as an operator would."""
+        return await cli_json("status", "--home", str(self.home), timeout=timeout)
 
     def seq_on_disk(self) -> int:
         try:
@@ -371,6 +400,7 @@ class HonestOverlay:
         self.nodes = [self.relay, self.exit, self.standby]
         self.probe = node("probe", ["standby-exit", "relay"])
         self._probe_ready = False
+        self.timings: dict[str, float] = {}  # seconds per phase, shown in every report
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> HonestOverlay:
@@ -385,10 +415,12 @@ class HonestOverlay:
         self.stop()
 
     async def start(self, timeout: float = START_TIMEOUT) -> None:
+        t0 = trio.current_time()
         with trio.fail_after(timeout):
             async with trio.open_nursery() as n:
-                for node in self.nodes:
+                for node in [*self.nodes, self.probe]:
                     n.start_soon(node.init, self.settings)
+            self._probe_ready = True
             self.relay.spawn()
             await self.relay.wait_started(False, timeout)
             for node in (self.exit, self.standby):
@@ -396,6 +428,7 @@ class HonestOverlay:
             for node in (self.exit, self.standby):
                 await node.wait_started(True, timeout)
             await self.wait_formed()
+        self.timings["start"] = round(trio.current_time() - t0, 1)
 
     def honest_exits(self) -> list[HonestNode]:
         """The honest nodes serving as exits: the exit, and the standby when promoted."""
@@ -416,10 +449,13 @@ class HonestOverlay:
                     break
             if ok:
                 return
-            await trio.sleep(1.0)
+            await trio.sleep(0.5)
 
     def stop(self) -> None:
-        for node in [*self.nodes, self.probe]:
+        nodes = [*self.nodes, self.probe]
+        for node in nodes:  # all at once: each takes a few seconds to leave cleanly
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
             node.stop()
 
     # -- the probe: a fourth honest node whose records must reach everybody ----------
@@ -453,7 +489,7 @@ class HonestOverlay:
                 if entry is not None and entry.get("seq", 0) >= seq:
                     pending.remove(node)
                     return
-                await trio.sleep(0.5)
+                await trio.sleep(0.2)
 
         with trio.move_on_after(bound):
             async with trio.open_nursery() as n:
@@ -819,18 +855,41 @@ async def settle_rss(
     return out
 
 
-async def take_baseline(ov: HonestOverlay, sink: FeedSink | None, settle: float = 10.0) -> Baseline:
+async def take_baseline(ov: HonestOverlay, sink: FeedSink | None, settle: float = 5.0) -> Baseline:
     """Before the attack: one probe publish (the overlay works), then quiet RSS."""
+    t0 = trio.current_time()
     gossip, missing = await ov.honest_gossip()
     if missing:
         raise RuntimeError(f"honest gossip did not work before the attack: {missing} missed it")
     await trio.sleep(settle)
+    ov.timings["baseline"] = round(trio.current_time() - t0, 1)
+    ov.timings["baseline_end"] = trio.current_time()
     return Baseline(
         rss_kb=await settle_rss(ov.nodes),
         log_offsets={n.name: n.log_size() for n in ov.nodes},
         sink_dials=sink.count if sink else 0,
         gossip_seconds=gossip,
     )
+
+
+async def wait_views_settled(
+    ov: HonestOverlay, *, quiet: float = 3.0, at_most: float = 20.0
+) -> float:
+    """After an attack: until no honest node's record count changed for ``quiet``
+    seconds (what was pushed has spread as far as it will), at most ``at_most``
+    seconds; returns the seconds waited."""
+    t0 = trio.current_time()
+    last: dict[str, object] = {}
+    since = t0
+    with trio.move_on_after(at_most):
+        while True:
+            now = {n.name: ((await n.status(timeout=10.0)) or {}).get("records") for n in ov.nodes}
+            if now != last:
+                last, since = now, trio.current_time()
+            elif trio.current_time() - since >= quiet:
+                break
+            await trio.sleep(0.5)
+    return trio.current_time() - t0
 
 
 @dataclass
@@ -871,19 +930,27 @@ async def check_held(
 ) -> Report:
     """Every post-attack check of issue 14 ("Done when"), with the numbers."""
     rep = Report()
+    t0 = trio.current_time()
+    if "baseline_end" in ov.timings:
+        ov.timings["attack"] = round(t0 - ov.timings.pop("baseline_end"), 1)
     nodes = ov.nodes
 
-    # 1. alive and answering
+    # 1. alive and answering `overlay status` (the CLI, as an operator runs it)
     for n in nodes:
         if not n.alive:
             rep.fail(f"{n.name} process died (exit code {n.proc.returncode if n.proc else None})")
     statuses = {}
+
+    async def status_of(n: HonestNode) -> None:
+        statuses[n.name] = await n.status_cli()
+
+    async with trio.open_nursery() as nursery:
+        for n in nodes:
+            if n.alive:
+                nursery.start_soon(status_of, n)
     for n in nodes:
-        if n.alive:
-            st = await n.status()
-            statuses[n.name] = st
-            if st is None:
-                rep.fail(f"{n.name}: `overlay status` did not answer")
+        if n.name in statuses and statuses[n.name] is None:
+            rep.fail(f"{n.name}: `overlay status` did not answer")
 
     # 2. the admission bound: unverified records held <= the node's bound
     for name, st in statuses.items():
@@ -934,16 +1001,7 @@ async def check_held(
     if ov.target_live_exits >= 2 and st is not None and "exit" not in st.get("roles", []):
         rep.fail(f"the honest standby no longer serves as an exit (roles {st.get('roles')})")
 
-    # 5. reflection: dials to the attacker's feed address
-    if sink is not None:
-        dials = sink.count - base.sink_dials
-        rep.numbers["dials_to_attacker_feed"] = dials
-        if dials > dial_budget:
-            rep.fail(
-                f"honest nodes dialled the attacker-chosen feed {dials} times (budget {dial_budget})"
-            )
-
-    # 6. honest gossip reaches every honest node
+    # 5. honest gossip reaches every honest node
     took, missing = await ov.honest_gossip(gossip_bound)
     rep.numbers["honest_gossip_s"] = None if took is None else round(took, 1)
     rep.numbers["honest_gossip_before_s"] = (
@@ -952,7 +1010,7 @@ async def check_held(
     if missing:
         rep.fail(f"honest gossip did not reach {missing} within {gossip_bound:g} s")
 
-    # 7. memory comes back to within RSS_TOLERANCE of the pre-attack level
+    # 6. memory comes back to within RSS_TOLERANCE of the pre-attack level
     if check_rss:
         rss = await wait_rss(nodes, base, rss_wait)
         rep.numbers["rss_kb_before"] = base.rss_kb
@@ -963,7 +1021,20 @@ async def check_held(
                 rep.fail(
                     f"{n.name} RSS {a / 1024:.0f} MB > {b / 1024:.0f} MB + {RSS_TOLERANCE:.0%}"
                 )
+
+    # 7. reflection: dials to the attacker's feed address, counted last so that the
+    # window covers everything the nodes did with the attacker's records until now
+    if sink is not None:
+        dials = sink.count - base.sink_dials
+        rep.numbers["dials_to_attacker_feed"] = dials
+        if dials > dial_budget:
+            rep.fail(
+                f"honest nodes dialled the attacker-chosen feed {dials} times (budget {dial_budget})"
+            )
     rep.numbers["tcp_connections"] = {n.name: n.tcp_connections() for n in nodes}
+    ov.timings["check"] = round(trio.current_time() - t0, 1)
+    rep.numbers["timings_s"] = dict(ov.timings)
+    print(rep.text())  # shown with -rP (and on failure)
     return rep
 
 

@@ -19,12 +19,15 @@ from .harness import (
     RecordForge,
     check_held,
     take_baseline,
+    wait_views_settled,
 )
 
 pytestmark = pytest.mark.slow
 
 FAKES = 100
-HYSTERESIS_WAIT = 30.0  # > the pool's 10 s step-back hysteresis, plus propagation
+# once the fakes have spread (record counts settled): > the pool's 10 s step-back
+# hysteresis, with a margin for the pool's next evaluation
+HYSTERESIS_WAIT = 15.0
 
 
 async def push_fakes(ov: HonestOverlay, sink: FeedSink) -> dict:
@@ -44,6 +47,7 @@ async def test_fake_exits_do_not_make_the_promoted_standby_step_back(tmp_path):
         async with HonestOverlay(tmp_path, target_live_exits=2) as ov:
             base = await take_baseline(ov, sink)
             pushed = await push_fakes(ov, sink)
+            await wait_views_settled(ov)
             await trio.sleep(HYSTERESIS_WAIT)
             report = await check_held(ov, base, sink=sink)
             report.numbers["pushed"] = pushed
@@ -56,7 +60,7 @@ async def test_fake_exits_do_not_stop_the_standby_taking_over(tmp_path):
     with trio.fail_after(900), FeedSink() as sink:
         async with HonestOverlay(tmp_path, target_live_exits=1) as ov:
             pushed = await push_fakes(ov, sink)
-            await trio.sleep(15.0)
+            await wait_views_settled(ov, at_most=15.0)  # the fakes have spread
             ov.exit.stop(signal.SIGKILL)
             roles = []
             with trio.move_on_after(120):

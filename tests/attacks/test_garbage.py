@@ -103,15 +103,16 @@ async def test_garbage_on_every_protocol_and_topic(tmp_path):
             outcomes = []
 
             async def protocol_attack(i: int, protocol: str) -> None:
-                rng = random.Random(i)
                 async with Attacker(i, ATTACKER_IPS[i]) as attacker:
-                    for node in ov.nodes:
+
+                    async def one_node(k: int, node: HonestNode) -> None:
+                        rng = random.Random(i * 10 + k)
                         peer = await attacker.connect(node.addr)
                         if peer is None:
-                            continue
+                            return
                         _, rec = await own_record(attacker, peer, node)
                         if rec is None:
-                            continue
+                            return
                         valid = valid_frame(protocol, rec.node_id, rec.onion_key, rec.onion_epoch)
                         for case, data, hold in cases(protocol, valid, rng):
                             outcomes.append(
@@ -123,6 +124,11 @@ async def test_garbage_on_every_protocol_and_topic(tmp_path):
                             raws = await attacker.pull(peer)
                             for _ in range(5):
                                 await attacker.sync_round(peer, raws[: sync.MAX_RECORDS])
+
+                    # the three nodes at once (each gets every case, in order)
+                    async with trio.open_nursery() as n:
+                        for k, node in enumerate(ov.nodes):
+                            n.start_soon(one_node, k, node)
 
             async def gossip_attack(i: int) -> None:
                 rng = random.Random(100 + i)
