@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter, Gauge
 
+from .console.service import role_of
 from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from .core.exitpool import ExitPool
 from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
@@ -166,6 +167,13 @@ class Resilience:
                 rec = node.view.get(e.node)
                 lvl = logging.WARNING if rec and Role.EXIT in rec.roles else logging.INFO
                 log.log(lvl, "member %s is %s", e.node.short(), e.state)
+                node.events.add(
+                    e.state,
+                    f"member {e.node.short()} is {e.state}",
+                    peer=e.node.peer_id(),
+                    role=role_of(rec.roles) if rec else "",
+                    at=e.since,
+                )
             elif isinstance(e, Announce):
                 roles = Role.parse(e.roles)
                 kind = (

@@ -29,6 +29,9 @@ import trio
 
 from . import control
 from .config import Config
+from .console import EventRing
+from .console.service import ConsoleService
+from .console.web import ConsoleWeb
 from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView, Outcome, StrangerView
@@ -171,6 +174,8 @@ class Node:
         self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
         self._last_sync_ok = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
+        self.events = EventRing(clock=clock)  # joins, deaths, promotions... (the console)
+        self.console: ConsoleService | None = None  # set by the service's attach
         given = [s for s in services if isinstance(s, Resilience)]
         self.resilience = given[0] if given else Resilience()
         self.services = [self.resilience, *(s for s in services if s is not self.resilience)]
@@ -178,6 +183,8 @@ class Node:
             self.services.append(RelayService())
         if not any(isinstance(s, FeedMonitor) for s in services):
             self.services.append(FeedMonitor())
+        if not any(isinstance(s, ConsoleService) for s in services):
+            self.services.append(ConsoleService())
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -857,6 +864,7 @@ class Node:
             self.metrics.render,
             token=self.control_token,
             on_refused=refused,
+            console=ConsoleWeb(self.console) if self.console is not None else None,
             task_status=task_status,
         )
 
