@@ -83,7 +83,7 @@
   function plot(svg, now, series, marks, opts) {
     const W = 600, H = 170, L = 46, R = 10, T = 18, B = 20;
     // the last hour; while the node has run less than that, its whole life (5 min at least)
-    const first = history.length ? history[0].t : now;
+    const first = points.length ? points[0].t : now;
     const win = Math.min(span, Math.max(300, now - first));
     const t0 = now - win;
     const x = (t) => L + ((t - t0) / win) * (W - L - R);
@@ -139,11 +139,25 @@
     svg.replaceChildren(...g);
   }
 
+  // the history, and the node's present values as its last point
+  let points = [];
+
   function col(key, sub) {
-    return history.map((s) => [s.t, sub ? (s.rates ? s.rates[key] : null) : s[key]]);
+    return points.map((p) => [p.t, sub ? (p.rates ? p.rates[key] : null) : p[key]]);
   }
 
-  function drawPlots(now) {
+  function present(s) {
+    const pool = s.pool || {};
+    return {
+      t: s.now, records: s.counts.records, members: s.counts.members, peers: s.counts.peers,
+      exits_live: pool.live, exits_target: pool.target, standby: pool.standby,
+      rates: { gossip: s.traffic.gossip, sync: s.traffic.sync, relay: s.traffic.relay },
+    };
+  }
+
+  function drawPlots(s) {
+    const now = s.now;
+    points = history.concat([present(s)]);
     plot($("plot-records"), now, [
       { name: "records", values: col("records") },
       { name: "members", values: col("members") },
@@ -214,7 +228,7 @@
       [p.roles.join(", ")],
       [duration(p.connected_for)],
     ]);
-    drawPlots(s.now);
+    drawPlots(s);
   }
 
   function renderEvents() {
