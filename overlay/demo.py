@@ -143,6 +143,7 @@ class DemoState:
     # (at, style, text), oldest first: what the terminal's timeline shows
     timeline: list[tuple[float, str, str]] = field(default_factory=list)
     event_seq: dict[int, int] = field(default_factory=dict)  # node index -> last event seen
+    exit_states: dict[str, str] = field(default_factory=dict)  # exit peer id -> as last shown
     delivered_via: dict[str, int] = field(default_factory=dict)  # exit peer id -> deliveries
     counted: set[bytes] = field(default_factory=set)  # message ids counted in delivered_via
 
@@ -340,8 +341,14 @@ def _entry_event(state: DemoState, cluster: Cluster, ev: dict) -> None:
     style = ENTRY_EVENTS.get(kind)
     if style is None:
         return
-    if kind in ("dead", "alive", "leave") and ev.get("role") not in ("exit", "standby"):
-        return  # relays coming and going on a busy machine: noise here
+    if kind in ("dead", "alive", "leave"):
+        if ev.get("role") not in ("exit", "standby"):
+            return  # relays coming and going on a busy machine: noise here
+        peer = ev.get("peer", "")
+        before = state.exit_states.get(peer)
+        state.exit_states[peer] = kind
+        if kind == "alive" and before != "dead":
+            return  # a suspicion refuted, not a death undone
     if kind in ("dead", "alive", "leave"):
         what = {"dead": "is dead", "alive": "is alive again", "leave": "left"}[kind]
         text = f"entry sees {_name(cluster, ev.get('peer', ''))} ({ev['role']}) {what}"

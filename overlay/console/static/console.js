@@ -202,7 +202,7 @@
     addrs.replaceChildren(...s.addresses.map((a) => el("li", {}, null, a)));
     fillTable("feeds", s.feeds, (f) => [
       [f.addr, "mono addr", f.addr],
-      [f.network],
+      [f.network, "addr", f.network],
       [f.state, "st-" + f.state],
       [f.conns],
       [f.bytes_in === null ? "–" : human(f.bytes_in, "B")],
