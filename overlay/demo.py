@@ -250,6 +250,11 @@ async def run_demo(
                             await trio.sleep(0.2)
                     await trio.sleep(1.0)  # last SMTP transactions
                     n.cancel_scope.cancel()
+                # the nodes' last events (a node copies its exit pool's decisions
+                # into its event ring once a second): the summary counts them all
+                await trio.sleep(1.2)
+                with trio.move_on_after(10):
+                    await _poll_events(state, cluster)
                 live.update(_render(state, cluster, client, sink))
             summary = _summary(state, client, sink, nodes, exits, standby, duration)
     finally:
@@ -357,35 +362,43 @@ def _entry_event(state: DemoState, cluster: Cluster, ev: dict) -> None:
     state.note(ev["at"], style, text)
 
 
+async def _poll_events(state: DemoState, cluster: Cluster, http=None) -> None:
+    """New events of the entry node (deaths, the pool) and of every standby exit
+    that still answers (its own promotions and step-backs)."""
+    if http is None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return await _poll_events(state, cluster, http)
+    entry = cluster.nodes[0]
+    for node in [entry] + [n for n in cluster.nodes if "standby-exit" in n.roles]:
+        if node.killed_at is not None or not node.alive:
+            continue  # a frozen node would not answer
+        try:
+            for ev in await _events(http, state, cluster, node):
+                if node is entry:
+                    _entry_event(state, cluster, ev)
+                elif ev["kind"] in ("promote", "step-back"):
+                    _own_pool_event(state, node, ev)
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+
+
 async def _watch(state: DemoState, cluster: Cluster, client: Client) -> None:
     entry = cluster.nodes[0]
     headers = auth_headers(entry.home.path)
-    standbys = [n for n in cluster.nodes if "standby-exit" in n.roles]
     rounds = 0
     async with httpx.AsyncClient(headers=headers, trust_env=False) as http:
         while True:
             rounds += 1
-            events_due = rounds % 4 == 1  # events once a second: the nodes are busy enough
             try:
                 view = (await http.get(entry.control + "/exits", timeout=2)).json()
                 recs = (await http.get(entry.control + "/records", timeout=2)).json()
                 state.exits_view = view
                 for r in recs["records"]:
                     state.roles[r["peer_id"]] = r.get("roles", [])
-                if events_due:
-                    for ev in await _events(http, state, cluster, entry):
-                        _entry_event(state, cluster, ev)
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
-            for node in standbys if events_due else ():
-                if node.killed_at is not None or not node.alive:
-                    continue  # a frozen node would not answer
-                try:
-                    for ev in await _events(http, state, cluster, node):
-                        if ev["kind"] in ("promote", "step-back"):
-                            _own_pool_event(state, node, ev)
-                except (httpx.HTTPError, ValueError, KeyError):
-                    pass
+            if rounds % 4 == 1:  # events once a second: the nodes are busy enough
+                await _poll_events(state, cluster, http)
             _score_takedowns(state, client)
             _count_deliveries(state, cluster, client)
             await trio.sleep(0.25)
@@ -524,7 +537,7 @@ def _summary(state, client, sink, nodes, exits, standby, duration) -> dict:
         "promotions": len(state.promotions),
         "promoted": [
             {"node": f"node{p.node:02d}", "at_s": round(p.at - state.t0, 2), "why": p.why}
-            for p in state.promotions
+            for p in sorted(state.promotions, key=lambda p: p.at)
         ],
         "takedowns": [
             {
