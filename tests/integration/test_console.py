@@ -367,3 +367,28 @@ async def test_console_is_local_and_self_contained(tmp_path):
                     first, second = (json.loads(d[6:]) for d in datas)
                     assert "history" in first and first["peer_id"] == node.node_id.peer_id()
                     assert "history" not in second and "samples" in second
+
+
+@pytest.mark.slow
+async def test_demo_counts_the_promotions_its_nodes_make(tmp_path):
+    """The demo's summary counts every ``exit pool: promote`` its nodes logged."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the demo's directory goes here
+    args = ["demo", "--nodes", "5", "--exits", "1", "--standby", "1", "--duration", "24"]
+    with trio.fail_after(300):
+        p = await trio.run_process(
+            [sys.executable, "-m", "overlay", *args, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    summary = json.loads(p.stdout)
+    (root,) = tmp_path.glob("hydra-demo-*")
+    logged = sum(
+        log.read_text().count("exit pool: promote") for log in (root / "logs").glob("*.log")
+    )
+    # the only exit is taken down: the standby must promote itself
+    assert summary["takedowns"] and logged >= 1
+    assert summary["promotions"] == logged == len(summary["promoted"]), summary
+    assert summary["promoted"][0]["node"] == "node02"  # the standby
+    assert summary["lost"] == 0 and summary["duplicates"] == 0 and summary["ok"]
