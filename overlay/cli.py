@@ -706,8 +706,34 @@ def _cell(v) -> str:
 
 
 @app.command()
-def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Live view (q or Ctrl-C quits); plain lines when not on a terminal.",
+        ),
+    ] = False,
+    refresh: Annotated[
+        float, typer.Option("--refresh", help="Seconds between two updates of --watch.")
+    ] = 1.0,
+) -> None:
     """Show a running node's state and the addresses others can dial."""
+    if watch:
+        if as_json:
+            raise fail("--watch and --json do not go together", EXIT_USAGE)
+        if not 0.1 <= refresh <= 60:
+            raise fail(f"--refresh {refresh:g}: choose 0.1 to 60 seconds", EXIT_USAGE)
+        from .console.watch import watch as run_watch
+
+        try:
+            run_watch(_home(home).path, refresh, console)
+        except KeyboardInterrupt:
+            pass
+        return
     st = _get(home, "/status")
     feeds = st.get("feeds", [])
     addresses = dialable(
@@ -858,6 +884,47 @@ def exits(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         )
 
 
+# ---------------------------------------------------------------- console
+def console_command(
+    home: HomeOpt = None,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the link in this machine's web browser.")
+    ] = False,
+) -> None:
+    """Print a one-time link that opens the node's web console in a browser.
+
+    The link holds a ticket valid for 60 s and one use; the browser trades it
+    for a session cookie (HttpOnly, 12 h). The console is served on the node's
+    loopback control endpoint only: from another machine, forward the same port
+    (ssh -L PORT:127.0.0.1:PORT).
+    """
+    import httpx
+
+    from .control import TICKET_TTL, auth_headers, control_url
+
+    h = _home(home)
+    url = control_url(h.path)
+    try:
+        r = httpx.post(
+            url + "/console/ticket", headers=auth_headers(h.path), timeout=5, trust_env=False
+        )
+    except httpx.HTTPError as e:
+        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
+    if r.status_code == 401:
+        raise LocalError(f"control endpoint {url} refused the token")
+    if r.status_code == 404:
+        raise LocalError(f"the node at {url} has no console (an older version?)")
+    r.raise_for_status()
+    link = url + r.json()["path"]
+    print(link)
+    err.print(f"one-time link, valid {TICKET_TTL:.0f} s; the browser then keeps a session cookie")
+    if open_browser:
+        import webbrowser
+
+        if not webbrowser.open(link):
+            err.print("no browser found here: open the link above by hand")
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -888,6 +955,7 @@ from .sim.cli import sim_command  # noqa: E402
 
 app.command()(send)
 app.command()(outbox)
+app.command("console")(console_command)
 app.command("sim")(sim_command)
 
 

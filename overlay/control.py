@@ -1,6 +1,7 @@
 """Local-only control endpoint: JSON state and Prometheus metrics over HTTP on 127.0.0.1.
 
-Routes: ``/status``, ``/peers``, ``/exits``, ``/records``, ``/metrics``.
+Routes: ``/status``, ``/peers``, ``/exits``, ``/records``, ``/metrics``, and the
+console under ``/console`` (``overlay/console/web.py``).
 Served by hypercorn on trio from a socket bound here, so port 0 works and the
 real port is known before the server starts.
 
@@ -12,6 +13,14 @@ Invariants:
 - every route but ``/metrics`` needs ``Authorization: Bearer <token>``, the token
   being 32 random bytes in hex in ``HOME/control.token`` (mode 0600, created on
   first start); it is compared in constant time. Refusals answer 401;
+- a browser cannot send that header, so the console has a second way in: a
+  holder of the token asks for a one-time ticket (``POST /console/ticket``,
+  valid ``TICKET_TTL`` seconds); ``GET /console/login?ticket=...`` trades it for
+  a session cookie (HttpOnly, SameSite=Strict, named after the port so that two
+  nodes on one machine keep theirs apart) valid ``SESSION_TTL`` seconds; the
+  cookie opens the ``/console`` routes only, never the JSON routes; tickets and
+  sessions are bounded in number (the oldest go first) and held in memory only
+  (a restart logs every browser out);
 - refusals are counted (``on_refused``) and never reach the node's state.
 
 The client half (``control_get``) reads the URL from ``HOME/control.json`` and
@@ -20,6 +29,7 @@ the token from ``HOME/control.token``, so local tools need no setup.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -27,9 +37,11 @@ import os
 import secrets
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import trio
 
@@ -44,6 +56,16 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 TOKEN_FILE = "control.token"
 URL_FILE = "control.json"
 TOKEN_BYTES = 32
+CONSOLE = "/console"
+TICKET_TTL = 60.0  # seconds a one-time console login link stays valid
+SESSION_TTL = 12 * 3600.0  # seconds a console session cookie stays valid
+MAX_TICKETS = 16
+MAX_SESSIONS = 16
+# sent with every console file: the browser loads nothing from anywhere but the node
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 # ---------------------------------------------------------------- token file
@@ -82,6 +104,71 @@ def ensure_token(home: Path) -> str:
     return token
 
 
+# ---------------------------------------------------------------- console sessions
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class ConsoleSessions:
+    """One-time login tickets and the browser sessions they open (see the module
+    docstring). Only digests of tickets and sessions are held; lookups are by digest."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._tickets: dict[bytes, float] = {}  # digest -> expires at
+        self._sessions: dict[bytes, float] = {}
+
+    @staticmethod
+    def _add(table: dict[bytes, float], secret: str, until: float, limit: int) -> None:
+        while len(table) >= limit:
+            del table[next(iter(table))]  # oldest first (dicts keep insertion order)
+        table[_digest(secret)] = until
+
+    def ticket(self) -> str:
+        t = secrets.token_urlsafe(24)
+        self._add(self._tickets, t, self.clock() + TICKET_TTL, MAX_TICKETS)
+        return t
+
+    def redeem(self, ticket: str) -> str | None:
+        """A new session for a valid ticket (used up), else None."""
+        until = self._tickets.pop(_digest(ticket), None)
+        if until is None or self.clock() > until:
+            return None
+        session = secrets.token_urlsafe(32)
+        self._add(self._sessions, session, self.clock() + SESSION_TTL, MAX_SESSIONS)
+        return session
+
+    def valid(self, session: str) -> bool:
+        until = self._sessions.get(_digest(session))
+        if until is None:
+            return False
+        if self.clock() > until:
+            self._sessions.pop(_digest(session), None)
+            return False
+        return True
+
+
+def cookie_name(port: int) -> bytes:
+    return f"hydra_console_{port}".encode()
+
+
+def _cookies(headers) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for k, v in headers:
+        if k.lower() == b"cookie":
+            for part in v.split(b";"):
+                name, _, value = part.strip().partition(b"=")
+                out.setdefault(name, value)
+    return out
+
+
+_LOGIN_FAILED = (
+    b"<!doctype html><meta charset=utf-8><title>Hydra console</title>"
+    b"<p>This console link was used already or has expired. Run <code>overlay console</code>"
+    b" again for a new one.</p>"
+)
+
+
 # ---------------------------------------------------------------- server
 def allowed_hosts(port: int) -> frozenset[bytes]:
     """``Host`` header values naming this endpoint (lowercase)."""
@@ -103,11 +190,25 @@ def make_app(
     token: str,
     port: int,
     on_refused: Callable[[str], None] = lambda check: None,
+    console=None,
+    sessions: ConsoleSessions | None = None,
 ):
-    """The ASGI app. ``on_refused(check)`` is called with ``"host"`` or ``"token"``."""
+    """The ASGI app. ``on_refused(check)`` is called with ``"host"`` or ``"token"``.
+
+    ``console``: a ``overlay.console.web.ConsoleWeb`` serving ``/console*`` (none:
+    those routes answer 404); ``sessions`` its login tickets and cookies.
+    """
     hosts = allowed_hosts(port)
     secret = token.encode()
     warned: set[str] = set()
+    cookie = cookie_name(port)
+    if sessions is None:
+        sessions = ConsoleSessions(time.time)
+    page_headers = [
+        (b"content-security-policy", CSP.encode()),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+    ]
 
     def refuse(check: str, scope) -> tuple[int, bytes, list]:
         on_refused(check)
@@ -125,24 +226,72 @@ def make_app(
             return 421, b'{"error": "unknown host"}', []
         return 401, b'{"error": "unauthorized"}', [(b"www-authenticate", b"Bearer")]
 
-    def route(scope) -> tuple[int, bytes, list]:
+    def has_token(headers) -> bool:
+        given = [_bearer(v) for k, v in headers if k.lower() == b"authorization"]
+        return len(given) == 1 and given[0] is not None and hmac.compare_digest(given[0], secret)
+
+    def has_session(headers) -> bool:
+        value = _cookies(headers).get(cookie)
+        try:
+            return value is not None and sessions.valid(value.decode("ascii"))
+        except UnicodeDecodeError:
+            return False
+
+    def route(scope):
         headers = scope.get("headers") or []
         host = [v.strip().lower() for k, v in headers if k.lower() == b"host"]
         if len(host) != 1 or host[0] not in hosts:
             return refuse("host", scope)
         path = scope["path"].rstrip("/") or "/"
+        method = scope["method"]
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        if path == CONSOLE + "/login" and console is not None:
+            # the ticket is the credential here: a link `overlay console` printed
+            if method != "GET":
+                return 405, b'{"error": "method not allowed"}', []
+            session = sessions.redeem(query.get("ticket", ""))
+            if session is None:
+                on_refused("ticket")
+                log.info("console login refused: unknown or expired ticket")
+                return 401, _LOGIN_FAILED, [(b"content-type", b"text/html; charset=utf-8")]
+            set_cookie = (
+                cookie + b"=" + session.encode() + b"; HttpOnly; SameSite=Strict; Path=/"
+                b"; Max-Age=" + str(int(SESSION_TTL)).encode()
+            )
+            return 303, b"", [(b"location", CONSOLE.encode()), (b"set-cookie", set_cookie)]
+        in_console = path == CONSOLE or path.startswith(CONSOLE + "/")
         if path not in OPEN_ROUTES:
-            given = [_bearer(v) for k, v in headers if k.lower() == b"authorization"]
-            if len(given) != 1 or given[0] is None or not hmac.compare_digest(given[0], secret):
+            if not (has_token(headers) or (in_console and has_session(headers))):
                 return refuse("token", scope)
-        if scope["method"] != "GET":
+        if in_console and console is not None:
+            if path == CONSOLE + "/ticket":
+                if method != "POST" or not has_token(headers):
+                    return 405, b'{"error": "POST with the bearer token"}', []
+                ticket = sessions.ticket()
+                body = {"ticket": ticket, "path": f"{CONSOLE}/login?ticket={ticket}"}
+                return 200, json.dumps(body | {"expires_in": TICKET_TTL}).encode(), []
+            if method != "GET":
+                return 405, b'{"error": "method not allowed"}', []
+            if path == CONSOLE + "/state":
+                return 200, json.dumps(console.state(query), default=str).encode(), []
+            if path == CONSOLE + "/stream":
+                if not console.stream_open():
+                    return 503, b'{"error": "too many console streams"}', []
+                return "stream", b"", []
+            found = console.asset(path)
+            if found is None:
+                return 404, b'{"error": "not found"}', []
+            body, ctype = found
+            return 200, body, [(b"content-type", ctype.encode()), *page_headers]
+        if method != "GET":
             return 405, b'{"error": "method not allowed"}', []
         if path == "/metrics":
             return 200, metrics(), [(b"content-type", b"text/plain; version=0.0.4")]
         if path in JSON_ROUTES:
             return 200, json.dumps(state(path[1:]), default=str).encode(), []
         if path == "/":
-            return 200, json.dumps({"routes": [*JSON_ROUTES, *OPEN_ROUTES]}).encode(), []
+            routes = [*JSON_ROUTES, *OPEN_ROUTES] + ([CONSOLE] if console is not None else [])
+            return 200, json.dumps({"routes": routes}).encode(), []
         return 404, b'{"error": "not found"}', []
 
     async def app(scope, receive, send):
@@ -157,7 +306,11 @@ def make_app(
         if scope["type"] != "http":
             return
         status, body, extra = route(scope)
-        headers = [(b"cache-control", b"no-store"), *extra]
+        base = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+        if status == "stream":
+            await console.stream(send, receive, base[1:])
+            return
+        headers = [*base, *extra]
         if not any(k == b"content-type" for k, _ in headers):
             headers.append((b"content-type", b"application/json"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -191,6 +344,8 @@ async def serve_control(
     *,
     token: str,
     on_refused: Callable[[str], None] = lambda check: None,
+    console=None,
+    sessions: ConsoleSessions | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     from hypercorn.config import Config as HyperConfig
@@ -205,7 +360,15 @@ async def serve_control(
     cfg.accesslog = None
     cfg.errorlog = None
     cfg.graceful_timeout = 0.5
-    app = make_app(state, metrics, token=token, port=port, on_refused=on_refused)
+    app = make_app(
+        state,
+        metrics,
+        token=token,
+        port=port,
+        on_refused=on_refused,
+        console=console,
+        sessions=sessions,
+    )
     await serve(app, cfg, task_status=task_status)
 
 

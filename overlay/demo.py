@@ -4,9 +4,19 @@ Starts N ``overlay run`` processes on loopback (some exits, some standby exits,
 relays), a local SMTP sink, and a light client that sends a steady stream of
 messages through the overlay. Exits are then taken down one after another —
 alternately killed (SIGKILL) and frozen (SIGSTOP: every feed of the node goes
-silent at once, as when its links are cut) — while the terminal shows nodes,
-live exits, promotions, and messages sent / delivered / pending / lost. At the
-end every process is stopped and a summary is printed (``--json`` for scripts).
+silent at once, as when its links are cut) — while the terminal shows, as they
+happen, the nodes and their roles, live exits, messages sent / delivered /
+pending / lost and which exit delivered them, and a timeline: takedowns, the
+entry node seeing an exit die, standbys promoting themselves, the first
+delivery through each exit. At the end every process is stopped and a summary
+is printed (``--json`` for scripts).
+
+Promotions are read from the promoting nodes themselves (the event ring each
+node serves at ``/console/state``), not inferred from role changes between two
+reads of a record list, which missed every promotion made before the demo's
+first read (standbys promote during start-up, while the exits are not yet
+verified) and showed "no promotions yet" while the nodes logged
+``exit pool: promote``.
 
 However the demo ends, its node processes end too: SIGTERM, SIGHUP and SIGINT
 stop the demo cleanly (``run_demo_until_signal``), and every node is started
@@ -29,9 +39,11 @@ from pathlib import Path
 
 import httpx
 import trio
+from rich.columns import Columns
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from .client import Client
 from .cluster import Cluster
@@ -112,15 +124,32 @@ class Takedown:
 
 
 @dataclass
+class Promotion:
+    node: int
+    at: float
+    why: str
+
+
+@dataclass
 class DemoState:
     t0: float = 0.0
     sent: list[bytes] = field(default_factory=list)
     tokens: dict[bytes, str] = field(default_factory=dict)
     takedowns: list[Takedown] = field(default_factory=list)
-    promotions: list[str] = field(default_factory=list)
+    promotions: list[Promotion] = field(default_factory=list)
     exits_view: dict = field(default_factory=dict)
     roles: dict[str, list[str]] = field(default_factory=dict)
     phase: str = "starting"
+    # (at, style, text), oldest first: what the terminal's timeline shows
+    timeline: list[tuple[float, str, str]] = field(default_factory=list)
+    event_seq: dict[int, int] = field(default_factory=dict)  # node index -> last event seen
+    exit_states: dict[str, str] = field(default_factory=dict)  # exit peer id -> as last shown
+    delivered_via: dict[str, int] = field(default_factory=dict)  # exit peer id -> deliveries
+    counted: set[bytes] = field(default_factory=set)  # message ids counted in delivered_via
+
+    def note(self, at: float, style: str, text: str) -> None:
+        self.timeline.append((at, style, text))
+        del self.timeline[:-200]
 
 
 # ---------------------------------------------------------------- demo
@@ -221,6 +250,11 @@ async def run_demo(
                             await trio.sleep(0.2)
                     await trio.sleep(1.0)  # last SMTP transactions
                     n.cancel_scope.cancel()
+                # the nodes' last events (a node copies its exit pool's decisions
+                # into its event ring once a second): the summary counts them all
+                await trio.sleep(1.2)
+                with trio.move_on_after(10):
+                    await _poll_events(state, cluster)
                 live.update(_render(state, cluster, client, sink))
             summary = _summary(state, client, sink, nodes, exits, standby, duration)
     finally:
@@ -273,32 +307,130 @@ def _take_down(state: DemoState, cluster: Cluster, client: Client, how: str) -> 
     cluster.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
     victim.killed_at = time.time()
     state.takedowns.append(Takedown(victim.index, victim.peer_id, how, victim.killed_at))
+    state.note(victim.killed_at, "bold red", f"takedown: node{victim.index:02d} (exit) {how}")
+
+
+# what the timeline shows of the entry node's events (kind -> style); promotions
+# come from the promoting nodes themselves
+ENTRY_EVENTS = {
+    "dead": "red",
+    "alive": "green",
+    "leave": "red",
+    "deficit": "yellow",
+    "restored": "green",
+    "stepped-back": "yellow",
+}
+
+
+def _name(cluster: Cluster, peer_id: str) -> str:
+    n = next((n for n in cluster.nodes if n.peer_id == peer_id), None)
+    return f"node{n.index:02d}" if n is not None else "…" + peer_id[-8:]
+
+
+async def _events(http, state: DemoState, cluster: Cluster, node) -> list[dict]:
+    """New events of a running node (its ``/console/state``), at most once each."""
+    since = state.event_seq.get(node.index, 0)
+    r = await http.get(
+        node.control + "/console/state",
+        params={"since": since},
+        headers=auth_headers(node.home.path),
+        timeout=2,
+    )
+    snap = r.json()
+    state.event_seq[node.index] = snap["last_seq"]
+    return snap["events"]
+
+
+def _entry_event(state: DemoState, cluster: Cluster, ev: dict) -> None:
+    kind = ev["kind"]
+    style = ENTRY_EVENTS.get(kind)
+    if style is None:
+        return
+    if kind in ("dead", "alive", "leave"):
+        if ev.get("role") not in ("exit", "standby"):
+            return  # relays coming and going on a busy machine: noise here
+        peer = ev.get("peer", "")
+        before = state.exit_states.get(peer)
+        state.exit_states[peer] = kind
+        if kind == "alive" and before != "dead":
+            return  # a suspicion refuted, not a death undone
+    if kind in ("dead", "alive", "leave"):
+        what = {"dead": "is dead", "alive": "is alive again", "leave": "left"}[kind]
+        text = f"entry sees {_name(cluster, ev.get('peer', ''))} ({ev['role']}) {what}"
+    else:
+        text = "entry: " + ev["text"]
+    state.note(ev["at"], style, text)
+
+
+async def _poll_events(state: DemoState, cluster: Cluster, http=None) -> None:
+    """New events of the entry node (deaths, the pool) and of every standby exit
+    that still answers (its own promotions and step-backs)."""
+    if http is None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return await _poll_events(state, cluster, http)
+    entry = cluster.nodes[0]
+    for node in [entry] + [n for n in cluster.nodes if "standby-exit" in n.roles]:
+        if node.killed_at is not None or not node.alive:
+            continue  # a frozen node would not answer
+        try:
+            for ev in await _events(http, state, cluster, node):
+                if node is entry:
+                    _entry_event(state, cluster, ev)
+                elif ev["kind"] in ("promote", "step-back"):
+                    _own_pool_event(state, node, ev)
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
 
 
 async def _watch(state: DemoState, cluster: Cluster, client: Client) -> None:
     entry = cluster.nodes[0]
     headers = auth_headers(entry.home.path)
+    rounds = 0
     async with httpx.AsyncClient(headers=headers, trust_env=False) as http:
         while True:
+            rounds += 1
             try:
                 view = (await http.get(entry.control + "/exits", timeout=2)).json()
                 recs = (await http.get(entry.control + "/records", timeout=2)).json()
                 state.exits_view = view
                 for r in recs["records"]:
-                    old = state.roles.get(r["peer_id"])
-                    new = r.get("roles", [])
-                    if old is not None and "exit" in new and "exit" not in old:
-                        idx = next(
-                            (n.index for n in cluster.nodes if n.peer_id == r["peer_id"]), "?"
-                        )
-                        state.promotions.append(
-                            f"{time.time() - state.t0:5.1f} s  node{idx:02d} promoted itself to exit"
-                        )
-                    state.roles[r["peer_id"]] = new
+                    state.roles[r["peer_id"]] = r.get("roles", [])
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
+            if rounds % 4 == 1:  # events once a second: the nodes are busy enough
+                await _poll_events(state, cluster, http)
             _score_takedowns(state, client)
+            _count_deliveries(state, cluster, client)
             await trio.sleep(0.25)
+
+
+def _own_pool_event(state: DemoState, node, ev: dict) -> None:
+    why = ev["text"].partition("(")[2].rstrip(")") or ev["text"]
+    if ev["kind"] == "promote":
+        state.promotions.append(Promotion(node.index, ev["at"], why))
+        state.note(ev["at"], "bold green", f"node{node.index:02d} promoted itself to exit ({why})")
+    else:
+        state.note(ev["at"], "yellow", f"node{node.index:02d} stepped back to standby ({why})")
+
+
+def _count_deliveries(state: DemoState, cluster: Cluster, client: Client) -> None:
+    """Deliveries per exit; the first delivery through each exit goes on the timeline."""
+    for mid in state.sent:
+        if mid in state.counted:
+            continue
+        e = client.status(mid)
+        if e is None or e.state is not State.DELIVERED or e.exit is None:
+            continue
+        state.counted.add(mid)
+        pid = e.exit.peer_id()
+        n = state.delivered_via.get(pid, 0)
+        state.delivered_via[pid] = n + 1
+        if n == 0:
+            state.note(
+                e.finished_at or time.time(),
+                "cyan",
+                f"first delivery via {_name(cluster, pid)}",
+            )
 
 
 def _score_takedowns(state: DemoState, client: Client) -> None:
@@ -350,15 +482,21 @@ def _counts(state: DemoState, client: Client, sink: SmtpSink) -> dict:
 def _render(state: DemoState, cluster: Cluster, client: Client, sink: SmtpSink):
     exits_state = {x["peer_id"]: x for x in state.exits_view.get("exits", [])}
     nodes = Table(title="nodes", expand=False)
-    for col in ("node", "roles", "process", "exit state"):
+    for col in ("node", "roles", "process", "exit state", "delivered"):
         nodes.add_column(col)
     for n in cluster.nodes:
         roles = state.roles.get(n.peer_id, n.roles)
         proc = "running" if n.killed_at is None else ("killed" if not n.alive else "frozen")
         x = exits_state.get(n.peer_id)
         style = "red" if n.killed_at else ("green" if "exit" in roles else "")
+        via = state.delivered_via.get(n.peer_id)
         nodes.add_row(
-            f"node{n.index:02d}", ",".join(roles), proc, x["state"] if x else "", style=style
+            f"node{n.index:02d}",
+            ",".join(roles),
+            proc,
+            x["state"] if x else "",
+            str(via) if via else "",
+            style=style,
         )
     c = _counts(state, client, sink)
     live_exits = sum(1 for x in exits_state.values() if x["state"] != "dead")
@@ -368,18 +506,23 @@ def _render(state: DemoState, cluster: Cluster, client: Client, sink: SmtpSink):
     msgs.add_row(
         "live exits", f"{live_exits} (target {state.exits_view.get('target_live_exits', '?')})"
     )
+    msgs.add_row("promotions", str(len(state.promotions)))
     downs = Table(title="takedowns")
     for col in ("at", "exit", "how", "next delivery via another exit", "live exits back at target"):
         downs.add_column(col)
     for t in state.takedowns:
         downs.add_row(*t.row(state.t0))
-    events = "\n".join(state.promotions[-6:]) or "no promotions yet"
+    timeline = Text()
+    for at, style, text in sorted(state.timeline)[-12:]:
+        timeline.append(f"{at - state.t0:6.1f} s  ", style="dim")
+        timeline.append(text + "\n", style=style)
+    if not state.timeline:
+        timeline.append("nothing yet", style="dim")
     return Group(
         f"[bold]Hydra demo[/bold] — {state.phase}, {time.time() - state.t0:.0f} s",
-        nodes,
-        msgs,
-        downs,
-        f"[bold]promotions[/bold]\n{events}",
+        Columns([nodes, Group(msgs, downs)]),
+        "[bold]timeline[/bold] (newest last)",
+        timeline,
     )
 
 
@@ -392,6 +535,10 @@ def _summary(state, client, sink, nodes, exits, standby, duration) -> dict:
         "duration_s": duration,
         **c,
         "promotions": len(state.promotions),
+        "promoted": [
+            {"node": f"node{p.node:02d}", "at_s": round(p.at - state.t0, 2), "why": p.why}
+            for p in sorted(state.promotions, key=lambda p: p.at)
+        ],
         "takedowns": [
             {
                 "node": f"node{t.node:02d}",
@@ -424,3 +571,7 @@ def _print_summary(console: Console, s: dict) -> None:
             f"{t['next_delivery_via_other_exit_s']} s, live exits back at target after "
             f"{t['live_exits_back_at_target_s']} s"
         )
+    if not s["promoted"]:
+        console.print("  promotions: none (no standby exit promoted itself)")
+    for p in s["promoted"]:
+        console.print(f"  {p['node']} promoted itself to exit at {p['at_s']} s ({p['why']})")

@@ -389,6 +389,7 @@ class FeedMonitor:
             closed: set[str] = set()
             for feed, old, new in events:
                 log.info("feed %s: %s -> %s", feed, old, new)
+                node.events.add("feed", f"feed {feed}: {old} -> {new}")
                 self._metric("changes", lambda m, new=new: m.labels(new).inc())
                 ip = feed_ip(feed)
                 if new == "down" and ip and not is_relay_feed(feed) and not local.get(ip):

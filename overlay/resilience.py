@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter, Gauge
 
+from .console.service import role_of
 from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from .core.exitpool import ExitPool
 from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
@@ -186,6 +187,13 @@ class Resilience:
                 # another node's state: nothing for this node's operator to do
                 exit_ = " (an exit)" if rec and Role.EXIT in rec.roles else ""
                 log.info("member %s is %s%s", e.node.short(), e.state, exit_)
+                node.events.add(
+                    e.state,
+                    f"member {e.node.short()} is {e.state}",
+                    peer=e.node.peer_id(),
+                    role=role_of(rec.roles) if rec else "",
+                    at=e.since,
+                )
             elif isinstance(e, Announce):
                 roles = Role.parse(e.roles)
                 kind = (

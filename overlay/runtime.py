@@ -30,6 +30,9 @@ import trio
 from . import control
 from .caps import Caps
 from .config import Config
+from .console import EventRing
+from .console.service import ConsoleService
+from .console.web import ConsoleWeb
 from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView, Outcome, StrangerView
@@ -179,6 +182,8 @@ class Node:
         self._sync_kicked = trio.Event()
         self._isolated = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
+        self.events = EventRing(clock=clock)  # joins, deaths, promotions... (the console)
+        self.console: ConsoleService | None = None  # set by the service's attach
         given = [s for s in services if isinstance(s, Resilience)]
         self.resilience = given[0] if given else Resilience()
         self.services = [self.resilience, *(s for s in services if s is not self.resilience)]
@@ -186,6 +191,8 @@ class Node:
             self.services.append(RelayService())
         if not any(isinstance(s, FeedMonitor) for s in services):
             self.services.append(FeedMonitor())
+        if not any(isinstance(s, ConsoleService) for s in services):
+            self.services.append(ConsoleService())
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -914,6 +921,7 @@ class Node:
             self.metrics.render,
             token=self.control_token,
             on_refused=refused,
+            console=ConsoleWeb(self.console) if self.console is not None else None,
             task_status=task_status,
         )
 

@@ -25,6 +25,7 @@ LAYERS = {
     "control": 3,
     "outbox_store": 3,
     "testing_netns": 3,
+    "console": 4,
     "resilience": 4,
     "relay": 4,
     "notices": 4,
