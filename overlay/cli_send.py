@@ -175,6 +175,14 @@ def _running_node_addrs(h: Home) -> list[str]:
     return [a.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1) for a in listen]
 
 
+def _client_settings(h: Home) -> dict:
+    """Overlay-wide settings a client must share (``[onion]``) from the home's config."""
+    if not h.config_path.exists():
+        return {}
+    cfg = h.config()
+    return {"mix_delay": cfg.mix_delay, "epoch_length": cfg.onion_epoch_length}
+
+
 def _entry_json(e) -> dict:
     now = time.time()
     return {
@@ -248,7 +256,7 @@ def send(
 
     async def main():
         addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
-        async with Client(h.path, addrs, hops=hops) as c:
+        async with Client(h.path, addrs, hops=hops, **_client_settings(h)) as c:
             mid = await c.send(to, body)
             try:
                 return await c.wait_acked(mid, timeout, until=until)
@@ -322,7 +330,7 @@ def outbox(
 
         async def run_flush():
             addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
-            async with Client(h.path, addrs) as c:
+            async with Client(h.path, addrs, **_client_settings(h)) as c:
                 with trio.move_on_after(timeout):
                     while any(e.state.name == "PENDING" for e in c.pending()):
                         await trio.sleep(0.2)

@@ -34,6 +34,7 @@ import trio
 
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView
+from .core.mixing import DEFAULT_MIX_DELAY, draw_delays
 from .core.outbox import Attempt, Entry, Finished, Outbox, Persist, State
 from .core.paths import DEFAULT_HOPS, NoPath, select_path, select_return_path
 from .crypto import NodeId, SigningKey
@@ -103,6 +104,7 @@ class Client:
         sync_interval: float = 1.0,
         tick_interval: float = 0.1,
         epoch_length: float = epochs.EPOCH_LENGTH,
+        mix_delay: float = DEFAULT_MIX_DELAY,
     ) -> None:
         """
         :param via: multiaddrs (ending in ``/p2p/<peer id>``) of entry nodes, tried in turn.
@@ -111,6 +113,8 @@ class Client:
         :param same_exit_attempts: unanswered attempts through one exit before another.
         :param epoch_length: the overlay's onion key epoch (``[onion] epoch_length``):
             hops whose record names a key already retired on that schedule are skipped.
+        :param mix_delay: the overlay's mean hold time per forwarding hop (``[onion]
+            mix_delay``); every packet and reply block gets fresh exponential draws.
         """
         if not via:
             raise LocalError("a light client needs at least one --via peer multiaddr")
@@ -124,6 +128,7 @@ class Client:
         self.sync_interval = sync_interval
         self.tick_interval = tick_interval
         self.epoch_length = epoch_length
+        self.mix_delay = mix_delay
         self.outbox = Outbox(
             timeout=timeout,
             max_timeout=max_timeout,
@@ -281,9 +286,10 @@ class Client:
         exit_id = path.last.node_id
         if a.refresh and exit_id != a.exit_hint:
             return  # a queued message goes to the exit that holds it, or nowhere
+        d_fwd, d_f, d_q = (self._delays(len(p)) for p in (path, ret_final, ret_queued))
         try:
-            surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops())
-            surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops())
+            surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops(), delays_ms=d_f)
+            surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops(), delays_ms=d_q)
             msg = ExitMessage.make(
                 e.message_id,
                 e.destination,
@@ -293,7 +299,7 @@ class Client:
             )
             payload = msg.encode()
             params = params_for_message(len(payload))
-            packet, _first = build_packet(params, path.sphinx_hops(), payload)
+            packet, _first = build_packet(params, path.sphinx_hops(), payload, delays_ms=d_fwd)
         except OverlayError as err:  # e.g. a record whose key the onion code refuses
             self.stats["send_failed"] += 1
             await self._apply(self.outbox.send_failed(a.message_id, f"build: {err}", now))
@@ -323,7 +329,14 @@ class Client:
             e.attempts + 1,
             [n.short() for n in path.node_ids],
         )
-        await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now))
+        held = (sum(d_fwd) + max(sum(d_f), sum(d_q))) / 1000
+        await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now, held))
+
+    def _delays(self, hops: int) -> list[int]:
+        """Hold times (ms) for every hop of a ``hops``-node path, the last one included."""
+        if not self.mix_delay > 0:
+            return [0] * (hops - 1)  # no mixing: the v1 blocks, delivered at once
+        return draw_delays(self.rng, self.mix_delay, hops)
 
     def _paths(self, e: Entry, a: Attempt, entry: NodeId, now: float):
         """Forward path and two return paths (final, queued). Hook for tests."""

@@ -60,8 +60,6 @@ and stop with the node.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -71,6 +69,7 @@ from pathlib import Path
 import trio
 from prometheus_client import Counter, Gauge
 
+from .core.mixing import MAX_DELAY_MS, MixPool
 from .core.scores import TokenBucket
 from .crypto import NodeId, OnionKey
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
@@ -356,6 +355,9 @@ class _Metrics:
             "hydra_relay_reconnects", "Wedged connections dropped and redialled", registry=r
         )
         self.links = Gauge("hydra_relay_links", "Open outbound relay links", registry=r)
+        self.held = Gauge(
+            "hydra_relay_held_packets", "Packets held by the mix for their delay", registry=r
+        )
         self.sessions = Gauge("hydra_relay_client_sessions", "Light-client sessions", registry=r)
         self.acks = Counter("hydra_exit_acks", "Acks sent by this exit", ["status"], registry=r)
         self.closed = Counter(
@@ -401,8 +403,9 @@ class RelayService:
         idle_timeout: float = 120.0,
         connect_timeout: float = 5.0,
         stream_timeout: float = 3.0,
-        max_delay_ms: int = 60_000,
-        max_held: int = 4096,
+        max_delay_ms: int = MAX_DELAY_MS,
+        max_held: int | None = None,
+        max_held_bytes: int = 64 << 20,
         max_clients: int | None = None,
         clients_per_peer: int | None = None,
         client_idle: float | None = None,
@@ -431,6 +434,9 @@ class RelayService:
             token, a 32 KiB one 16).
         :param client_rate, client_burst: the same per light client.
         :param max_hold: a queued packet older than this is dropped, not sent.
+        :param max_delay_ms: longest hold a routing block may ask for (longer ones are cut).
+        :param max_held, max_held_bytes: bounds of the mix pool (held packets); beyond
+            them an arriving packet that asks to be held is refused (``hold_full``).
         :param exit_retry: the exit queue's retry policy (default ``RetryPolicy()``).
         :param dead_nodes: returns the nodes this node believes dead, pushed to
             light clients as DEAD hints (default: the node's liveness view, if any).
@@ -459,6 +465,7 @@ class RelayService:
         self.stream_timeout = stream_timeout
         self.max_delay_ms = max_delay_ms
         self.max_held = max_held
+        self.max_held_bytes = max_held_bytes
         self.max_clients = max_clients
         self.clients_per_peer = clients_per_peer
         self.client_idle = client_idle
@@ -498,9 +505,8 @@ class RelayService:
         self._dials = trio.Semaphore(max_dials)
         self._lookups = 0
         self._epoch = 0  # current onion key epoch
-        self._held: list[tuple[float, int, NodeId, bytes]] = []
+        self.mix = MixPool(max_packets=max_held or 4096, max_bytes=max_held_bytes)
         self._held_wakeup = trio.Event()
-        self._seq = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self._closed = False
@@ -522,6 +528,8 @@ class RelayService:
             self.max_links = cfg.relay_max_links
         if self.epoch_length is None:
             self.epoch_length = cfg.onion_epoch_length
+        if self.max_held is None:
+            self.max_held = self.mix.max_packets = cfg.relay_max_held
         self.metrics = _Metrics(node.metrics.registry)
         node.host.set_stream_handler(RELAY_PROTOCOL, self._serve_relay)
         if self.serve_clients:
@@ -712,7 +720,10 @@ class RelayService:
             "clients": len(self._sessions),
             "max_clients": self.max_clients,
             "client_ids": len(self._sessions_of),
-            "held": len(self._held),
+            "held": len(self.mix),
+            "held_bytes": self.mix.held_bytes,
+            "max_held": self.max_held,
+            "hold_overflows": self.mix.overflows,
             "epoch": self._epoch,
             "epochs": [
                 {"epoch": e, "tags": self.replay.size(e)} for e in sorted(self._keys, reverse=True)
@@ -843,7 +854,13 @@ class RelayService:
         if isinstance(res, Forward):
             self.metrics.forwarded.inc()
             self.forward(res.next_node, res.packet, res.delay_ms, now, source=source)
-        elif res.surb_id is not None:
+        elif res.delay_ms > 0:  # the last hop holds it too before delivering
+            self._hold(None, res, res.delay_ms, len(res.payload))
+        else:
+            self._deliver(res, now)
+
+    def _deliver(self, res: Deliver, now: float) -> None:
+        if res.surb_id is not None:
             self.metrics.delivered.labels("reply").inc()
             owner = self.surbs.route(res.surb_id, res.payload, now)
             if owner is not None:
@@ -890,12 +907,7 @@ class RelayService:
                 self._reject(source, Reason.UNKNOWN_NEXT_HOP, None, penalize=False)
                 return
         if delay_ms > 0:
-            if len(self._held) >= self.max_held:
-                self.metrics.dropped.labels("hold_full").inc()
-                return
-            due = trio.current_time() + min(delay_ms, self.max_delay_ms) / 1000
-            heapq.heappush(self._held, (due, next(self._seq), node_id, packet))
-            self._held_wakeup.set()
+            self._hold(node_id, packet, delay_ms, len(packet))
             return
         now = now or self.node.clock()
         if self._unreachable.get(node_id, 0) > now:
@@ -927,6 +939,18 @@ class RelayService:
             self.metrics.dropped.labels("queue_full").inc()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.metrics.dropped.labels("link_closed").inc()
+
+    def _hold(self, node_id: NodeId | None, item, delay_ms: int, size: int) -> None:
+        """Hold a packet for ``node_id`` (or, with None, a ``Deliver``) ``delay_ms``."""
+        t = trio.current_time()
+        delay = min(delay_ms, self.max_delay_ms) / 1000
+        earliest = self.mix.next_due()
+        if not self.mix.hold(t, delay, (node_id, item), size):
+            self.metrics.dropped.labels("hold_full").inc()
+            return
+        self.metrics.held.set(len(self.mix))
+        if earliest is None or t + delay < earliest:
+            self._held_wakeup.set()  # the new earliest: wake the timer
 
     def _known(self, node_id: NodeId) -> bool:
         rec = self.node.view.get(node_id)
@@ -1092,18 +1116,25 @@ class RelayService:
             await trio.sleep(0)
 
     async def _held_loop(self) -> None:
+        """Release held packets when due: the trio side of ``MixPool`` (trio's clock)."""
         while True:
             self._held_wakeup = trio.Event()
-            if not self._held:
+            due = self.mix.next_due()
+            if due is None:
                 await self._held_wakeup.wait()
                 continue
-            due = self._held[0][0]
             if trio.current_time() < due:
                 with trio.move_on_at(due):
                     await self._held_wakeup.wait()
                 continue
-            _, _, node_id, packet = heapq.heappop(self._held)
-            self.forward(node_id, packet)
+            released = self.mix.due(trio.current_time())
+            self.metrics.held.set(len(self.mix))
+            for node_id, item in released:
+                if node_id is None:
+                    self._deliver(item, self.node.clock())
+                else:
+                    self.forward(node_id, item)
+            await trio.sleep(0)
 
     # ---- exit ------------------------------------------------------------------------
 
