@@ -69,7 +69,8 @@ from pathlib import Path
 import trio
 from prometheus_client import Counter, Gauge
 
-from .core.mixing import MAX_DELAY_MS, MixPool
+from .core.mixing import MAX_DELAY_MS, LoopMonitor, MixPool, draw_delays, next_poisson
+from .core.paths import NoPath, select_return_path
 from .core.scores import TokenBucket
 from .crypto import NodeId, OnionKey
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
@@ -81,9 +82,9 @@ from .onion import epochs
 from .onion.params import LARGE, SMALL, TAG_SIZE, PacketRejected, ReplayCacheFull
 from .onion.process import Deliver, Forward, process
 from .onion.replay import ReplayCache
-from .onion.surb import use_surb
+from .onion.surb import make_surb, use_surb
 from .records import Role
-from .wire import delivery
+from .wire import cover, delivery
 from .wire import relay as wire
 from .wire.delivery import Ack, AckStatus
 
@@ -355,6 +356,15 @@ class _Metrics:
             "hydra_relay_reconnects", "Wedged connections dropped and redialled", registry=r
         )
         self.links = Gauge("hydra_relay_links", "Open outbound relay links", registry=r)
+        self.loops = Counter(
+            "hydra_relay_loops",
+            "This relay's own loop-cover packets, by fate (sent, returned, lost)",
+            ["result"],
+            registry=r,
+        )
+        self.cover_bytes = Counter(
+            "hydra_relay_cover_bytes", "Bytes of loop cover this relay sent", registry=r
+        )
         self.held = Gauge(
             "hydra_relay_held_packets", "Packets held by the mix for their delay", registry=r
         )
@@ -427,6 +437,9 @@ class RelayService:
         replay_max_epochs: int = 4,
         smtp_relay: str | None = None,
         maildir_root: str | None = None,
+        mix_delay: float | None = None,
+        loop_rate: float | None = None,
+        loop_slack: float | None = None,
     ) -> None:
         """
         :param queue_size: packets waiting per neighbour before new ones are dropped.
@@ -454,6 +467,9 @@ class RelayService:
             closed (``idle_timeout``); ``frame_timeout``: the same for a frame begun
             and not finished, on client and relay streams.
         :param epoch_length: onion key epoch in seconds (see ``overlay.onion.epochs``).
+        :param mix_delay, loop_rate: the overlay's mean hold per hop and this relay's
+            loop-cover rate (``[onion] mix_delay``, ``[cover] relay_loop_rate``);
+            ``loop_slack``: a loop not back this long after its delays is lost.
         Limits left as ``None`` come from the node's config (``[relay]``, ``[onion]``).
         """
         self.queue_size = queue_size
@@ -466,6 +482,9 @@ class RelayService:
         self.max_delay_ms = max_delay_ms
         self.max_held = max_held
         self.max_held_bytes = max_held_bytes
+        self.mix_delay = mix_delay
+        self.loop_rate = loop_rate
+        self.loops = LoopMonitor() if loop_slack is None else LoopMonitor(slack=loop_slack)
         self.max_clients = max_clients
         self.clients_per_peer = clients_per_peer
         self.client_idle = client_idle
@@ -530,6 +549,10 @@ class RelayService:
             self.epoch_length = cfg.onion_epoch_length
         if self.max_held is None:
             self.max_held = self.mix.max_packets = cfg.relay_max_held
+        if self.mix_delay is None:
+            self.mix_delay = cfg.mix_delay
+        if self.loop_rate is None:
+            self.loop_rate = cfg.relay_loop_rate
         self.metrics = _Metrics(node.metrics.registry)
         node.host.set_stream_handler(RELAY_PROTOCOL, self._serve_relay)
         if self.serve_clients:
@@ -590,6 +613,7 @@ class RelayService:
                 n.start_soon(self._exit_loop)
                 n.start_soon(self._loopback_loop)
                 n.start_soon(self._held_loop)
+                n.start_soon(self._loop_cover)
                 n.start_soon(self._maintenance_loop)
                 self._ready.set()
                 task_status.started()
@@ -704,6 +728,9 @@ class RelayService:
 
     def _sweep(self, now: float) -> None:
         self.surbs.expire(now)
+        for lost in self.loops.tick(now):
+            self.metrics.loops.labels("lost").inc()
+            log.info("loop cover lost through %s", ", ".join(n.short() for n in lost.relays))
         for d in (self._unreachable, self._rl_penalized):
             for k in [k for k, t in d.items() if t <= now]:
                 del d[k]
@@ -724,6 +751,18 @@ class RelayService:
             "held_bytes": self.mix.held_bytes,
             "max_held": self.max_held,
             "hold_overflows": self.mix.overflows,
+            "loops": {
+                **self.loops.stats,
+                "in_flight": len(self.loops),
+                "rate": self.loop_rate,
+                "cover_bytes_per_s": round((self.loop_rate or 0) * SMALL.packet_size),
+                "suspects": {
+                    n.short(): round(share, 2)
+                    for n, share in sorted(
+                        self.loops.suspects().items(), key=lambda kv: -self.loops.evidence[kv[0]]
+                    )[:8]
+                },
+            },
             "epoch": self._epoch,
             "epochs": [
                 {"epoch": e, "tags": self.replay.size(e)} for e in sorted(self._keys, reverse=True)
@@ -861,12 +900,18 @@ class RelayService:
 
     def _deliver(self, res: Deliver, now: float) -> None:
         if res.surb_id is not None:
+            if self.loops.knows(res.surb_id):  # our own loop cover, back
+                self.loops.returned(res.surb_id, now)
+                self.metrics.loops.labels("returned").inc()
+                return
             self.metrics.delivered.labels("reply").inc()
             owner = self.surbs.route(res.surb_id, res.payload, now)
             if owner is not None:
                 owner.push(res.surb_id, res.payload)
             elif not self.surbs.knows(res.surb_id):
                 self.metrics.dropped.labels("unknown_surb").inc()
+        elif cover.is_cover(res.payload):
+            self.metrics.delivered.labels("drop_cover").inc()
         else:
             self.metrics.delivered.labels("exit").inc()
             try:
@@ -1135,6 +1180,42 @@ class RelayService:
                 else:
                     self.forward(node_id, item)
             await trio.sleep(0)
+
+    async def _loop_cover(self) -> None:
+        """Send loop-cover packets at Poisson rate ``loop_rate``: *relay, relay, this
+        node*, each hop holding it as the overlay's senders do. A loop that does not
+        come back is counted against the relays on it (``LoopMonitor``)."""
+        rng = self.node.rng
+        while self.loop_rate and self.loop_rate > 0:
+            now = trio.current_time()
+            await trio.sleep_until(next_poisson(rng, self.loop_rate, now))
+            try:
+                self.send_loop()
+            except OverlayError as e:  # no path yet, a key the onion code refuses
+                log.debug("loop cover: %s", e)
+
+    def send_loop(self) -> bytes | None:
+        """Send one loop-cover packet now; returns its loop id (None: no path)."""
+        now = self.node.clock()
+        live = [
+            r
+            for r in self.node.view.snapshot(now).live()
+            if not epochs.record_key_retired(r.onion_epoch, r.issued_at, now, self.epoch_length)
+        ]
+        try:
+            path = select_return_path(live, self.node.rng, last=self.node.node_id, hops=3)
+        except NoPath:
+            return None
+        delays = draw_delays(self.node.rng, self.mix_delay or 0.0, len(path))
+        surb, secret = make_surb(SMALL, path.sphinx_hops(), delays_ms=delays)
+        first, packet = use_surb(SMALL, surb, cover.encode(cover.LOOP))
+        relays = path.node_ids[:-1]
+        if not self.loops.sent(secret.surb_id, relays, now, sum(delays) / 1000):
+            return None
+        self.metrics.loops.labels("sent").inc()
+        self.metrics.cover_bytes.inc(len(packet))
+        self.forward(first, packet)
+        return secret.surb_id
 
     # ---- exit ------------------------------------------------------------------------
 

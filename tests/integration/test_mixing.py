@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 
 import pytest
 import trio
@@ -19,9 +20,18 @@ from overlay.crypto import SigningKey
 from overlay.net.framing import encode_frame
 from overlay.net.host import Libp2pHost
 from overlay.onion.params import SMALL, Hop
+from overlay.onion.process import Forward
 from overlay.onion.surb import make_surb, use_surb
 from overlay.relay import RELAY_PROTOCOL, RelayService
-from overlay.testing import LOOPBACK, join_addr, light_services, overlay, wait_until
+from overlay.runtime import Node
+from overlay.testing import (
+    LOOPBACK,
+    join_addr,
+    light_services,
+    make_home,
+    overlay,
+    wait_until,
+)
 
 
 class ArrivalSink:
@@ -143,3 +153,105 @@ async def test_full_mix_pool_refuses_and_counts(tmp_path):
                 await wait_until(lambda: len(sink.at) == 5, 30)
                 await trio.sleep(0.5)
                 assert len(sink.at) == 5 and set(sink.at) == set(ids[:5])
+
+
+class BlackHole(RelayService):
+    """A relay that takes packets in and forwards none (an attacker on the path)."""
+
+    def _act(self, res, now, source="local"):
+        if isinstance(res, Forward):
+            self.metrics.dropped.labels("black_hole").inc()
+            return
+        super()._act(res, now, source)
+
+
+@pytest.mark.slow
+async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path):
+    def services(i, home):
+        if i == 0:
+            relay = RelayService(mix_delay=0.05, loop_rate=4.0, loop_slack=2.0)
+        elif i == 4:
+            relay = BlackHole(mix_delay=0.05, loop_rate=0.0)
+        else:
+            relay = RelayService(mix_delay=0.05, loop_rate=0.0)
+        return [relay, *light_services()]
+
+    with trio.fail_after(150):
+        async with overlay(tmp_path, 4, services_for=services) as nodes:
+            a = nodes[0]
+            await wait_until(lambda: all(len(x.view) >= 4 for x in nodes), 30)
+            # every loop goes through two of the three others and comes back
+            await wait_until(lambda: a.relay.loops.stats["returned"] >= 8, 60)
+            assert a.relay.loops.stats["lost"] == 0
+            assert metric(a, "hydra_relay_loops_total", result="returned") >= 8
+
+            # a relay that silently drops what it should forward joins
+            bh_home = make_home(tmp_path / "bh", ["relay"])
+            async with Node(bh_home, join=[join_addr(a)], services=services(4, bh_home)) as bh:
+                await wait_until(lambda: bh.node_id in a.view, 30)
+                await wait_until(lambda: a.relay.loops.stats["lost"] >= 3, 60)
+        mon = a.relay.loops
+        # every lost loop went through the black hole: it carries all the evidence
+        assert mon.evidence[bh.node_id] == mon.stats["lost"]
+        assert all(
+            mon.evidence[n] < mon.evidence[bh.node_id] for n in mon.evidence if n != bh.node_id
+        )
+        assert metric(a, "hydra_relay_loops_total", result="lost") == mon.stats["lost"]
+        assert a.relay.status()["loops"]["suspects"][bh.node_id.short()] > 0
+
+
+@pytest.mark.slow
+async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_path):
+    from overlay.client import Client, State, queue_message
+    from overlay.outbox_store import OutboxStore
+    from tests.integration.test_relay import FAST_RETRY, free_port, smtp_server
+
+    port = free_port()
+    sink, ctl = smtp_server(port)
+
+    def services(i, home):
+        relay = RelayService(
+            smtp_relay=f"127.0.0.1:{port}", exit_retry=FAST_RETRY, mix_delay=0.05, loop_rate=0
+        )
+        return [relay, *light_services()]
+
+    roles = [["relay"]] * 4 + [["exit"]]
+    try:
+        with trio.fail_after(150):
+            async with overlay(
+                tmp_path, 5, roles, policy=["smtp:*"], services_for=services
+            ) as nodes:
+                await wait_until(lambda: all(len(x.view) >= 5 for x in nodes), 30)
+                home = tmp_path / "agent"
+                async with Client(
+                    home,
+                    via=[join_addr(nodes[0])],
+                    mix_delay=0.05,
+                    cover_rate=4.0,
+                    loop_rate=2.0,
+                    loop_slack=5.0,
+                ) as c:
+                    await wait_until(lambda: len(c.view) >= 5, 20)
+                    mid = await c.send("smtp:alice@example.org", b"through the agent\r\n")
+                    # another process hands a message over through the outbox file
+                    with OutboxStore.in_home(home) as other:
+                        mid2 = queue_message(
+                            other, "smtp:bob@example.org", b"handed over\r\n", time.time()
+                        )
+                    assert (await c.wait_acked(mid, 40)).state is State.DELIVERED
+                    assert (await c.wait_acked(mid2, 40)).state is State.DELIVERED
+                    await wait_until(lambda: c.loops.stats["returned"] >= 3, 40)
+                    await wait_until(lambda: c.stats["drop_cover"] >= 3, 20)
+                    exit_ = nodes[4]
+                    await wait_until(
+                        lambda: (
+                            metric(exit_, "hydra_relay_delivered_total", kind="drop_cover") >= 1
+                        ),
+                        30,
+                    )
+                    st = c.cover_status()
+                    assert st["bytes_out_per_s"] > 0 and st["cover_bytes_out_per_s"] > 0
+                    assert st["loops"]["lost"] == 0
+        assert sink.count(b"through the agent\r\n") == 1 and sink.count(b"handed over\r\n") == 1
+    finally:
+        ctl.stop()
