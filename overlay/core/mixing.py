@@ -35,7 +35,7 @@ from ..crypto import NodeId
 from ..errors import LocalError
 
 #: default mean hold time per forwarding hop, seconds (docs/anonymity.md says why)
-DEFAULT_MIX_DELAY = 0.5
+DEFAULT_MIX_DELAY = 0.75
 #: ``overlay agent``: Poisson rate of its sends (a queued message, else drop cover)
 DEFAULT_COVER_RATE = 0.5
 #: ``overlay agent``: Poisson rate of its loop-cover packets
