@@ -7,9 +7,9 @@ current exit abruptly (no tombstone), sends one message at once, and measures;
 then a fresh standby is started so that every trial has the same shape. The
 baseline, measured in the same run, is the same client delivering through a
 healthy exit (no takedown). The client mixes as configured by default
-(``--mix-delay``); the delivery time then includes the holds it chose for the
-attempt that got through, reported beside it (the bound with mixing: 3 s
-plus those holds).
+(``--mix-delay``); the time to the delivered acknowledgement then includes the
+holds it chose for the attempt that got through and for that ack's way back,
+reported beside it (the bound with mixing: 3 s plus those holds).
 
     .venv/bin/python benchmarks/bench_failover.py --trials 20
 """
@@ -112,7 +112,8 @@ async def main_async(args) -> dict:
                         assert e.state.name == "DELIVERED", e
                         record_times.append(rec_done)
                         delivery_times.append(e.finished_at - t_kill_wall)
-                        holds.append(client.forward_holds.get(mid, 0.0))
+                        # the final ack ends the measurement: its return holds count too
+                        holds.append(client.holds.get(mid, (0.0, 0.0))[1])
                         print(
                             f"trial {trial}: record at 99% {rec_done:.2f} s, "
                             f"next message delivered {delivery_times[-1]:.2f} s "

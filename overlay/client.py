@@ -171,9 +171,9 @@ class Client:
         self._loop_secrets: dict[bytes, SurbSecret] = {}
         self._sendq: dict[bytes, Attempt] = {}  # agent: attempts waiting for a send slot
         self._spare: dict[bytes, None] = {}  # agent: surb ids registered, not yet used
-        #: seconds of forward holds chosen for each message's latest attempt (the
-        #: delivery latency they add; newest 1024 messages)
-        self.forward_holds: dict[bytes, float] = {}
+        #: seconds of holds chosen for each message's latest attempt, until the exit
+        #: and until its final ack is back (the latency they add; newest 1024)
+        self.holds: dict[bytes, tuple[float, float]] = {}
         self.outbox = Outbox(
             timeout=timeout,
             max_timeout=max_timeout,
@@ -400,10 +400,10 @@ class Client:
             [n.short() for n in path.node_ids],
         )
         held = (sum(d_fwd) + max(sum(d_f), sum(d_q))) / 1000
-        self.forward_holds.pop(e.message_id, None)
-        self.forward_holds[e.message_id] = sum(d_fwd) / 1000
-        if len(self.forward_holds) > 1024:
-            del self.forward_holds[next(iter(self.forward_holds))]
+        self.holds.pop(e.message_id, None)
+        self.holds[e.message_id] = (sum(d_fwd) / 1000, (sum(d_fwd) + sum(d_f)) / 1000)
+        if len(self.holds) > 1024:
+            del self.holds[next(iter(self.holds))]
         await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now, held))
 
     # ---- cover traffic (agent) ---------------------------------------------------------
