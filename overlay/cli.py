@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import records
-from .cli_send import check_seed_sources, outbox, seed_join_addrs, send
+from .cli_send import agent, check_seed_sources, outbox, seed_join_addrs, send
 from .cli_util import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -956,6 +956,7 @@ from .sim.cli import sim_command  # noqa: E402
 app.command()(send)
 app.command()(outbox)
 app.command("console")(console_command)
+app.command()(agent)
 app.command("sim")(sim_command)
 
 

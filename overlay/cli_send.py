@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -175,6 +176,135 @@ def _running_node_addrs(h: Home) -> list[str]:
     return [a.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1) for a in listen]
 
 
+def _client_settings(h: Home) -> dict:
+    """Overlay-wide settings a client must share (``[onion]``) from the home's config."""
+    if not h.config_path.exists():
+        return {}
+    cfg = h.config()
+    return {"mix_delay": cfg.mix_delay, "epoch_length": cfg.onion_epoch_length}
+
+
+AGENT_FILE = "agent.json"
+
+
+def _running_agent(h: Home) -> int | None:
+    """The pid of the ``overlay agent`` running on this home, if one is."""
+    import os
+
+    try:
+        pid = int(json.loads((h.path / AGENT_FILE).read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
+
+
+def _handoff(h: Home, to: str, body: bytes, timeout: float, until: str):
+    """Put the message in the outbox a running agent serves, then follow its state."""
+    from .client import queue_message
+    from .core.outbox import State
+    from .outbox_store import OutboxStore
+
+    with OutboxStore.in_home(h.path) as store:
+        mid = queue_message(store, to, body, time.time())
+        deadline = time.monotonic() + timeout
+        while True:
+            e = store.get(mid)
+            if e.state.finished or (until == "queued" and e.state is State.QUEUED):
+                return e
+            if time.monotonic() >= deadline:
+                return e
+            time.sleep(0.2)
+
+
+def agent(
+    home: HomeOpt = None,
+    via: ViaOpt = None,
+    seeds: SeedsOpt = None,
+    hops: Annotated[
+        int, typer.Option("--hops", help="Nodes per path, entry and exit included.")
+    ] = 3,
+    rate: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--rate", help="Packets per second (default [cover] rate)."),
+    ] = None,
+    loop_rate: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--loop-rate", help="Loop-cover packets per second ([cover] loop_rate)."),
+    ] = None,
+    report: Annotated[
+        float, typer.Option("--report", help="Seconds between status lines (0: none).")
+    ] = 60.0,
+    operator: OperatorOpt = None,
+    threshold: ThresholdOpt = None,
+) -> None:
+    """Run a long-lived client that sends cover traffic; `overlay send` hands it messages.
+
+    It sends at Poisson rate --rate: a waiting message if there is one, else a
+    drop-cover packet, and loop-cover packets that come back through its entry.
+    Runs until Ctrl-C; prints what it sent (bytes per second) and lost loops.
+    """
+    import os
+
+    import trio
+
+    from .client import Client
+    from .config import Config
+
+    _quiet_logging()
+    try:
+        via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
+        pinned = parse_operators(list(operator or []))
+        check_threshold(threshold)
+        check_seed_sources(list(seeds or []))
+    except OverlayError as e:
+        raise fail_for(e) from None
+    if not 2 <= hops <= 5:
+        raise fail(f"--hops must be 2 to 5, not {hops}", EXIT_USAGE)
+    h = Home(home or default_home())
+    try:
+        cfg = h.config() if h.config_path.exists() else Config()
+    except OverlayError as e:
+        raise fail_for(e) from None
+    rate = cfg.cover_rate if rate is None else rate
+    loop_rate = cfg.cover_loop_rate if loop_rate is None else loop_rate
+    if not (0 < rate <= 100 and 0 <= loop_rate <= 100):
+        raise fail("--rate must be in (0, 100] and --loop-rate in [0, 100]", EXIT_USAGE)
+    if _running_agent(h) is not None:
+        raise fail(f"an agent already runs on {h.path}")
+
+    async def main():
+        addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
+        h.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker = h.path / AGENT_FILE
+        async with Client(
+            h.path, addrs, hops=hops, cover_rate=rate, loop_rate=loop_rate, **_client_settings(h)
+        ) as c:
+            marker.write_text(json.dumps({"pid": os.getpid()}))
+            try:
+                err.print(f"agent on {h.path}: {rate:g} packets/s, {loop_rate:g} loops/s")
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async with trio.open_nursery() as n:
+
+                        async def status_lines():
+                            while report > 0:
+                                await trio.sleep(report)
+                                print(json.dumps(c.cover_status()), flush=True)
+
+                        n.start_soon(status_lines)
+                        async for _ in sigs:
+                            break
+                        n.cancel_scope.cancel()
+                print(json.dumps(c.cover_status()), flush=True)
+            finally:
+                marker.unlink(missing_ok=True)
+
+    try:
+        trio.run(main)
+    except OverlayError as e:
+        raise fail_for(e) from None
+
+
 def _entry_json(e) -> dict:
     now = time.time()
     return {
@@ -212,7 +342,11 @@ def send(
     threshold: ThresholdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send a message through the overlay (runs no node); exit 0 once an exit acknowledged it."""
+    """Send a message through the overlay (runs no node); exit 0 once an exit acknowledged it.
+
+    With an `overlay agent` running on the same home (and no --via/--seeds), the
+    message goes into its outbox and the agent sends it in its next slot.
+    """
     import trio
 
     from .client import AckTimeout, Client, State
@@ -248,7 +382,7 @@ def send(
 
     async def main():
         addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
-        async with Client(h.path, addrs, hops=hops) as c:
+        async with Client(h.path, addrs, hops=hops, **_client_settings(h)) as c:
             mid = await c.send(to, body)
             try:
                 return await c.wait_acked(mid, timeout, until=until)
@@ -256,7 +390,10 @@ def send(
                 return e.entry
 
     try:
-        entry = trio.run(main)
+        if _running_agent(h) is not None and not via_addrs and not seeds:
+            entry = _handoff(h, to, body, timeout, until)  # the agent sends it
+        else:
+            entry = trio.run(main)
     except OverlayError as e:
         raise fail_for(e) from None
     info = _entry_json(entry)
@@ -322,7 +459,7 @@ def outbox(
 
         async def run_flush():
             addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
-            async with Client(h.path, addrs) as c:
+            async with Client(h.path, addrs, **_client_settings(h)) as c:
                 with trio.move_on_after(timeout):
                     while any(e.state.name == "PENDING" for e in c.pending()):
                         await trio.sleep(0.2)

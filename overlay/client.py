@@ -34,8 +34,10 @@ import trio
 
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView
+from .core.mixing import DEFAULT_MIX_DELAY, LoopMonitor, draw_delays, next_poisson
 from .core.outbox import Attempt, Entry, Finished, Outbox, Persist, State
 from .core.paths import DEFAULT_HOPS, NoPath, select_path, select_return_path
+from .core.paths import Path as HopPath
 from .crypto import NodeId, SigningKey
 from .errors import DecodeError, LocalError, OverlayError, RemoteError
 from .home import Home
@@ -44,16 +46,19 @@ from .net.host import Libp2pHost, NetError, Stream
 from .onion import epochs
 from .onion.build import build_packet
 from .onion.params import LARGE, SMALL, params_for_message
-from .onion.surb import SurbSecret, make_surb, open_reply
+from .onion.surb import SurbSecret, make_surb, open_reply, use_surb
 from .outbox_store import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
+from .records import Role
 from .runtime import SYNC_PROTOCOL
+from .wire import cover, sync
 from .wire import relay as wire
-from .wire import sync
 from .wire.delivery import MAX_EARLIER, ExitMessage, decode_ack
 
 log = logging.getLogger("hydra.client")
 
 MIN_SYNC_GAP = 0.2  # seconds between membership rounds with the entry, at the most often
+SPARE_IDS = 32  # agent: surb ids registered at the entry ahead of use
+ADOPT_INTERVAL = 0.5  # agent: seconds between looks at the outbox for messages others queued
 
 LOOPBACK_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 _PLACEHOLDER_BLOCKS = wire.encode_reply_blocks(
@@ -69,6 +74,28 @@ def earlier_exits(e: Entry, exit_id: NodeId) -> tuple[bytes, ...]:
     the next exit asks them before delivering, in case one still holds it."""
     seen = [x for x in dict.fromkeys((*e.exits_failed, e.exit)) if x not in (None, exit_id)]
     return tuple(bytes(x) for x in seen[-MAX_EARLIER:])
+
+
+def _check_message(destination: str, body: bytes, mid: bytes) -> ExitMessage:
+    """The message as an exit would get it (placeholder reply blocks); ``LocalError``
+    for a bad destination or a body that does not fit a packet."""
+    try:
+        probe = ExitMessage.make(mid, destination, bytes(body), _PLACEHOLDER_BLOCKS)
+    except DecodeError as e:
+        raise LocalError(f"cannot send this message: {e}") from None
+    params_for_message(len(probe.encode()))  # MessageTooLong (a LocalError) if too big
+    return probe
+
+
+def queue_message(store: OutboxStore, destination: str, body: bytes, now: float) -> bytes:
+    """Put a new message in an outbox without sending it (a running agent on the same
+    outbox adopts and sends it). Durable when this returns; returns its message id."""
+    mid = os.urandom(16)
+    probe = _check_message(destination, body, mid)
+    for d in Outbox().add(mid, probe.destination, probe.body, now):
+        if isinstance(d, Persist):
+            store.save(d.entry, durable=True)
+    return mid
 
 
 class AckTimeout(LocalError):
@@ -103,6 +130,10 @@ class Client:
         sync_interval: float = 1.0,
         tick_interval: float = 0.1,
         epoch_length: float = epochs.EPOCH_LENGTH,
+        mix_delay: float = DEFAULT_MIX_DELAY,
+        cover_rate: float = 0.0,
+        loop_rate: float = 0.0,
+        loop_slack: float | None = None,
     ) -> None:
         """
         :param via: multiaddrs (ending in ``/p2p/<peer id>``) of entry nodes, tried in turn.
@@ -111,6 +142,15 @@ class Client:
         :param same_exit_attempts: unanswered attempts through one exit before another.
         :param epoch_length: the overlay's onion key epoch (``[onion] epoch_length``):
             hops whose record names a key already retired on that schedule are skipped.
+        :param mix_delay: the overlay's mean hold time per forwarding hop (``[onion]
+            mix_delay``); every packet and reply block gets fresh exponential draws.
+        :param cover_rate: > 0 makes this client an *agent* (``overlay agent``): it sends
+            at Poisson rate ``cover_rate`` per second, a queued attempt if there is one,
+            else a drop-cover packet; it also adopts messages other processes put in
+            its outbox (``overlay send`` while an agent runs).
+        :param loop_rate: loop-cover packets per second (they come back through the
+            entry); a loop not back ``loop_slack`` s after its delays counts against
+            the nodes on it (``self.loops``).
         """
         if not via:
             raise LocalError("a light client needs at least one --via peer multiaddr")
@@ -124,6 +164,16 @@ class Client:
         self.sync_interval = sync_interval
         self.tick_interval = tick_interval
         self.epoch_length = epoch_length
+        self.mix_delay = mix_delay
+        self.cover_rate = cover_rate
+        self.loop_rate = loop_rate
+        self.loops = LoopMonitor() if loop_slack is None else LoopMonitor(slack=loop_slack)
+        self._loop_secrets: dict[bytes, SurbSecret] = {}
+        self._sendq: dict[bytes, Attempt] = {}  # agent: attempts waiting for a send slot
+        self._spare: dict[bytes, None] = {}  # agent: surb ids registered, not yet used
+        #: seconds of holds chosen for each message's latest attempt, until the exit
+        #: and until its final ack is back (the latency they add; newest 1024)
+        self.holds: dict[bytes, tuple[float, float]] = {}
         self.outbox = Outbox(
             timeout=timeout,
             max_timeout=max_timeout,
@@ -146,7 +196,17 @@ class Client:
         self._sync_soon = trio.Event()
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
-        self.stats = {"attempts": 0, "replies": 0, "bad_replies": 0, "send_failed": 0}
+        self.stats = {
+            "attempts": 0,
+            "replies": 0,
+            "bad_replies": 0,
+            "send_failed": 0,
+            "drop_cover": 0,
+            "loop_cover": 0,
+            "bytes_out": 0,
+            "cover_bytes_out": 0,
+        }
+        self.started_at = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -175,6 +235,12 @@ class Client:
                 raise LocalError(f"could not reach any via peer: {', '.join(self.via)}")
             self._nursery.start_soon(self._tick_loop)
             self._nursery.start_soon(self._sync_loop)
+            self.started_at = trio.current_time()
+            if self.agent:
+                self._nursery.start_soon(self._send_slots)
+                self._nursery.start_soon(self._adopt_loop)
+            if self.loop_rate > 0:
+                self._nursery.start_soon(self._loop_slots)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -198,11 +264,7 @@ class Client:
         Raises ``LocalError`` for a bad destination or a body that does not fit.
         """
         mid = message_id or os.urandom(16)
-        try:
-            probe = ExitMessage.make(mid, destination, bytes(body), _PLACEHOLDER_BLOCKS)
-        except DecodeError as e:
-            raise LocalError(f"cannot send this message: {e}") from None
-        params_for_message(len(probe.encode()))  # MessageTooLong (a LocalError) if too big
+        probe = _check_message(destination, body, mid)
         await self._apply(self.outbox.add(mid, probe.destination, probe.body, self.clock()))
         return mid
 
@@ -260,7 +322,18 @@ class Client:
         snap = self.view.snapshot(self.clock())
         return {r.node_id for r in snap.live()} - set(self.dead)
 
+    @property
+    def agent(self) -> bool:
+        return self.cover_rate > 0
+
     async def _attempt(self, a: Attempt) -> None:
+        if self.agent:  # wait for the next send slot (dict: one per message)
+            self._sendq.pop(a.message_id, None)
+            self._sendq[a.message_id] = a
+            return
+        await self._attempt_now(a)
+
+    async def _attempt_now(self, a: Attempt) -> None:
         e = self.outbox.get(a.message_id)
         if e is None:
             return
@@ -281,9 +354,11 @@ class Client:
         exit_id = path.last.node_id
         if a.refresh and exit_id != a.exit_hint:
             return  # a queued message goes to the exit that holds it, or nowhere
+        d_fwd, d_f, d_q = (self._delays(len(p)) for p in (path, ret_final, ret_queued))
+        id_f, id_q = self._take_id(), self._take_id()
         try:
-            surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops())
-            surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops())
+            surb_f, sec_f = make_surb(SMALL, ret_final.sphinx_hops(), delays_ms=d_f, surb_id=id_f)
+            surb_q, sec_q = make_surb(SMALL, ret_queued.sphinx_hops(), delays_ms=d_q, surb_id=id_q)
             msg = ExitMessage.make(
                 e.message_id,
                 e.destination,
@@ -293,7 +368,7 @@ class Client:
             )
             payload = msg.encode()
             params = params_for_message(len(payload))
-            packet, _first = build_packet(params, path.sphinx_hops(), payload)
+            packet, _first = build_packet(params, path.sphinx_hops(), payload, delays_ms=d_fwd)
         except OverlayError as err:  # e.g. a record whose key the onion code refuses
             self.stats["send_failed"] += 1
             await self._apply(self.outbox.send_failed(a.message_id, f"build: {err}", now))
@@ -308,7 +383,8 @@ class Client:
                 ),
             ]
         )
-        frames = [wire.Register((sec_f.surb_id, sec_q.surb_id)), wire.Submit(packet)]
+        need = [sec.surb_id for sec, pre in ((sec_f, id_f), (sec_q, id_q)) if pre is None]
+        frames = [self._register(*need), wire.Submit(packet)]
         try:
             await self._write(stream, frames)
         except NetError as err:
@@ -323,7 +399,157 @@ class Client:
             e.attempts + 1,
             [n.short() for n in path.node_ids],
         )
-        await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now))
+        held = (sum(d_fwd) + max(sum(d_f), sum(d_q))) / 1000
+        self.holds.pop(e.message_id, None)
+        self.holds[e.message_id] = (sum(d_fwd) / 1000, (sum(d_fwd) + sum(d_f)) / 1000)
+        if len(self.holds) > 1024:
+            del self.holds[next(iter(self.holds))]
+        await self._apply(self.outbox.sent(e.message_id, path.node_ids, exit_id, now, held))
+
+    # ---- cover traffic (agent) ---------------------------------------------------------
+
+    def _take_id(self) -> bytes | None:
+        """A surb id registered ahead of time (agent), else None (drawn fresh)."""
+        if not self.agent or not self._spare:
+            return None
+        sid = next(iter(self._spare))
+        del self._spare[sid]
+        return sid
+
+    def _register(self, *needed: bytes) -> wire.Register:
+        """The REGISTER frame that goes with a packet (``needed``: its surb ids that
+        were not registered ahead).
+
+        A plain client registers the packet's own surb ids. An agent registers
+        two ids with every packet whatever it carries (message, drop or loop),
+        fresh ones while fewer than ``SPARE_IDS`` wait unused, else the oldest
+        unused ones again; its packets use ids registered earlier. So the entry
+        sees the same frames for every packet and cannot tell, from which ids
+        get replies, which packet a reply belongs to.
+        """
+        if not self.agent:
+            return wire.Register(tuple(needed))
+        ids = list(needed)  # ids of this packet that were not registered ahead
+        while len(ids) < 2:
+            if len(self._spare) < SPARE_IDS:
+                sid = os.urandom(16)
+            else:
+                sid = next(iter(self._spare))
+                del self._spare[sid]
+            self._spare[sid] = None
+            ids.append(sid)
+        return wire.Register(tuple(ids))
+
+    def _live_records(self, now: float) -> list:
+        return [
+            r
+            for r in self.view.snapshot(now).live()
+            if r.node_id not in self.dead
+            and not epochs.record_key_retired(r.onion_epoch, r.issued_at, now, self.epoch_length)
+        ]
+
+    async def _send_cover(self, kind: int) -> None:
+        """One drop-cover packet (entry, relays, an exit: a message's shape) or one
+        loop (entry, relays, back to the entry, which pushes it to us)."""
+        stream, entry, now = self._stream, self.entry, self.clock()
+        if stream is None or entry is None:
+            return
+        live = self._live_records(now)
+        by_id = {r.node_id: r for r in live}
+        if entry not in by_id:
+            return
+        try:
+            if kind == cover.DROP:
+                exits = [r for r in live if Role.EXIT in r.roles and r.node_id != entry]
+                if not exits:
+                    return
+                ex = self.rng.choice(sorted(exits, key=lambda r: bytes(r.node_id)))
+                tail = select_return_path(
+                    live, self.rng, last=ex.node_id, hops=self.hops - 1, exclude={entry}
+                )
+            else:
+                tail = select_return_path(live, self.rng, last=entry, hops=self.hops)
+        except NoPath:
+            return
+        path = HopPath((by_id[entry], *tail.hops))
+        delays = self._delays(len(path))
+        if kind == cover.DROP:
+            packet, _ = build_packet(
+                SMALL, path.sphinx_hops(), cover.encode(kind), delays_ms=delays
+            )
+            frames = [self._register(), wire.Submit(packet)]
+        else:
+            pre = self._take_id()
+            surb, secret = make_surb(SMALL, path.sphinx_hops(), delays_ms=delays, surb_id=pre)
+            _, packet = use_surb(SMALL, surb, cover.encode(kind))
+            if not self.loops.sent(secret.surb_id, path.node_ids[:-1], now, sum(delays) / 1000):
+                return
+            self._loop_secrets[secret.surb_id] = secret
+            frames = [
+                self._register(*([secret.surb_id] if pre is None else [])),
+                wire.Submit(packet),
+            ]
+        try:
+            n = await self._write(stream, frames)
+        except NetError:
+            await self._drop_stream(stream)
+            return
+        self.stats["cover_bytes_out"] += n
+        self.stats["drop_cover" if kind == cover.DROP else "loop_cover"] += 1
+
+    async def _send_slots(self) -> None:
+        """The agent's Poisson send process: a waiting attempt, else drop cover."""
+        while True:
+            await trio.sleep_until(next_poisson(self.rng, self.cover_rate, trio.current_time()))
+            if self._sendq:
+                mid = next(iter(self._sendq))
+                await self._attempt_now(self._sendq.pop(mid))
+            else:
+                await self._send_cover(cover.DROP)
+
+    async def _loop_slots(self) -> None:
+        while True:
+            await trio.sleep_until(next_poisson(self.rng, self.loop_rate, trio.current_time()))
+            await self._send_cover(cover.LOOP)
+
+    async def _adopt_loop(self) -> None:
+        """Take in messages another process (``overlay send``) put in our outbox."""
+        while True:
+            await trio.sleep(ADOPT_INTERVAL)
+            new = [e for e in self.store.load() if e.message_id not in self.outbox.entries]
+            if new:
+                self.outbox.load(new)
+                self._wake.set()
+
+    def _on_loop(self, surb_id: bytes, payload: bytes) -> None:
+        secret = self._loop_secrets.pop(surb_id, None)
+        try:
+            if secret is None or cover.decode(open_reply(SMALL, secret, payload)) != cover.LOOP:
+                raise DecodeError(detail="not our loop")
+        except (RemoteError, LocalError):
+            self.stats["bad_replies"] += 1
+            return
+        self.loops.returned(surb_id, self.clock())
+
+    def cover_status(self) -> dict:
+        """What the agent sent and learned: rates, bytes per second, loop fates."""
+        up = max(1e-9, trio.current_time() - self.started_at)
+        return {
+            "cover_rate": self.cover_rate,
+            "loop_rate": self.loop_rate,
+            "queued": len(self._sendq),
+            "bytes_out_per_s": round(self.stats["bytes_out"] / up, 1),
+            "cover_bytes_out_per_s": round(self.stats["cover_bytes_out"] / up, 1),
+            **{k: self.stats[k] for k in ("attempts", "drop_cover", "loop_cover")},
+            "loops": {**self.loops.stats, "in_flight": len(self.loops)},
+            "suspects": {n.short(): round(v, 2) for n, v in self.loops.suspects().items()},
+        }
+
+    def _delays(self, hops: int) -> list[int]:
+        """Hold times (ms) for every hop of a ``hops``-node path, the last one included."""
+        if not self.mix_delay > 0:
+            return [0] * (hops - 1)  # no mixing: the v1 blocks, delivered at once
+        return draw_delays(self.rng, self.mix_delay, hops)
 
     def _paths(self, e: Entry, a: Attempt, entry: NodeId, now: float):
         """Forward path and two return paths (final, queued). Hook for tests."""
@@ -354,10 +580,12 @@ class Client:
 
     # ---- the entry connection ---------------------------------------------------------
 
-    async def _write(self, stream: Stream, frames: list) -> None:
+    async def _write(self, stream: Stream, frames: list) -> int:
         data = b"".join(framing.encode_frame(wire.encode(f), wire.MAX_SIZE) for f in frames)
         async with self._write_lock:
             await stream.write(data)
+        self.stats["bytes_out"] += len(data)
+        return len(data)
 
     async def _drop_stream(self, stream: Stream) -> None:
         if self._stream is stream:
@@ -386,6 +614,11 @@ class Client:
         try:
             self.entry, self.entry_addr = entry, addr
             ids = [s.surb_id for s in self.store.surbs_for_entry(entry)]
+            if self.agent:  # a new session: ids registered at another entry are useless
+                self._spare.clear()
+                for _ in range(8):
+                    self._spare[os.urandom(16)] = None
+                ids += list(self._spare)
             for k in range(0, len(ids), wire.MAX_REGISTER):
                 await self._write(stream, [wire.Register(tuple(ids[k : k + wire.MAX_REGISTER]))])
             self._stream = stream
@@ -409,6 +642,9 @@ class Client:
 
     async def _on_reply(self, surb_id: bytes, payload: bytes) -> None:
         self.stats["replies"] += 1
+        if self.loops.knows(surb_id):
+            self._on_loop(surb_id, payload)
+            return
         s = self.store.surb(surb_id)
         if s is None:
             return
@@ -512,3 +748,6 @@ class Client:
                 await self._wake.wait()
             self._wake = trio.Event()
             await self._apply(self.outbox.tick(self.clock(), self._live()))
+            for lost in self.loops.tick(self.clock()):
+                self._loop_secrets.pop(lost.loop_id, None)
+                log.info("loop cover lost through %s", [n.short() for n in lost.relays])

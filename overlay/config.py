@@ -11,6 +11,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core.mixing import (
+    DEFAULT_COVER_LOOP_RATE,
+    DEFAULT_COVER_RATE,
+    DEFAULT_MIX_DELAY,
+    DEFAULT_RELAY_LOOP_RATE,
+)
 from .errors import ConfigError
 from .onion.epochs import EPOCH_LENGTH, MIN_EPOCH_LENGTH
 from .records import DEFAULT_TTL, MAX_FEEDS, Role, check_feed, check_rule
@@ -50,6 +56,12 @@ class Config:
     suspicion_max: float = 4.0
     maildir_root: str = ""
     onion_epoch_length: float = EPOCH_LENGTH
+    # [onion] mix_delay / [relay] max_held / [cover]: Poisson mixing and cover traffic
+    mix_delay: float = DEFAULT_MIX_DELAY
+    relay_max_held: int = 4096
+    cover_rate: float = DEFAULT_COVER_RATE
+    cover_loop_rate: float = DEFAULT_COVER_LOOP_RATE
+    relay_loop_rate: float = DEFAULT_RELAY_LOOP_RATE
     relay_max_links: int = 256
     relay_max_clients: int = 256
     relay_clients_per_peer: int = 4
@@ -122,6 +134,12 @@ class Config:
             )
         if not self.onion_epoch_length >= MIN_EPOCH_LENGTH:
             raise ConfigError(f"[onion] epoch_length must be >= {MIN_EPOCH_LENGTH:g} seconds")
+        if not 0 <= self.mix_delay <= 60:
+            raise ConfigError("[onion] mix_delay must be in 0..60 seconds (0: no mixing)")
+        if self.relay_max_held < 1:
+            raise ConfigError("[relay] max_held must be >= 1")
+        if max(self.cover_rate, self.cover_loop_rate, self.relay_loop_rate) > 100:
+            raise ConfigError("[cover] rates must be in 0..100 packets per second")
         if min(self.relay_max_links, self.relay_max_clients, self.relay_clients_per_peer) < 1:
             raise ConfigError("[relay] max_links, max_clients and clients_per_peer must be >= 1")
         if not self.relay_client_idle > 0:
@@ -181,10 +199,15 @@ _MAP = {
     ("liveness", "suspicion_min"): "suspicion_min",
     ("liveness", "suspicion_max"): "suspicion_max",
     ("onion", "epoch_length"): "onion_epoch_length",
+    ("onion", "mix_delay"): "mix_delay",
     ("relay", "max_links"): "relay_max_links",
     ("relay", "max_clients"): "relay_max_clients",
     ("relay", "clients_per_peer"): "relay_clients_per_peer",
     ("relay", "client_idle_timeout"): "relay_client_idle",
+    ("relay", "max_held"): "relay_max_held",
+    ("cover", "rate"): "cover_rate",
+    ("cover", "loop_rate"): "cover_loop_rate",
+    ("cover", "relay_loop_rate"): "relay_loop_rate",
     ("log", "level"): "log_level",
     ("admission", "rate"): "admission_rate",
     ("admission", "burst"): "admission_burst",
@@ -278,8 +301,9 @@ _SECTIONS = {
     "seeds": "Seed bundles used by `overlay run --seeds` / `overlay send --seeds`.",
     "exits": "Overlay-wide exit pool policy.",
     "liveness": "SWIM failure detection (seconds).",
-    "onion": "Onion key rotation (all nodes of one overlay use the same epoch length).",
+    "onion": "Onion keys and mixing (all nodes of one overlay use the same values).",
     "relay": "Relay links and light-client sessions.",
+    "cover": "Cover traffic (packets per second): `overlay agent` and relays' own loops.",
     "log": "Logging (`overlay run --log-level` overrides; SIGHUP re-reads it).",
     "admission": "Bounds on new members and on dials to addresses records only claim.",
     "limits": "Bounds on connections, relayed bandwidth and exit deliveries (SIGHUP re-reads all but handshake_timeout).",
@@ -305,6 +329,11 @@ _COMMENTS = {
     "target_live_exits": "standby exits promote when fewer exits are live",
     "exit_policy_mode": '"all-public" or "chain" (one public exit, the next takes over)',
     "epoch_length": "seconds per onion key epoch; the previous key stays accepted one more epoch",
+    "mix_delay": "mean seconds a sender asks each forwarding hop to hold a packet (0: no mixing)",
+    "max_held": "packets a relay holds for their delay; beyond it new ones are refused",
+    "cover.rate": "overlay agent: packets per second, a queued message or else drop cover",
+    "cover.loop_rate": "overlay agent: loop-cover packets per second (they come back to it)",
+    "cover.relay_loop_rate": "loop-cover packets per second a relay sends through others",
     "max_links": "outbound relay links to neighbours; the least recently used idle one closes",
     "max_clients": "light-client sessions in total; the longest idle one makes room",
     "clients_per_peer": "light-client sessions per client identity",

@@ -60,8 +60,6 @@ and stop with the node.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -71,6 +69,8 @@ from pathlib import Path
 import trio
 from prometheus_client import Counter, Gauge
 
+from .core.mixing import MAX_DELAY_MS, LoopMonitor, MixPool, draw_delays, next_poisson
+from .core.paths import NoPath, select_return_path
 from .core.scores import TokenBucket
 from .crypto import NodeId, OnionKey
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
@@ -82,9 +82,9 @@ from .onion import epochs
 from .onion.params import LARGE, SMALL, TAG_SIZE, PacketRejected, ReplayCacheFull
 from .onion.process import Deliver, Forward, process
 from .onion.replay import ReplayCache
-from .onion.surb import use_surb
+from .onion.surb import make_surb, use_surb
 from .records import Role
-from .wire import delivery
+from .wire import cover, delivery
 from .wire import relay as wire
 from .wire.delivery import Ack, AckStatus
 
@@ -356,6 +356,18 @@ class _Metrics:
             "hydra_relay_reconnects", "Wedged connections dropped and redialled", registry=r
         )
         self.links = Gauge("hydra_relay_links", "Open outbound relay links", registry=r)
+        self.loops = Counter(
+            "hydra_relay_loops",
+            "This relay's own loop-cover packets, by fate (sent, returned, lost)",
+            ["result"],
+            registry=r,
+        )
+        self.cover_bytes = Counter(
+            "hydra_relay_cover_bytes", "Bytes of loop cover this relay sent", registry=r
+        )
+        self.held = Gauge(
+            "hydra_relay_held_packets", "Packets held by the mix for their delay", registry=r
+        )
         self.sessions = Gauge("hydra_relay_client_sessions", "Light-client sessions", registry=r)
         self.acks = Counter("hydra_exit_acks", "Acks sent by this exit", ["status"], registry=r)
         self.closed = Counter(
@@ -401,8 +413,9 @@ class RelayService:
         idle_timeout: float = 120.0,
         connect_timeout: float = 5.0,
         stream_timeout: float = 3.0,
-        max_delay_ms: int = 60_000,
-        max_held: int = 4096,
+        max_delay_ms: int = MAX_DELAY_MS,
+        max_held: int | None = None,
+        max_held_bytes: int = 64 << 20,
         max_clients: int | None = None,
         clients_per_peer: int | None = None,
         client_idle: float | None = None,
@@ -424,6 +437,9 @@ class RelayService:
         replay_max_epochs: int = 4,
         smtp_relay: str | None = None,
         maildir_root: str | None = None,
+        mix_delay: float | None = None,
+        loop_rate: float | None = None,
+        loop_slack: float | None = None,
     ) -> None:
         """
         :param queue_size: packets waiting per neighbour before new ones are dropped.
@@ -431,6 +447,9 @@ class RelayService:
             token, a 32 KiB one 16).
         :param client_rate, client_burst: the same per light client.
         :param max_hold: a queued packet older than this is dropped, not sent.
+        :param max_delay_ms: longest hold a routing block may ask for (longer ones are cut).
+        :param max_held, max_held_bytes: bounds of the mix pool (held packets); beyond
+            them an arriving packet that asks to be held is refused (``hold_full``).
         :param exit_retry: the exit queue's retry policy (default ``RetryPolicy()``).
         :param dead_nodes: returns the nodes this node believes dead, pushed to
             light clients as DEAD hints (default: the node's liveness view, if any).
@@ -448,6 +467,9 @@ class RelayService:
             closed (``idle_timeout``); ``frame_timeout``: the same for a frame begun
             and not finished, on client and relay streams.
         :param epoch_length: onion key epoch in seconds (see ``overlay.onion.epochs``).
+        :param mix_delay, loop_rate: the overlay's mean hold per hop and this relay's
+            loop-cover rate (``[onion] mix_delay``, ``[cover] relay_loop_rate``);
+            ``loop_slack``: a loop not back this long after its delays is lost.
         Limits left as ``None`` come from the node's config (``[relay]``, ``[onion]``).
         """
         self.queue_size = queue_size
@@ -459,6 +481,10 @@ class RelayService:
         self.stream_timeout = stream_timeout
         self.max_delay_ms = max_delay_ms
         self.max_held = max_held
+        self.max_held_bytes = max_held_bytes
+        self.mix_delay = mix_delay
+        self.loop_rate = loop_rate
+        self.loops = LoopMonitor() if loop_slack is None else LoopMonitor(slack=loop_slack)
         self.max_clients = max_clients
         self.clients_per_peer = clients_per_peer
         self.client_idle = client_idle
@@ -498,9 +524,8 @@ class RelayService:
         self._dials = trio.Semaphore(max_dials)
         self._lookups = 0
         self._epoch = 0  # current onion key epoch
-        self._held: list[tuple[float, int, NodeId, bytes]] = []
+        self.mix = MixPool(max_packets=max_held or 4096, max_bytes=max_held_bytes)
         self._held_wakeup = trio.Event()
-        self._seq = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self._closed = False
@@ -522,6 +547,12 @@ class RelayService:
             self.max_links = cfg.relay_max_links
         if self.epoch_length is None:
             self.epoch_length = cfg.onion_epoch_length
+        if self.max_held is None:
+            self.max_held = self.mix.max_packets = cfg.relay_max_held
+        if self.mix_delay is None:
+            self.mix_delay = cfg.mix_delay
+        if self.loop_rate is None:
+            self.loop_rate = cfg.relay_loop_rate
         self.metrics = _Metrics(node.metrics.registry)
         node.host.set_stream_handler(RELAY_PROTOCOL, self._serve_relay)
         if self.serve_clients:
@@ -583,6 +614,7 @@ class RelayService:
                 n.start_soon(self._exit_loop)
                 n.start_soon(self._loopback_loop)
                 n.start_soon(self._held_loop)
+                n.start_soon(self._loop_cover)
                 n.start_soon(self._maintenance_loop)
                 self._ready.set()
                 task_status.started()
@@ -697,6 +729,9 @@ class RelayService:
 
     def _sweep(self, now: float) -> None:
         self.surbs.expire(now)
+        for lost in self.loops.tick(now):
+            self.metrics.loops.labels("lost").inc()
+            log.info("loop cover lost through %s", ", ".join(n.short() for n in lost.relays))
         for d in (self._unreachable, self._rl_penalized):
             for k in [k for k, t in d.items() if t <= now]:
                 del d[k]
@@ -713,7 +748,22 @@ class RelayService:
             "clients": len(self._sessions),
             "max_clients": self.max_clients,
             "client_ids": len(self._sessions_of),
-            "held": len(self._held),
+            "held": len(self.mix),
+            "held_bytes": self.mix.held_bytes,
+            "max_held": self.max_held,
+            "hold_overflows": self.mix.overflows,
+            "loops": {
+                **self.loops.stats,
+                "in_flight": len(self.loops),
+                "rate": self.loop_rate,
+                "cover_bytes_per_s": round((self.loop_rate or 0) * SMALL.packet_size),
+                "suspects": {
+                    n.short(): round(share, 2)
+                    for n, share in sorted(
+                        self.loops.suspects().items(), key=lambda kv: -self.loops.evidence[kv[0]]
+                    )[:8]
+                },
+            },
             "epoch": self._epoch,
             "epochs": [
                 {"epoch": e, "tags": self.replay.size(e)} for e in sorted(self._keys, reverse=True)
@@ -848,13 +898,25 @@ class RelayService:
         if isinstance(res, Forward):
             self.metrics.forwarded.inc()
             self.forward(res.next_node, res.packet, res.delay_ms, now, source=source)
-        elif res.surb_id is not None:
+        elif res.delay_ms > 0:  # the last hop holds it too before delivering
+            self._hold(None, res, res.delay_ms, len(res.payload))
+        else:
+            self._deliver(res, now)
+
+    def _deliver(self, res: Deliver, now: float) -> None:
+        if res.surb_id is not None:
+            if self.loops.knows(res.surb_id):  # our own loop cover, back
+                self.loops.returned(res.surb_id, now)
+                self.metrics.loops.labels("returned").inc()
+                return
             self.metrics.delivered.labels("reply").inc()
             owner = self.surbs.route(res.surb_id, res.payload, now)
             if owner is not None:
                 owner.push(res.surb_id, res.payload)
             elif not self.surbs.knows(res.surb_id):
                 self.metrics.dropped.labels("unknown_surb").inc()
+        elif cover.is_cover(res.payload):
+            self.metrics.delivered.labels("drop_cover").inc()
         else:
             self.metrics.delivered.labels("exit").inc()
             try:
@@ -895,12 +957,7 @@ class RelayService:
                 self._reject(source, Reason.UNKNOWN_NEXT_HOP, None, penalize=False)
                 return
         if delay_ms > 0:
-            if len(self._held) >= self.max_held:
-                self.metrics.dropped.labels("hold_full").inc()
-                return
-            due = trio.current_time() + min(delay_ms, self.max_delay_ms) / 1000
-            heapq.heappush(self._held, (due, next(self._seq), node_id, packet))
-            self._held_wakeup.set()
+            self._hold(node_id, packet, delay_ms, len(packet))
             return
         now = now or self.node.clock()
         if self._unreachable.get(node_id, 0) > now:
@@ -932,6 +989,18 @@ class RelayService:
             self.metrics.dropped.labels("queue_full").inc()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.metrics.dropped.labels("link_closed").inc()
+
+    def _hold(self, node_id: NodeId | None, item, delay_ms: int, size: int) -> None:
+        """Hold a packet for ``node_id`` (or, with None, a ``Deliver``) ``delay_ms``."""
+        t = trio.current_time()
+        delay = min(delay_ms, self.max_delay_ms) / 1000
+        earliest = self.mix.next_due()
+        if not self.mix.hold(t, delay, (node_id, item), size):
+            self.metrics.dropped.labels("hold_full").inc()
+            return
+        self.metrics.held.set(len(self.mix))
+        if earliest is None or t + delay < earliest:
+            self._held_wakeup.set()  # the new earliest: wake the timer
 
     def _known(self, node_id: NodeId) -> bool:
         rec = self.node.view.get(node_id)
@@ -1097,18 +1166,61 @@ class RelayService:
             await trio.sleep(0)
 
     async def _held_loop(self) -> None:
+        """Release held packets when due: the trio side of ``MixPool`` (trio's clock)."""
         while True:
             self._held_wakeup = trio.Event()
-            if not self._held:
+            due = self.mix.next_due()
+            if due is None:
                 await self._held_wakeup.wait()
                 continue
-            due = self._held[0][0]
             if trio.current_time() < due:
                 with trio.move_on_at(due):
                     await self._held_wakeup.wait()
                 continue
-            _, _, node_id, packet = heapq.heappop(self._held)
-            self.forward(node_id, packet)
+            released = self.mix.due(trio.current_time())
+            self.metrics.held.set(len(self.mix))
+            for node_id, item in released:
+                if node_id is None:
+                    self._deliver(item, self.node.clock())
+                else:
+                    self.forward(node_id, item)
+            await trio.sleep(0)
+
+    async def _loop_cover(self) -> None:
+        """Send loop-cover packets at Poisson rate ``loop_rate``: *relay, relay, this
+        node*, each hop holding it as the overlay's senders do. A loop that does not
+        come back is counted against the relays on it (``LoopMonitor``)."""
+        rng = self.node.rng
+        while self.loop_rate and self.loop_rate > 0:
+            now = trio.current_time()
+            await trio.sleep_until(next_poisson(rng, self.loop_rate, now))
+            try:
+                self.send_loop()
+            except OverlayError as e:  # no path yet, a key the onion code refuses
+                log.debug("loop cover: %s", e)
+
+    def send_loop(self) -> bytes | None:
+        """Send one loop-cover packet now; returns its loop id (None: no path)."""
+        now = self.node.clock()
+        live = [
+            r
+            for r in self.node.view.snapshot(now).live()
+            if not epochs.record_key_retired(r.onion_epoch, r.issued_at, now, self.epoch_length)
+        ]
+        try:
+            path = select_return_path(live, self.node.rng, last=self.node.node_id, hops=3)
+        except NoPath:
+            return None
+        delays = draw_delays(self.node.rng, self.mix_delay or 0.0, len(path))
+        surb, secret = make_surb(SMALL, path.sphinx_hops(), delays_ms=delays)
+        first, packet = use_surb(SMALL, surb, cover.encode(cover.LOOP))
+        relays = path.node_ids[:-1]
+        if not self.loops.sent(secret.surb_id, relays, now, sum(delays) / 1000):
+            return None
+        self.metrics.loops.labels("sent").inc()
+        self.metrics.cover_bytes.inc(len(packet))
+        self.forward(first, packet)
+        return secret.surb_id
 
     # ---- exit ------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ Resend policy (the caller runs ``tick`` and executes the ``Attempt``s):
   ``queued_refresh`` seconds it is resubmitted to the same exit (a duplicate
   there), which refreshes the reply block the exit will use for the final
   ack and confirms that the exit still holds it.
+- Poisson mixing: an attempt's timeout runs from the moment its chosen hold
+  times have passed (``sent(..., held=)``), never counting them as loss.
 - Nodes of a timed-out attempt are *suspects* for ``suspect_for`` seconds:
   path selection avoids them for every message, so a dead exit or relay
   costs one timeout, not one per message.
@@ -253,9 +255,21 @@ class Outbox:
                 e.next_at = now
 
     def sent(
-        self, message_id: bytes, path: Sequence[NodeId], exit: NodeId, now: float
+        self,
+        message_id: bytes,
+        path: Sequence[NodeId],
+        exit: NodeId,
+        now: float,
+        held: float = 0.0,
     ) -> list[Decision]:
-        """The caller sent an attempt through ``path`` (first hop first) to ``exit``."""
+        """The caller sent an attempt through ``path`` (first hop first) to ``exit``.
+
+        ``held``: seconds the hops were asked to hold the packet and its ack in
+        all (Poisson mixing: the forward delays plus those of the ack's return
+        path). The attempt's timeout starts after them, so a packet a relay
+        holds for its delay is not taken for lost, and round-trip samples
+        exclude them.
+        """
         e = self.entries.get(message_id)
         if e is None or e.state.finished:
             return []
@@ -270,12 +284,13 @@ class Outbox:
             if e.exit is not None:  # left behind (it may still hold a copy): the new
                 e.exits_failed = _add(e.exits_failed, e.exit)  # exit is told to ask it
             e.exit, e.exit_attempts = exit, 1
-        if e.attempts == 1:
-            self._sent_at[e.message_id] = now  # Karn: sample only unambiguous round trips
+        held = max(0.0, held)
+        if e.attempts == 1:  # Karn: sample only unambiguous round trips
+            self._sent_at[e.message_id] = now + held
         else:
             self._sent_at.pop(e.message_id, None)
         e.in_flight = True
-        e.next_at = now + self.timeout_for(e.attempts)
+        e.next_at = now + held + self.timeout_for(e.attempts)
         return [Persist(e.copy())]
 
     def send_failed(self, message_id: bytes, reason: str, now: float) -> list[Decision]:
@@ -306,7 +321,7 @@ class Outbox:
             self.suspects.pop(exit, None)
         sent_at = self._sent_at.pop(message_id, None)
         if sent_at is not None and e.state is State.PENDING and status is not AckStatus.REJECTED:
-            self._sample(now - sent_at)
+            self._sample(max(0.0, now - sent_at))
         exit = exit or e.exit
         if status is AckStatus.DELIVERED:
             return self._finish(e, State.DELIVERED, reason or "delivered", now)

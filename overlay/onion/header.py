@@ -22,7 +22,10 @@ from collections.abc import Callable, Sequence
 from ..crypto import NodeId, OnionPublicKey, kdf, keystream, mac, x25519, x25519_base
 from ..errors import LocalError
 from .params import (
+    DELAY_OFFSET,
+    DELAY_SIZE,
     FLAG_FORWARD,
+    HELD_FLAGS,
     HOP_BLOCK_SIZE,
     KEY_SIZE,
     LABEL_BLIND,
@@ -71,16 +74,19 @@ def build_header(
     ``final_block`` is the plaintext routing block for the last hop (flag and
     optional surb id); the rest of its space is filled from ``rng``.
     ``delays_ms[i]`` is how long hop ``i`` holds the packet before forwarding
-    (``len(path) - 1`` entries, default all 0).
+    (``len(path) - 1`` entries, default all 0). With ``len(path)`` entries the
+    final hop holds it too, ``delays_ms[-1]`` ms, before it delivers: its block
+    then says deliver-held or reply-held and carries the delay at the offset a
+    forward block does.
     """
     hops = check_path(params, path)
     n = len(hops)
     if delays_ms is None:
         delays_ms = [0] * (n - 1)
-    if len(delays_ms) != n - 1 or not all(
+    if len(delays_ms) not in (n - 1, n) or not all(
         isinstance(d, int) and 0 <= d <= MAX_DELAY_MS for d in delays_ms
     ):
-        raise LocalError("delays_ms needs len(path)-1 ints in 0..2**32-1")
+        raise LocalError("delays_ms needs len(path)-1 or len(path) ints in 0..2**32-1")
     blk = HOP_BLOCK_SIZE
     beta_size = params.beta_size
     fmt = bytes([params.format])
@@ -119,7 +125,14 @@ def build_header(
     pad = rng(tail_space - len(final_block))
     if len(pad) != tail_space - len(final_block):
         raise LocalError("rng returned the wrong number of bytes")
-    beta = _xor(final_block + pad, streams[n - 1]) + filler
+    last = final_block + pad
+    if len(delays_ms) == n:  # the final hop holds too: held flag, delay where forward has it
+        if last[0] not in HELD_FLAGS or len(final_block) > DELAY_OFFSET:
+            raise LocalError("this final block cannot carry a delay")
+        end = DELAY_OFFSET + DELAY_SIZE
+        delay = delays_ms[-1].to_bytes(DELAY_SIZE, "big")
+        last = bytes([HELD_FLAGS[last[0]]]) + last[1:DELAY_OFFSET] + delay + last[end:]
+    beta = _xor(last, streams[n - 1]) + filler
 
     def epoch_bytes(i: int) -> bytes:
         return hops[i].epoch.to_bytes(4, "big")

@@ -27,7 +27,7 @@ EPOCH_SIZE = 4  # onion-key epoch of the hop that must process the packet (big-e
 ALPHA_SIZE = 32  # X25519 group element
 GAMMA_SIZE = 16  # per-hop header MAC (keyed BLAKE2b-128)
 NODE_SIZE = NodeId.SIZE  # 32
-DELAY_SIZE = 4  # per-hop hold time in ms (reserved for Poisson mixing; 0 today)
+DELAY_SIZE = 4  # per-hop hold time in ms (Poisson mixing)
 SURB_ID_SIZE = 16
 TAG_SIZE = 16  # replay tag
 KEY_SIZE = 32
@@ -40,6 +40,12 @@ HOP_BLOCK_SIZE = 1 + NODE_SIZE + EPOCH_SIZE + DELAY_SIZE + GAMMA_SIZE  # 57
 FLAG_FORWARD = 0x01  # relay to the next node
 FLAG_DELIVER = 0x02  # this hop is the exit: the payload is a forward message
 FLAG_REPLY = 0x03  # this hop ends a SURB path: the payload is a reply, block holds surb id
+#: the same two, held by the final hop for ``delay ms`` (block bytes 37..41, as in a
+#: forward block) before it delivers: Poisson mixing at the last hop too
+FLAG_DELIVER_HELD = 0x04
+FLAG_REPLY_HELD = 0x05
+HELD_FLAGS = {FLAG_DELIVER: FLAG_DELIVER_HELD, FLAG_REPLY: FLAG_REPLY_HELD}
+DELAY_OFFSET = 1 + NODE_SIZE + EPOCH_SIZE  # 37: where a block carries its delay
 
 #: payload plaintext: zero tag(16) | message length(4, big-endian) | message | zero padding
 PAYLOAD_TAG_SIZE = 16

@@ -9,7 +9,8 @@ Invariants:
 - checks run cheapest first: length, format byte, epoch lookup, one X25519,
   header MAC; nothing about the packet is used before its MAC verified;
 - a forwarded packet has exactly the incoming length; the hop learns only
-  the next node, its epoch and the hold time (or "deliver" / "reply + id").
+  the next node, its epoch and the hold time (or "deliver" / "reply + id",
+  each possibly with a hold time of its own).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from .params import (
     ALPHA_SIZE,
     EPOCH_SIZE,
     FLAG_DELIVER,
+    FLAG_DELIVER_HELD,
     FLAG_FORWARD,
     FLAG_REPLY,
+    FLAG_REPLY_HELD,
     GAMMA_SIZE,
     HOP_BLOCK_SIZE,
     LABEL_BLIND,
@@ -52,7 +55,7 @@ class Forward:
     packet: bytes
     replay_tag: bytes
     epoch: int = 0  # the epoch of our key that opened the packet: replay cache key
-    delay_ms: int = 0  # sender-chosen hold time before forwarding (0 until mixing lands)
+    delay_ms: int = 0  # sender-chosen hold time before forwarding (Poisson mixing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class Deliver:
     replay_tag: bytes
     epoch: int = 0
     surb_id: bytes | None = None
+    delay_ms: int = 0  # sender-chosen hold time before delivering (held flags)
 
     @property
     def is_reply(self) -> bool:
@@ -168,10 +172,12 @@ def process(
             epoch,
             int.from_bytes(ext[_B_DELAY:_B_GAMMA], "big"),
         )
-    if flag == FLAG_DELIVER:
+    if flag in (FLAG_DELIVER, FLAG_DELIVER_HELD):
         payload = lioness_decrypt(lioness_key(s), packet[hsize:])
-        return Deliver(unpad(params, payload), tag, epoch)
-    if flag == FLAG_REPLY:
+        delay = int.from_bytes(ext[_B_DELAY:_B_GAMMA], "big") if flag == FLAG_DELIVER_HELD else 0
+        return Deliver(unpad(params, payload), tag, epoch, None, delay)
+    if flag in (FLAG_REPLY, FLAG_REPLY_HELD):
         payload = lioness_decrypt(lioness_key(s), packet[hsize:])
-        return Deliver(payload, tag, epoch, ext[1 : 1 + SURB_ID_SIZE])
+        delay = int.from_bytes(ext[_B_DELAY:_B_GAMMA], "big") if flag == FLAG_REPLY_HELD else 0
+        return Deliver(payload, tag, epoch, ext[1 : 1 + SURB_ID_SIZE], delay)
     raise PacketRejected(Reason.MALFORMED, f"routing flag {flag:#x}")

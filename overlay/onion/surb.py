@@ -97,13 +97,15 @@ def make_surb(
     rng: Rng = os.urandom,
     *,
     delays_ms: Sequence[int] | None = None,
+    surb_id: bytes | None = None,
 ) -> tuple[bytes, SurbSecret]:
     """Make a SURB for ``return_path`` (its last hop is where the reply is delivered).
 
     Returns ``(surb bytes to embed in a message, SurbSecret to keep)``.
-    rng draws: surb id (16), k~ (32), then the header's (32 + fill).
+    rng draws: surb id (16, unless ``surb_id`` is given), k~ (32), then the
+    header's (32 + fill).
     """
-    surb_id = rng(SURB_ID_SIZE)
+    surb_id = rng(SURB_ID_SIZE) if surb_id is None else bytes(surb_id)
     reply_key = rng(KEY_SIZE)
     if len(surb_id) != SURB_ID_SIZE or len(reply_key) != KEY_SIZE:
         raise LocalError("rng returned the wrong number of bytes")

@@ -229,7 +229,8 @@ async def test_three_hops_to_smtp_replay_tamper_and_garbage(tmp_path):
                     fwd = metric(relay, "hydra_relay_forwarded_total")
                     await s.write(encode_frame(pkt) + encode_frame(pkt))
                     await wait_until(lambda: rejected(relay, "replay") == 1, 10)
-                    assert metric(relay, "hydra_relay_forwarded_total") == fwd + 1
+                    # (>=: other nodes' loop cover may pass through the relay meanwhile)
+                    assert metric(relay, "hydra_relay_forwarded_total") >= fwd + 1
                     # tampered header: refused by the first hop
                     pkt, _ = build_packet(SMALL, [hop(relay), hop(exit_)], b"x")
                     bad = bytearray(pkt)

@@ -193,10 +193,35 @@ def test_delays_and_replay_tags():
             packet = res.packet
     assert delays == [5, 0, 70000]
     assert len(set(tags)) == 4 and all(len(t) == 16 for t in tags)
+    assert res.delay_ms == 0  # the exit delivers at once
     with pytest.raises(LocalError):
         build_packet(SMALL, [nd.hop for nd in path], b"hi", delays_ms=[1, 2])
     with pytest.raises(LocalError):
         build_packet(SMALL, [nd.hop for nd in path], b"hi", delays_ms=[1, 2, -1])
+    with pytest.raises(LocalError):
+        build_packet(SMALL, [nd.hop for nd in path], b"hi", delays_ms=[1, 2, 3, 4, 5])
+
+
+def test_final_hop_hold_for_messages_and_replies():
+    path = nodes(3)
+    packet, _ = build_packet(SMALL, [nd.hop for nd in path], b"hi", delays_ms=[5, 6, 7])
+    res = run_path(SMALL, path, packet)[0]
+    assert isinstance(res, Deliver) and res.payload == b"hi" and res.delay_ms == 7
+    assert not res.is_reply
+    surb, secret = make_surb(SMALL, [nd.hop for nd in path], delays_ms=[1, 2, 3])
+    _, packet = use_surb(SMALL, surb, b"ack")
+    seen = []
+    for nd in path:
+        res = process(SMALL, nd.keys, packet)
+        seen.append(res.delay_ms)
+        if isinstance(res, Forward):
+            packet = res.packet
+    assert seen == [1, 2, 3] and res.surb_id == secret.surb_id
+    assert open_reply(SMALL, secret, res.payload) == b"ack"
+    # a held final hop is the only change: the same rng gives the same packet otherwise
+    a = build_packet(SMALL, [nd.hop for nd in path], b"x", TapeRng(shake("t")), delays_ms=[5, 6])
+    b = build_packet(SMALL, [nd.hop for nd in path], b"x", TapeRng(shake("t")), delays_ms=[5, 6, 0])
+    assert a.packet[:5] == b.packet[:5] and a.packet != b.packet
 
 
 def test_same_message_gives_unlinkable_packets():
@@ -530,6 +555,7 @@ def _hops_record(params, path, packet) -> list[dict]:
                     "replay_tag": res.replay_tag.hex(),
                     "surb_id": res.surb_id.hex() if res.surb_id else None,
                     "payload_hex": res.payload.hex(),
+                    "delay_ms": res.delay_ms,
                 }
             )
     return out
@@ -559,6 +585,7 @@ class _VecNode:
 FORWARD_CASES = [
     ("small-1hop", SMALL, 1, b"", None),
     ("small-3hop", SMALL, 3, b"Hello, Hydra!", [10, 250]),
+    ("small-3hop-held", SMALL, 3, b"held at every hop", [10, 250, 4321]),
     ("small-5hop", SMALL, 5, bytes(range(256)) * 6, None),
     ("large-3hop", LARGE, 3, b"Subject: vectors\r\n\r\n" + b"x" * 3000, None),
 ]
@@ -631,6 +658,7 @@ def _check_hops(params, path, packet, expected):
             assert isinstance(res, Deliver)
             assert res.payload.hex() == exp["payload_hex"]
             assert (res.surb_id.hex() if res.surb_id else None) == exp["surb_id"]
+            assert res.delay_ms == exp["delay_ms"]
 
 
 @pytest.mark.parametrize("fname", ["sphinx_small.json", "sphinx_large.json"])
