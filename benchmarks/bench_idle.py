@@ -1,7 +1,7 @@
 """Idle cost of a node: CPU per node, and connections, for overlays of growing size.
 
-Starts N real Hydra nodes in this process (loopback, ``target_peers`` 4, the
-liveness settings of the propagation benchmark unless given), waits until every
+Starts N real Hydra nodes in this process (loopback, the node's default
+configuration), waits until every
 node holds every record, lets the overlay settle, then measures this process's
 CPU time over a quiet window. Baseline, same run and same connection graph:
 bare py-libp2p hosts (GossipSub on one topic, no Hydra logic) left idle for the
@@ -36,7 +36,7 @@ async def _cpu_over(window: float) -> float:
 
 async def hydra_idle(n: int, settle: float, window: float, settings: dict):
     with tempfile.TemporaryDirectory() as tmp:
-        async with overlay(Path(tmp), n, target_peers=4, **settings) as nodes:
+        async with overlay(Path(tmp), n, **settings) as nodes:
             await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
             await trio.sleep(settle)
             cpu = await _cpu_over(window)
@@ -57,7 +57,10 @@ async def baseline_idle(graph: dict[str, list[str]], settle: float, window: floa
 
 
 async def main_async(args) -> dict:
-    settings = {"probe_interval": args.probe_interval, "probe_timeout": args.probe_interval / 2}
+    settings: dict = {"defaults": True}  # the node's default configuration
+    if args.probe_interval is not None:
+        settings["probe_interval"] = args.probe_interval
+        settings["probe_timeout"] = args.probe_interval / 2
     if args.sync_idle_interval is not None:
         settings["sync_idle_interval"] = args.sync_idle_interval
     rows = []
@@ -82,7 +85,7 @@ async def main_async(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[8, 16, 24])
-    p.add_argument("--probe-interval", type=float, default=5.0)
+    p.add_argument("--probe-interval", type=float, default=None, help="node setting")
     p.add_argument("--sync-idle-interval", type=float, default=None, help="node setting")
     p.add_argument("--settle", type=float, default=20.0, help="seconds before measuring")
     p.add_argument("--window", type=float, default=20.0, help="seconds measured")

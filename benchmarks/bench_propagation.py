@@ -34,6 +34,7 @@ from pathlib import Path
 
 import trio
 
+from overlay.config import Config
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
@@ -71,9 +72,9 @@ def _counter(c, **labels) -> float:
 
 
 def node_settings(args) -> dict:
-    """Config of every Hydra node. N nodes share this machine's CPUs: liveness
-    probes are slowed so that they do not dominate them."""
-    out = {"probe_interval": 5.0, "probe_timeout": 2.5}
+    """Config of every Hydra node: the default configuration (``defaults``), apart
+    from what the command line sets explicitly."""
+    out = {"defaults": True}
     if args.sync_interval is not None:
         out["sync_interval"] = args.sync_interval
     return out
@@ -84,7 +85,6 @@ async def hydra_trials(
 ):
     rng = random.Random(seed)
     results = []
-    # N nodes share one CPU: liveness probes are slowed so that they do not dominate it
     async with overlay(tmp, n, seed=seed, target_peers=target_peers, **settings) as nodes:
         t = time.monotonic()
         await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
@@ -546,7 +546,7 @@ def main() -> None:
     )
     p.add_argument("--nodes", type=int, default=50)
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--target-peers", type=int, default=4)
+    p.add_argument("--target-peers", type=int, default=Config().target_peers, help="node setting")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--baseline-alongside",

@@ -25,17 +25,16 @@ def make_home(
     *,
     listen: Sequence[str] = LOOPBACK,
     policy: Sequence[str] | None = None,
+    defaults: bool = False,
     **settings,
 ) -> Home:
-    """A node home bound to loopback with a free port and a local control endpoint."""
-    # many nodes share one CPU in a test process: probe less often than a real node
-    extra = {
-        "control_listen": "127.0.0.1:0",
-        "sync_interval": 0.5,
-        "probe_interval": 2.0,
-        "probe_timeout": 1.0,
-        **settings,
-    }
+    """A node home bound to loopback with a free port and a local control endpoint.
+
+    Tests probe less often than a real node (many nodes share one CPU in a test
+    process); ``defaults=True`` keeps the node's default configuration instead
+    (benchmarks), apart from ``settings``."""
+    timing = {} if defaults else {"sync_interval": 0.5, "probe_interval": 2.0, "probe_timeout": 1.0}
+    extra = {"control_listen": "127.0.0.1:0", **timing, **settings}
     return Home.init(path, roles=list(roles), listen=list(listen), exit_policy=policy, extra=extra)
 
 
