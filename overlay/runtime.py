@@ -45,7 +45,7 @@ from .feeds import FeedMonitor
 from .home import Home, write_atomic
 from .metrics import Metrics
 from .net import framing
-from .net.host import Libp2pHost
+from .net.host import DialTimeout, Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .relay import RelayService
@@ -59,6 +59,7 @@ RECORDS_TOPIC = "hydra/records/1"
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
 SYNC_TIMEOUT = 5.0
+JOIN_DIAL_RETRIES = (1.0, 2.0)  # pauses before dialling a join address again after a timeout
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
@@ -725,7 +726,7 @@ class Node:
         errors = []
         for addr in addrs:
             try:
-                pid = await self.host.connect(addr)
+                pid = await self._connect_patiently(addr)
             except Exception as e:  # noqa: BLE001 - try the next one
                 errors.append(f"{addr}: {e}")
                 continue
@@ -756,6 +757,17 @@ class Node:
             await self._fill_peers()
             return addr
         raise LocalError("could not join through any address: " + "; ".join(errors))
+
+    async def _connect_patiently(self, addr: str) -> str:
+        """Dial a join address; a dial that timed out (a busy peer, a lossy feed) is
+        tried again after 1 s and 2 s; a refusal or a wrong peer is final at once."""
+        for pause in JOIN_DIAL_RETRIES:
+            try:
+                return await self.host.connect(addr)
+            except DialTimeout as e:
+                log.info("join: %s; trying again in %.0f s", e, pause)
+                await trio.sleep(pause)
+        return await self.host.connect(addr)
 
     async def _speaks_sync(self, peer_id: str, wait: float = 5.0) -> bool:
         """False once identify has listed the peer's protocols without Hydra's sync;
