@@ -418,7 +418,7 @@ async def test_withdrawn_exit_is_replaced_by_a_standby(tmp_path):
 
 
 async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
-    from overlay.wire.delivered import Answer, notice_key
+    from overlay.wire.delivered import notice_key
     from overlay.wire.delivery import ExitMessage
 
     async with fleet(tmp_path) as f:
