@@ -403,7 +403,13 @@ class SmtpHandler:
             elif self.starttls == "required":
                 raise TemporaryFailure("smtp_no_starttls", f"{where} does not offer STARTTLS")
             if self.username is not None:
-                conn.login(self.username, self.password or "")
+                try:
+                    conn.login(self.username, self.password or "")
+                except (smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected) as e:
+                    code = getattr(e, "smtp_code", "disconnected")
+                    raise TemporaryFailure(
+                        "smtp_auth_failed", f"login at {where}: {code}"
+                    ) from None
             opts = ["BODY=8BITMIME"] if content.eight_bit and conn.has_extn("8bitmime") else []
             code, text = conn.mail(self.exit_address, opts)
             if code != 250:
