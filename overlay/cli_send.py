@@ -360,11 +360,13 @@ def outbox(
                     while c.pending():
                         await trio.sleep(0.2)
 
-        if not nothing:
-            try:
+        try:
+            if not nothing:
                 trio.run(run_flush)
-            except OverlayError as e:
-                raise fail_for(e) from None
+            elif h.config_path.exists():
+                h.config()  # nothing to send; a broken config is still reported
+        except OverlayError as e:
+            raise fail_for(e) from None
     if not (h.path / FILENAME).exists():
         entries = []
     else:

@@ -72,8 +72,10 @@ abandoned on cancellation: a send that started finishes (bounded by
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -384,6 +386,8 @@ class SmtpHandler:
             failure = TemporaryFailure("connect_failed", f"{where}: {type(e).__name__}")
             raise _NextTarget(failure) from None
         conn._host = target.name
+        with contextlib.suppress(OSError):  # the end of data is a write of its own: no Nagle wait
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if code != 220:
             _close(conn)
             failure = _classify(code, text, "greeting")

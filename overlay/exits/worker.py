@@ -128,7 +128,7 @@ CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer | V
 # (notice key, raw ids of the exits the sender named, ended) -> None; tells other
 # exits the message is in flight here (ended=False) or that the attempt ended
 # without delivery (ended=True)
-MarkInFlight = Callable[[bytes, tuple[bytes, ...], bool], Awaitable[None]]
+MarkInFlight = Callable[[bytes, tuple[bytes, ...], bool], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,10 +355,18 @@ class DeliveryWorker:
         except (sqlite3.Error, LocalError):
             log.exception("exit: cannot record a committing attempt")
         if self.mark_in_flight is not None:
+            t0 = time.perf_counter()
             try:
-                await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
+                acked = await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
             except Exception:
                 log.exception("exit: marking a message in flight failed")
+            else:
+                log.info(
+                    "exit: %s marked in flight at %s exit(s) in %.1f ms; sending the end of data",
+                    mid.hex()[:8],
+                    acked,
+                    (time.perf_counter() - t0) * 1000,
+                )
 
     async def _finish_interrupted(self) -> None:
         """At start: messages whose attempt was stopped inside the end-of-data window
