@@ -23,8 +23,9 @@ queue, before it knows the overlay. It asks the exits the sender named and
 up to ``ASK_PEERS`` other exit-capable members (connected ones first, others
 dialled), and reports who answered (``Verdict``). In-flight marks (``mark``,
 ``/hydra/inflight/1.0.0``) are sent to the named exits and to up to
-``MARK_PEERS`` connected exit-capable peers right before the end of data, and
-accepted only from peers whose record holds an exit role.
+``MARK_PEERS`` other exit-capable members (connected first, others dialled)
+right before the end of data, and accepted only from peers whose record holds
+an exit role.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ ASK_TIMEOUT = 2.0
 OTHERS_NEEDED = 2  # exits not named by the sender that must agree a message was delivered
 ASK_DOUBTFUL_TIMEOUT = 0.5  # for an earlier exit we hold suspect or dead (yet still connected)
 READY_WAIT = 60.0  # a question waits this long for the node to join, else nobody answered
-MARK_PEERS = 8  # connected exit-capable peers told of an in-flight attempt, besides named ones
-MARK_TIMEOUT = 0.5  # per peer; the end of data is sent when all acked or this passed
+MARK_PEERS = 8  # exit-capable peers told of an in-flight attempt, besides the named ones
+MARK_TIMEOUT = 0.5  # per peer, once connected
+MARK_DIAL_TIMEOUT = 3.0  # to connect to a peer we have no connection to first
 
 
 class AnswerTally:
@@ -68,7 +70,9 @@ class AnswerTally:
     a delivery it heard of, and must be backed by a second one (unless only
     one was asked): else a single lying exit, asked at random, could make us
     drop every late message by answering "delivered", or stall it forever by
-    answering "held". "Held" from an exit not named is ignored.
+    answering "held". "Held" from an exit not named is ignored. An in-flight
+    mark counts only for an exit the sender named (the exit it died in must
+    have had the message), from our own marks or as *delivered* is believed.
     """
 
     def __init__(self, keys: Iterable[bytes], named: set[NodeId], others: int) -> None:
@@ -79,12 +83,15 @@ class AnswerTally:
         self.holding: set[bytes] = set()
         self.answered: set[NodeId] = set()
         self.marks: set[tuple[bytes, bytes]] = set()  # believed (key, marking exit's raw id)
+        self._named_raw = {bytes(n) for n in named}
         self._votes: dict[bytes, set[NodeId]] = {}
         self._mark_votes: dict[tuple[bytes, bytes], set[NodeId]] = {}
 
     def add_mark(self, key: bytes, marker: bytes) -> None:
-        """A mark we received ourselves, from the marking exit: believed."""
-        self.marks.add((bytes(key), bytes(marker)))
+        """A mark we received ourselves, from the marking exit: believed if the
+        sender named that exit (it handed it the message)."""
+        if bytes(marker) in self._named_raw:
+            self.marks.add((bytes(key), bytes(marker)))
 
     def add(self, peer: NodeId, answer: wire.Answer) -> bool:
         """Count ``peer``'s answer; True once every key is settled (delivered or held).
@@ -92,7 +99,7 @@ class AnswerTally:
         asked = set(self.keys)
         self.answered.add(peer)
         for pair in answer.in_flight:
-            if pair[0] not in asked or pair[1] == bytes(peer):
+            if pair[0] not in asked or pair[1] == bytes(peer) or pair[1] not in self._named_raw:
                 continue
             votes = self._mark_votes.setdefault(pair, set())
             votes.add(peer)
@@ -290,10 +297,9 @@ class DeliveryNotices:
         me = node.node_id
         connected = set(node.connected())
         worker = self._worker()
-        own_marks = worker.marks_among(keys) if worker is not None else {}
         asked: dict[NodeId, float] = {}  # peer -> how long we wait for its answer
         named: set[NodeId] = set()
-        for raw in (*earlier, *own_marks.values()):
+        for raw in earlier:
             try:
                 nid = NodeId(bytes(raw))
             except ValueError:
@@ -312,8 +318,9 @@ class DeliveryNotices:
             asked[nid] = ASK_TIMEOUT
         question = framing.encode_frame(wire.encode(wire.Delivered(keys)), wire.MAX_SIZE)
         tally = AnswerTally(keys, named, others=len(others))
+        own_marks = worker.marks_among(keys) if worker is not None else {}
         for key, marker in own_marks.items():
-            tally.add_mark(key, marker)
+            tally.add_mark(key, marker)  # counted only if the sender named the marker
 
         async def one(peer: NodeId, timeout: float, done: trio.CancelScope) -> None:
             try:
@@ -356,11 +363,13 @@ class DeliveryNotices:
     # -- in-flight marks ---------------------------------------------------------------
 
     async def mark(self, key: bytes, earlier: Iterable[bytes] = (), ended: bool = False) -> int:
-        """Tell the exits in ``earlier`` and up to ``MARK_PEERS`` connected exit-capable
-        peers that the message with notice key ``key`` is in flight here (its end of
-        data is about to be sent), or (``ended``) that our attempt ended without a
-        delivery. Waits for their acknowledgements, ``MARK_TIMEOUT`` at most.
-        Returns how many acknowledged."""
+        """Tell the exits in ``earlier`` and up to ``MARK_PEERS`` other exit-capable
+        members (connected ones first, others dialled) that the message with
+        notice key ``key`` is in flight here (its end of data is about to be sent),
+        or (``ended``) that our attempt ended without a delivery. Returns how many
+        acknowledged (``MARK_TIMEOUT`` per connected peer, ``MARK_DIAL_TIMEOUT``
+        for one that must be dialled first). The worker waits for this only
+        briefly before sending the end of data; the rest carries on meanwhile."""
         node = self.node
         me = node.node_id
         connected = set(node.connected())
@@ -370,10 +379,10 @@ class DeliveryNotices:
                 nid = NodeId(bytes(raw))
             except ValueError:
                 continue
-            if nid != me and nid in connected and nid not in peers:
+            if nid != me and nid not in peers and self._liveness_state(nid) != "dead":
                 peers.append(nid)
         others, _ = self._others(set(peers), connected)
-        peers += [n for n in others if n in connected][:MARK_PEERS]
+        peers += others[:MARK_PEERS]
         frame = framing.encode_frame(
             wire.encode_mark(wire.Mark(bytes(key), ended)), wire.MARK_MAX_SIZE
         )
@@ -382,6 +391,11 @@ class DeliveryNotices:
         async def one(peer: NodeId) -> None:
             nonlocal acked
             try:
+                with trio.move_on_after(MARK_DIAL_TIMEOUT):
+                    if peer not in connected:
+                        rec = node.view.get(peer)
+                        if rec is None or not await node.connect_record(rec):
+                            return
                 with trio.move_on_after(MARK_TIMEOUT):
                     stream = await node.host.open_stream(
                         peer.peer_id(), wire.MARK_PROTOCOL, timeout=MARK_TIMEOUT

@@ -427,10 +427,9 @@ class DeliveryWorker:
         now = self.clock()
         key = notice_key(mid)
         earlier = msg.earlier
-        for table in (self._claims, self._marks):
-            entry = table.get(key)
-            if entry is not None and entry[1] >= now:
-                earlier = tuple(dict.fromkeys((*earlier, entry[0])))
+        claim = self._claims.get(key)
+        if claim is not None and claim[1] >= now:
+            earlier = tuple(dict.fromkeys((*earlier, claim[0])))
         stale = self._stale(item, now)
         if self.check_delivered is None or (not earlier and not stale):
             return True
