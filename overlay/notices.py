@@ -23,13 +23,13 @@ queue, before it knows the overlay. It asks the exits the sender named and
 up to ``ASK_PEERS`` other exit-capable members (connected ones first, others
 dialled), and reports who answered (``Verdict``). In-flight marks (``mark``,
 ``/hydra/inflight/1.0.0``) are sent to the named exits and to up to
-``MARK_PEERS`` other exit-capable members (connected first, others dialled)
-right before the end of data, and accepted only from peers whose record holds
-an exit role.
+``MARK_PEERS`` connected exit-capable peers right before the end of data, and
+accepted only from peers whose record holds an exit role.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -56,9 +56,12 @@ ASK_TIMEOUT = 2.0
 OTHERS_NEEDED = 2  # exits not named by the sender that must agree a message was delivered
 ASK_DOUBTFUL_TIMEOUT = 0.5  # for an earlier exit we hold suspect or dead (yet still connected)
 READY_WAIT = 60.0  # a question waits this long for the node to join, else nobody answered
-MARK_PEERS = 8  # exit-capable peers told of an in-flight attempt, besides the named ones
-MARK_TIMEOUT = 0.5  # per peer, once connected
-MARK_DIAL_TIMEOUT = 3.0  # to connect to a peer we have no connection to first
+MARK_PEERS = 8  # connected exit-capable peers told of an in-flight attempt, besides named ones
+MARK_TIMEOUT = 0.5  # per peer: to open the stream, and for its acknowledgement
+MARK_DIAL_TIMEOUT = 3.0  # to connect first to a named exit we have no connection to
+MARK_OPEN_WAIT = 1.0  # the end of data waits this long at most for the mark streams
+MARK_GRACE = 0.05  # ... and this long for the others once one is open
+MAX_MARK_ACKS = 1024  # mark streams awaiting their acknowledgement at once
 
 
 class AnswerTally:
@@ -146,6 +149,8 @@ class DeliveryNotices:
     def __init__(self, node: Node, worker: Callable[[], DeliveryWorker | None]) -> None:
         self.node = node
         self._worker = worker
+        self._nursery: trio.Nursery | None = None
+        self._acks_pending = 0  # mark streams whose acknowledgement is still awaited
         self._send, self._recv = trio.open_memory_channel[bytes](BACKLOG)
         r = node.metrics.registry
         self.m_notices = Counter(
@@ -175,6 +180,7 @@ class DeliveryNotices:
         if worker is not None and worker.mark_in_flight is None:
             worker.mark_in_flight = self.mark  # the worker's end-of-data window, told to others
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._drain)
             task_status.started()
             await self._publish_loop()
@@ -241,6 +247,9 @@ class DeliveryNotices:
         """``alive``, ``suspect``, ``dead`` or ``unknown`` in our failure detector."""
         liveness = getattr(getattr(self.node, "resilience", None), "liveness", None)
         return "alive" if liveness is None else liveness.state(nid)[0]
+
+    def _dead(self, nid: NodeId) -> bool:
+        return self._liveness_state(nid) == "dead"
 
     @staticmethod
     def _exit_capable(rec) -> bool:
@@ -363,13 +372,18 @@ class DeliveryNotices:
     # -- in-flight marks ---------------------------------------------------------------
 
     async def mark(self, key: bytes, earlier: Iterable[bytes] = (), ended: bool = False) -> int:
-        """Tell the exits in ``earlier`` and up to ``MARK_PEERS`` other exit-capable
-        members (connected ones first, others dialled) that the message with
-        notice key ``key`` is in flight here (its end of data is about to be sent),
-        or (``ended``) that our attempt ended without a delivery. Returns how many
-        acknowledged (``MARK_TIMEOUT`` per connected peer, ``MARK_DIAL_TIMEOUT``
-        for one that must be dialled first). The worker waits for this only
-        briefly before sending the end of data; the rest carries on meanwhile."""
+        """Tell the exits in ``earlier`` (dialled if need be) and up to ``MARK_PEERS``
+        connected exit-capable peers that the message with notice key ``key`` is
+        in flight here (its end of data is about to be sent), or (``ended``) that
+        our attempt ended without a delivery.
+
+        Streams are opened first (until all are open, or ``MARK_GRACE`` s after
+        the first one, or ``MARK_OPEN_WAIT`` s in all; a named exit not connected
+        gets ``MARK_DIAL_TIMEOUT`` within that), then the mark is written
+        on all of them at once and this returns: the caller sends the end of data
+        right after, so a peer holds the mark only for the moment the end of data
+        really is on its way. Acknowledgements are collected in the background.
+        Returns on how many streams the mark was written."""
         node = self.node
         me = node.node_id
         connected = set(node.connected())
@@ -379,42 +393,87 @@ class DeliveryNotices:
                 nid = NodeId(bytes(raw))
             except ValueError:
                 continue
-            if nid != me and nid not in peers and self._liveness_state(nid) != "dead":
+            if nid != me and nid not in peers and (nid in connected or not self._dead(nid)):
                 peers.append(nid)
-        others, _ = self._others(set(peers), connected)
-        peers += others[:MARK_PEERS]
+        # connected exit-capable peers, whatever our failure detector thinks of them (a
+        # connection is better evidence than a starved detector); no dialling here:
+        # this runs for every delivery
+        linked = [n for n in connected if n not in peers and self._exit_capable(node.view.get(n))]
+        linked.sort(key=bytes)
+        node.rng.shuffle(linked)
+        peers += linked[:MARK_PEERS]
         frame = framing.encode_frame(
             wire.encode_mark(wire.Mark(bytes(key), ended)), wire.MARK_MAX_SIZE
         )
-        acked = 0
+        opened: list = []
 
-        async def one(peer: NodeId) -> None:
-            nonlocal acked
+        async def open_one(peer: NodeId) -> None:
             try:
-                with trio.move_on_after(MARK_DIAL_TIMEOUT):
-                    if peer not in connected:
-                        rec = node.view.get(peer)
+                if peer not in connected:
+                    rec = node.view.get(peer)
+                    with trio.move_on_after(MARK_DIAL_TIMEOUT):
                         if rec is None or not await node.connect_record(rec):
                             return
-                with trio.move_on_after(MARK_TIMEOUT):
-                    stream = await node.host.open_stream(
-                        peer.peer_id(), wire.MARK_PROTOCOL, timeout=MARK_TIMEOUT
-                    )
-                    try:
-                        await stream.write(frame)
-                        data = await framing.read_frame(stream, wire.MARK_MAX_SIZE)
-                    finally:
-                        await stream.close()
-                    if data is not None and wire.decode_mark(data).key == bytes(key):
-                        acked += 1
+                stream = await node.host.open_stream(
+                    peer.peer_id(), wire.MARK_PROTOCOL, timeout=MARK_TIMEOUT
+                )
             except Exception as e:  # noqa: BLE001 - best effort: the delivery goes on
                 log.debug("marking in flight at %s failed: %r", peer.short(), e)
+                return
+            opened.append((peer, stream))
+            first.set()
+
+        async def grace(done: trio.CancelScope) -> None:
+            await first.wait()  # a dead peer that still looks connected must not hold us up
+            await trio.sleep(MARK_GRACE)
+            done.cancel()
+
+        first = trio.Event()
+        with trio.move_on_after(MARK_OPEN_WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(grace, nursery.cancel_scope)
+                async with trio.open_nursery() as opening:
+                    for peer in peers:
+                        opening.start_soon(open_one, peer)
+                nursery.cancel_scope.cancel()
+        written = []
+        for peer, stream in opened:
+            try:
+                await stream.write(frame)
+                written.append((peer, stream))
+            except Exception as e:  # noqa: BLE001
+                log.debug("marking in flight at %s failed: %r", peer.short(), e)
+                with contextlib.suppress(Exception):
+                    await stream.close()
+        self.m_notices.labels("mark_ended" if ended else "mark_sent").inc()
+        if written and self._nursery is not None and self._acks_pending < MAX_MARK_ACKS:
+            self._acks_pending += len(written)
+            self._nursery.start_soon(self._mark_acks, written, bytes(key))
+        else:
+            for _, stream in written:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+        return len(written)
+
+    async def _mark_acks(self, streams: list, key: bytes) -> None:
+        """Read the acknowledgements of a mark (for the metrics), then close."""
+
+        async def one(peer: NodeId, stream) -> None:
+            try:
+                with trio.move_on_after(MARK_TIMEOUT):
+                    data = await framing.read_frame(stream, wire.MARK_MAX_SIZE)
+                    ok = data is not None and wire.decode_mark(data).key == key
+                    self.m_notices.labels("mark_acked" if ok else "mark_unacked").inc()
+            except Exception as e:  # noqa: BLE001
+                log.debug("in-flight mark at %s not acknowledged: %r", peer.short(), e)
+            finally:
+                self._acks_pending -= 1
+                with contextlib.suppress(Exception):
+                    await stream.close()
 
         async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(one, peer)
-        self.m_notices.labels("mark_ended" if ended else "mark_sent").inc()
-        return acked
+            for peer, stream in streams:
+                nursery.start_soon(one, peer, stream)
 
     async def _serve_mark(self, stream, remote_peer: str) -> None:
         try:

@@ -93,7 +93,6 @@ SendAck = Callable[[bytes, Ack], Awaitable[None]]
 DEFER_MIN, DEFER_MAX = 3.0, 60.0
 CLAIM_TTL, MAX_CLAIMS = 120.0, 4096
 MARK_TTL, MAX_MARKS = 6 * 3600.0, 4096
-MARK_WAIT = 0.25  # the end of data waits this long at most for in-flight marks to be acked
 # an exit that does not answer died (or was cut off) with the message in its
 # end-of-data window: the destination most likely has it
 MAYBE_DELIVERED = "in_flight_at_silent_exit"
@@ -188,8 +187,6 @@ class DeliveryWorker:
         # notice keys another exit marked in flight (its end-of-data window) ->
         # (its raw id, until when); dropped when it ends the attempt or a notice comes
         self._marks: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
-        self._nursery: trio.Nursery | None = None
-        self._marking: dict[bytes, trio.Event] = {}  # our marks still being sent
         self._next_purge = 0.0
 
     @property
@@ -249,7 +246,6 @@ class DeliveryWorker:
         self.started_at = self.clock()
         await self._finish_interrupted()
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             task_status.started()
             while True:
                 self._wakeup = trio.Event()  # reset before looking, so no wake-up is lost
@@ -341,53 +337,39 @@ class DeliveryWorker:
                     retry_at=outcome.retry_at,
                 )
             if committed and outcome is not None and self.mark_in_flight is not None:
-                marking = self._marking.get(mid)
-                if marking is not None:
-                    await marking.wait()  # the withdrawal must not overtake the mark
                 try:  # the attempt ended without a delivery: withdraw our in-flight mark
                     await self.mark_in_flight(notice_key(mid), msg.earlier, True)
                 except Exception:
                     log.exception("exit: withdrawing an in-flight mark failed")
         finally:
-            self._marking.pop(mid, None)
             self._in_flight.discard(mid)
             self.wake()
 
     async def _committing(self, item: QueuedMessage) -> None:
         """The destination is about to be handed the whole message: record it, then
-        tell other exits (see the module docstring), waiting ``MARK_WAIT`` s at most
-        for their acknowledgements (the marks go on in the background). Errors are
-        logged, never raised: the delivery goes on (without the mark a crash now may
-        cost a second copy)."""
+        tell other exits (see the module docstring; ``mark_in_flight`` returns once
+        the mark is written, and bounds its own wait). Errors are logged, never
+        raised: the delivery goes on (without the mark a crash now may cost a
+        second copy)."""
         mid = item.message_id
         try:
             self.queue.committing(mid, self.clock())
         except (sqlite3.Error, LocalError):
             log.exception("exit: cannot record a committing attempt")
-        if self.mark_in_flight is None or self._nursery is None:
+        if self.mark_in_flight is None:
             return
-        done = trio.Event()
         t0 = time.perf_counter()
-
-        async def mark() -> None:
-            try:
-                acked = await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
-            except Exception:
-                log.exception("exit: marking a message in flight failed")
-            else:
-                log.info(
-                    "exit: %s marked in flight at %s exit(s) in %.1f ms",
-                    mid.hex()[:8],
-                    acked,
-                    (time.perf_counter() - t0) * 1000,
-                )
-            finally:
-                done.set()
-
-        self._marking[mid] = done
-        self._nursery.start_soon(mark)
-        with trio.move_on_after(MARK_WAIT):
-            await done.wait()
+        try:
+            sent = await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
+        except Exception:
+            log.exception("exit: marking a message in flight failed")
+            return
+        log.info(
+            "exit: %s marked in flight at %s exit(s) in %.1f ms",
+            mid.hex()[:8],
+            sent,
+            (time.perf_counter() - t0) * 1000,
+        )
 
     async def _finish_interrupted(self) -> None:
         """At start: messages whose attempt was stopped inside the end-of-data window
