@@ -73,6 +73,18 @@ ThresholdOpt = Annotated[
 ]
 
 
+def _entry_options(via, seeds, operator, threshold) -> tuple[list[str], list]:
+    """Check --via, --seeds, --operator and --threshold before anything starts."""
+    try:
+        via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
+        pinned = parse_operators(list(operator or []))
+        check_threshold(threshold)
+        check_seed_sources(list(seeds or []))
+    except OverlayError as e:
+        raise fail_for(e) from None
+    return via_addrs, pinned
+
+
 def _quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("libp2p", "multiaddr", "hypercorn", "async_service", "aioquic"):
@@ -254,13 +266,7 @@ def agent(
     from .config import Config
 
     _quiet_logging()
-    try:
-        via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
-        pinned = parse_operators(list(operator or []))
-        check_threshold(threshold)
-        check_seed_sources(list(seeds or []))
-    except OverlayError as e:
-        raise fail_for(e) from None
+    via_addrs, pinned = _entry_options(via, seeds, operator, threshold)
     if not 2 <= hops <= 5:
         raise fail(f"--hops must be 2 to 5, not {hops}", EXIT_USAGE)
     h = Home(home or default_home())
@@ -369,13 +375,7 @@ def send(
         raise fail(f"--hops must be 2 to 5, not {hops}", EXIT_USAGE)
     if not timeout > 0:
         raise fail(f"--timeout must be more than 0 seconds, not {timeout:g}", EXIT_USAGE)
-    try:
-        via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
-        pinned = parse_operators(list(operator or []))
-        check_threshold(threshold)
-        check_seed_sources(list(seeds or []))
-    except OverlayError as e:
-        raise fail_for(e) from None
+    via_addrs, pinned = _entry_options(via, seeds, operator, threshold)
     try:
         body = file.read_bytes() if file is not None else sys.stdin.buffer.read()
     except OSError as e:
@@ -476,13 +476,7 @@ def outbox(
         seconds = wait if wait is not None else timeout if timeout is not None else 30.0
         if not seconds > 0:
             raise fail(f"--wait must be more than 0 seconds, not {seconds:g}", EXIT_USAGE)
-        try:
-            via_addrs = [check_multiaddr(v, "--via", peer=True) for v in via or []]
-            pinned = parse_operators(list(operator or []))
-            check_threshold(threshold)
-            check_seed_sources(list(seeds or []))
-        except OverlayError as e:
-            raise fail_for(e) from None
+        via_addrs, pinned = _entry_options(via, seeds, operator, threshold)
         if (h.path / FILENAME).exists():
             with OutboxStore(h.path / FILENAME) as st:
                 nothing = not st.load(unfinished_only=True)

@@ -4,7 +4,6 @@ that `overlay-seeds export-dns` wrote; the fetcher gets a verified bundle from i
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import dns.message
 import dns.query
@@ -15,28 +14,12 @@ from bootstrap.cli import app
 from bootstrap.fetch import DnsSource, FileSource, HttpSource, fetch_bundle, parse_source
 from bootstrap.resolve import SourceError
 from overlay.errors import LocalError, Reason
+from tests.ports import free_udp_and_tcp_port
 
 from .helpers import ATTACKER, OPS, PINNED, forged_copy, wall_bundle
 
 dnslib_server = pytest.importorskip("dnslib.server")
 zoneresolver = pytest.importorskip("dnslib.zoneresolver")
-
-
-def _free_udp_and_tcp_port() -> int:
-    for _ in range(50):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("127.0.0.1", 0))
-        port = u.getsockname()[1]
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
 
 
 class Handler(dnslib_server.DNSHandler):
@@ -47,7 +30,7 @@ class Handler(dnslib_server.DNSHandler):
 def dns_server(zone_text: str):
     resolver = zoneresolver.ZoneResolver(zone_text)
     logger = dnslib_server.DNSLogger(log="-request,-reply,-truncated,-error", logf=lambda s: None)
-    port = _free_udp_and_tcp_port()
+    port = free_udp_and_tcp_port()
     servers = [
         dnslib_server.DNSServer(
             resolver, port=port, address="127.0.0.1", logger=logger, handler=Handler

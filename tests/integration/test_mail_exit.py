@@ -36,6 +36,7 @@ from overlay.exits.queue import INTERRUPTED
 from overlay.exits.worker import MAYBE_DELIVERED, Verdict
 from overlay.wire.delivered import notice_key
 from overlay.wire.delivery import AckStatus, ExitMessage
+from tests.ports import free_udp_and_tcp_port
 
 dnslib_server = pytest.importorskip("dnslib.server")
 zoneresolver = pytest.importorskip("dnslib.zoneresolver")
@@ -185,23 +186,6 @@ def test_a_standby_exit_initialised_as_the_docs_say_advertises_only_what_it_deli
 # ---- MX resolution against a real DNS server -------------------------------------------
 
 
-def _free_udp_and_tcp_port() -> int:
-    for _ in range(50):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("127.0.0.1", 0))
-        port = u.getsockname()[1]
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
-
-
 @contextlib.contextmanager
 def dns_server(zone_text: str, *, servfail: set[str] = frozenset()):
     """dnslib on 127.0.0.1 (UDP and TCP) serving ``zone_text``; names in
@@ -225,7 +209,7 @@ def dns_server(zone_text: str, *, servfail: set[str] = frozenset()):
             return reply
 
     logger = dnslib_server.DNSLogger(log="-request,-reply,-truncated,-error", logf=lambda s: None)
-    port = _free_udp_and_tcp_port()
+    port = free_udp_and_tcp_port()
     servers = [
         dnslib_server.DNSServer(Resolver(), port=port, address="127.0.0.1", logger=logger),
         dnslib_server.DNSServer(
@@ -288,7 +272,7 @@ def test_mx_preference_order_implicit_mx_null_mx_and_dns_errors():
             assert e.value.code == "dns_error"
     # nobody answers at all: temporary
     with pytest.raises(TemporaryFailure) as e:
-        MxResolver([("127.0.0.1", _free_udp_and_tcp_port())], timeout=0.5).mail_hosts("x.test")
+        MxResolver([("127.0.0.1", free_udp_and_tcp_port())], timeout=0.5).mail_hosts("x.test")
     assert e.value.code == "dns_error"
 
 

@@ -176,7 +176,7 @@ async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path)
             relay = RelayService(mix_delay=0.05, loop_rate=0.0)
         return [relay, *light_services()]
 
-    with trio.fail_after(150):
+    with trio.fail_after(180):
         async with overlay(tmp_path, 4, services_for=services) as nodes:
             a = nodes[0]
             await wait_until(lambda: all(len(x.view) >= 4 for x in nodes), 30)
@@ -189,7 +189,9 @@ async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path)
             bh_home = make_home(tmp_path / "bh", ["relay"])
             async with Node(bh_home, join=[join_addr(a)], services=services(4, bh_home)) as bh:
                 await wait_until(lambda: bh.node_id in a.view, 30)
-                await wait_until(lambda: a.relay.loops.stats["lost"] >= 3, 60)
+                # enough losses that they cannot all share one honest partner by chance
+                # (three would, one run in nine: each loop's other relay is one of three)
+                await wait_until(lambda: a.relay.loops.stats["lost"] >= 8, 90)
         mon = a.relay.loops
         # every lost loop went through the black hole: it carries all the evidence
         assert mon.evidence[bh.node_id] == mon.stats["lost"]
