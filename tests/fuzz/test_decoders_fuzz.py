@@ -28,7 +28,6 @@ CBOR_MAP_TARGETS = [
     "ack",
     "delivered",
     "delivered_answer",
-    "inflight_mark",
     "seed_bundle",
 ]
 
