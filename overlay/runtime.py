@@ -357,9 +357,8 @@ class Node:
             if prior is not None and rec.seq > prior + 1 and isinstance(peer, NodeId):
                 self.kick_sync(peer)
             return
-        if source == "sync":
-            return  # a round that moved records already keeps the fast rate
-        # handed in (our own new record, a DHT answer): push-pull it to peers gossip missed
+        if source == "sync" or rec.node_id == self.node_id:
+            return  # a round that moved records already keeps the fast rate; own: gossiped
         self.kick_sync()
 
     def _own_superseded(self, seq: int) -> None:
