@@ -233,7 +233,9 @@ async def test_link_cap_closes_least_recently_used_idle_link(tmp_path):
         four = [["relay"]] * 4
 
         def make(i, home):
-            return [RelayService(max_links=2 if i == 0 else None), *light_services()]
+            # no loop cover: only the attacker's packets open links here
+            cap = 2 if i == 0 else None
+            return [RelayService(max_links=cap, loop_rate=0.0), *light_services()]
 
         async with overlay(tmp_path, 4, four, services_for=make) as nodes:
             await settle(nodes, 4)

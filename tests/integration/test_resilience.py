@@ -277,12 +277,18 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     from overlay.exits import MessageState
     from overlay.exits.queue import ELSEWHERE
 
+    import threading
+
     sink = SmtpSink()
     handler = sink.controller.handler
     fast = handler.handle_DATA
+    release = threading.Event()
 
-    async def slow(server, session, envelope):  # the mail server takes 4 s to answer
-        await asyncio.sleep(4)
+    async def slow(server, session, envelope):  # the mail server answers when released
+        for _ in range(1200):  # at most 60 s
+            if release.is_set():
+                break
+            await asyncio.sleep(0.05)
         return await fast(server, session, envelope)
 
     handler.handle_DATA = slow
@@ -302,6 +308,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
                 entry.relay._dead_cache = None
                 held = other.relay.notices.m_notices.labels("asked_held")
                 await wait_until(lambda: held._value.get() >= 1, 30, 0.02)
+                release.set()  # the slow mail server answers the first exit now
                 e = await client.wait_acked(mid, timeout=60)
                 assert e.state.name == "DELIVERED", e
                 await wait_until(
@@ -314,6 +321,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
         await trio.sleep(0.5)
         assert sink.counts == {token: 1}
     finally:
+        release.set()
         sink.stop()
 
 
