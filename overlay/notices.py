@@ -58,8 +58,7 @@ ASK_DOUBTFUL_TIMEOUT = 0.5  # for an earlier exit we hold suspect or dead (yet s
 READY_WAIT = 60.0  # a question waits this long for the node to join, else nobody answered
 MARK_PEERS = 8  # connected exit-capable peers told of an in-flight attempt, besides named ones
 MARK_TIMEOUT = 0.5  # per peer: to open the stream, and for its acknowledgement
-MARK_DIAL_TIMEOUT = 3.0  # to connect first to a named exit we have no connection to
-MARK_OPEN_WAIT = 1.0  # the end of data waits this long at most for the mark streams
+MARK_OPEN_WAIT = 0.5  # the end of data waits this long at most for the mark streams
 MARK_GRACE = 0.05  # ... and this long for the others once one is open
 MAX_MARK_ACKS = 1024  # mark streams awaiting their acknowledgement at once
 
@@ -253,9 +252,6 @@ class DeliveryNotices:
         liveness = getattr(getattr(self.node, "resilience", None), "liveness", None)
         return "alive" if liveness is None else liveness.state(nid)[0]
 
-    def _dead(self, nid: NodeId) -> bool:
-        return self._liveness_state(nid) == "dead"
-
     @staticmethod
     def _exit_capable(rec) -> bool:
         return (
@@ -377,14 +373,15 @@ class DeliveryNotices:
     # -- in-flight marks ---------------------------------------------------------------
 
     async def mark(self, key: bytes, earlier: Iterable[bytes] = (), ended: bool = False) -> int:
-        """Tell the exits in ``earlier`` (dialled if need be) and up to ``MARK_PEERS``
-        connected exit-capable peers that the message with notice key ``key`` is
-        in flight here (its end of data is about to be sent), or (``ended``) that
-        our attempt ended without a delivery.
+        """Tell the exits in ``earlier`` and up to ``MARK_PEERS`` other exit-capable
+        peers, all among those we are connected to, that the message with notice
+        key ``key`` is in flight here (its end of data is about to be sent), or
+        (``ended``) that our attempt ended without a delivery. Nothing is dialled:
+        this runs inside every delivery, while the mail server waits for the end
+        of data, and a dial to a named exit that has gone costs seconds.
 
         Streams are opened first (until all are open, or ``MARK_GRACE`` s after
-        the first one, or ``MARK_OPEN_WAIT`` s in all; a named exit not connected
-        gets ``MARK_DIAL_TIMEOUT`` within that), then the mark is written
+        the first one, or ``MARK_OPEN_WAIT`` s in all), then the mark is written
         on all of them at once and this returns: the caller sends the end of data
         right after, so a peer holds the mark only for the moment the end of data
         really is on its way. Acknowledgements are collected in the background.
@@ -398,7 +395,7 @@ class DeliveryNotices:
                 nid = NodeId(bytes(raw))
             except ValueError:
                 continue
-            if nid != me and nid not in peers and (nid in connected or not self._dead(nid)):
+            if nid != me and nid not in peers and nid in connected:
                 peers.append(nid)
         # connected exit-capable peers, whatever our failure detector thinks of them (a
         # connection is better evidence than a starved detector); no dialling here:
@@ -414,11 +411,6 @@ class DeliveryNotices:
 
         async def open_one(peer: NodeId) -> None:
             try:
-                if peer not in connected:
-                    rec = node.view.get(peer)
-                    with trio.move_on_after(MARK_DIAL_TIMEOUT):
-                        if rec is None or not await node.connect_record(rec):
-                            return
                 stream = await node.host.open_stream(
                     peer.peer_id(), wire.MARK_PROTOCOL, timeout=MARK_TIMEOUT
                 )

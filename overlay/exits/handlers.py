@@ -12,7 +12,9 @@ Invariants:
 - ``on_commit`` (optional, async): a handler whose destination takes the
   message at one step after a wait for its answer (SMTP: the final dot, then
   the server's reply) awaits it right before that step, so the worker can
-  mark the message in flight; handlers without such a window ignore it;
+  mark the message in flight; when it raises a ``DeliveryFailure`` the
+  handler does not take that step (SMTP: closes without the dot) and fails
+  the attempt with it; handlers without such a window ignore it;
 - failure ``code``s are short stable strings (``policy_denied``,
   ``smtp_550``, ``http_404``, ``connect_failed``, ``timeout``, ...) that go into
   acks, logs and metrics; ``detail`` never contains local file-system paths.

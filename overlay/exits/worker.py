@@ -301,11 +301,14 @@ class DeliveryWorker:
                 return
             failure: DeliveryFailure | None = None
             committed = False
+            began = self.clock()
 
             async def on_commit() -> None:
                 nonlocal committed
                 committed = True
                 await self._committing(item)
+                if self.clock() - began >= self.late_after:
+                    await self._recheck(item)  # raises: no end of data, the attempt fails
 
             try:
                 await self.dispatcher.deliver(msg, on_commit=on_commit)
@@ -378,6 +381,28 @@ class DeliveryWorker:
             sent,
             (time.perf_counter() - t0) * 1000,
         )
+
+    async def _recheck(self, item: QueuedMessage) -> None:
+        """The attempt took ``late_after`` s or more before its end of data (a slow
+        server, or this exit was frozen or starved meanwhile): the sender may have
+        resent the message through another exit since. Ask again; if another exit
+        has delivered it or holds it, raise ``TemporaryFailure`` so the end of data
+        is never sent (the server drops the transaction) and the message is asked
+        about before its next attempt (it is stale by then)."""
+        if self.check_delivered is None:
+            return
+        key = notice_key(item.message_id)
+        try:
+            verdict = Verdict.of(await self.check_delivered([key], item.message.earlier))
+        except Exception:
+            log.exception("exit: asking again before the end of data failed")
+            return
+        if key in verdict.delivered or key in verdict.holding or key in verdict.in_flight:
+            log.info(
+                "exit: %s is delivered or held elsewhere; end of data not sent",
+                item.message_id.hex()[:8],
+            )
+            raise TemporaryFailure("superseded", "delivered or held by another exit")
 
     async def _finish_interrupted(self) -> None:
         """At start: messages whose attempt was stopped inside the end-of-data window

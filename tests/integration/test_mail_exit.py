@@ -515,3 +515,63 @@ def test_outbox_drop(tmp_path):
     assert p.returncode == 0 and f"dropped {hexid}" in p.stdout, p.stderr
     with OutboxStore.in_home(tmp_path) as st:
         assert st.load(unfinished_only=False) == []
+
+
+async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_sends_the_dot(
+    tmp_path,
+):
+    """An exit frozen or starved inside an attempt (here: its clock jumps 10 s while
+    it marks the message in flight) asks the other exits again before the final
+    dot; one of them delivered the message meanwhile, so the dot is never sent,
+    the server drops the transaction, and the message ends delivered elsewhere.
+    An attempt without a stall is not asked about."""
+    from overlay.exits.queue import ELSEWHERE
+
+    with smtp_sink() as (sink, port):
+        disp = Dispatcher(["smtp:*"], {"smtp": SmtpHandler(relay=("127.0.0.1", port))})
+        jump = [0.0]
+        base = 1000.0 - time.monotonic()
+
+        def clock():
+            return base + time.monotonic() + jump[0]
+
+        asked = []
+
+        async def check(keys, earlier):
+            asked.append(keys[0])
+            return Verdict(delivered=(notice_key(mid(1)),), answered=1)
+
+        async def mark(key, earlier, ended):
+            if key == notice_key(mid(1)) and not ended and jump[0] == 0.0:
+                jump[0] = 10.0  # frozen while marking
+            return 0
+
+        with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
+            rec = Acks()
+            w = _worker(
+                q,
+                disp,
+                send_ack=rec.send_ack,
+                on_event=rec.on_event,
+                clock=clock,
+                check_delivered=check,
+                mark_in_flight=mark,
+            )
+            async with trio.open_nursery() as n:
+                await n.start(w.run)
+                q.accept(ExitMessage.make(mid(1), "smtp:u@example.org", b"one", b"rb"), clock())
+                w.wake()
+                with trio.fail_after(20):
+                    while not rec.acks:
+                        await trio.sleep(0.02)
+                q.accept(ExitMessage.make(mid(2), "smtp:u@example.org", b"two", b"rb"), clock())
+                w.wake()
+                with trio.fail_after(20):
+                    while len(rec.acks) < 2:
+                        await trio.sleep(0.02)
+                n.cancel_scope.cancel()
+            assert q.lookup(mid(1)) == (MessageState.DELIVERED, ELSEWHERE)
+            assert q.lookup(mid(2)) == (MessageState.DELIVERED, "")
+            assert any(e.reason.startswith("superseded") for e in rec.events if e.kind == "retry")
+            assert notice_key(mid(2)) not in asked
+    assert [env.original_content.split(b"\r\n\r\n")[1] for env, _ in sink.got] == [b"two\r\n"]
