@@ -271,13 +271,12 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     server). The client resends through the other exit, naming the first; the
     second asks it, hears "held", and waits for its notice: one copy arrives."""
     import asyncio
+    import threading
 
     from overlay.client import Client
     from overlay.demo import SmtpSink
     from overlay.exits import MessageState
     from overlay.exits.queue import ELSEWHERE
-
-    import threading
 
     sink = SmtpSink()
     handler = sink.controller.handler
