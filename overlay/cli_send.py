@@ -7,6 +7,8 @@ Exit codes of ``send``: 0 acknowledged (delivered, or durably queued at an
 exit when ``--timeout`` ran out first), 1 no ack yet (the message stays in
 the outbox and is resent by the next ``send`` or ``outbox --flush``) or a
 local error, 2 rejected for good, 64 a bad option value (overlay/cli_util.py).
+``outbox --flush``: 0 nothing left unfinished, 1 some messages still waiting
+(listed).
 
 The seed-bundle helpers here (``check_seed_sources``, ``seed_join_addrs``)
 serve ``overlay run`` too: only the command line imports ``bootstrap``.
@@ -428,38 +430,72 @@ def outbox(
         bool, typer.Option("--all", help="Also list delivered and failed messages.")
     ] = False,
     flush: Annotated[
-        bool, typer.Option("--flush", help="Connect and resend unfinished messages now.")
+        bool,
+        typer.Option(
+            "--flush",
+            help="Connect and drive every unfinished message to a final state: resend"
+            " those whose exit is gone, collect the final acks of the others.",
+        ),
     ] = False,
+    wait: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--wait", help="With --flush: seconds to wait for final acks (default 30)."),
+    ] = None,
+    drop: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--drop", help="Remove this message (id or unique id prefix) and give up."),
+    ] = None,
     via: ViaOpt = None,
     seeds: SeedsOpt = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="With --flush: seconds.")] = 30.0,
+    timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--timeout", help="Same as --wait."),
+    ] = None,
     operator: OperatorOpt = None,
     threshold: ThresholdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the messages waiting in the outbox, with attempts and age."""
+    """List the messages waiting in the outbox, with attempts and age.
+
+    With --flush: exit 0 once nothing is left unfinished, 1 (and the list) if
+    some messages are still waiting when --wait runs out.
+    """
     from .outbox_store import FILENAME, OutboxStore
 
     h = Home(home or default_home())
+    if drop:
+        _drop(h, drop, as_json)
+        if not flush:
+            return
     if flush:
         import trio
 
         from .client import Client
 
         _quiet_logging()
-        if not timeout > 0:
-            raise fail(f"--timeout must be more than 0 seconds, not {timeout:g}", EXIT_USAGE)
+        seconds = wait if wait is not None else timeout if timeout is not None else 30.0
+        if not seconds > 0:
+            raise fail(f"--wait must be more than 0 seconds, not {seconds:g}", EXIT_USAGE)
         via_addrs, pinned = _entry_options(via, seeds, operator, threshold)
+        if (h.path / FILENAME).exists():
+            with OutboxStore(h.path / FILENAME) as st:
+                nothing = not st.load(unfinished_only=True)
+        else:
+            nothing = True
 
         async def run_flush():
             addrs = await _entry_addrs(h, via_addrs, list(seeds or []), pinned, threshold)
             async with Client(h.path, addrs, **_client_settings(h)) as c:
-                with trio.move_on_after(timeout):
-                    while any(e.state.name == "PENDING" for e in c.pending()):
+                c.flush()
+                with trio.move_on_after(seconds):
+                    while c.pending():
                         await trio.sleep(0.2)
 
         try:
-            trio.run(run_flush)
+            if not nothing:
+                trio.run(run_flush)
+            elif h.config_path.exists():
+                h.config()  # nothing to send; a broken config is still reported
         except OverlayError as e:
             raise fail_for(e) from None
     if not (h.path / FILENAME).exists():
@@ -471,23 +507,56 @@ def outbox(
         except OverlayError as e:
             raise fail_for(e) from None
     rows = [_entry_json(e) for e in entries]
+    unfinished = [r for r in rows if r["state"] in ("pending", "queued")]
     if as_json:
         print(json.dumps({"messages": rows}, indent=2))
-        return
-    if not rows:
+    elif not rows:
         console.print("outbox empty")
-        return
-    t = Table()
-    for col in ("message id", "state", "destination", "attempts", "age (s)", "exit", "reason"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(
-            r["message_id"][:16],
-            r["state"],
-            r["destination"],
-            str(r["attempts"]),
-            str(r["age"]),
-            (r["queued_at"] or r["exit"] or "-")[-12:],
-            r["reason"],
-        )
-    console.print(t)
+    else:
+        t = Table()
+        for col in ("message id", "state", "destination", "attempts", "age (s)", "exit", "reason"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(
+                r["message_id"][:16],
+                r["state"],
+                r["destination"],
+                str(r["attempts"]),
+                str(r["age"]),
+                (r["queued_at"] or r["exit"] or "-")[-12:],
+                r["reason"],
+            )
+        console.print(t)
+    if flush and unfinished:
+        if not as_json:
+            err.print(
+                f"[yellow]{len(unfinished)} message(s) still unfinished[/yellow]: they stay in"
+                " the outbox; flush again later, or give up on one with `overlay outbox --drop ID`"
+            )
+        raise typer.Exit(1)
+
+
+def _drop(h: Home, ids: list[str], as_json: bool) -> None:
+    """``overlay outbox --drop ID``: forget messages the user gives up on."""
+    from .outbox_store import FILENAME, OutboxStore
+
+    if not (h.path / FILENAME).exists():
+        raise fail(f"no outbox in {h.path}", EXIT_USAGE)
+    with OutboxStore(h.path / FILENAME) as st:
+        chosen = []
+        for text in ids:
+            t = text.strip().lower()
+            if len(t) < 8 or not all(c in "0123456789abcdef" for c in t):
+                raise fail(
+                    f"--drop {text!r}: give at least 8 hex digits of a message id", EXIT_USAGE
+                )
+            found = st.find(t)
+            if len(found) != 1:
+                what = "no message" if not found else f"{len(found)} messages"
+                raise fail(f"--drop {text!r}: {what} with that id", EXIT_USAGE)
+            chosen.append(found[0])
+        for mid in chosen:
+            st.drop(mid)
+    if not as_json:
+        for mid in chosen:
+            console.print(f"dropped {mid.hex()}")

@@ -35,7 +35,16 @@ import trio
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView
 from .core.mixing import DEFAULT_MIX_DELAY, LoopMonitor, draw_delays, next_poisson
-from .core.outbox import Attempt, Entry, Finished, Outbox, Persist, State
+from .core.outbox import (
+    ELSEWHERE_OR_FAIL,
+    Attempt,
+    Entry,
+    Finished,
+    Outbox,
+    Persist,
+    State,
+    reason_code,
+)
 from .core.paths import DEFAULT_HOPS, NoPath, select_path, select_return_path
 from .core.paths import Path as HopPath
 from .crypto import NodeId, SigningKey
@@ -298,6 +307,13 @@ class Client:
     def pending(self) -> list[Entry]:
         return [e.copy() for e in self.outbox.unfinished()]
 
+    def flush(self) -> None:
+        """Send or resubmit every unfinished message now (``overlay outbox --flush``):
+        a message queued at an exit is resubmitted to it, so a final ack is collected,
+        and one whose exit has left the membership is resent elsewhere."""
+        self.outbox.due_now(self.clock())
+        self._wake.set()
+
     # ---- decisions ------------------------------------------------------------------
 
     async def _apply(self, decisions) -> None:
@@ -348,12 +364,20 @@ class Client:
         except NoPath as err:
             self.stats["send_failed"] += 1
             log.info("no path for %s: %s", e.message_id.hex()[:8], err)
+            if reason_code(e.reason) in ELSEWHERE_OR_FAIL and self._synced:
+                # an exit refused the destination and no other exit left allows it
+                await self._apply(self.outbox.give_up(a.message_id, e.reason, now))
+                return
             self._sync_soon.set()  # the entry may already know the exit we lack
             await self._apply(self.outbox.send_failed(a.message_id, f"no path: {err}", now))
             return
         exit_id = path.last.node_id
         if a.refresh and exit_id != a.exit_hint:
             return  # a queued message goes to the exit that holds it, or nowhere
+        if reason_code(e.reason) in ELSEWHERE_OR_FAIL and exit_id in e.exits_failed:
+            # every exit whose policy allows the destination has refused it
+            await self._apply(self.outbox.give_up(a.message_id, e.reason, now))
+            return
         d_fwd, d_f, d_q = (self._delays(len(p)) for p in (path, ret_final, ret_queued))
         id_f, id_q = self._take_id(), self._take_id()
         try:

@@ -6,7 +6,9 @@ all, commented, so a volunteer can see what can be tuned.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,11 @@ HOME_LISTEN = [
 LOCAL_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_BANDWIDTH_BURST = 32768  # bytes: the largest onion packet must fit in the bucket
+SMTP_TLS_MODES = ("off", "opportunistic", "required", "tls")
+_ADDR_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
+_HOSTNAME_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 @dataclass
@@ -55,6 +62,13 @@ class Config:
     suspicion_min: float = 1.0
     suspicion_max: float = 4.0
     maildir_root: str = ""
+    # [exit] mail identity and smarthost (see docs/volunteer.md, "Running a mail exit")
+    smtp_from: str = "hydra-exit@localhost"
+    smtp_helo: str = ""
+    smtp_starttls: str = "opportunistic"
+    smtp_username: str = ""
+    smtp_password_file: str = ""
+    smtp_password_env: str = ""
     onion_epoch_length: float = EPOCH_LENGTH
     # [onion] mix_delay / [relay] max_held / [cover]: Poisson mixing and cover traffic
     mix_delay: float = DEFAULT_MIX_DELAY
@@ -93,6 +107,57 @@ class Config:
     def role_flags(self) -> Role:
         return Role.parse(self.roles)
 
+    def advertised_policy(self) -> list[str]:
+        """The exit policy rules this node can deliver, for its record: ``maildir``
+        rules only with a ``maildir_root`` (an exit must not publish what it cannot
+        deliver: clients would get a permanent ``policy_denied``)."""
+        return [
+            r for r in self.exit_policy if not (r.startswith("maildir:") and not self.maildir_root)
+        ]
+
+    def _validate_exit(self) -> None:
+        """The ``[exit]`` mail keys (checked whatever the roles, so a mistake shows
+        before a standby is promoted)."""
+        if not _ADDR_RE.fullmatch(self.smtp_from) or ".." in self.smtp_from:
+            raise ConfigError(
+                f"[exit] smtp_from must be an address like exit@example.org, not {self.smtp_from!r}"
+            )
+        helo = self.smtp_helo
+        if helo and not (_HOSTNAME_RE.fullmatch(helo) and len(helo) <= 253):
+            inner = helo[1:-1] if helo.startswith("[") and helo.endswith("]") else None
+            try:
+                ipaddress.ip_address((inner or "").removeprefix("IPv6:"))
+            except ValueError:
+                raise ConfigError(
+                    f"[exit] smtp_helo must be a host name or [address], not {helo!r}"
+                ) from None
+        if self.smtp_starttls not in SMTP_TLS_MODES:
+            raise ConfigError(f"[exit] smtp_starttls must be one of {', '.join(SMTP_TLS_MODES)}")
+        relay_host = ""
+        if self.smtp_relay:
+            relay_host = _check_hostport(self.smtp_relay, "[exit] smtp_relay")
+        sources = [x for x in (self.smtp_password_file, self.smtp_password_env) if x]
+        if self.smtp_username:
+            if not self.smtp_relay:
+                raise ConfigError("[exit] smtp_username needs smtp_relay (AUTH is for a smarthost)")
+            if len(sources) != 1:
+                raise ConfigError(
+                    "[exit] smtp_username needs the password from exactly one of"
+                    " smtp_password_file or smtp_password_env (never in config.toml)"
+                )
+            loopback = relay_host in ("localhost", "::1") or relay_host.startswith("127.")
+            if self.smtp_starttls not in ("required", "tls") and not loopback:
+                raise ConfigError(
+                    '[exit] smtp_username needs smtp_starttls = "required" or "tls": the'
+                    " password must not cross the network in clear"
+                )
+        elif sources:
+            raise ConfigError("[exit] smtp_password_file/_env need smtp_username")
+        if self.smtp_password_env and not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_]*", self.smtp_password_env
+        ):
+            raise ConfigError("[exit] smtp_password_env must name an environment variable")
+
     def validate(self) -> Config:
         try:
             roles = Role.parse(self.roles)
@@ -108,6 +173,7 @@ class Config:
                 check_rule(rule)
             except Exception:
                 raise ConfigError(f"bad exit policy rule {rule!r}") from None
+        self._validate_exit()
         for addr in self.announce:
             try:
                 check_feed(addr)
@@ -175,6 +241,30 @@ class Config:
         return self
 
 
+def _check_hostport(text: str, where: str) -> str:
+    """The host of ``HOST[:PORT]`` / ``[V6][:PORT]``; ConfigError if malformed."""
+    if text.startswith("["):
+        host, close, tail = text[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else None if not tail else "x"
+        ok = bool(close)
+    else:
+        host, colon, port = text.rpartition(":") if ":" in text else (text, "", None)
+        ok = ":" not in host
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        ok = False
+    if not ok or not host or not (_HOSTNAME_RE.fullmatch(host) or _is_ip(host)):
+        raise ConfigError(f"{where} must be HOST[:PORT], not {text!r}")
+    return host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 _MAP = {
     ("node", "roles"): "roles",
     ("node", "listen"): "listen",
@@ -183,6 +273,12 @@ _MAP = {
     ("exit", "policy"): "exit_policy",
     ("exit", "smtp_relay"): "smtp_relay",
     ("exit", "maildir_root"): "maildir_root",
+    ("exit", "smtp_from"): "smtp_from",
+    ("exit", "smtp_helo"): "smtp_helo",
+    ("exit", "smtp_starttls"): "smtp_starttls",
+    ("exit", "smtp_username"): "smtp_username",
+    ("exit", "smtp_password_file"): "smtp_password_file",
+    ("exit", "smtp_password_env"): "smtp_password_env",
     ("network", "target_peers"): "target_peers",
     ("network", "join"): "join",
     ("network", "gossip_heartbeat"): "gossip_heartbeat",
@@ -315,8 +411,14 @@ _COMMENTS = {
     "announce": f"feeds to publish in the record (max {MAX_FEEDS}); empty: derived from listen",
     "record_ttl": "seconds a record stays valid; re-published at half-life",
     "policy": "what an exit delivers, kind:glob (kinds smtp, maildir, http, https)",
-    "smtp_relay": "deliver smtp: through this HOST:PORT instead of the destination host",
-    "maildir_root": "maildir: destinations must lie under this directory",
+    "smtp_relay": "smarthost HOST:PORT for all smtp: mail (e.g. your provider's, port 587); empty: the destination domain's MX hosts on port 25",
+    "maildir_root": "maildir: destinations must lie under this directory (no root: maildir is not offered)",
+    "smtp_from": "envelope sender and From: of the mail this exit sends (bounces come here); use a real domain",
+    "smtp_helo": "name given in EHLO/HELO (empty: this host's name); use your host's public DNS name",
+    "smtp_starttls": "off, opportunistic (TLS when offered), required (verified STARTTLS), tls (implicit TLS, port 465)",
+    "smtp_username": "AUTH login at the smarthost (needs smtp_starttls required or tls)",
+    "smtp_password_file": "file holding the AUTH password (mode 0600); never put the password itself here",
+    "smtp_password_env": "... or the environment variable holding it",
     "target_peers": "connections kept open, chosen for diverse feeds",
     "join": "multiaddrs tried in turn at start",
     "gossip_heartbeat": "GossipSub heartbeat, seconds",

@@ -401,7 +401,7 @@ class Home:
             feeds=feeds,
             onion_key=onion.public,
             onion_epoch=onion.epoch,
-            exit_policy=cfg.exit_policy if exitish else (),
+            exit_policy=cfg.advertised_policy() if exitish else (),
             ttl=cfg.record_ttl,
         )
 

@@ -232,6 +232,25 @@ class OutboxStore:
             finished_at=r[16],
         )
 
+    def find(self, prefix: str) -> list[bytes]:
+        """Message ids whose hex starts with ``prefix`` (any case)."""
+        prefix = prefix.strip().lower()
+        with self._lock:
+            rows = self._db.execute("SELECT message_id FROM messages").fetchall()
+        return [bytes(m) for (m,) in rows if bytes(m).hex().startswith(prefix)]
+
+    def drop(self, message_id: bytes) -> bool:
+        """Forget a message and its SURB secrets (the user gives up on it). A later
+        ack for it is ignored. False if it was not in the outbox."""
+
+        def tx(cur):
+            cur.execute("DELETE FROM surbs WHERE message_id = ?", (bytes(message_id),))
+            return cur.execute(
+                "DELETE FROM messages WHERE message_id = ?", (bytes(message_id),)
+            ).rowcount
+
+        return self._run(tx, durable=True) == 1
+
     def purge(self, before: float) -> int:
         """Forget finished messages that finished before ``before``."""
 

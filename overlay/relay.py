@@ -593,6 +593,7 @@ class RelayService:
                     self.exit_queue,
                     build_dispatcher(
                         cfg.exit_policy,
+                        config=cfg,
                         smtp_relay=cfg.smtp_relay if self.smtp_relay is None else self.smtp_relay,
                         maildir_root=(
                             cfg.maildir_root if self.maildir_root is None else self.maildir_root

@@ -21,8 +21,11 @@ Resend policy (the caller runs ``tick`` and executes the ``Attempt``s):
   same exit for up to ``same_exit_attempts`` consecutive attempts, then to a
   different exit; at once to a different exit if the exit left the live
   membership (even while an attempt through it is still in flight) or
-  rejected the message with a retryable reason (``not_exit``, ``queue_full``). The same message id is always reused, so an exit that got
-  an earlier copy de-duplicates it (and answers again).
+  rejected the message with a retryable reason (``not_exit``, ``queue_full``,
+  and ``policy_denied``: another exit's policy may allow the destination;
+  when none is left the caller gives up with ``give_up``). The same message
+  id is always reused, so an exit that got an earlier copy de-duplicates it
+  (and answers again).
 - QUEUED: never resent to another exit while the exit that queued it is
   live: a second exit would deliver it a second time. If that exit leaves
   the live membership (tombstone, expiry, or a DEAD hint) the message is at
@@ -54,7 +57,9 @@ from ..errors import LocalError
 from ..wire.delivery import AckStatus
 
 DAY = 86400.0
-RETRYABLE_REJECTS = frozenset({"not_exit", "queue_full"})
+RETRYABLE_REJECTS = frozenset({"not_exit", "queue_full", "policy_denied"})
+# rejections that depend on the exit's policy: with no other exit left, final
+ELSEWHERE_OR_FAIL = frozenset({"policy_denied"})
 MAX_AVOID = 16
 
 
@@ -245,6 +250,23 @@ class Outbox:
                 e.next_at = now  # its exit is gone: the attempt is lost, resend at once
             out += self._due(e, now, live)
         return out
+
+    def due_now(self, now: float) -> None:
+        """Make every unfinished message due at the next ``tick`` (``overlay outbox
+        --flush``): a queued one is resubmitted to its exit (which answers with the
+        final ack if it is done), a waiting pending one is sent. Attempts in flight
+        keep their timeout."""
+        for e in self.entries.values():
+            if e.state is State.QUEUED or (e.state is State.PENDING and not e.in_flight):
+                e.next_at = min(e.next_at, now)
+
+    def give_up(self, message_id: bytes, reason: str, now: float) -> list[Decision]:
+        """The caller found no exit left to try (e.g. every exit's policy refused the
+        destination): the message fails with ``reason``."""
+        e = self.entries.get(message_id)
+        if e is None or e.state.finished:
+            return []
+        return self._finish(e, State.FAILED, reason, now)
 
     def retry_waiting(self, now: float) -> None:
         """The membership changed (e.g. a new exit appeared): messages waiting after

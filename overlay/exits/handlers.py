@@ -9,6 +9,12 @@ Invariants:
   called, on every attempt (a policy narrowed after a message was queued
   still applies): a destination the policy does not allow, or a kind with no
   handler, is ``PermanentFailure(Reason.POLICY_DENIED)``;
+- ``on_commit`` (optional, async): a handler whose destination takes the
+  message at one step after a wait for its answer (SMTP: the final dot, then
+  the server's reply) awaits it right before that step, so the worker can
+  mark the message in flight; when it raises a ``DeliveryFailure`` the
+  handler does not take that step (SMTP: closes without the dot) and fails
+  the attempt with it; handlers without such a window ignore it;
 - failure ``code``s are short stable strings (``policy_denied``,
   ``smtp_550``, ``http_404``, ``connect_failed``, ``timeout``, ...) that go into
   acks, logs and metrics; ``detail`` never contains local file-system paths.
@@ -16,10 +22,13 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..errors import OverlayError, Reason
+from ..errors import ConfigError, OverlayError, Reason
 from ..records import DELIVERY_KINDS, policy_allows
 from ..wire.delivery import Destination, ExitMessage, InvalidDestination, parse_destination
 
@@ -49,6 +58,9 @@ class PermanentFailure(DeliveryFailure):
     """The destination refused the message for good (or policy forbids it): give up."""
 
     temporary = False
+
+
+OnCommit = Callable[[], Awaitable[None]]
 
 
 @runtime_checkable
@@ -98,10 +110,22 @@ class Dispatcher:
             return False
         return True
 
-    async def deliver(self, msg: ExitMessage) -> None:
-        """Check the policy, then deliver through the kind's handler."""
+    async def deliver(self, msg: ExitMessage, *, on_commit: OnCommit | None = None) -> None:
+        """Check the policy, then deliver through the kind's handler (passing
+        ``on_commit`` to handlers that take it)."""
         dest = self.check(msg)
-        await self.handlers[dest.kind].deliver(msg)
+        handler = self.handlers[dest.kind]
+        if on_commit is not None and _takes_on_commit(handler):
+            await handler.deliver(msg, on_commit=on_commit)
+        else:
+            await handler.deliver(msg)
+
+
+def _takes_on_commit(handler: DeliveryHandler) -> bool:
+    try:
+        return "on_commit" in inspect.signature(handler.deliver).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -122,6 +146,29 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def smtp_password(cfg) -> str | None:
+    """The smarthost's AUTH password from ``[exit] smtp_password_file`` or
+    ``smtp_password_env`` (None without ``smtp_username``). ``ConfigError`` names
+    the file or variable, never the password."""
+    if not getattr(cfg, "smtp_username", ""):
+        return None
+    if cfg.smtp_password_file:
+        path = Path(cfg.smtp_password_file).expanduser()
+        try:
+            text = path.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8"
+            raise ConfigError(f"[exit] smtp_password_file {path}: {why}") from None
+        password = text.rstrip("\r\n")
+        where = f"file {path}"
+    else:
+        password = os.environ.get(cfg.smtp_password_env, "")
+        where = f"environment variable {cfg.smtp_password_env}"
+    if not password:
+        raise ConfigError(f"[exit] no SMTP password in {where}")
+    return password
+
+
 def build_dispatcher(
     policy: Iterable[str],
     *,
@@ -130,11 +177,16 @@ def build_dispatcher(
     exit_address: str = "hydra-exit@localhost",
     smtp_timeout: float = 60.0,
     http_timeout: float = 30.0,
+    config=None,
 ) -> Dispatcher:
-    """A dispatcher from the node config (``[exit] policy, smtp_relay, maildir_root``).
+    """A dispatcher from the node config (``[exit]`` section).
 
     Handlers are created only for kinds the policy names; ``maildir`` needs a
-    root (without one, maildir rules are denied).
+    root (without one, maildir rules are denied). ``config`` (a ``Config``)
+    supplies the mail identity, TLS mode and smarthost login
+    (``smtp_from``, ``smtp_helo``, ``smtp_starttls``, ``smtp_username`` and
+    the password from ``smtp_password_file``/``smtp_password_env``); the
+    explicit ``smtp_relay``/``maildir_root`` arguments win over it.
     """
     from .maildir import MaildirHandler
     from .smtp import SmtpHandler
@@ -145,7 +197,16 @@ def build_dispatcher(
     handlers: dict[str, DeliveryHandler] = {}
     if "smtp" in kinds:
         relay = parse_hostport(smtp_relay, 25) if smtp_relay else None
-        handlers["smtp"] = SmtpHandler(exit_address=exit_address, relay=relay, timeout=smtp_timeout)
+        smtp: dict = {"exit_address": exit_address}
+        if config is not None:
+            smtp = {
+                "exit_address": config.smtp_from or exit_address,
+                "helo_name": config.smtp_helo or None,
+                "starttls": config.smtp_starttls,
+                "username": config.smtp_username or None,
+                "password": smtp_password(config),
+            }
+        handlers["smtp"] = SmtpHandler(relay=relay, timeout=smtp_timeout, **smtp)
     if "maildir" in kinds and maildir_root:
         handlers["maildir"] = MaildirHandler(maildir_root)
     if kinds & {"http", "https"}:

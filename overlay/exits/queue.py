@@ -4,7 +4,8 @@ One row per message id::
 
     message_id BLOB PK | state 0 pending / 1 delivered / 2 failed | raw (encoded
     ExitMessage; NULL once finished) | accepted_at | attempts | next_at |
-    finished_at | reason | notice_key (indexed; added to older files on open)
+    finished_at | reason | notice_key (indexed; added to older files on open) |
+    committing_at (added to older files on open)
 
 Invariants:
 - ``accept`` commits (``synchronous=FULL``) before it returns: an accepted
@@ -30,7 +31,14 @@ Invariants:
   table also holds the keys of our own deliveries, so ``delivered_among``
   answers an exit that asks about both; ``pending_among`` tells which asked
   keys we hold, and ``postpone`` moves a pending message's next attempt
-  without counting an attempt (we wait for the exit that holds it too).
+  without counting an attempt (we wait for the exit that holds it too);
+- ``committing`` records (fsynced) that an attempt is about to hand the
+  destination the last piece it needs to take the message (the SMTP final
+  dot): from then on the destination may have it whatever happens to us.
+  ``mark_failed`` clears the mark; a pending row that still carries it when
+  the exit starts again (``interrupted``) is never attempted again:
+  ``finish_interrupted`` finishes it as delivered with reason
+  ``INTERRUPTED`` (docs/protocol.md, "the end-of-data window").
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from ..wire.delivery import MESSAGE_ID_SIZE, ExitMessage, decode
 
 DAY = 86400.0
 ELSEWHERE = "delivered_elsewhere"
+# the exit stopped after handing the destination the whole message, before its answer
+INTERRUPTED = "interrupted_after_data"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -185,6 +195,8 @@ class DeliveryQueue:
                 [(notice_key(bytes(m)), m) for (m,) in rows],
             )
         self._db.execute(_NOTICE_INDEX)
+        if "committing_at" not in cols:
+            self._db.execute("ALTER TABLE deliveries ADD COLUMN committing_at REAL")
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -283,11 +295,13 @@ class DeliveryQueue:
                 " WHERE state = 0 AND next_at <= ? ORDER BY next_at, accepted_at LIMIT ?",
                 (float(now), limit + len(exclude)),
             ).fetchall()
+        out = self._decoded([r for r in rows if bytes(r[0]) not in exclude], now)
+        return out[:limit]
+
+    def _decoded(self, rows, now: float) -> list[QueuedMessage]:
         out: list[QueuedMessage] = []
         for mid, raw, attempts, accepted_at, next_at, reason in rows:
             mid = bytes(mid)
-            if mid in exclude:
-                continue
             try:
                 msg = decode(bytes(raw or b""))
                 if msg.message_id != mid:
@@ -296,8 +310,6 @@ class DeliveryQueue:
                 self._finish(mid, MessageState.FAILED, now, "corrupt: stored message unreadable")
                 continue
             out.append(QueuedMessage(msg, attempts, accepted_at, next_at, reason or ""))
-            if len(out) >= limit:
-                break
         return out
 
     def next_due(self, after: float) -> float | None:
@@ -309,9 +321,9 @@ class DeliveryQueue:
             ).fetchone()
         return t
 
-    def mark_delivered(self, message_id: bytes, now: float) -> bool:
+    def mark_delivered(self, message_id: bytes, now: float, reason: str = "") -> bool:
         """Record a delivery. False if the id was not pending (nothing changes)."""
-        return self._finish(bytes(message_id), MessageState.DELIVERED, now, "")
+        return self._finish(bytes(message_id), MessageState.DELIVERED, now, reason[:200])
 
     def mark_failed(
         self, message_id: bytes, now: float, *, temporary: bool, reason: str
@@ -342,7 +354,8 @@ class DeliveryQueue:
             return FailOutcome(attempts, None, reason)
         retry_at = now + self.retry.delay(attempts, self.rng)
         cur.execute(
-            "UPDATE deliveries SET attempts = ?, next_at = ?, reason = ? WHERE message_id = ?",
+            "UPDATE deliveries SET attempts = ?, next_at = ?, reason = ?, committing_at = NULL"
+            " WHERE message_id = ?",
             (attempts, retry_at, reason, mid),
         )
         return FailOutcome(attempts, retry_at, reason)
@@ -364,6 +377,34 @@ class DeliveryQueue:
                 (notice_key(mid), now),
             )
         return True
+
+    def committing(self, message_id: bytes, now: float) -> bool:
+        """Record (durably) that the destination is about to be handed the whole
+        message (see the module docstring). False if the id is not pending."""
+
+        def tx(cur):
+            cur.execute(
+                "UPDATE deliveries SET committing_at = ? WHERE message_id = ? AND state = 0",
+                (float(now), bytes(message_id)),
+            )
+            return cur.rowcount == 1
+
+        return self._tx(tx)
+
+    def interrupted(self) -> list[QueuedMessage]:
+        """Pending messages whose last attempt stopped after ``committing`` (a crash).
+        Rows that no longer decode are given up, as in ``due``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message_id, raw, attempts, accepted_at, next_at, reason FROM deliveries"
+                " WHERE state = 0 AND committing_at IS NOT NULL"
+            ).fetchall()
+        return self._decoded(rows, 0.0)
+
+    def finish_interrupted(self, message_id: bytes, now: float) -> bool:
+        """Finish an ``interrupted`` message as delivered (reason ``INTERRUPTED``):
+        the destination may have it, so this exit never hands it over again."""
+        return self._finish(bytes(message_id), MessageState.DELIVERED, now, INTERRUPTED)
 
     def delivered_among(self, keys: Iterable[bytes]) -> set[bytes]:
         """Which of these notice keys we know as delivered (by us or, from a notice,

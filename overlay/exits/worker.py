@@ -29,8 +29,27 @@ asking about it ourselves at the same moment and the asker's id is lower
 (``asker_first``): so two exits asking each other never both wait, nor both
 deliver. A question about a message we do not have yet is remembered: the
 sender's earlier attempt may still be on its way to us through the overlay,
-and when it arrives we ask the exit that asked. Nobody answering means
-delivering: no message is lost to silence.
+and when it arrives we ask the exit that asked.
+
+Silence is never leave to deliver a *stale* message: one accepted before this
+worker started (the saved queue of a restarted exit) or that waited here
+``late_after`` seconds. Another exit may have been handed it meanwhile, and
+only the exits that heard that exit's notice can tell; so such a message is
+delivered only once some exit-capable peer answered, or when no other exit
+could have had it (``Verdict.alone``: none is known that our failure detector
+does not hold dead). Otherwise it is postponed and asked about again.
+``check_delivered`` waits until the node has joined before asking, so a
+restarted exit delivers nothing from its queue before that.
+
+The end-of-data window: ``Dispatcher.deliver`` calls ``on_commit`` right
+before the destination is handed the last piece it needs to take the message
+(the SMTP final dot). The worker then records the attempt as committing
+(``DeliveryQueue.committing``, fsynced) and, through ``mark_in_flight``, tells
+other exits that the message is in flight here. A restarted exit finishes a
+message it finds committing as delivered (``INTERRUPTED``) and never hands it
+over again; a successor that finds an unfinished in-flight mark of an exit
+that does not answer treats the message as delivered (``MAYBE_DELIVERED``):
+see docs/protocol.md, "The end-of-data window".
 
 ``gate`` (optional) is awaited before every delivery attempt: a cap on
 deliveries (``[limits] exit_deliveries_per_minute``) holds the attempt there,
@@ -60,7 +79,14 @@ from ..errors import LocalError
 from ..wire.delivered import Answer, notice_key
 from ..wire.delivery import Ack, AckStatus, ExitMessage
 from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
-from .queue import ELSEWHERE, DeliveryQueue, MessageState, QueuedMessage, QueueFull
+from .queue import (
+    ELSEWHERE,
+    INTERRUPTED,
+    DeliveryQueue,
+    MessageState,
+    QueuedMessage,
+    QueueFull,
+)
 
 log = logging.getLogger("hydra.exits")
 
@@ -68,10 +94,45 @@ EventKind = Literal[
     "accepted", "duplicate", "rejected", "delivered", "retry", "gave_up", "deferred"
 ]
 SendAck = Callable[[bytes, Ack], Awaitable[None]]
-# (notice keys, raw ids of the exits that had the message before) -> their answer
-CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer]]
 DEFER_MIN, DEFER_MAX = 3.0, 60.0
 CLAIM_TTL, MAX_CLAIMS = 120.0, 4096
+MARK_TTL, MAX_MARKS = 6 * 3600.0, 4096
+# an exit that does not answer died (or was cut off) with the message in its
+# end-of-data window: the destination most likely has it
+MAYBE_DELIVERED = "in_flight_at_silent_exit"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a question to other exits established (``DeliveryNotices.ask``).
+
+    ``delivered``/``holding`` as in ``Answer``; ``in_flight``: keys an exit
+    that had the message marked in flight (its end-of-data window) and that
+    did not answer; ``answered``: exit-capable peers that answered at all;
+    ``alone``: no other exit-capable member is known that our failure detector
+    does not hold dead, so nobody is left who could have delivered it or know.
+    """
+
+    delivered: tuple[bytes, ...] = ()
+    holding: tuple[bytes, ...] = ()
+    in_flight: tuple[bytes, ...] = ()
+    answered: int = 0
+    alone: bool = False
+
+    @classmethod
+    def of(cls, answer: Answer | Verdict) -> Verdict:
+        """A plain ``Answer`` counts as one exit's answer."""
+        if isinstance(answer, Verdict):
+            return answer
+        return cls(tuple(answer.delivered), tuple(answer.holding), answered=1)
+
+
+# (notice keys, raw ids of the exits that had the message before) -> their answer
+CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer | Verdict]]
+# (notice key, raw ids of the exits the sender named, ended) -> None; tells other
+# exits the message is in flight here (ended=False) or that the attempt ended
+# without delivery (ended=True)
+MarkInFlight = Callable[[bytes, tuple[bytes, ...], bool], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +163,7 @@ class DeliveryWorker:
         check_delivered: CheckDelivered | None = None,
         late_after: float = 2.0,
         gate: Callable[[], Awaitable[None]] | None = None,
+        mark_in_flight: MarkInFlight | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -111,6 +173,8 @@ class DeliveryWorker:
         self.check_delivered = check_delivered
         self.late_after = late_after
         self.gate = gate  # awaited before each delivery: an operator's cap holds it there
+        self.mark_in_flight = mark_in_flight
+        self.started_at = math.inf  # set by run(): older messages come from the saved queue
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.send_ack = send_ack
@@ -126,6 +190,9 @@ class DeliveryWorker:
         # notice keys another exit asked about before we had the message -> (its raw
         # id, until when): our copy may be an earlier attempt that the overlay delayed
         self._claims: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        # notice keys another exit marked in flight (its end-of-data window) ->
+        # (its raw id, until when); dropped when it ends the attempt or a notice comes
+        self._marks: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._next_purge = 0.0
 
     @property
@@ -182,6 +249,8 @@ class DeliveryWorker:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Deliver due messages until cancelled. Ready once the first scan can start."""
         self._next_purge = self.clock()
+        self.started_at = self.clock()
+        await self._finish_interrupted()
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -205,9 +274,10 @@ class DeliveryWorker:
             for mid, until in list(self._gave_way.items()):
                 if until < now - DEFER_MAX:  # finished by a notice meanwhile
                     del self._gave_way[mid]
-            for key, (_, until) in list(self._claims.items()):
-                if until < now:
-                    del self._claims[key]
+            for table in (self._claims, self._marks):
+                for key, (_, until) in list(table.items()):
+                    if until < now:
+                        del table[key]
         free = self.concurrency - len(self._in_flight)
         if free > 0:
             for item in self.queue.due(now, limit=free, exclude=self._in_flight):
@@ -230,8 +300,18 @@ class DeliveryWorker:
             if not self._still_pending(mid):
                 return
             failure: DeliveryFailure | None = None
+            committed = False
+            began = self.clock()
+
+            async def on_commit() -> None:
+                nonlocal committed
+                committed = True
+                await self._committing(item)
+                if self.clock() - began >= self.late_after:
+                    await self._recheck(item)  # raises: no end of data, the attempt fails
+
             try:
-                await self.dispatcher.deliver(msg)
+                await self.dispatcher.deliver(msg, on_commit=on_commit)
             except DeliveryFailure as e:
                 failure = e
             except Exception as e:
@@ -267,60 +347,169 @@ class DeliveryWorker:
                     reason=outcome.reason,
                     retry_at=outcome.retry_at,
                 )
+            if committed and outcome is not None and self.mark_in_flight is not None:
+                try:  # the attempt ended without a delivery: withdraw our in-flight mark
+                    await self.mark_in_flight(notice_key(mid), msg.earlier, True)
+                except Exception:
+                    log.exception("exit: withdrawing an in-flight mark failed")
         finally:
             self._in_flight.discard(mid)
             self.wake()
 
+    async def _committing(self, item: QueuedMessage) -> None:
+        """The destination is about to be handed the whole message: record it, then
+        tell other exits (see the module docstring; ``mark_in_flight`` returns once
+        the mark is written, and bounds its own wait). Errors are logged, never
+        raised: the delivery goes on (without the mark a crash now may cost a
+        second copy)."""
+        mid = item.message_id
+        try:
+            self.queue.committing(mid, self.clock())
+        except (sqlite3.Error, LocalError):
+            log.exception("exit: cannot record a committing attempt")
+        if self.mark_in_flight is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            sent = await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
+        except Exception:
+            log.exception("exit: marking a message in flight failed")
+            return
+        log.info(
+            "exit: %s marked in flight at %s exit(s) in %.1f ms",
+            mid.hex()[:8],
+            sent,
+            (time.perf_counter() - t0) * 1000,
+        )
+
+    async def _recheck(self, item: QueuedMessage) -> None:
+        """The attempt took ``late_after`` s or more before its end of data (a slow
+        server, or this exit was frozen or starved meanwhile): the sender may have
+        resent the message through another exit since. Ask again; if another exit
+        has delivered it or holds it, raise ``TemporaryFailure`` so the end of data
+        is never sent (the server drops the transaction) and the message is asked
+        about before its next attempt (it is stale by then)."""
+        if self.check_delivered is None:
+            return
+        key = notice_key(item.message_id)
+        try:
+            verdict = Verdict.of(await self.check_delivered([key], item.message.earlier))
+        except Exception:
+            log.exception("exit: asking again before the end of data failed")
+            return
+        if key in verdict.delivered or key in verdict.holding or key in verdict.in_flight:
+            log.info(
+                "exit: %s is delivered or held elsewhere; end of data not sent",
+                item.message_id.hex()[:8],
+            )
+            raise TemporaryFailure("superseded", "delivered or held by another exit")
+
+    async def _finish_interrupted(self) -> None:
+        """At start: messages whose attempt was stopped inside the end-of-data window
+        (the destination may have them) are finished, never handed over again."""
+        try:
+            items = self.queue.interrupted()
+        except (sqlite3.Error, LocalError):
+            log.exception("exit: cannot read the delivery queue")
+            return
+        for item in items:
+            mid, msg = item.message_id, item.message
+            try:
+                if not self.queue.finish_interrupted(mid, self.clock()):
+                    continue
+            except (sqlite3.Error, LocalError):
+                log.exception("exit: cannot finish an interrupted delivery")
+                continue
+            log.warning(
+                "exit: %s was handed to its destination when this exit stopped, before the"
+                " destination answered; not delivering it again",
+                mid.hex()[:8],
+            )
+            self._event("delivered", msg, attempts=item.attempts + 1, reason=INTERRUPTED)
+            if self.ack_when == "delivered":
+                await self._send(msg.reply_block, Ack.make(mid, AckStatus.DELIVERED, INTERRUPTED))
+
+    def _stale(self, item: QueuedMessage, now: float) -> bool:
+        """From the saved queue of a restart, or waited here ``late_after`` s."""
+        return item.accepted_at < self.started_at or now - item.accepted_at >= self.late_after
+
     async def _ours_to_deliver(self, item: QueuedMessage) -> bool:
         """Ask other exits before delivering a message that waited here (we were
-        paused or cut off, or its destination was down) or that other exits had
-        before us: it may be delivered or held elsewhere."""
+        restarted, paused or cut off, or its destination was down) or that other
+        exits had before us: it may be delivered or held elsewhere. See the module
+        docstring for when silence postpones it."""
         msg, mid = item.message, item.message_id
         now = self.clock()
         key = notice_key(mid)
-        claim = self._claims.get(key)
         earlier = msg.earlier
+        claim = self._claims.get(key)
         if claim is not None and claim[1] >= now:
             earlier = tuple(dict.fromkeys((*earlier, claim[0])))
-        if self.check_delivered is None or (
-            not earlier and now - item.accepted_at < self.late_after
-        ):
+        stale = self._stale(item, now)
+        if self.check_delivered is None or (not earlier and not stale):
             return True
         self._gave_way.pop(mid, None)
         self._asking.add(mid)
         try:
-            answer = await self.check_delivered([key], earlier)
+            verdict = Verdict.of(await self.check_delivered([key], earlier))
         except Exception:
             log.exception("exit: asking about earlier deliveries failed")
-            answer = Answer()
+            verdict = Verdict()
         finally:
             self._asking.discard(mid)
+        silent = stale and not verdict.answered and not verdict.alone
         log.info(
-            "exit: asked other exits about %s (%d earlier): %s",
+            "exit: asked other exits about %s (%d earlier, %d answered): %s",
             mid.hex()[:8],
             len(earlier),
-            "delivered" if key in answer.delivered else "held" if key in answer.holding else "-",
+            verdict.answered,
+            "delivered"
+            if key in verdict.delivered
+            else "held"
+            if key in verdict.holding
+            else "in flight at a silent exit"
+            if key in verdict.in_flight
+            else "nobody answered"
+            if silent
+            else "-",
         )
         try:
-            if key in answer.delivered:
+            if key in verdict.delivered:
                 self.queue.note_delivered_elsewhere([key], self.clock())
-            elif key in answer.holding or mid in self._gave_way:
+                reason = ELSEWHERE
+            elif key in verdict.in_flight:
+                if not self.queue.mark_delivered(mid, self.clock(), MAYBE_DELIVERED):
+                    return False
+                reason = MAYBE_DELIVERED
+            elif key in verdict.holding or mid in self._gave_way or silent:
                 now = self.clock()
                 until = now + min(DEFER_MAX, max(DEFER_MIN, (now - item.accepted_at) / 2))
-                self._gave_way[mid] = until
+                if not silent:
+                    self._gave_way[mid] = until
                 self.queue.postpone(mid, until)
-                log.info("exit: another exit holds a message; waiting for its notice")
+                if silent:
+                    log.info("exit: no other exit answered; asking again before delivering")
+                else:
+                    log.info("exit: another exit holds a message; waiting for its notice")
                 self._event("deferred", msg, retry_at=until)
                 return False
             else:
                 return True
         except (sqlite3.Error, LocalError):
             log.exception("exit: cannot record what another exit answered")
-            return True
-        log.info("exit: a waiting message was already delivered by another exit")
-        self._event("duplicate", msg, reason=ELSEWHERE)
+            await trio.sleep(DEFER_MIN)  # the message stays pending and is asked about again
+            return False
+        if reason == ELSEWHERE:
+            log.info("exit: a waiting message was already delivered by another exit")
+        else:
+            log.warning(
+                "exit: %s was in flight at an exit that no longer answers (its mail server"
+                " most likely has it); not delivering a second copy",
+                mid.hex()[:8],
+            )
+        self._event("duplicate", msg, reason=reason)
         if self.ack_when == "delivered":
-            await self._send(msg.reply_block, Ack.make(mid, AckStatus.DELIVERED, ELSEWHERE))
+            await self._send(msg.reply_block, Ack.make(mid, AckStatus.DELIVERED, reason))
         return False
 
     def _still_pending(self, mid: bytes) -> bool:
@@ -362,9 +551,35 @@ class DeliveryWorker:
                 self._gave_way[mid] = self.clock() + DEFER_MIN
                 continue
             holding.add(key)
+        marks = self.marks_among(k for k in keys if k not in delivered)
         return Answer(
-            tuple(k for k in keys if k in delivered), tuple(k for k in keys if k in holding)
+            tuple(k for k in keys if k in delivered),
+            tuple(k for k in keys if k in holding),
+            tuple((k, m) for k, m in marks.items() if bytes(asker or b"") != m),
         )
+
+    def note_mark(self, key: bytes, marker: bytes, ended: bool) -> None:
+        """Exit ``marker`` (raw id) marked the message with notice key ``key`` in flight
+        (its end-of-data window), or (``ended``) withdrew its mark."""
+        key, marker = bytes(key), bytes(marker)
+        if ended:
+            if self._marks.get(key, (None,))[0] == marker:
+                del self._marks[key]
+            return
+        self._marks[key] = (marker, self.clock() + MARK_TTL)
+        self._marks.move_to_end(key)
+        while len(self._marks) > MAX_MARKS:
+            self._marks.popitem(last=False)
+
+    def marks_among(self, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        """Of these notice keys, those with an unfinished in-flight mark: key -> marker."""
+        now = self.clock()
+        out = {}
+        for key in keys:
+            entry = self._marks.get(bytes(key))
+            if entry is not None and entry[1] >= now:
+                out[bytes(key)] = entry[0]
+        return out
 
     # -- helpers --------------------------------------------------------------------
 

@@ -269,7 +269,17 @@ def answer_samples() -> list[bytes]:
     return [
         delivered.encode_answer(delivered.Answer((bytes(16),), (bytes([1]) * 16,))),
         delivered.encode_answer(delivered.Answer()),
+        delivered.encode_answer(delivered.Answer((), (), ((bytes([2]) * 16, bytes(32)),))),
     ]
+
+
+def run_inflight_mark(data: bytes) -> object:
+    return delivered.decode_mark(data)
+
+
+@cache
+def mark_samples() -> list[bytes]:
+    return [delivered.encode_mark(delivered.Mark(bytes([i]) * 16, bool(i))) for i in (0, 1)]
 
 
 # ---- stream framing --------------------------------------------------------------------
@@ -378,6 +388,7 @@ TARGETS: dict[str, Target] = {
         Target("ack", run_ack, (DecodeError,), ack_samples),
         Target("delivered", run_delivered, (DecodeError,), delivered_samples),
         Target("delivered_answer", run_delivered_answer, (DecodeError,), answer_samples),
+        Target("inflight_mark", run_inflight_mark, (DecodeError,), mark_samples),
         Target("framing", run_framing, (DecodeError,), framing_samples),
         Target("onion_small", run_onion(SMALL), (RemoteError,), lambda: _packets(SMALL, 1)),
         Target("onion_large", run_onion(LARGE), (RemoteError,), lambda: _packets(LARGE, 2)),

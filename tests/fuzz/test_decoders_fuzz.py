@@ -28,6 +28,7 @@ CBOR_MAP_TARGETS = [
     "ack",
     "delivered",
     "delivered_answer",
+    "inflight_mark",
     "seed_bundle",
 ]
 

@@ -169,16 +169,28 @@ def smtp_dispatcher(**kw) -> Dispatcher:
 
 # ---- SMTP -------------------------------------------------------------------------
 
+RFC5322_BODY = b".a line that starts with a dot\r\n..and two\r\n8-bit: \xc3\xa9t\xc3\xa9\r\n"
 RFC5322 = (
     b"From: Alice <alice@example.org>\r\n"
     b"To: rcpt@127.0.0.1\r\n"
     b"Subject: verbatim\r\n"
     b"X-Folded: one\r\n two\r\n"
-    b"\r\n"
-    b".a line that starts with a dot\r\n"
-    b"..and two\r\n"
-    b"8-bit: \xc3\xa9t\xc3\xa9\r\n"
+    b"Content-Type: text/plain;\r\n charset=utf-8\r\n"
+    b"\r\n" + RFC5322_BODY
 )
+
+
+def check_message_form(content: bytes, message_id: bytes, rcpt: str = "rcpt@127.0.0.1") -> None:
+    """RFC5322 as the header policy sends it: the exit's From/To/Date/Message-ID,
+    the safe fields (Subject, Content-Type with its folding), the body unchanged."""
+    head, body = content.split(b"\r\n\r\n", 1)
+    assert body == RFC5322_BODY
+    names = [ln.split(b":")[0] for ln in head.split(b"\r\n") if not ln.startswith(b" ")]
+    assert names == [b"From", b"To", b"Date", b"Message-ID", b"Subject", b"Content-Type"]
+    assert b"\r\nSubject: verbatim\r\nContent-Type: text/plain;\r\n charset=utf-8" in head
+    assert head.startswith(f"From: hydra-exit@localhost\r\nTo: {rcpt}\r\n".encode())
+    assert f"Message-ID: <{message_id.hex()}@hydra.invalid>".encode() in head
+    assert b"alice" not in head and b"X-Folded" not in head
 
 
 async def test_smtp_delivers_exact_bytes_once(tmp_path, smtp_server):
@@ -210,8 +222,9 @@ async def test_smtp_delivers_exact_bytes_once(tmp_path, smtp_server):
         assert env.mail_from == "hydra-exit@localhost"
         assert env.rcpt_tos == ["rcpt@127.0.0.1"]
         content = env.original_content
-        if content == RFC5322:
-            by_id[1] = content
+        if b"Subject: verbatim" in content:
+            check_message_form(content, mid(1))
+            by_id[1] = RFC5322
             continue
         parsed = email.message_from_bytes(content, policy=email.policy.compat32)
         n = int(parsed["Message-ID"].strip("<>").split("@")[0], 16)
@@ -252,7 +265,8 @@ async def test_smtp_down_then_up_delivered_once(tmp_path):
                 await trio.to_thread.run_sync(ctl.stop)
             nursery.cancel_scope.cancel()
         assert q.lookup(msg.message_id) == (MessageState.DELIVERED, "")
-    assert [e.original_content for e in sink.envelopes] == [RFC5322]
+    (env,) = sink.envelopes
+    check_message_form(env.original_content, mid(7))
 
 
 async def test_smtp_5xx_is_permanent_and_4xx_temporary(tmp_path):
@@ -281,7 +295,7 @@ async def test_smtp_5xx_is_permanent_and_4xx_temporary(tmp_path):
         relayed = SmtpHandler(relay=("127.0.0.1", port), timeout=5.0)
         await relayed.deliver(ExitMessage.make(mid(3), "smtp:ok@example.org", RFC5322))
         assert sink.envelopes[-1].rcpt_tos == ["ok@example.org"]
-        assert sink.envelopes[-1].original_content == RFC5322
+        check_message_form(sink.envelopes[-1].original_content, mid(3), "ok@example.org")
     finally:
         ctl.stop()
 
@@ -295,8 +309,18 @@ def test_smtp_render_forms():
     assert not looks_like_message(b"Subject: x\r\n\r\n" + b"y" * 999 + b"\r\n")
     assert not looks_like_message(b"Subject: no final crlf\r\n\r\nbody")
     m = ExitMessage.make(mid(9), "smtp:a@example.org", RFC5322)
-    assert render(m, d).form == "verbatim" and render(m, d).data == RFC5322
-    assert render(m, d).eight_bit
+    assert render(m, d).form == "message" and render(m, d).eight_bit
+    check_message_form(render(m, d).data, mid(9), "a@example.org")
+    # Unix line endings (an .eml file, echo): normalised, the Subject kept
+    for eml in (b"Subject: lf only\nFrom: me@home\n\nbody\n", b"Subject: lf only\n\nbody"):
+        lf = render(ExitMessage.make(mid(9), "smtp:a@example.org", eml), d)
+        assert lf.form == "message" and lf.data.endswith(b"\r\nSubject: lf only\r\n\r\nbody\r\n")
+        assert b"me@home" not in lf.data
+    # a "message" SMTP cannot carry is wrapped; so is plain text, LF or not
+    long = ExitMessage.make(mid(9), "smtp:a@example.org", b"Subject: x\n\n" + b"y" * 999)
+    assert render(long, d).form == "wrapped-base64-text"
+    plain = render(ExitMessage.make(mid(9), "smtp:a@example.org", b"hi\nthere"), d)
+    assert plain.form == "wrapped-7bit" and plain.data.endswith(b"\r\n\r\nhi\r\nthere\r\n")
     wrapped = render(m, d, verbatim=False, now=0)
     assert wrapped.form == "wrapped-base64-text"
     assert b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n" in wrapped.data

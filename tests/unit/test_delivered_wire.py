@@ -71,7 +71,11 @@ def test_answer_round_trip_and_size_bound(keys, data):
     [
         {0: 1, 1: [b"k" * 16], 2: [b"k" * 16]},  # both delivered and held
         {0: 1, 1: []},  # holding missing
-        {0: 1, 1: [], 2: [], 3: []},  # unknown key
+        {0: 1, 1: [], 2: [], 3: []},  # in-flight marks present but empty
+        {0: 1, 1: [], 2: [], 4: []},  # unknown key
+        {0: 1, 1: [], 2: [], 3: [[b"k" * 16]]},  # a mark without its exit
+        {0: 1, 1: [], 2: [], 3: [[b"k" * 16, b"x" * 31]]},
+        {0: 1, 1: [], 2: [], 3: [[b"k" * 16, b"x" * 32]] * (wire.MAX_KEYS + 1)},
         {0: 1, 1: [], 2: [b"k" * 16] * (wire.MAX_KEYS + 1)},
         {0: 1, 1: [], 2: [b"short"]},
     ],
@@ -81,3 +85,35 @@ def test_answer_rejects(value):
         wire.decode_answer(cbor.dumps(value))
     with pytest.raises(ValueError):
         wire.Answer((b"k" * 16,), (b"k" * 16,))
+
+
+def test_answer_with_in_flight_marks_round_trips_within_the_cap():
+    keys = [bytes([i]) * 16 for i in range(wire.MAX_KEYS)]
+    full = wire.Answer(tuple(keys), (), tuple((k, bytes([7]) * 32) for k in keys))
+    raw = wire.encode_answer(full)
+    assert len(raw) <= wire.ANSWER_MAX_SIZE and wire.decode_answer(raw) == full
+    # without marks the answer is byte for byte what it was before marks existed
+    plain = wire.Answer((keys[0],), (keys[1],))
+    assert wire.encode_answer(plain) == cbor.dumps({0: 1, 1: [keys[0]], 2: [keys[1]]})
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_mark_round_trip(ended):
+    mark = wire.Mark(b"m" * 16, ended)
+    raw = wire.encode_mark(mark)
+    assert len(raw) <= wire.MARK_MAX_SIZE and wire.decode_mark(raw) == mark
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {0: 1, 1: b"m" * 16},  # ended missing
+        {0: 1, 1: b"m" * 15, 2: 0},
+        {0: 1, 1: b"m" * 16, 2: 2},
+        {0: 1, 1: b"m" * 16, 2: 0, 3: 0},
+        {0: 2, 1: b"m" * 16, 2: 0},
+    ],
+)
+def test_mark_rejects(value):
+    with pytest.raises(DecodeError):
+        wire.decode_mark(cbor.dumps(value))
