@@ -47,6 +47,7 @@ from .core.outbox import (
 )
 from .core.paths import DEFAULT_HOPS, NoPath, select_path, select_return_path
 from .core.paths import Path as HopPath
+from .core.syncround import Initiator, Responder
 from .crypto import NodeId, SigningKey
 from .errors import DecodeError, LocalError, OverlayError, RemoteError
 from .home import Home
@@ -702,49 +703,56 @@ class Client:
         return total
 
     async def _sync_round(self, peer: NodeId) -> int:
-        accepted = 0
+        """One pull from ``peer`` (a light client pushes nothing)."""
+        rnd = Initiator(self.ae, push=False)
         stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
         try:
-            await self._sync_send(stream, self.ae.summary())
-            entries = await self._sync_recv(stream, sync.Entries)
-            want = self.ae.want(entries)
-            await self._sync_send(stream, want)
-            if want.ids:
-                recs = await self._sync_recv(stream, sync.Records)
-                now = self.clock()
-                for raw in recs.records:
-                    try:
-                        self.view.offer(raw, now)
-                        accepted += 1
-                    except RemoteError as e:
-                        log.debug("record from entry rejected: %s", e)
+            await self._sync_send(stream, rnd.start())
+            while not rnd.done:
+                for out in rnd.receive(await self._sync_recv(stream)):
+                    await self._sync_send(stream, out)
         finally:
             await stream.close()
+        return self._offer(rnd.records)
+
+    def _offer(self, records) -> int:
+        accepted = 0
+        now = self.clock()
+        for raw in records:
+            try:
+                self.view.offer(raw, now)
+                accepted += 1
+            except RemoteError as e:
+                log.debug("record from a peer rejected: %s", e)
         return accepted
 
     async def _sync_send(self, stream: Stream, frame) -> None:
         await stream.write(framing.encode_frame(sync.encode(frame), sync.MAX_SIZE))
 
-    async def _sync_recv(self, stream: Stream, expected: type):
+    async def _sync_recv(self, stream: Stream, end_ok: bool = False):
         data = await framing.read_frame(stream, sync.MAX_SIZE)
         if data is None:
+            if end_ok:
+                return None
             raise DecodeError(detail="sync stream closed mid-round")
-        frame = sync.decode(data)
-        if not isinstance(frame, expected):
-            raise DecodeError(detail=f"expected {expected.__name__}")
-        return frame
+        return sync.decode(data)
 
     async def _serve_sync(self, stream: Stream, remote_peer: str) -> None:
-        """Answer a sync round from our (validated) view, as a node would."""
+        """Answer a sync round from our (validated) view, as a node would, and take
+        what the node pushes."""
+        rnd = Responder(self.ae)
         try:
             with trio.fail_after(5):
-                summary = await self._sync_recv(stream, sync.Summary)
-                await self._sync_send(stream, self.ae.entries_for(summary))
-                want = await self._sync_recv(stream, sync.Want)
-                if want.ids:
-                    await self._sync_send(stream, self.ae.records_for(want))
+                while not rnd.done:
+                    frame = await self._sync_recv(stream, end_ok=True)
+                    for out in rnd.end() if frame is None else rnd.receive(frame):
+                        await self._sync_send(stream, out)
+            self._offer(rnd.pushed)
         except (OverlayError, trio.TooSlowError) as e:
             log.debug("serving sync to %s failed: %r", remote_peer[-8:], e)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
 
     async def _sync_loop(self) -> None:
         while True:

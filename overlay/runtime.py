@@ -38,6 +38,7 @@ from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView, Outcome, StrangerView
 from .core.peering import choose_dials, feed_network
 from .core.scores import PeerScores, TokenBucket
+from .core.syncround import Initiator, Responder, RoundAborted
 from .core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
@@ -549,28 +550,23 @@ class Node:
 
         ``bulk``: the pull of a joining node (exempt from the admission rate)."""
         accepted = 0
-        differed = False
         self._last_sync_outcome = FAILED
+        rnd = Initiator(self.ae, now=self.clock(), push_ae=self._ae_for(peer))
         try:
             with trio.fail_after(SYNC_TIMEOUT):
                 stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
                 try:
-                    await self._send(stream, self.ae.summary())
-                    entries = await self._recv(stream, sync.Entries)
-                    self.confirm(peer)
-                    want = self.ae.want(entries, self.clock())
-                    await self._send(stream, want)
-                    if want.ids:
-                        recs = await self._recv(stream, sync.Records)
-                        for raw in recs.records:
-                            if self.ingest(raw, "sync", peer, bulk=bulk):
-                                accepted += 1
-                        self.metrics.sync_records.inc(len(recs.records))
-                    push = self._ae_for(peer).push_for(entries)
-                    if push.records:
-                        await self._send(stream, push)
-                        self.metrics.sync_pushed.inc(len(push.records))
-                    differed = bool(entries.entries or want.ids or push.records)
+                    await self._send(stream, rnd.start())
+                    while not rnd.done:
+                        frame = await self._recv(stream)
+                        self.confirm(peer)
+                        for out in rnd.receive(frame):
+                            await self._send(stream, out)
+                    for raw in rnd.records:
+                        if self.ingest(raw, "sync", peer, bulk=bulk):
+                            accepted += 1
+                    self.metrics.sync_records.inc(len(rnd.records))
+                    self.metrics.sync_pushed.inc(rnd.pushed)
                 finally:
                     await _close(stream)
         except RemoteError as e:
@@ -586,7 +582,7 @@ class Node:
             return accepted
         self.metrics.sync_rounds.labels("initiator", "ok").inc()
         self._last_sync_ok = True
-        self._last_sync_outcome = DIFFERED if differed else SAME
+        self._last_sync_outcome = DIFFERED if rnd.differed else SAME
         info = self.peers.get(peer)
         if info:
             info.sync_ok += 1
@@ -607,24 +603,19 @@ class Node:
                 self.penalize(peer, Reason.RATE_LIMITED)
                 self.metrics.sync_rounds.labels("responder", "rate_limited").inc()
                 return
+            rnd = Responder(ae)
             with trio.fail_after(SYNC_TIMEOUT):
-                summary = await self._recv(stream, sync.Summary)
-                await self._send(stream, ae.entries_for(summary))
-                want = await self._recv(stream, sync.Want)
-                if want.ids:
-                    await self._send(stream, ae.records_for(want))
-                # the initiator may push what we lack; a clean end of stream means nothing
-                data = await framing.read_frame(stream, sync.MAX_SIZE)
-                if data is not None:
-                    self.metrics.sync_bytes.labels("in").inc(len(data))
-                    pushed = sync.decode(data)
-                    if not isinstance(pushed, sync.Records):
-                        raise DecodeError(Reason.MALFORMED, "expected Records")
-                    before = self.changes
-                    for raw in pushed.records:
-                        self.ingest(raw, "sync", peer)
-                    if self.changes != before:
-                        self.kick_sync()  # news pushed to us: our other peers may lack it
+                while not rnd.done:
+                    # a clean end of stream after the want means nothing to push
+                    frame = await self._recv(stream, end_ok=True)
+                    for out in rnd.end() if frame is None else rnd.receive(frame):
+                        await self._send(stream, out)
+            if rnd.pushed:
+                before = self.changes
+                for raw in rnd.pushed:
+                    self.ingest(raw, "sync", peer)
+                if self.changes != before:
+                    self.kick_sync()  # news pushed to us: our other peers may lack it
             self.metrics.sync_rounds.labels("responder", "ok").inc()
         except RemoteError as e:
             self.metrics.sync_rounds.labels("responder", e.reason.value).inc()
@@ -640,16 +631,17 @@ class Node:
         self.metrics.sync_bytes.labels("out").inc(len(data))
         await stream.write(data)
 
-    async def _recv(self, stream, expected: type):
+    async def _recv(self, stream, *, end_ok: bool = False):
+        """The next sync frame; at end of stream ``None`` if ``end_ok``, else
+        ``RoundAborted`` (the peer gave up: its deadline passed, or it is shutting
+        down; not bad input)."""
         data = await framing.read_frame(stream, sync.MAX_SIZE)
         if data is None:
-            # the peer gave up (its deadline passed, or it is shutting down): not bad input
-            raise SyncAborted("stream closed mid-round")
+            if end_ok:
+                return None
+            raise RoundAborted("stream closed mid-round")
         self.metrics.sync_bytes.labels("in").inc(len(data))
-        frame = sync.decode(data)
-        if not isinstance(frame, expected):
-            raise DecodeError(Reason.MALFORMED, f"expected {expected.__name__}")
-        return frame
+        return sync.decode(data)
 
     async def _sync_loop(self) -> None:
         """Anti-entropy rounds, one at a time, as ``core.syncsched`` schedules them:
@@ -1007,10 +999,6 @@ class Node:
                 "rejected": self.admission.rejected,
             },
         }
-
-
-class SyncAborted(LocalError):
-    """The other side ended an anti-entropy round early; nothing to penalise."""
 
 
 class _DhtRecordValidator:

@@ -59,6 +59,7 @@ from ..core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from ..core.exitpool import ExitPool
 from ..core.liveness import DEAD, Liveness
 from ..core.peering import choose_dials
+from ..core.syncround import Initiator, Responder
 from ..core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from ..crypto import NodeId, OnionPublicKey, SigningKey, hash32
 from ..errors import BadSignature
@@ -624,86 +625,93 @@ class Simulation:
         self._sync_at(node, node.sched.next_at)
 
     def _sync_round(self, i: int, j: int, now: float) -> None:
-        summary = self.nodes[i].ae.summary()
+        rnd = Initiator(self.nodes[i].ae)  # the real round's state machines, as the node's
+        summary = rnd.start()
         at = self.net.send(C_SYNC, i, j, SUMMARY_SIZE, now)
         if at is not None:
-            self.engine.at(at, self._sync_summary, j, i, summary)
+            self.engine.at(at, self._sync_summary, j, i, (rnd, summary))
         elif self.nodes[i].joining:
             self._join_done(self.nodes[i], now)
 
-    def _sync_summary(self, j: int, i: int, summary: sync.Summary) -> None:
+    def _sync_summary(self, j: int, i: int, pair) -> None:
         if not self.net.ok(j):
             return self._sync_failed(i)
+        rnd, summary = pair
         now = self.engine.now
-        entries = self.nodes[j].ae.entries_for(summary)
+        resp = Responder(self.nodes[j].ae)
+        (entries,) = resp.receive(summary)
         if entries.entries:
             size = len(sync.encode(entries)) + STREAM_OVERHEAD
         else:
             size = EMPTY_ENTRIES_SIZE
         at = self.net.send(C_SYNC, j, i, size, now)
         if at is not None:
-            self.engine.at(at, self._sync_entries, i, j, entries)
+            self.engine.at(at, self._sync_entries, i, j, (rnd, resp, entries))
         else:
             self._sync_failed(i)
 
-    def _sync_entries(self, i: int, j: int, entries: sync.Entries) -> None:
+    def _sync_entries(self, i: int, j: int, triple) -> None:
         if not self.net.ok(i):
             return
+        rnd, resp, entries = triple
         node = self.nodes[i]
         now = self.engine.now
-        want = node.ae.want(entries)
+        want, *push = rnd.receive(entries)
         self._sync_outcome(i, DIFFERED if entries.entries else SAME)
         size = len(sync.encode(want)) + STREAM_OVERHEAD if want.ids else EMPTY_WANT_SIZE
         at = self.net.send(C_SYNC, i, j, size, now)
         if want.ids and at is not None:
-            self.engine.at(at, self._sync_want, j, i, (want, entries))
+            self.engine.at(at, self._sync_want, j, i, (rnd, resp, want))
             return
         if at is not None:
-            self._sync_push(i, j, entries, now)
+            resp.receive(want)
+            self._sync_push(i, j, resp, push, now)
         if node.joining:
             self._join_done(node, now)
 
-    def _sync_push(self, i: int, j: int, entries: sync.Entries, now: float) -> None:
+    def _sync_push(self, i: int, j: int, resp: Responder, frames: list, now: float) -> None:
         """The initiator's push step: what the responder lacks in the buckets it listed."""
-        push = self.nodes[i].ae.push_for(entries)
-        if push.records:
+        for push in frames:
             size = len(sync.encode(push)) + STREAM_OVERHEAD
             at = self.net.send(C_SYNC, i, j, size, now)
             if at is not None:
-                self.engine.at(at, self._sync_pushed, j, i, push)
+                self.engine.at(at, self._sync_pushed, j, i, (resp, push))
 
-    def _sync_pushed(self, j: int, i: int, push: sync.Records) -> None:
+    def _sync_pushed(self, j: int, i: int, pair) -> None:
         node = self.nodes[j]
         if not self.net.ok(j):
             return
+        resp, push = pair
+        resp.receive(push)
         now = self.engine.now
         before = node.changes
-        for raw in push.records:
+        for raw in resp.pushed:
             self._on_record(node, self.registry[raw], now)
-        self.metrics.sync_pushed += len(push.records)
+        self.metrics.sync_pushed += len(resp.pushed)
         if node.changes != before:
             self._sync_kick(node, now)  # news pushed to us, as Node._serve_sync
 
-    def _sync_want(self, j: int, i: int, pair) -> None:
+    def _sync_want(self, j: int, i: int, triple) -> None:
         if not self.net.ok(j):
             return self._sync_failed(i)
-        want, entries = pair
-        recs = self.nodes[j].ae.records_for(want)
+        rnd, resp, want = triple
+        (recs,) = resp.receive(want)
         size = len(sync.encode(recs)) + STREAM_OVERHEAD
         at = self.net.send(C_SYNC, j, i, size, self.engine.now)
         if at is not None:
-            self.engine.at(at, self._sync_records, i, j, (recs, entries))
+            self.engine.at(at, self._sync_records, i, j, (rnd, resp, recs))
         else:
             self._sync_failed(i)
 
-    def _sync_records(self, i: int, j: int, pair) -> None:
+    def _sync_records(self, i: int, j: int, triple) -> None:
         node = self.nodes[i]
         if not self.net.ok(i):
             return
-        recs, entries = pair
+        rnd, resp, recs = triple
+        push = rnd.receive(recs)
         now = self.engine.now
         accepted = 0
-        for raw in recs.records:
+        for raw in rnd.records:
             rec = self.registry[raw]
             before = node.view.seq_of(rec.node_id)
             self._on_record(node, rec, now)
@@ -711,7 +719,7 @@ class Simulation:
                 accepted += 1
         self.metrics.sync_records += len(recs.records)
         self.metrics.sync_repairs += accepted
-        self._sync_push(i, j, entries, now)
+        self._sync_push(i, j, resp, push, now)
         if node.joining:
             node.join_rounds += 1
             if accepted and node.join_rounds < JOIN_ROUNDS:
