@@ -29,7 +29,6 @@ LAYERS = {
     "wire": 1,
     "records": 1,
     "onion": 1,
-    "sphinx": 1,
     "core": 2,
     "config": 3,
     "home": 3,
