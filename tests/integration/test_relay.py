@@ -472,7 +472,7 @@ async def test_queued_exit_taken_down_message_moves_to_another_exit_once(tmp_pat
 
 _CLI = (
     "import typer\n"
-    "from overlay.cli_send import outbox, send\n"
+    "from overlay.cli.send import outbox, send\n"
     "app = typer.Typer()\n"
     "app.command()(send)\n"
     "app.command()(outbox)\n"
