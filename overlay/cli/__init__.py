@@ -938,7 +938,7 @@ def demo(
 
     SIGTERM, SIGHUP or SIGINT end the demo early and stop every node it started.
     """
-    from ..demo import check_demo_args, run_demo_until_signal
+    from ..devtools.demo import check_demo_args, run_demo_until_signal
 
     try:
         check_demo_args(nodes, exits, standby, duration)

@@ -121,7 +121,7 @@ async def test_single_false_accuser_cannot_remove_healthy_exit(tmp_path):
 
 async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path):
     from overlay.client import Client
-    from overlay.demo import SmtpSink
+    from overlay.devtools.demo import SmtpSink
 
     sink = SmtpSink()
     port = sink.start()
@@ -202,7 +202,7 @@ def test_paused_exit_is_suspected_then_refutes(tmp_path):
     """Real processes: SIGSTOP an exit (it goes silent), then SIGCONT it."""
     import signal
 
-    from overlay.cluster import Cluster
+    from overlay.devtools.cluster import Cluster
 
     def exit_state(entry, peer_id):
         for x in entry.get("/exits")["exits"]:
@@ -245,7 +245,7 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
     other exit, which heard the first one's delivery notice and answers 'delivered'
     without delivering again."""
     from overlay.client import Client
-    from overlay.demo import SmtpSink
+    from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
     from overlay.exits.queue import ELSEWHERE
 
@@ -295,7 +295,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     import threading
 
     from overlay.client import Client
-    from overlay.demo import SmtpSink
+    from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
     from overlay.exits.queue import ELSEWHERE
 
@@ -371,7 +371,7 @@ async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_pa
     """exit_policy_mode = "chain": one public exit; the next standby takes over only
     when it is gone, one at a time, and the client's messages follow."""
     from overlay.client import Client
-    from overlay.demo import SmtpSink
+    from overlay.devtools.demo import SmtpSink
 
     sink = SmtpSink()
     port = sink.start()

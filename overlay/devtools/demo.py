@@ -45,10 +45,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .client import Client
+from ..client import Client
+from ..control import auth_headers
+from ..core.outbox import State
 from .cluster import Cluster
-from .control import auth_headers
-from .core.outbox import State
 
 
 def _free_port() -> int:
