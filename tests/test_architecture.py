@@ -38,7 +38,6 @@ LAYERS = {
     "metrics": 3,
     "control": 3,
     "outbox_store": 3,
-    "testing_netns": 3,
     "console": 4,
     "resilience": 4,
     "relay": 4,

@@ -1,6 +1,6 @@
 """Feed links across real network namespaces: cut a node's feeds, it stays on the overlay.
 
-Nodes are ``overlay run`` processes inside lab hosts (see overlay/testing_netns.py),
+Nodes are ``overlay run`` processes inside lab hosts (see overlay/testing/netns.py),
 each listening on both of its addresses; every node runs the feed monitor
 (overlay/feeds.py). The control endpoint binds 127.0.0.1 inside each node's
 namespace, so the tests query it with a small client run in that namespace.
@@ -22,7 +22,7 @@ import pytest
 
 from overlay.control import token_path
 from overlay.home import Home
-from overlay.testing_netns import Host, Lab
+from overlay.testing.netns import Host, Lab
 
 pytestmark = pytest.mark.slow
 
