@@ -37,6 +37,18 @@ def promotions(node) -> float:
     return node.resilience.m_promotions.labels("promote")._value.get()
 
 
+def sees_enough_exits(node) -> bool:
+    """The node's exit pool has looked (settled) and sees no deficit (a deficit it
+    saw while still verifying the exits has been restored)."""
+    pool = node.resilience.pool
+    kinds = [ev.kind for ev in pool.events if ev.kind in ("deficit", "restored")]
+    return (
+        node.resilience.settled.is_set()
+        and pool.live_exits >= pool.target
+        and (not kinds or kinds[-1] == "restored")
+    )
+
+
 async def _entry_two_exits_two_relays(f, smtp: dict):
     """An entry, two exits and two relays delivering to ``smtp``, settled."""
     entry = await f.add("entry", ("entry", "relay"), **smtp)
@@ -56,6 +68,7 @@ async def test_killed_exits_are_replaced_by_standbys(tmp_path):
         everyone = exits + standby + relays
         await wait_until(lambda: all(len(n.view) == 10 for n in everyone), 90)
         await wait_settled(everyone)
+        await wait_until(lambda: all(sees_enough_exits(s) for s in standby), 60)
         # enough exits: nobody promotes
         assert all(promotions(s) == 0 and Role.EXIT not in s.roles for s in standby)
         t0 = time.monotonic()
@@ -385,6 +398,7 @@ async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_pa
             everyone = [entry, *relays, exit_node, *standby]
             await wait_until(lambda: all(len(n.view) == 6 for n in everyone), 90)
             await wait_settled(everyone)
+            await wait_until(lambda: all(sees_enough_exits(s) for s in standby), 60)
             # one exit is enough
             assert all(promotions(s) == 0 and Role.EXIT not in s.roles for s in standby)
             assert all(live_exit_count(n) == 1 for n in everyone)
