@@ -24,6 +24,7 @@ from .console.service import role_of
 from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from .core.exitpool import ExitPool
 from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
+from .core.timing import SETTLE
 from .crypto import NodeId
 from .errors import RemoteError
 from .net import framing
@@ -38,9 +39,6 @@ log = logging.getLogger("hydra.resilience")
 SEND_TIMEOUT = 1.0
 IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is closed
 MAX_INFLIGHT_SENDS = 64
-# the exit pool acts only this long after the node joined, so that a standby does
-# not promote itself on the partial membership it holds while still syncing
-SETTLE = 5.0
 POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
