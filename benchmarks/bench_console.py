@@ -1,7 +1,7 @@
 """Cost of the web console to the node: CPU of a node process with one open browser vs none.
 
 Starts a small overlay of real ``overlay run`` processes on loopback (default
-configuration, as ``overlay/cluster.py`` starts them), then measures one
+configuration, as ``overlay/devtools/cluster.py`` starts them), then measures one
 node's CPU time (``/proc/PID/stat``: user + system) over alternating windows:
 no browser, then one headless Chromium showing the node's console (logged in
 with a one-time link; the page holds the ``/console/stream`` event stream open
@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from overlay.cluster import Cluster
 from overlay.console import browser
 from overlay.control import read_token
+from overlay.devtools.cluster import Cluster
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -30,7 +30,7 @@ import trio
 
 from overlay.client import Client
 from overlay.core.mixing import DEFAULT_MIX_DELAY
-from overlay.demo import SmtpSink
+from overlay.devtools.demo import SmtpSink
 from overlay.records import Role
 from overlay.testing import fleet, join_addr, wait_until
 

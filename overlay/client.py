@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -217,6 +217,9 @@ class Client:
             "cover_bytes_out": 0,
         }
         self.started_at = 0.0
+        # Fault injection for tests: ``fault_paths(entry, attempt, path, ret_final,
+        # ret_queued)`` returns the paths an attempt uses instead (forces a route).
+        self.fault_paths: Callable[..., tuple] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -362,6 +365,8 @@ class Client:
             return
         try:
             path, ret_final, ret_queued = self._paths(e, a, entry, now)
+            if self.fault_paths is not None:
+                path, ret_final, ret_queued = self.fault_paths(e, a, path, ret_final, ret_queued)
         except NoPath as err:
             self.stats["send_failed"] += 1
             log.info("no path for %s: %s", e.message_id.hex()[:8], err)

@@ -158,10 +158,17 @@ class DialMemory:
 
         def key(item: tuple[int, str]) -> tuple[bool, bool, int, int]:
             i, f = item
-            recently_failed = now - self._failed.get((peer, f), -1e18) < self.fail_memory
-            return (f != good, recently_failed, _TRANSPORT_RANK[feed_transport(f)], i)
+            return (
+                f != good,
+                self.recently_failed(peer, f, now),
+                _TRANSPORT_RANK[feed_transport(f)],
+                i,
+            )
 
         return [f for _, f in sorted(enumerate(dict.fromkeys(feeds)), key=key)]
+
+    def recently_failed(self, peer: str, feed: str, now: float) -> bool:
+        return now - self._failed.get((peer, feed), -1e18) < self.fail_memory
 
     def succeeded(self, peer: str, feed: str) -> None:
         self._good[peer] = feed

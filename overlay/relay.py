@@ -499,7 +499,7 @@ class RelayService:
         self.exit_retry = exit_retry
         self.exit_concurrency = exit_concurrency
         self.exit_intake = exit_intake
-        self.dead_nodes = dead_nodes
+        self._dead_nodes = dead_nodes
         self.key_refresh = key_refresh
         self.smtp_relay = smtp_relay
         self.maildir_root = maildir_root
@@ -511,6 +511,8 @@ class RelayService:
         self.worker: DeliveryWorker | None = None
         self.notices: DeliveryNotices | None = None
         self._dead_cache: tuple[float, frozenset] | None = None
+        # Fault injection for tests: the acks this exit sends are silently lost.
+        self.fault_drop_acks = False
         self.exit_queue: DeliveryQueue | None = None
         self._keys: dict[int, OnionKey] = {}
         self._pending_tags: list[tuple[int, bytes]] = []
@@ -1267,6 +1269,8 @@ class RelayService:
         await self._send_ack(blocks.final, ack)
 
     async def _send_ack(self, surb: bytes, ack: Ack) -> None:
+        if self.fault_drop_acks:
+            return
         params = LARGE if surb[:1] == bytes([LARGE.format]) else SMALL
         try:
             first, packet = use_surb(params, surb, ack.encode())
@@ -1385,6 +1389,16 @@ class RelayService:
         except (NetError, trio.EndOfChannel, trio.ClosedResourceError):
             scope.cancel()
 
+    @property
+    def dead_nodes(self) -> Callable[[], Iterable[NodeId]] | None:
+        """The hook naming the nodes this node believes dead (see ``__init__``)."""
+        return self._dead_nodes
+
+    @dead_nodes.setter
+    def dead_nodes(self, hook: Callable[[], Iterable[NodeId]] | None) -> None:
+        self._dead_nodes = hook
+        self._dead_cache = None  # the next push asks the new hook
+
     def _dead_set(self) -> frozenset:
         """The dead set, computed at most once per half push interval for all sessions
         (every session's writer asks every DEAD_PUSH_INTERVAL)."""
@@ -1392,9 +1406,9 @@ class RelayService:
         if self._dead_cache is not None and now - self._dead_cache[0] < DEAD_PUSH_INTERVAL / 2:
             return self._dead_cache[1]
         dead: frozenset = frozenset()
-        if self.dead_nodes is not None:
+        if self._dead_nodes is not None:
             try:
-                dead = frozenset(self.dead_nodes())
+                dead = frozenset(self._dead_nodes())
             except Exception:  # noqa: BLE001 - a broken hook must not break sessions
                 log.exception("dead_nodes hook failed")
         self._dead_cache = (now, dead)

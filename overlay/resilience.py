@@ -24,6 +24,7 @@ from .console.service import role_of
 from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
 from .core.exitpool import ExitPool
 from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
+from .core.timing import SETTLE
 from .crypto import NodeId
 from .errors import RemoteError
 from .net import framing
@@ -38,9 +39,6 @@ log = logging.getLogger("hydra.resilience")
 SEND_TIMEOUT = 1.0
 IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is closed
 MAX_INFLIGHT_SENDS = 64
-# the exit pool acts only this long after the node joined, so that a standby does
-# not promote itself on the partial membership it holds while still syncing
-SETTLE = 5.0
 POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
@@ -52,6 +50,9 @@ class Resilience:
         """:param fault_drop: fault injection for tests — the probability that each
         liveness frame this node sends or receives is silently lost (a lossy link)."""
         self.fault_drop = fault_drop
+        self.fault_dropped = 0  # liveness frames lost to ``fault_drop``
+        # set once the exit pool has looked at the membership after SETTLE
+        self.settled = trio.Event()
         self.node: Node | None = None
         self.liveness: Liveness | None = None
         self.pool: ExitPool | None = None
@@ -146,6 +147,7 @@ class Resilience:
                             )
                         )
                         node.metrics.exits_live.set(self.pool.live_exits)
+                        self.settled.set()
                 wake = [t for t in (self.liveness.next_wakeup(), self.pool.next_wakeup()) if t]
                 if node.ready.is_set() and self._ready_at is not None:
                     wake.append(max(self._ready_at + SETTLE, pool_at + POOL_RECHECK))
@@ -214,6 +216,7 @@ class Resilience:
     async def _send(self, e: Send) -> None:
         """Write one frame on a long-lived stream to the peer (opened on first use)."""
         if self.fault_drop and self.node.rng.random() < self.fault_drop:
+            self.fault_dropped += 1
             return
         async with self._sends:
             lock = self._locks.setdefault(e.peer, trio.Lock())
@@ -264,6 +267,7 @@ class Resilience:
                 self.m_frames.labels("in").inc()
                 self.node.confirm(peer)  # it wrote to us over an authenticated stream
                 if self.fault_drop and self.node.rng.random() < self.fault_drop:
+                    self.fault_dropped += 1
                     continue
                 self._execute(self.liveness.receive(peer, frame, self.node.clock()))
                 self._wake.set()

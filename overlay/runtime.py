@@ -40,6 +40,7 @@ from .core.peering import choose_dials, feed_network
 from .core.scores import PeerScores, TokenBucket
 from .core.syncround import Initiator, Responder, RoundAborted
 from .core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
+from .core.timing import JOIN_ROUNDS, SYNC_TIMEOUT
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
 from .feeds import FeedMonitor
@@ -59,7 +60,6 @@ log = logging.getLogger("hydra.node")
 RECORDS_TOPIC = "hydra/records/1"
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
-SYNC_TIMEOUT = 5.0
 JOIN_DIAL_RETRIES = (1.0, 2.0)  # pauses before dialling a join address again after a timeout
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 # The DHT copy of a new record is stored after a short random delay, so that its
@@ -729,7 +729,7 @@ class Node:
                 continue
             self.peers.setdefault(peer, PeerInfo(peer, self.clock(), addr))
             failures, synced = 0, False
-            for _ in range(20):  # each round moves at most sync.MAX_WANT records
+            for _ in range(JOIN_ROUNDS):  # each round moves at most sync.MAX_WANT records
                 self._last_sync_ok = False
                 moved = await self.sync_with(peer, bulk=True)
                 synced = synced or self._last_sync_ok

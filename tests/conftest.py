@@ -1,7 +1,10 @@
+import functools
+import inspect
 import logging
 import os
 
 import pytest
+import trio
 from hypothesis import settings
 
 # Hypothesis profiles, chosen once for the whole run. Tests that pin their own
@@ -35,4 +38,43 @@ def _quiet_libp2p():
         if name.startswith("libp2p"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    yield
+
+
+# Per-test time limit (pytest-timeout, `timeout` in pyproject.toml). Its signal
+# fires wherever the main thread is; inside trio's run loop that would leave
+# trio's state broken for the next test. So a trio test gets the limit less a
+# margin as a trio deadline: it fails with TooSlowError, cleanly cancelled; the
+# signal stays the backstop for code that never yields to trio (a test that
+# never returns to trio's loop is the only kind that can still upset the next).
+TRIO_MARGIN = 30.0
+
+
+def _limit(item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    try:
+        return float(item.config.getini("timeout") or 0)
+    except ValueError:
+        return 0.0
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item):
+    limit = _limit(item)
+    fn = getattr(item, "obj", None)
+    if (
+        limit > 0
+        and item.get_closest_marker("trio") is not None
+        and inspect.iscoroutinefunction(fn)
+        and not hasattr(fn, "hypothesis")
+    ):
+
+        @functools.wraps(fn)
+        async def with_deadline(**kwargs):
+            with trio.fail_after(limit - min(TRIO_MARGIN, limit / 2)):
+                return await fn(**kwargs)
+
+        item.obj = with_deadline
     yield

@@ -244,6 +244,7 @@ class Liveness:
         self._pulled: set[NodeId] = set()
         self._next_dead_pull = -math.inf
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
+        self.accusations_heard = 0  # signed accusations by members taken into account
 
     # -- public surface -------------------------------------------------------
 
@@ -651,6 +652,7 @@ class Liveness:
         if not self._verified(peer, f, out):
             return
         acc[f.observer] = _Accusation(f.ts, now, frame, is_dead)
+        self.accusations_heard += 1
         if len(acc) > self.max_accusers:
             oldest = min((a.received, o) for o, a in acc.items() if o != self.me)[1]
             del acc[oldest]

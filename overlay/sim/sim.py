@@ -61,6 +61,7 @@ from ..core.liveness import DEAD, Liveness
 from ..core.peering import choose_dials
 from ..core.syncround import Initiator, Responder
 from ..core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
+from ..core.timing import JOIN_ROUNDS, SETTLE, SYNC_TIMEOUT
 from ..crypto import NodeId, OnionPublicKey, SigningKey, hash32
 from ..errors import BadSignature
 from ..records import DEFAULT_TTL, Role, make_record, make_tombstone
@@ -83,9 +84,6 @@ PROTOCOLS = {
     "push": ("mesh", False, False),
     "flood": ("flood", False, False),
 }
-JOIN_ROUNDS = 20  # as overlay.runtime.Node.join
-SYNC_TIMEOUT = 5.0  # as overlay.runtime
-SETTLE = 1.5  # as overlay.resilience: the exit pool acts this long after joining
 _NODE = Config()
 LIVENESS_DEFAULTS = {  # the node's configuration defaults (overlay.config)
     "probe_interval": _NODE.probe_interval,

@@ -53,9 +53,9 @@ from pathlib import Path
 
 import trio
 
-from overlay.cluster import with_parent_death_signal
 from overlay.control import control_get
 from overlay.crypto import OnionKey, SigningKey
+from overlay.devtools.cluster import with_parent_death_signal
 from overlay.errors import LocalError
 from overlay.net import framing
 from overlay.net.host import Libp2pHost

@@ -20,7 +20,8 @@ from .harness import (
     wait_views_settled,
 )
 
-pytestmark = pytest.mark.slow
+# these runs bound themselves at 900 s (fail_after): the per-test limit lies beyond
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(960)]
 
 SETTLE = 20.0  # at most this long after the flood for it to spread through the overlay
 

@@ -41,7 +41,8 @@ from .harness import (
     take_baseline,
 )
 
-pytestmark = pytest.mark.slow
+# these runs bound themselves at 900 s (fail_after): the per-test limit lies beyond
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(960)]
 
 MAX_SIZES = {
     SYNC_PROTOCOL: sync.MAX_SIZE,

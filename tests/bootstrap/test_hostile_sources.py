@@ -201,8 +201,8 @@ def _seed_home(tmp_path):
 
 
 async def test_overlay_run_seed_step_skips_a_crafted_source(tmp_path, capsys):
-    """The seed step of `overlay run --seeds GOOD --seeds CRAFTED` (overlay/cli.py)."""
-    from overlay.cli_send import seed_join_addrs
+    """The seed step of `overlay run --seeds GOOD --seeds CRAFTED` (overlay/cli/__init__.py)."""
+    from overlay.cli.send import seed_join_addrs
 
     home = _seed_home(tmp_path)
     good = wall_bundle(33)
@@ -227,8 +227,8 @@ async def test_overlay_run_seed_step_skips_a_crafted_source(tmp_path, capsys):
 
 
 async def test_overlay_send_seed_step_skips_a_crafted_source(tmp_path, capsys):
-    """The entry step of `overlay send --seeds CRAFTED --seeds GOOD` (overlay/cli_send.py)."""
-    from overlay.cli_send import _entry_addrs
+    """The entry step of `overlay send --seeds CRAFTED --seeds GOOD` (overlay/cli/send.py)."""
+    from overlay.cli.send import _entry_addrs
 
     home = _seed_home(tmp_path)
     good = wall_bundle(34)

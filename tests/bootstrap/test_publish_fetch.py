@@ -43,9 +43,9 @@ async def test_three_operators_one_down_one_forged_one_rolled_back(tmp_path):
             urls["old"] + "/seeds.cbor",
             urls["good"] + "/seeds.cbor",
         ]
-        t0 = time.monotonic()
-        result = await fetch_bundle(sources, PINNED, 2, cache, timeout=3.0)
-        assert time.monotonic() - t0 < 3.0
+        # a generous timeout: every source answers (the reasons below say so), none
+        # times out, on a busy machine too
+        result = await fetch_bundle(sources, PINNED, 2, cache, timeout=30.0)
         assert result.bundle is not None and result.bundle.raw == good.encode()
         assert not result.from_cache and result.cache_written
         assert result.join_addrs() == good.join_addrs()
@@ -144,11 +144,11 @@ async def test_hanging_source_times_out_without_blocking_others(tmp_path):
     port = listener.getsockname()[1]
     good = tmp_path / "good.cbor"
     good.write_bytes(wall_bundle(4).encode())
-    t0 = time.monotonic()
-    result = await fetch_bundle(
-        [f"http://127.0.0.1:{port}/", str(good)], PINNED, 2, None, timeout=0.5
-    )
-    assert time.monotonic() - t0 < 2
+    # without the per-source timeout the hanging source would block forever
+    with trio.fail_after(60):
+        result = await fetch_bundle(
+            [f"http://127.0.0.1:{port}/", str(good)], PINNED, 2, None, timeout=0.5
+        )
     assert result.bundle.seq == 4
     assert result.outcomes[0].reason is SourceError.TIMEOUT
     listener.close()

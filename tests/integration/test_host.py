@@ -232,15 +232,15 @@ async def test_dial_refused_port_fails_fast() -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    a = make_host(dial_timeout=5.0)
+    a = make_host(dial_timeout=120.0)
     async with a:
-        start = time.monotonic()
-        with pytest.raises(DialError) as info:
+        with trio.fail_after(60), pytest.raises(DialError) as info:
             await a.connect(
                 f"/ip4/127.0.0.1/tcp/{port}/p2p/{SigningKey.generate().node_id.peer_id()}"
             )
+        # the refusal itself ends the dial: a retry loop inside the adapter would
+        # keep dialing until the (long) dial timeout
         assert not isinstance(info.value, DialTimeout)
-        assert time.monotonic() - start < 4.0  # no retry loop inside the adapter
 
 
 async def test_dial_to_silent_listener_times_out() -> None:
@@ -257,12 +257,12 @@ async def test_dial_to_silent_listener_times_out() -> None:
     async with trio.open_nursery() as nursery, a:
         nursery.start_soon(accept_and_stay_silent)
         start = time.monotonic()
-        with pytest.raises(DialTimeout):
+        # upstream the dial waits forever; a generous bound tells the two apart
+        with trio.fail_after(60), pytest.raises(DialTimeout):
             await a.connect(
                 f"/ip4/127.0.0.1/tcp/{port}/p2p/{SigningKey.generate().node_id.peer_id()}"
             )
-        elapsed = time.monotonic() - start
-        assert 0.9 <= elapsed < 8.0
+        assert time.monotonic() - start >= 0.9  # it did wait for the dial timeout
         assert held, "the silent listener did accept the TCP connection"
         # The host is still healthy afterwards.
         b = make_host()
@@ -274,32 +274,32 @@ async def test_dial_to_silent_listener_times_out() -> None:
     await listeners[0].aclose()
 
 
-async def _timed_dial_via_peerstore(a: Libp2pHost, b: Libp2pHost) -> float:
+async def _dial_via_peerstore(a: Libp2pHost, b: Libp2pHost) -> None:
     """Dial ``b`` the way libp2p does internally (Swarm.dial_peer from the peerstore)."""
     info = info_from_p2p_addr(multiaddr.Multiaddr(b.listen_addrs()[0]))
     a._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 60)
-    start = time.monotonic()
-    with trio.fail_after(10):
-        await a._swarm.dial_peer(info.peer_id)
-    elapsed = time.monotonic() - start
-    await a.disconnect(b.peer_id)
-    return elapsed
+    await a._swarm.dial_peer(info.peer_id)
 
 
 async def test_connect_is_fast() -> None:
-    """WORKAROUND (happy eyeballs): libp2p's internal dials (DHT, open_stream) are not delayed."""
+    """WORKAROUND (happy eyeballs): libp2p's internal dials (DHT, open_stream) are not delayed.
+
+    No stopwatch (a busy machine makes any dial slow): upstream waits the delay out
+    even after the dial succeeded, so with a delay of an hour its dial never returns,
+    while ours (no delay) does."""
     assert libp2p_swarm._HAPPY_EYEBALLS_DELAY == 0
     a, b, c = make_host(), make_host(), make_host()
     async with running(a, b, c):
-        ours = await _timed_dial_via_peerstore(a, b)
-        libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.25
+        with trio.fail_after(60):
+            await _dial_via_peerstore(a, b)
+        assert b.peer_id in a.connected_peers()
+        libp2p_swarm._HAPPY_EYEBALLS_DELAY = 3600.0
         try:
-            upstream = await _timed_dial_via_peerstore(a, c)
+            with trio.move_on_after(2) as waited:
+                await _dial_via_peerstore(a, c)
         finally:
             libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0
-        # Same machine, same handshake: only the delay differs.
-        assert upstream >= 0.25
-        assert ours < upstream - 0.1
+        assert waited.cancelled_caught, "upstream no longer waits out its dial delay"
 
 
 def test_upstream_happy_eyeballs_delay_is_250ms() -> None:
@@ -566,9 +566,11 @@ async def test_ws_shutdown_is_bounded() -> None:
             await nursery.start(h.run)
         await hosts[1].connect(hosts[0].listen_addrs()[0])
         await hosts[2].connect(hosts[1].listen_addrs()[0])
+        # upstream: unbounded (the close handshake is never answered); a generous
+        # bound tells the two apart on a busy machine
         start = time.monotonic()
         nursery.cancel_scope.cancel()
-    assert time.monotonic() - start < 4.0  # upstream: unbounded (close handshake never answered)
+    assert time.monotonic() - start < 60
 
 
 async def test_auto_connector_is_stopped() -> None:
@@ -975,10 +977,14 @@ def test_shutdown_noise_filter() -> None:
 async def test_close_under_load_is_clean() -> None:
     """A host closing while a peer keeps dialing it exits without raising."""
 
+    connected = 0
+
     async def hammer(dialer, addr) -> None:
+        nonlocal connected
         while True:
             try:
                 await dialer.connect(addr, reuse=False)
+                connected += 1
             except Exception:  # noqa: BLE001 - the target is going away
                 pass
             await trio.sleep(0)
@@ -988,10 +994,13 @@ async def test_close_under_load_is_clean() -> None:
         b = make_host([TCP])
         async with b, trio.open_nursery() as n:
             async with a:
+                before = connected
                 n.start_soon(hammer, b, a.listen_addrs()[0])
-                await trio.sleep(0.2)
+                # a closes while b's dials are landing: at least two got through
+                await wait_until(lambda before=before: connected >= before + 2, 60)
             await trio.sleep(0.1)  # a is gone; b still dials it
             n.cancel_scope.cancel()
+    assert connected >= 10
 
 
 async def test_listen_addrs_after_close() -> None:

@@ -15,11 +15,11 @@ from overlay.client import Client, State
 from overlay.crypto import NodeId, OnionKey, SigningKey
 from overlay.net.framing import encode_frame
 from overlay.net.host import Libp2pHost
+from overlay.onion import build_packet
 from overlay.onion.epochs import epoch_start, scheduled_epoch
 from overlay.onion.params import SMALL, Hop
 from overlay.relay import RelayService
 from overlay.runtime import Node
-from overlay.sphinx import build_packet
 from overlay.testing import LOOPBACK, join_addr, make_home, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (

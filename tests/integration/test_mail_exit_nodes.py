@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from overlay.cluster import Cluster
+from overlay.devtools.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 

@@ -27,10 +27,10 @@ from overlay.errors import DecodeError, Reason
 from overlay.exits import RetryPolicy
 from overlay.net.framing import encode_frame, encode_uvarint
 from overlay.net.host import Libp2pHost
+from overlay.onion import build_packet
 from overlay.onion.params import LARGE, SMALL, Hop
 from overlay.relay import RELAY_PROTOCOL, RelayService, SurbRegistry
 from overlay.runtime import Node
-from overlay.sphinx import build_packet
 from overlay.testing import LOOPBACK, join_addr, light_services, make_home, overlay, wait_until
 from overlay.wire import relay as wire
 from overlay.wire.delivery import ExitMessage
@@ -266,7 +266,7 @@ async def test_three_hops_to_smtp_replay_tamper_and_garbage(tmp_path):
 
                 # the node is still fine: another message goes through it
                 body2 = b"second message\r\n"
-                c._paths = _through(c, {relay.node_id})
+                c.fault_paths = _through(c, {relay.node_id})
                 mid2 = await c.send("smtp:bob@example.org", body2)
                 assert (await c.wait_acked(mid2, 20)).state is State.DELIVERED
                 assert sink.count(body2) == 1
@@ -275,12 +275,10 @@ async def test_three_hops_to_smtp_replay_tamper_and_garbage(tmp_path):
 
 
 def _through(c: Client, relays: set[NodeId], first_only: set[bytes] = frozenset()):
-    """Make the client's forward paths use one of ``relays`` in the middle
-    (for the messages in ``first_only``: on their first attempt only)."""
-    orig = c._paths
+    """A ``Client.fault_paths`` hook: the forward paths use one of ``relays`` in the
+    middle (for the messages in ``first_only``: on their first attempt only)."""
 
-    def paths(e, a, entry, now):
-        path, rf, rq = orig(e, a, entry, now)
+    def paths(e, a, path, rf, rq):
         if e.message_id in first_only and e.attempts > 0:
             return path, rf, rq
         forced = c.view.get(sorted(relays, key=bytes)[0])
@@ -319,7 +317,7 @@ async def test_relay_killed_mid_stream_resent_through_another_path_once(tmp_path
                 async with Client(tmp_path / "c", via=[join_addr(nodes[0])], timeout=3.0) as c:
                     await wait_until(lambda: len(c.view) >= 8, 10)
                     two = os.urandom(16)
-                    c._paths = _through(c, {victim.node_id}, first_only={two})
+                    c.fault_paths = _through(c, {victim.node_id}, first_only={two})
                     # a first message through the victim: the entry's stream to it is open
                     one = await c.send("smtp:a@example.org", b"one\r\n")
                     assert (await c.wait_acked(one, 20)).state is State.DELIVERED
@@ -451,15 +449,13 @@ async def test_queued_exit_taken_down_message_moves_to_another_exit_once(tmp_pat
                 await settle([*nodes, x], 6)
                 async with Client(tmp_path / "c", via=[join_addr(nodes[0])], timeout=2.0) as c:
                     await wait_until(lambda: len(c.view) >= 6, 10)
-                    orig = c._paths
 
-                    def first_to_x(e, a, entry, now):
-                        path, rf, rq = orig(e, a, entry, now)
+                    def first_to_x(e, a, path, rf, rq):
                         if e.attempts == 0:
                             path = Path((*path.hops[:-1], c.view.get(x.node_id)))
                         return path, rf, rq
 
-                    c._paths = first_to_x
+                    c.fault_paths = first_to_x
                     mid = await c.send("smtp:alice@example.org", BODY)
                     got = await c.wait_acked(mid, 15, until="queued")
                     assert got.queued_at == x.node_id
@@ -479,7 +475,7 @@ async def test_queued_exit_taken_down_message_moves_to_another_exit_once(tmp_pat
 
 _CLI = (
     "import typer\n"
-    "from overlay.cli_send import outbox, send\n"
+    "from overlay.cli.send import outbox, send\n"
     "app = typer.Typer()\n"
     "app.command()(send)\n"
     "app.command()(outbox)\n"
@@ -541,15 +537,13 @@ async def test_non_exit_answers_not_exit_and_client_moves_on(tmp_path):
                 from overlay.records import Role
 
                 stale.roles = Role.RELAY
-                orig = c._paths
 
-                def first_to_stale(e, a, entry, now):
-                    path, rf, rq = orig(e, a, entry, now)
+                def first_to_stale(e, a, path, rf, rq):
                     if e.attempts == 0:
                         path = Path((*path.hops[:-1], c.view.get(stale.node_id)))
                     return path, rf, rq
 
-                c._paths = first_to_stale
+                c.fault_paths = first_to_stale
                 mid = await c.send("smtp:x@example.org", b"move on\r\n")
                 got = await c.wait_acked(mid, 20)
             assert got.state is State.DELIVERED and got.exit == nodes[4].node_id

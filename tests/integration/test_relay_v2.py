@@ -406,14 +406,35 @@ async def test_dial_record_skips_dead_feed_and_remembers_the_working_one(tmp_pat
         await a.host.disconnect(b.node_id.peer_id())
         await wait_until(lambda: b.node_id.peer_id() not in a.host.connected_peers(), 5)
         live = b.own.feeds[0]
-        feeds = [DEAD, live]  # the dead feed first: happy eyeballs must not wait for it
+        # the dead feed first, one that accepts TCP and never answers: a dial to it
+        # ends only at the dial timeout. Happy eyeballs must not wait for that: the
+        # live feed wins while the dead one is still pending (so it is never
+        # recorded as failed), which a dialer trying one feed after the other
+        # could not do.
+        silent = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        held: list[trio.SocketStream] = []
+
+        async def accept_and_stay_silent() -> None:
+            while True:
+                held.append(await silent[0].accept())
+
+        dead = f"/ip4/127.0.0.1/tcp/{silent[0].socket.getsockname()[1]}"
+        feeds = [dead, live]
         record = SimpleNamespace(node_id=b.node_id, feeds=tuple(feeds))
-        t0 = trio.current_time()
-        assert await dial_record(a, record) == live
-        assert trio.current_time() - t0 < 2.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_and_stay_silent)
+            with trio.fail_after(60):
+                assert await dial_record(a, record) == live
+            nursery.cancel_scope.cancel()
+        assert held, "the dead feed was dialled first"
         monitor = a.services[[isinstance(s, FeedMonitor) for s in a.services].index(True)]
-        assert monitor.memory.good(b.node_id.peer_id()) == live
-        assert monitor.memory.order(b.node_id.peer_id(), feeds, time.monotonic())[0] == live
+        peer = b.node_id.peer_id()
+        assert not monitor.memory.recently_failed(peer, dead, time.monotonic())
+        assert monitor.memory.good(peer) == live
+        assert monitor.memory.order(peer, feeds, time.monotonic())[0] == live
+        for s in held:
+            await s.aclose()
+        await silent[0].aclose()
 
 
 async def test_monitor_status_rows_without_reservations(tmp_path):
@@ -421,7 +442,7 @@ async def test_monitor_status_rows_without_reservations(tmp_path):
         tmp_path, 1, roles=[["relay"]], services_for=lambda i, h: [FeedMonitor(relays=0)]
     ) as (n,):
         rows = n.status()["feeds"]
-        assert [r["addr"] for r in rows] == n.own.feeds[:1] or rows
+        assert [r["addr"] for r in rows] == list(n.own.feeds[:1])
         (row,) = rows
         assert row["state"] == "up" and row["kind"] == "direct" and row["announced"]
         assert set(row) >= {"addr", "network", "state", "last_ok", "bytes_in", "bytes_out"}

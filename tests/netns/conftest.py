@@ -1,6 +1,6 @@
-"""Fixtures for tests that need real network namespaces (see overlay/testing_netns.py).
+"""Fixtures for tests that need real network namespaces (see overlay/testing/netns.py).
 
-``make_lab(hosts=3, providers=2)`` builds a :class:`~overlay.testing_netns.Lab` that is
+``make_lab(hosts=3, providers=2)`` builds a :class:`~overlay.testing.netns.Lab` that is
 torn down after the test (even if it fails); ``lab`` is a ready 3-host lab.  Tests in
 this directory are marked ``netns``; fixtures skip with a clear reason where
 ``ip netns`` cannot be used (not root, no iproute2, no CAP_SYS_ADMIN, or
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.testing_netns import Lab, cleanup_stale, netns_available
+from overlay.testing.netns import Lab, cleanup_stale, netns_available
 
 _HERE = Path(__file__).parent
 _stale_cleaned = False

@@ -1,4 +1,4 @@
-"""Tests of the network-namespace lab itself (overlay/testing_netns.py).
+"""Tests of the network-namespace lab itself (overlay/testing/netns.py).
 
 Network rule: traffic goes only to addresses of namespaces these tests create.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from overlay import testing_netns
-from overlay.testing_netns import Lab, cleanup_stale, list_namespaces, netns_available
+from overlay.testing import netns as testing_netns
+from overlay.testing.netns import Lab, cleanup_stale, list_namespaces, netns_available
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -104,11 +104,12 @@ def test_sync_frames_are_identical_to_the_plain_core():
 
 
 def test_simulator_uses_the_runtime_constants():
-    from overlay import runtime
+    from overlay import resilience, runtime
     from overlay.sim import sim
 
-    assert sim.SYNC_TIMEOUT == runtime.SYNC_TIMEOUT
-    assert sim.JOIN_ROUNDS == 20
+    assert sim.SYNC_TIMEOUT is runtime.SYNC_TIMEOUT
+    assert sim.JOIN_ROUNDS is runtime.JOIN_ROUNDS
+    assert sim.SETTLE is resilience.SETTLE
 
 
 def test_rebase_keeps_contents_and_shrinks_delta():

@@ -1,4 +1,4 @@
-"""Unit tests for the Sphinx packet format (overlay.onion / overlay.sphinx).
+"""Unit tests for the Sphinx packet format (overlay.onion).
 
 Regenerate the checked-in vectors (only when the format changes on purpose):
     .venv/bin/python tests/unit/test_sphinx.py --regen
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import sphinx
+from overlay import onion as sphinx
 from overlay.crypto import NodeId, OnionKey, SigningKey, x25519_base
 from overlay.errors import DecodeError, LocalError, Reason, RemoteError, Replay
 from overlay.onion import (

@@ -20,7 +20,7 @@ verified) and showed "no promotions yet" while the nodes logged
 
 However the demo ends, its node processes end too: SIGTERM, SIGHUP and SIGINT
 stop the demo cleanly (``run_demo_until_signal``), and every node is started
-with a parent-death signal (``overlay/cluster.py``), so even a SIGKILL of the
+with a parent-death signal (``overlay/devtools/cluster.py``), so even a SIGKILL of the
 demo kills them, frozen ones included.
 """
 
@@ -45,10 +45,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .client import Client
+from ..client import Client
+from ..control import auth_headers
+from ..core.outbox import State
 from .cluster import Cluster
-from .control import auth_headers
-from .core.outbox import State
 
 
 def _free_port() -> int:

@@ -2,7 +2,7 @@
 
 Every command checks all of its input before it starts anything, and reports a
 problem as one line (``error: ...``) with an exit code from the table in
-``overlay/cli_util.py`` (docs/volunteer.md, "Exit codes"). ``overlay --debug``
+``overlay/cli/util.py`` (docs/volunteer.md, "Exit codes"). ``overlay --debug``
 adds tracebacks.
 """
 
@@ -22,9 +22,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import records
-from .cli_send import agent, check_seed_sources, outbox, seed_join_addrs, send
-from .cli_util import (
+from .. import records
+from ..config import HOME_LISTEN, LOG_LEVELS
+from ..errors import LocalError, OverlayError, RemoteError
+from ..home import Home, HomeLocked, default_home, write_atomic
+from .send import agent, check_seed_sources, outbox, seed_join_addrs, send
+from .util import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
@@ -44,12 +47,9 @@ from .cli_util import (
     one_line,
     parse_operators,
 )
-from .cli_util import (
+from .util import (
     console as make_console,
 )
-from .config import HOME_LISTEN, LOG_LEVELS
-from .errors import LocalError, OverlayError, RemoteError
-from .home import Home, HomeLocked, default_home, write_atomic
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -148,8 +148,8 @@ def init(
         _check(check_policy, policy)
     h = _home(home)
     try:
-        from .config import Config
-        from .records import Role
+        from ..config import Config
+        from ..records import Role
 
         cfg = Config(roles=list(roles), listen=list(listen))
         if policy is not None:
@@ -178,7 +178,7 @@ def _current_record(h: Home) -> records.ValidRecord:
     While a node runs from the home (it holds the lock and keeps its record
     fresh) only the stored record is read.
     """
-    from .store import RecordStore
+    from ..store import RecordStore
 
     now = time.time()
     key = h.signing_key()
@@ -276,7 +276,7 @@ def record_verify(
 @config_app.command("check")
 def config_check(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Validate HOME/config.toml and print the effective settings (defaults included)."""
-    from . import config as config_mod
+    from .. import config as config_mod
 
     h = _home(home)
     cfg = h.config()  # ConfigError: one line, exit 78
@@ -319,7 +319,7 @@ def seeds_forget(home: HomeOpt = None) -> None:
     restarted their numbering, forget the cache; the next `overlay run
     --seeds` or `overlay send --seeds` accepts the newest valid bundle.
     """
-    from .cli_send import SEEDS_CACHE
+    from .send import SEEDS_CACHE
 
     h = _home(home)
     cache = h.path / SEEDS_CACHE
@@ -455,7 +455,7 @@ RELOADABLE = (
 
 
 def _setting_name(attr: str) -> str:
-    from .config import _MAP
+    from ..config import _MAP
 
     for (section, key), a in _MAP.items():
         if a == attr:
@@ -577,8 +577,8 @@ def run(
             raise fail(f"{h.config_path}: {e}", EXIT_CONFIG) from None
 
     # 2. one node per home; listen addresses free
-    from .net.bindcheck import check_bindable
-    from .runtime import Node  # noqa: F401 - imports py-libp2p, which sets up its loggers first
+    from ..net.bindcheck import check_bindable
+    from ..runtime import Node  # noqa: F401 - imports py-libp2p, which sets up its loggers first
 
     with h.locked():
         check_bindable(cfg.listen)
@@ -593,7 +593,7 @@ def _run_node(h, cfg, join_addrs, seed_sources, pinned, threshold, filt, fixed_l
     suspecting it; a second signal stops at once."""
     import trio
 
-    from .runtime import Node
+    from ..runtime import Node
 
     stopped_by = {"signal": ""}
 
@@ -696,7 +696,7 @@ async def _show_new_addresses(node, shown: set[str]) -> None:
 
 def _get(home: Path | None, route: str) -> dict:
     """GET a route of the running node's control endpoint, with the token from its home."""
-    from .control import control_get
+    from ..control import control_get
 
     return control_get(_home(home).path, route)
 
@@ -727,7 +727,7 @@ def status(
             raise fail("--watch and --json do not go together", EXIT_USAGE)
         if not 0.1 <= refresh <= 60:
             raise fail(f"--refresh {refresh:g}: choose 0.1 to 60 seconds", EXIT_USAGE)
-        from .console.watch import watch as run_watch
+        from ..console.watch import watch as run_watch
 
         try:
             run_watch(_home(home).path, refresh, console)
@@ -900,7 +900,7 @@ def console_command(
     """
     import httpx
 
-    from .control import TICKET_TTL, auth_headers, control_url
+    from ..control import TICKET_TTL, auth_headers, control_url
 
     h = _home(home)
     url = control_url(h.path)
@@ -938,7 +938,7 @@ def demo(
 
     SIGTERM, SIGHUP or SIGINT end the demo early and stop every node it started.
     """
-    from .demo import check_demo_args, run_demo_until_signal
+    from ..devtools.demo import check_demo_args, run_demo_until_signal
 
     try:
         check_demo_args(nodes, exits, standby, duration)
@@ -951,7 +951,7 @@ def demo(
     raise typer.Exit(EXIT_OK if summary["ok"] else EXIT_FAILED)
 
 
-from .sim.cli import sim_command  # noqa: E402
+from ..sim.cli import sim_command  # noqa: E402
 
 app.command()(send)
 app.command()(outbox)

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import httpx
 
-from .control import auth_headers
-from .errors import LocalError
-from .home import Home
-from .testing import LOOPBACK
+from ..control import auth_headers
+from ..errors import LocalError
+from ..home import Home
+from ..testing import LOOPBACK
 
 
 @dataclass

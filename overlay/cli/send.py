@@ -1,12 +1,12 @@
 """``overlay send`` and ``overlay outbox``: user commands around ``overlay.client``.
 
-Plain functions with typer options; ``overlay/cli.py`` registers them with
+Plain functions with typer options; ``overlay/cli/__init__.py`` registers them with
 ``app.command()(send)`` and ``app.command()(outbox)``.
 
 Exit codes of ``send``: 0 acknowledged (delivered, or durably queued at an
 exit when ``--timeout`` ran out first), 1 no ack yet (the message stays in
 the outbox and is resent by the next ``send`` or ``outbox --flush``) or a
-local error, 2 rejected for good, 64 a bad option value (overlay/cli_util.py).
+local error, 2 rejected for good, 64 a bad option value (overlay/cli/util.py).
 ``outbox --flush``: 0 nothing left unfinished, 1 some messages still waiting
 (listed).
 
@@ -28,7 +28,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_util import (
+from ..errors import LocalError, OverlayError, Reason
+from ..home import Home, default_home
+from .util import (
     EXIT_REJECTED,
     EXIT_USAGE,
     BadInput,
@@ -38,11 +40,9 @@ from .cli_util import (
     fail_for,
     parse_operators,
 )
-from .cli_util import (
+from .util import (
     console as make_console,
 )
-from .errors import LocalError, OverlayError, Reason
-from .home import Home, default_home
 
 console = make_console()
 err = make_console(stderr=True)
@@ -181,7 +181,7 @@ async def _entry_addrs(
 
 def _running_node_addrs(h: Home) -> list[str]:
     """Listen addresses of the node running from this home, if any (wildcards -> loopback)."""
-    from .control import control_get
+    from ..control import control_get
 
     try:
         listen = control_get(h.path, "/status", timeout=3).get("listen", [])
@@ -215,9 +215,9 @@ def _running_agent(h: Home) -> int | None:
 
 def _handoff(h: Home, to: str, body: bytes, timeout: float, until: str):
     """Put the message in the outbox a running agent serves, then follow its state."""
-    from .client import queue_message
-    from .core.outbox import State
-    from .outbox_store import OutboxStore
+    from ..client import queue_message
+    from ..core.outbox import State
+    from ..outbox_store import OutboxStore
 
     with OutboxStore.in_home(h.path) as store:
         mid = queue_message(store, to, body, time.time())
@@ -262,8 +262,8 @@ def agent(
 
     import trio
 
-    from .client import Client
-    from .config import Config
+    from ..client import Client
+    from ..config import Config
 
     _quiet_logging()
     via_addrs, pinned = _entry_options(via, seeds, operator, threshold)
@@ -357,8 +357,8 @@ def send(
     """
     import trio
 
-    from .client import AckTimeout, Client, State
-    from .wire.delivery import parse_destination
+    from ..client import AckTimeout, Client, State
+    from ..wire.delivery import parse_destination
 
     _quiet_logging()
     if until not in ("queued", "delivered"):
@@ -460,7 +460,7 @@ def outbox(
     With --flush: exit 0 once nothing is left unfinished, 1 (and the list) if
     some messages are still waiting when --wait runs out.
     """
-    from .outbox_store import FILENAME, OutboxStore
+    from ..outbox_store import FILENAME, OutboxStore
 
     h = Home(home or default_home())
     if drop:
@@ -470,7 +470,7 @@ def outbox(
     if flush:
         import trio
 
-        from .client import Client
+        from ..client import Client
 
         _quiet_logging()
         seconds = wait if wait is not None else timeout if timeout is not None else 30.0
@@ -538,7 +538,7 @@ def outbox(
 
 def _drop(h: Home, ids: list[str], as_json: bool) -> None:
     """``overlay outbox --drop ID``: forget messages the user gives up on."""
-    from .outbox_store import FILENAME, OutboxStore
+    from ..outbox_store import FILENAME, OutboxStore
 
     if not (h.path / FILENAME).exists():
         raise fail(f"no outbox in {h.path}", EXIT_USAGE)

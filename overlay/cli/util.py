@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import ConfigError, LocalError, OverlayError
+from ..errors import ConfigError, LocalError, OverlayError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -82,7 +82,7 @@ def check_multiaddr(value: str, option: str, *, peer: bool = False) -> str:
     """A parseable multiaddr; with ``peer``, one that names a peer (``/p2p/<id>`` last)."""
     import multiaddr
 
-    from .crypto import NodeId
+    from ..crypto import NodeId
 
     example = "/ip4/203.0.113.5/tcp/4001/p2p/12D3KooW..." if peer else "/ip4/0.0.0.0/tcp/4001"
     try:
@@ -103,7 +103,7 @@ def check_multiaddr(value: str, option: str, *, peer: bool = False) -> str:
 
 
 def check_listen(value: str, option: str = "--listen") -> str:
-    from .net.bindcheck import split_listen
+    from ..net.bindcheck import split_listen
 
     check_multiaddr(value, option)
     try:
@@ -118,7 +118,7 @@ def check_listen(value: str, option: str = "--listen") -> str:
 
 
 def check_roles(values: list[str]) -> list[str]:
-    from .records import Role
+    from ..records import Role
 
     try:
         Role.parse(values)
@@ -128,7 +128,7 @@ def check_roles(values: list[str]) -> list[str]:
 
 
 def check_policy(values: list[str]) -> list[str]:
-    from .records import check_rule
+    from ..records import check_rule
 
     for rule in values:
         try:
@@ -143,7 +143,7 @@ def check_policy(values: list[str]) -> list[str]:
 
 def parse_operators(values: list[str]) -> list[bytes]:
     """Pinned operator keys: 64 hex digits or a peer id (12D3KooW...)."""
-    from .crypto import NodeId
+    from ..crypto import NodeId
 
     keys = []
     for v in values:
@@ -189,7 +189,7 @@ def human_time(t: float, now: float | None = None) -> str:
 def dialable(addrs: list[str], peer_id: str) -> list[str]:
     """Addresses others can dial, each ending in ``/p2p/<peer_id>``: wildcard listen
     addresses become one per interface address, never ``0.0.0.0``."""
-    from .home import feeds_from_listen
+    from ..home import feeds_from_listen
 
     own = f"/p2p/{peer_id}"
     out: list[str] = []
