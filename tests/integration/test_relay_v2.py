@@ -2,7 +2,7 @@
 the feed monitor and the happy-eyeballs dial policy.
 
 Tests named ``test_upstream_*`` are canaries for the py-libp2p 0.8.1 behaviour a
-WORKAROUND in ``overlay/net/host.py`` exists for (see tests/integration/test_host.py).
+WORKAROUND in ``overlay/net/`` exists for (see tests/integration/test_host.py).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from overlay.net.host import (
     Libp2pHost,
     RelayError,
     ReservationError,
-    _conn_socket,
 )
+from overlay.net.sockets import _conn_socket
 from overlay.records import Role
 from overlay.testing import overlay, wait_until
 
