@@ -44,7 +44,7 @@ from .core.timing import JOIN_ROUNDS, SYNC_TIMEOUT
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
 from .feeds import FeedMonitor
-from .home import Home, write_atomic
+from .home import Home
 from .metrics import Metrics
 from .net import framing
 from .net.host import DialTimeout, Libp2pHost
@@ -52,7 +52,8 @@ from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .relay import RelayService
 from .resilience import Resilience
-from .store import RecordStore
+from .storage.files import write_atomic
+from .storage.records import RecordStore
 from .wire import sync
 
 log = logging.getLogger("hydra.node")
@@ -913,7 +914,7 @@ class Node:
             json.dumps(
                 {"url": self.control_url, "peer_id": self.node_id.peer_id(), "pid": os.getpid()}
             ).encode(),
-            0o600,
+            mode=0o600,
         )
 
         def refused(check: str) -> None:
