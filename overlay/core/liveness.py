@@ -17,7 +17,10 @@ Lifeguard's local health: a probe that fails although the relays did not nack
 ``health``; answered probes lower it; probe interval and timeout are scaled
 by ``1 + health``. A gap between ticks much longer than a probe interval is
 taken as our own stall (SIGSTOP, swap): probes in flight then accuse nobody
-and suspicion timers restart.
+and suspicion timers restart. A shorter lateness counts too: a probe whose
+deadline we look at more than a whole ``probe_timeout`` after it passed (a
+starved process, its ack perhaps unread in our buffers) accuses nobody yet;
+it raises our health and gets one more timeout from then.
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
@@ -133,6 +136,7 @@ class _Probe:
     relays: tuple[NodeId, ...] = ()
     indirect_sent: bool = False
     nacks: int = 0
+    graced: bool = False  # its deadline was seen late once and moved (see ``tick``)
 
 
 @dataclass(slots=True)
@@ -245,6 +249,7 @@ class Liveness:
         self._next_dead_pull = -math.inf
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
         self.accusations_heard = 0  # signed accusations by members taken into account
+        self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
 
     # -- public surface -------------------------------------------------------
 
@@ -354,6 +359,16 @@ class Liveness:
 
         for nonce in list(self._probes):
             p = self._probes[nonce]
+            if now >= p.deadline and not p.graced and now - p.deadline > self.probe_timeout:
+                # we looked a whole timeout late (this process is starved: an ack may
+                # be sitting unread in our buffers): not evidence against the target.
+                # Our health worsens (so intervals and timeouts stretch) and the
+                # probe gets one more timeout, counted from now
+                p.graced = True
+                self._health = min(self.health_max, self._health + 1)
+                p.deadline = now + self.probe_timeout * self.multiplier
+                self.late_probes += 1
+                continue
             if now >= p.deadline:
                 self._end_probe(nonce)
                 # Lifeguard: if every relay told us it could not reach the target

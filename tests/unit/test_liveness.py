@@ -579,6 +579,24 @@ def test_a_stall_of_our_own_accuses_nobody():
     assert c.health == 1
 
 
+def test_a_probe_deadline_seen_late_accuses_nobody_until_one_more_timeout():
+    """A starved process looks at a probe's deadline more than a whole timeout late:
+    the ack may be unread in its buffers, so no accusation yet; health rises and the
+    probe gets one more timeout. If nothing comes by then, the target is suspected."""
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    c.tick(t + c.probe_timeout)  # indirect probes go out on time
+    late = t + c.probe_interval + 1.5 * c.probe_timeout  # under the 3-period stall rule
+    out = c.tick(late)
+    assert not [e for e in out if isinstance(e, StateChanged)]
+    assert c.state(target)[0] == ALIVE and c.health == 1 and c.late_probes == 1
+    due = late + c.probe_timeout * c.multiplier
+    out = c.tick(due)
+    assert StateChanged(target, SUSPECT, due) in out
+
+
 # -- several cores on a network ----------------------------------------------------
 
 
