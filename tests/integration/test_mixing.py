@@ -22,8 +22,8 @@ from overlay.net.host import Libp2pHost
 from overlay.onion.params import SMALL, Hop
 from overlay.onion.process import Forward
 from overlay.onion.surb import make_surb, use_surb
-from overlay.relay import RELAY_PROTOCOL, RelayService
 from overlay.runtime import Node
+from overlay.services.relay import RELAY_PROTOCOL, RelayService
 from overlay.testing import (
     LOOPBACK,
     join_addr,

@@ -28,7 +28,6 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from overlay.core.feedhealth import relay_of
 from overlay.crypto import SigningKey
-from overlay.feeds import FeedMonitor, dial_record
 from overlay.net.host import (
     TCP_USER_TIMEOUT_MS,
     Libp2pHost,
@@ -37,6 +36,7 @@ from overlay.net.host import (
 )
 from overlay.net.sockets import _conn_socket
 from overlay.records import Role
+from overlay.services.feeds import FeedMonitor, dial_record
 from overlay.testing import overlay, wait_until
 
 TCP = "/ip4/127.0.0.1/tcp/0"

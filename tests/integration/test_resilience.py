@@ -189,7 +189,7 @@ async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path)
 
 
 async def test_exit_on_lossy_link_is_not_declared_dead(tmp_path):
-    from overlay.resilience import Resilience
+    from overlay.services.resilience import Resilience
 
     async with fleet(tmp_path) as f:
         lossy = await f.start(

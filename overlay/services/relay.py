@@ -63,29 +63,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import Counter, Gauge
 
-from .core.mixing import MAX_DELAY_MS, LoopMonitor, MixPool, draw_delays, next_poisson
-from .core.paths import NoPath, select_return_path
-from .core.scores import TokenBucket
-from .crypto import NodeId, OnionKey
-from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
-from .exits import DeliveryEvent, DeliveryQueue, DeliveryWorker, RetryPolicy, build_dispatcher
-from .net.framing import FrameDecoder, encode_frame
-from .net.host import NetError, Stream, StreamOpenTimeout
+from ..core.mixing import MAX_DELAY_MS, LoopMonitor, MixPool, draw_delays, next_poisson
+from ..core.paths import NoPath, select_return_path
+from ..core.scores import TokenBucket
+from ..crypto import NodeId, OnionKey
+from ..errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
+from ..exits import DeliveryEvent, DeliveryQueue, DeliveryWorker, RetryPolicy, build_dispatcher
+from ..net.framing import FrameDecoder, encode_frame
+from ..net.host import NetError, Stream, StreamOpenTimeout
+from ..onion import epochs
+from ..onion.params import LARGE, SMALL, PacketRejected, ReplayCacheFull
+from ..onion.process import Deliver, Forward, process
+from ..onion.replay import ReplayCache
+from ..onion.surb import make_surb, use_surb
+from ..records import Role
+from ..storage.replay import ReplayStore
+from ..wire import cover, delivery
+from ..wire import relay as wire
+from ..wire.delivery import Ack, AckStatus
 from .notices import DeliveryNotices
-from .onion import epochs
-from .onion.params import LARGE, SMALL, PacketRejected, ReplayCacheFull
-from .onion.process import Deliver, Forward, process
-from .onion.replay import ReplayCache
-from .onion.surb import make_surb, use_surb
-from .records import Role
-from .storage.replay import ReplayStore
-from .wire import cover, delivery
-from .wire import relay as wire
-from .wire.delivery import Ack, AckStatus
+
+if TYPE_CHECKING:
+    from .context import NodeContext
 
 log = logging.getLogger("hydra.relay")
 
@@ -430,7 +434,7 @@ class RelayService:
         self.key_refresh = key_refresh
         self.smtp_relay = smtp_relay
         self.maildir_root = maildir_root
-        self.node = None
+        self.node: NodeContext | None = None
         self.metrics: _Metrics | None = None
         self.replay = ReplayCache(max_per_epoch=replay_max_per_epoch, max_epochs=replay_max_epochs)
         self.replay_store: ReplayStore | None = None
@@ -463,7 +467,7 @@ class RelayService:
 
     # ---- lifecycle ----------------------------------------------------------------
 
-    def attach(self, node) -> None:
+    def attach(self, node: NodeContext) -> None:
         self.node = node
         cfg = node.config
         if self.max_clients is None:
@@ -486,9 +490,8 @@ class RelayService:
         node.host.set_stream_handler(RELAY_PROTOCOL, self._serve_relay)
         if self.serve_clients:
             node.host.set_stream_handler(CLIENT_PROTOCOL, self._serve_client)
-        node.relay = self
         self.notices = DeliveryNotices(node, lambda: self.worker)
-        if self.dead_nodes is None and getattr(node, "resilience", None) is not None:
+        if self.dead_nodes is None:
             self.dead_nodes = self._dead_from_liveness
 
     def _on_exit_event(self, ev: DeliveryEvent) -> None:
@@ -496,10 +499,8 @@ class RelayService:
             self.notices.delivered(ev.message_id)
 
     def _dead_from_liveness(self) -> list[NodeId]:
-        """Nodes the node's liveness view holds DEAD (if the node runs one)."""
-        liveness = getattr(getattr(self.node, "resilience", None), "liveness", None)
-        if liveness is None:
-            return []
+        """Nodes the node's liveness view holds DEAD."""
+        liveness = self.node.resilience.liveness
         return [n for n, state in liveness.states().items() if state == "dead"]
 
     @property
