@@ -20,7 +20,10 @@ taken as our own stall (SIGSTOP, swap): probes in flight then accuse nobody
 and suspicion timers restart. A shorter lateness counts too: a probe whose
 deadline we look at more than a whole ``probe_timeout`` after it passed (a
 starved process, its ack perhaps unread in our buffers) accuses nobody yet;
-it raises our health and gets one more timeout from then.
+it raises our health and gets one more timeout from then. An answer to a
+probe that already failed (the last ``2 * max_pending_probes`` are
+remembered) is evidence that the target is alive and raises our health too:
+our timeouts were too short for how slow we, or our links, are.
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
@@ -250,6 +253,8 @@ class Liveness:
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
         self.accusations_heard = 0  # signed accusations by members taken into account
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
+        self.late_acks = 0  # answers to probes that had already failed
+        self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...]]] = {}  # recent failed probes
 
     # -- public surface -------------------------------------------------------
 
@@ -371,6 +376,9 @@ class Liveness:
                 continue
             if now >= p.deadline:
                 self._end_probe(nonce)
+                self._failed[nonce] = (p.target, p.relays)
+                if len(self._failed) > 2 * self.max_pending_probes:
+                    del self._failed[next(iter(self._failed))]
                 # Lifeguard: if every relay told us it could not reach the target
                 # either, our own link is fine and our health does not suffer
                 self._probe_failed(
@@ -573,7 +581,15 @@ class Liveness:
             del self._relays[nonce]
             out.append(Send(r.requester, self.protocol, wire.encode(wire.Ack(r.nonce))))
             self._evidence(peer, now, out)
-        # anything else is a late or duplicate ack: harmless, ignored
+        late = self._failed.pop(nonce, None)
+        if late is not None and (peer == late[0] or peer in late[1]):
+            # the answer to a probe that already failed: the target is alive, and
+            # our timeouts are too short for how slow we (or our links) are now.
+            # Lifeguard-style, our health worsens, stretching them
+            self.late_acks += 1
+            self._health = min(self.health_max, self._health + 1)
+            self._evidence(late[0], now, out)
+        # anything else is a duplicate ack: harmless, ignored
 
     def _on_ping_req(self, peer: NodeId, f: wire.PingReq, now: float, out: list[Effect]) -> None:
         self._evidence(peer, now, out)

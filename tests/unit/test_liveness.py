@@ -597,6 +597,25 @@ def test_a_probe_deadline_seen_late_accuses_nobody_until_one_more_timeout():
     assert StateChanged(target, SUSPECT, due) in out
 
 
+def test_an_answer_to_a_failed_probe_clears_it_and_slows_us_down():
+    """The ack of a probe that already failed arrives: the target is alive (our
+    suspicion goes) and our timeouts were too short, so our health worsens."""
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, ping)] = sends(c.tick(t), wire.Ping)
+    c.tick(t + c.probe_timeout)
+    c.tick(t + c.probe_interval)
+    assert c.state(target)[0] == SUSPECT and c.health == 1
+    out = c.receive(target, wire.encode(wire.Ack(ping.nonce)), t + c.probe_interval + 0.1)
+    assert c.state(target)[0] == ALIVE and c.health == 2 and c.late_acks == 1
+    assert StateChanged(target, ALIVE, t + c.probe_interval + 0.1) in out
+    # another member's ack with that nonce does nothing
+    other = next(n for n in IDS[1:6] if n != target)
+    c.receive(other, wire.encode(wire.Ack(ping.nonce)), t + 2)
+    assert c.late_acks == 1
+
+
 # -- several cores on a network ----------------------------------------------------
 
 
