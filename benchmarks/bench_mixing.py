@@ -41,7 +41,7 @@ from overlay.net.framing import encode_frame  # noqa: E402
 from overlay.net.host import Libp2pHost  # noqa: E402
 from overlay.onion.build import build_packet  # noqa: E402
 from overlay.onion.params import SMALL, Hop  # noqa: E402
-from overlay.relay import RELAY_PROTOCOL, RelayService  # noqa: E402
+from overlay.services.relay import RELAY_PROTOCOL, RelayService  # noqa: E402
 from overlay.testing import LOOPBACK, join_addr, light_services, overlay, wait_until  # noqa: E402
 from overlay.wire import cover  # noqa: E402
 
@@ -126,7 +126,7 @@ async def hop_cost(rate: float, seconds: float, mean: float) -> dict[str, float]
 
     from prometheus_client import CollectorRegistry
 
-    from overlay.relay import _Metrics
+    from overlay.services.relay import _Metrics
 
     peer = SigningKey.generate().node_id
     packet = bytes(SMALL.packet_size)

@@ -22,10 +22,11 @@ from rich.text import Text
 
 from overlay.crypto import NodeId
 from overlay.errors import DecodeError, LocalError, RemoteError
+from overlay.storage.files import write_atomic
 
 from . import bundle as bundle_mod
 from .bundle import MAX_SIZE, Entry, SeedBundle, addr_problem, decode, strip_own_p2p
-from .files import read_capped, read_key_file, write_atomic, write_key_file
+from .files import read_capped, read_key_file, write_key_file
 
 app = typer.Typer(
     name="overlay-seeds",
@@ -219,7 +220,7 @@ def create(
             operators=ops,
             threshold=threshold,
         )
-        write_atomic(output, b.encode(), overwrite=force)
+        write_atomic(output, b.encode(), mode=0o644, overwrite=force)
     except FileExistsError:
         raise _fail(f"{output} exists; use --force to replace it") from None
     except (LocalError, OSError) as e:
@@ -242,7 +243,7 @@ def sign(
     try:
         sk = read_key_file(key)
         signed = unverified.bundle.signed_by(sk)
-        write_atomic(output or bundle, signed.encode())
+        write_atomic(output or bundle, signed.encode(), mode=0o644)
     except (LocalError, OSError) as e:
         raise _fail(str(e)) from None
     good, _bad = signed.valid_signers()
@@ -383,7 +384,7 @@ def export_dns(
         if output is None:
             sys.stdout.write(text)
         else:
-            write_atomic(output, text.encode("ascii"))
+            write_atomic(output, text.encode("ascii"), mode=0o644)
             err.print(f"wrote {output}")
     except (LocalError, OSError) as e:
         raise _fail(str(e)) from None

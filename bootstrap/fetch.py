@@ -23,6 +23,7 @@ when every source fails, as long as it has not expired.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -36,10 +37,11 @@ import trio
 
 from overlay.crypto import NodeId
 from overlay.errors import DecodeError, LocalError, Reason
+from overlay.storage.files import write_atomic
 
 from .bundle import MAX_SIZE, MEDIA_TYPE, ValidBundle, VerifiedBundle, etag, pinned_set
 from .dnstxt import decode_txt, normalize_domain, seeds_name
-from .files import read_capped, write_atomic
+from .files import read_capped
 from .resolve import (
     Failed,
     Fetched,
@@ -348,7 +350,9 @@ async def fetch_bundle(
     written = False
     if res.write_cache and cache_path is not None and res.bundle is not None:
         try:
-            await trio.to_thread.run_sync(write_atomic, cache_path, res.bundle.raw)
+            await trio.to_thread.run_sync(
+                functools.partial(write_atomic, cache_path, res.bundle.raw, mode=0o644)
+            )
             written = True
         except OSError:
             written = False

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from overlay.crypto import SigningKey
 from overlay.errors import LocalError
+from overlay.storage.files import write_atomic
 
 KEY_FILE_MAX = 4096
 
@@ -26,48 +26,6 @@ def read_capped(path: Path, limit: int) -> bytes:
     """Up to ``limit + 1`` bytes of ``path`` (so callers can tell "too big")."""
     with open(path, "rb") as f:
         return f.read(limit + 1)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, then rename.
-
-    With ``overwrite=False`` an existing ``path`` raises ``FileExistsError``
-    (checked atomically with a hard link, so two writers cannot both win).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails with FileExistsError if path exists
-            os.unlink(tmp)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_key_file(path: Path, key: SigningKey, *, force: bool = False) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from overlay.control import lifespan
 from overlay.errors import DecodeError, LocalError
 
 from .bundle import MAX_SIZE, MEDIA_TYPE, SeedBundle, decode, etag
@@ -99,13 +100,8 @@ def make_app(source: BundleFile, *, max_age: int = DEFAULT_MAX_AGE, paths: Seque
 
     async def app(scope: dict[str, Any], receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         text = [(b"content-type", b"text/plain; charset=utf-8")]

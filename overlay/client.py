@@ -57,9 +57,9 @@ from .onion import epochs
 from .onion.build import build_packet
 from .onion.params import LARGE, SMALL, params_for_message
 from .onion.surb import SurbSecret, make_surb, open_reply, use_surb
-from .outbox_store import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
 from .records import Role
 from .runtime import SYNC_PROTOCOL
+from .storage.outbox import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
 from .wire import cover, sync
 from .wire import relay as wire
 from .wire.delivery import MAX_EARLIER, ExitMessage, decode_ack

@@ -92,7 +92,7 @@ class Config:
     dial_rate: float = 1.0
     dial_burst: float = 8.0
     dial_addr_interval: float = 60.0
-    # [limits]: inbound connection bounds (see overlay/net/host.py ConnectionLimits)
+    # [limits]: inbound connection bounds (see overlay/net/limits.py ConnectionLimits)
     max_inbound: int = 512
     max_inbound_per_ip: int = 384
     max_handshakes_per_ip: int = 128

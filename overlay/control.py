@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl
 import trio
 
 from .errors import ConfigError, LocalError
-from .home import write_atomic
+from .storage.files import write_atomic
 
 log = logging.getLogger("hydra.control")
 
@@ -71,6 +71,17 @@ CSP = (
 # ---------------------------------------------------------------- token file
 def token_path(home: Path) -> Path:
     return Path(home) / TOKEN_FILE
+
+
+async def lifespan(receive: Callable, send: Callable) -> None:
+    """Answer an ASGI server's lifespan messages (nothing to set up or tear down)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def read_token(home: Path) -> str | None:
@@ -98,7 +109,7 @@ def ensure_token(home: Path) -> str:
             pass
     token = secrets.token_hex(TOKEN_BYTES)
     try:
-        write_atomic(path, token.encode(), 0o600)
+        write_atomic(path, token.encode(), mode=0o600)
     except OSError as e:
         raise LocalError(f"cannot write {path}: {e.strerror or e}") from None
     return token
@@ -296,13 +307,8 @@ def make_app(
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         status, body, extra = route(scope)

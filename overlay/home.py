@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from .crypto import OnionKey, SigningKey
 from .errors import ConfigError, LocalError
 from .onion.epochs import scheduled_epoch
 from .records import Role, ValidRecord, make_record, make_tombstone
+from .storage.files import write_atomic
 
 log = logging.getLogger("hydra.home")
 
@@ -50,24 +50,7 @@ def default_home() -> Path:
     return Path(env) if env else Path.home() / ".hydra"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode`` (the file never exists with wider mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def local_addresses() -> list[str]:
+def global_ipv4_addresses() -> list[str]:
     """Non-loopback IPv4 addresses of this machine (read locally, no traffic sent)."""
     try:
         out = subprocess.run(
@@ -87,7 +70,7 @@ def feeds_from_listen(listen: list[str]) -> list[str]:
     for addr in listen:
         if addr.startswith("/ip4/0.0.0.0/"):
             rest = addr[len("/ip4/0.0.0.0") :]
-            hosts = local_addresses() or ["127.0.0.1"]
+            hosts = global_ipv4_addresses() or ["127.0.0.1"]
             out.extend(f"/ip4/{h}{rest}" for h in hosts)
         else:
             out.append(addr)
@@ -222,18 +205,18 @@ class Home:
         cfg.validate()
         home.path.mkdir(parents=True, exist_ok=True)
         os.chmod(home.path, 0o700)
-        write_atomic(home.key_path, SigningKey.generate().seed())
+        write_atomic(home.key_path, SigningKey.generate().seed(), mode=0o600)
         if home.onion_dir.exists():
             for pattern in ("*.key", "*.next"):
                 for f in home.onion_dir.glob(pattern):
                     f.unlink()
         epoch = scheduled_epoch(time.time(), cfg.onion_epoch_length)
-        write_atomic(home.onion_dir / f"{epoch}.key", OnionKey.generate(epoch).secret())
-        write_atomic(home.state_path, json.dumps({"seq": 0}).encode(), 0o644)
+        write_atomic(home.onion_dir / f"{epoch}.key", OnionKey.generate(epoch).secret(), mode=0o600)
+        write_atomic(home.state_path, json.dumps({"seq": 0}).encode(), mode=0o644)
         if home.db_path.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(str(home.db_path) + suffix).unlink(missing_ok=True)
-        write_atomic(home.config_path, config_mod.render(cfg).encode(), 0o644)
+        write_atomic(home.config_path, config_mod.render(cfg).encode(), mode=0o644)
         # parse what we wrote, so a broken template fails here, not at `run`
         config_mod.load(home.config_path)
         return home
@@ -285,7 +268,7 @@ class Home:
         except (FileNotFoundError, LocalError):
             pass
         key = OnionKey.generate(epoch)
-        write_atomic(path, key.secret())
+        write_atomic(path, key.secret(), mode=0o600)
         return key
 
     def activate_onion_key(self, epoch: int) -> OnionKey:
@@ -301,7 +284,7 @@ class Home:
                 os.replace(nxt, path)
             except (FileNotFoundError, LocalError):
                 key = OnionKey.generate(epoch)
-                write_atomic(path, key.secret())
+                write_atomic(path, key.secret(), mode=0o600)
         for e, f in self._onion_files(".next").items():
             if e <= epoch:
                 f.unlink(missing_ok=True)
@@ -367,7 +350,7 @@ class Home:
         if seq >= MAX_SEQ:
             raise LocalError(f"record seq exhausted in {self.state_path}")
         try:
-            write_atomic(self.state_path, json.dumps({"seq": seq}).encode(), 0o644)
+            write_atomic(self.state_path, json.dumps({"seq": seq}).encode(), mode=0o644)
         except OSError as e:
             raise LocalError(f"cannot write {self.state_path}: {e.strerror or e}") from None
         return seq

@@ -43,16 +43,17 @@ from .core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from .core.timing import JOIN_ROUNDS, SYNC_TIMEOUT
 from .crypto import NodeId
 from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
-from .feeds import FeedMonitor
-from .home import Home, write_atomic
+from .home import Home
 from .metrics import Metrics
 from .net import framing
 from .net.host import DialTimeout, Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
-from .relay import RelayService
-from .resilience import Resilience
-from .store import RecordStore
+from .services.feeds import FeedMonitor
+from .services.relay import RelayService
+from .services.resilience import Resilience
+from .storage.files import write_atomic
+from .storage.records import RecordStore
 from .wire import sync
 
 log = logging.getLogger("hydra.node")
@@ -195,6 +196,7 @@ class Node:
             self.services.append(FeedMonitor())
         if not any(isinstance(s, ConsoleService) for s in services):
             self.services.append(ConsoleService())
+        self.relay = next(s for s in self.services if isinstance(s, RelayService))
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -432,7 +434,7 @@ class Node:
             log.debug("disconnect %s: %s", _short(peer), e)
 
     def current_feeds(self) -> list[str]:
-        # A feed monitor service (overlay/feeds.py) decides which feeds work.
+        # A feed monitor service (overlay/services/feeds.py) decides which feeds work.
         for svc in self.services:
             announced = getattr(svc, "announced_feeds", None)
             if announced is not None and (feeds := announced()):
@@ -694,7 +696,7 @@ class Node:
     async def connect_record(self, rec: ValidRecord) -> bool:
         """Dial a member through its feeds in turn, the next in parallel after 300 ms
         (happy eyeballs; the feed that worked last time first); remember the winner."""
-        from .feeds import dial_record
+        from .services.feeds import dial_record
 
         feed = await dial_record(self, rec)
         if feed is None:
@@ -913,7 +915,7 @@ class Node:
             json.dumps(
                 {"url": self.control_url, "peer_id": self.node_id.peer_id(), "pid": os.getpid()}
             ).encode(),
-            0o600,
+            mode=0o600,
         )
 
         def refused(check: str) -> None:
@@ -990,7 +992,7 @@ class Node:
             "peers": len(self.peers),
             "joined_via": self.joined_via,
             "control": self.control_url,
-            "relay": self.relay.status() if getattr(self, "relay", None) else None,
+            "relay": self.relay.status(),
             "limits": self.caps.status(),
             "admission": {
                 "verified": self.admission.verified,

@@ -25,7 +25,8 @@ from rich.table import Table
 from .. import records
 from ..config import HOME_LISTEN, LOG_LEVELS
 from ..errors import LocalError, OverlayError, RemoteError
-from ..home import Home, HomeLocked, default_home, write_atomic
+from ..home import Home, HomeLocked, default_home
+from ..storage.files import write_atomic
 from .send import agent, check_seed_sources, outbox, seed_join_addrs, send
 from .util import (
     EXIT_CONFIG,
@@ -178,7 +179,7 @@ def _current_record(h: Home) -> records.ValidRecord:
     While a node runs from the home (it holds the lock and keeps its record
     fresh) only the stored record is read.
     """
-    from ..store import RecordStore
+    from ..storage.records import RecordStore
 
     now = time.time()
     key = h.signing_key()
@@ -240,7 +241,7 @@ def record_export(
     """Write this node's record (binary, canonical CBOR) to a file."""
     rec = _current_record(_home(home))
     data = rec.encode()
-    write_atomic(output, data, 0o644)
+    write_atomic(output, data, mode=0o644)
     console.print(f"wrote {len(data)} bytes to {output} (seq {rec.seq})")
 
 

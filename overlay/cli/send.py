@@ -217,7 +217,7 @@ def _handoff(h: Home, to: str, body: bytes, timeout: float, until: str):
     """Put the message in the outbox a running agent serves, then follow its state."""
     from ..client import queue_message
     from ..core.outbox import State
-    from ..outbox_store import OutboxStore
+    from ..storage.outbox import OutboxStore
 
     with OutboxStore.in_home(h.path) as store:
         mid = queue_message(store, to, body, time.time())
@@ -460,7 +460,7 @@ def outbox(
     With --flush: exit 0 once nothing is left unfinished, 1 (and the list) if
     some messages are still waiting when --wait runs out.
     """
-    from ..outbox_store import FILENAME, OutboxStore
+    from ..storage.outbox import FILENAME, OutboxStore
 
     h = Home(home or default_home())
     if drop:
@@ -538,7 +538,7 @@ def outbox(
 
 def _drop(h: Home, ids: list[str], as_json: bool) -> None:
     """``overlay outbox --drop ID``: forget messages the user gives up on."""
-    from ..outbox_store import FILENAME, OutboxStore
+    from ..storage.outbox import FILENAME, OutboxStore
 
     if not (h.path / FILENAME).exists():
         raise fail(f"no outbox in {h.path}", EXIT_USAGE)

@@ -6,7 +6,7 @@ external address (``[node] announce``), or a relay feed through another peer
 (``/ip4/10.12.1.2/tcp/4001/p2p/<relay>/p2p-circuit``).
 
 ``FeedTable`` keeps one row per feed and is fed observations by the runtime
-(``overlay/feeds.py``), each with the current time:
+(``overlay/services/feeds.py``), each with the current time:
 
 - ``update_local(listen, local, now, announce)``: the bound listen addresses
   and a snapshot of the machine's addresses (``ip -> usable``). A direct feed

@@ -1,6 +1,6 @@
 """Timing constants of a node that the simulator must model the same way.
 
-Defined once here; ``overlay.runtime``, ``overlay.resilience`` and
+Defined once here; ``overlay.runtime``, ``overlay.services.resilience`` and
 ``overlay.sim`` import them (a copy in the simulator would drift).
 """
 

@@ -1,9 +1,17 @@
-"""Exit delivery: handlers behind one interface, the persisted queue and its worker.
+"""Exit delivery: handlers behind one interface and the worker that drains the
+persisted queue (``storage.delivery_queue``, re-exported here).
 
-Layering: imports ``errors``, ``records`` and ``wire`` only; ``queue`` and
-``handlers`` never import trio (``worker`` and the handlers' I/O do).
+Layering: imports ``errors``, ``records``, ``wire`` and ``storage`` only; the
+queue and ``handlers`` never import trio (``worker`` and the handlers' I/O do).
 """
 
+from ..storage.delivery_queue import AcceptResult as AcceptResult
+from ..storage.delivery_queue import DeliveryQueue as DeliveryQueue
+from ..storage.delivery_queue import FailOutcome as FailOutcome
+from ..storage.delivery_queue import MessageState as MessageState
+from ..storage.delivery_queue import QueuedMessage as QueuedMessage
+from ..storage.delivery_queue import QueueFull as QueueFull
+from ..storage.delivery_queue import RetryPolicy as RetryPolicy
 from .handlers import DeliveryFailure as DeliveryFailure
 from .handlers import DeliveryHandler as DeliveryHandler
 from .handlers import Dispatcher as Dispatcher
@@ -11,13 +19,6 @@ from .handlers import PermanentFailure as PermanentFailure
 from .handlers import TemporaryFailure as TemporaryFailure
 from .handlers import build_dispatcher as build_dispatcher
 from .maildir import MaildirHandler as MaildirHandler
-from .queue import AcceptResult as AcceptResult
-from .queue import DeliveryQueue as DeliveryQueue
-from .queue import FailOutcome as FailOutcome
-from .queue import MessageState as MessageState
-from .queue import QueuedMessage as QueuedMessage
-from .queue import QueueFull as QueueFull
-from .queue import RetryPolicy as RetryPolicy
 from .smtp import SmtpHandler as SmtpHandler
 from .webhook import WebhookHandler as WebhookHandler
 from .worker import DeliveryEvent as DeliveryEvent

@@ -76,10 +76,7 @@ from typing import Literal
 import trio
 
 from ..errors import LocalError
-from ..wire.delivered import Answer, notice_key
-from ..wire.delivery import Ack, AckStatus, ExitMessage
-from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
-from .queue import (
+from ..storage.delivery_queue import (
     ELSEWHERE,
     INTERRUPTED,
     DeliveryQueue,
@@ -87,6 +84,9 @@ from .queue import (
     QueuedMessage,
     QueueFull,
 )
+from ..wire.delivered import Answer, notice_key
+from ..wire.delivery import Ack, AckStatus, ExitMessage
+from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
 
 log = logging.getLogger("hydra.exits")
 

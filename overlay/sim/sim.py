@@ -381,7 +381,7 @@ class Simulation:
             node.nid,
             sign,
             random.Random(self._live_seed * 1_000_003 + node.idx),
-            incarnation=int(now * 1000),  # as overlay.resilience: grows across restarts
+            incarnation=int(now * 1000),  # as overlay.services.resilience: grows across restarts
             verify=self._verify,
             is_known=view.__contains__,
             **params,
@@ -437,7 +437,7 @@ class Simulation:
         live = node.live
         if live is None:
             return True
-        # as overlay.resilience: the forwarder is the peer; invalid frames are not forwarded
+        # as overlay.services.resilience: the forwarder is the peer; invalid frames are not forwarded
         eff = live.receive(self.ids[src], msg.data, now)
         if eff:
             self._live_effects(node, eff, now)
@@ -893,7 +893,7 @@ class Simulation:
     def _start_join(self, node: SimNode, now: float) -> None:
         i = node.idx
         if i in self._cohort_set and node.live is None and self.cfg.cohort > 0:
-            # the liveness service runs from the node's start (overlay.resilience),
+            # the liveness service runs from the node's start (overlay.services.resilience),
             # so a node answers probes while it is still pulling the membership
             self._start_liveness(node, now)
         running = [j for j in range(len(self.nodes)) if j != i and self.net.ok(j)]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
-from ..feeds import FeedMonitor
 from ..home import Home
 from ..runtime import Node
+from ..services.feeds import FeedMonitor
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 

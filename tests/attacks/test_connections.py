@@ -30,9 +30,9 @@ from overlay.crypto import SigningKey
 from overlay.errors import Reason
 from overlay.net import encode_frame
 from overlay.net.host import DialError, Libp2pHost, NetError
-from overlay.relay import CLIENT_PROTOCOL
-from overlay.resilience import PROTOCOL as LIVENESS_PROTOCOL
 from overlay.runtime import RECORDS_TOPIC, SYNC_PROTOCOL, Node
+from overlay.services.relay import CLIENT_PROTOCOL
+from overlay.services.resilience import PROTOCOL as LIVENESS_PROTOCOL
 from overlay.testing import join_addr, light_services, make_home, wait_until
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from overlay.net.framing import encode_frame, encode_uvarint
 from overlay.net.host import Libp2pHost, NetError
 from overlay.onion import build_packet
 from overlay.onion.params import SMALL, Hop
-from overlay.relay import CLIENT_PROTOCOL, RELAY_PROTOCOL, RelayService
+from overlay.services.relay import CLIENT_PROTOCOL, RELAY_PROTOCOL, RelayService
 from overlay.testing import join_addr, light_services, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (

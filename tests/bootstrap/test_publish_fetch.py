@@ -105,12 +105,12 @@ async def test_etag_304_head_404_405_and_reload(tmp_path):
 
             # an operator replaces the file (new cosigned bundle): served at once
             second = wall_bundle(2).encode()
-            write_atomic(path, second)
+            write_atomic(path, second, mode=0o644)
             r = await client.get(base + "/seeds.cbor", headers={"If-None-Match": etag(first)})
             assert r.status_code == 200 and r.content == second
             assert r.headers["etag"] == etag(second) != etag(first)
             # a broken replacement is not served: the last good bundle stays up
-            write_atomic(path, b"not a bundle")
+            write_atomic(path, b"not a bundle", mode=0o644)
             r = await client.get(base + "/seeds.cbor")
             assert r.status_code == 200 and r.content == second
             # same size, same inode, new mtime: still noticed

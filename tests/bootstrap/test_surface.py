@@ -24,7 +24,14 @@ EXPORTS = {
     "SourceError",
     "SourceReport",
 }
-ALLOWED_OVERLAY = {"overlay.errors", "overlay.crypto", "overlay.wire.cbor"}
+# one canonical CBOR, one atomic write, one ASGI lifespan handler: shared with overlay
+ALLOWED_OVERLAY = {
+    "overlay.errors",
+    "overlay.crypto",
+    "overlay.wire.cbor",
+    "overlay.storage.files",
+    "overlay.control",
+}
 SANS_IO = {"bundle.py", "resolve.py", "dnstxt.py", "entries.py"}
 IO_MODULES = {"trio", "httpx", "hypercorn", "dns", "socket", "asyncio"}
 

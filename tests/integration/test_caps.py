@@ -31,8 +31,8 @@ from overlay.crypto import SigningKey
 from overlay.net.framing import encode_frame
 from overlay.net.host import DialError, Libp2pHost, NetError
 from overlay.onion.params import SMALL
-from overlay.relay import RELAY_PROTOCOL
 from overlay.runtime import Node
+from overlay.services.relay import RELAY_PROTOCOL
 from overlay.testing import join_addr, light_services, make_home, overlay, wait_until
 from tests.integration.test_relay import free_port, metric, relays_for, smtp_server
 

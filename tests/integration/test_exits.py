@@ -618,7 +618,7 @@ def test_queue_file_is_wal(tmp_path):
 
 
 def test_delivered_elsewhere_answers_resends_and_finishes_pending_copies(tmp_path):
-    from overlay.exits.queue import ELSEWHERE
+    from overlay.storage.delivery_queue import ELSEWHERE
     from overlay.wire.delivered import notice_key
 
     policy = RetryPolicy(max_age=100)
@@ -657,7 +657,7 @@ async def test_worker_acks_a_message_delivered_elsewhere_without_delivering(tmp_
 async def test_a_late_message_is_checked_with_other_exits_before_delivery(tmp_path):
     """A message that waited at this exit (paused, cut off) is delivered only if
     no other exit says it delivered it meanwhile; fresh ones are not held up."""
-    from overlay.exits.queue import ELSEWHERE
+    from overlay.storage.delivery_queue import ELSEWHERE
     from overlay.wire.delivered import Answer, notice_key
 
     rec = Recorder()

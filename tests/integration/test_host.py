@@ -1,7 +1,7 @@
 """Real libp2p hosts on 127.0.0.1: the adapter's behaviour and each workaround.
 
 Tests named ``test_upstream_*`` are canaries: they show the py-libp2p 0.8.1
-behaviour a workaround in ``overlay/net/host.py`` exists for. When one starts
+behaviour a workaround in ``overlay/net/`` exists for. When one starts
 failing, upstream has changed and the matching workaround can probably go.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -866,7 +867,7 @@ def test_provider_names_are_hashed() -> None:
     """WORKAROUND (provider keys): names are never guessed to be hex or CIDs."""
     from libp2p.kad_dht.kad_dht import _encode_key
 
-    from overlay.net.host import _provider_key
+    from overlay.net.dht import _provider_key
 
     assert _encode_key("beef") == b"\xbe\xef"  # upstream: a hex-looking name is decoded
     key = _encode_key(_provider_key("beef"))
@@ -965,7 +966,7 @@ def test_shutdown_noise_filter() -> None:
     """WORKAROUND (listener shutdown race): only closed-socket errors are swallowed."""
     import errno
 
-    from overlay.net.host import _only_shutdown_noise
+    from overlay.net.upstream import only_shutdown_noise as _only_shutdown_noise
 
     noise = BaseExceptionGroup("x", [OSError(errno.EBADF, "bad fd"), OSError(errno.EINVAL, "inv")])
     assert _only_shutdown_noise(BaseExceptionGroup("outer", [noise]))
@@ -1009,3 +1010,37 @@ async def test_listen_addrs_after_close() -> None:
     async with a:
         before = a.listen_addrs()
     assert a.listen_addrs() == before
+
+
+def test_every_workaround_is_indexed() -> None:
+    """Every ``WORKAROUND (label)`` in overlay/net/ is listed in upstream.py's
+    table under the module it lives in, and names a guarding test that exists."""
+    from pathlib import Path
+
+    import overlay.net
+
+    net = Path(overlay.net.__file__).parent
+    tests = Path(__file__).parent
+    defined = set()
+    for path in tests.glob("test_*.py"):
+        defined |= set(re.findall(r"def (test_\w+)", path.read_text()))
+    found: dict[str, str] = {}
+    for path in sorted(net.glob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"WORKAROUND \(([^)]+)\)", text):
+            found[m.group(1)] = path.name
+            block = text[m.start() :].split("\n\n", 1)[0]  # the comment or docstring
+            named = re.findall(r"\btest_\w+", block)
+            assert named, f"{path.name}: WORKAROUND ({m.group(1)}) names no test"
+            missing = [t for t in named if t not in defined]
+            assert not missing, f"{path.name}: WORKAROUND ({m.group(1)}) names {missing}"
+    assert len(found) >= 30
+    index = (net / "upstream.py").read_text().split('"""', 2)[1]
+    rows = {}
+    for line in index.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 2 and cells[0] not in ("label", "---"):
+            where = "upstream.py" if cells[1] == "here" else cells[1].split("``")[1]
+            for label in cells[0].split(", "):
+                rows[label] = where
+    assert rows == found

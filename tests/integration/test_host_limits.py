@@ -1,6 +1,6 @@
 """Real libp2p hosts on 127.0.0.1: connection bounds, bans, the peerstore, DHT keys, gossip streams.
 
-Like ``test_host.py``: each WORKAROUND in ``overlay/net/host.py`` has a test
+Like ``test_host.py``: each WORKAROUND in ``overlay/net/`` has a test
 here, and ``test_upstream_*`` canaries show the py-libp2p 0.8.1 behaviour it
 compensates for (they fail once upstream changes).
 """

@@ -18,8 +18,8 @@ from overlay.net.host import Libp2pHost
 from overlay.onion import build_packet
 from overlay.onion.epochs import epoch_start, scheduled_epoch
 from overlay.onion.params import SMALL, Hop
-from overlay.relay import RelayService
 from overlay.runtime import Node
+from overlay.services.relay import RelayService
 from overlay.testing import LOOPBACK, join_addr, make_home, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (

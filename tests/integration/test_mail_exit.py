@@ -32,8 +32,8 @@ from overlay.exits import (
     build_dispatcher,
 )
 from overlay.exits.mx import MxResolver
-from overlay.exits.queue import INTERRUPTED
 from overlay.exits.worker import MAYBE_DELIVERED, Verdict
+from overlay.storage.delivery_queue import INTERRUPTED
 from overlay.wire.delivered import notice_key
 from overlay.wire.delivery import AckStatus, ExitMessage
 from tests.ports import free_udp_and_tcp_port
@@ -493,7 +493,7 @@ def test_policy_denied_tries_another_exit_then_fails():
 
 def test_outbox_drop(tmp_path):
     from overlay.core.outbox import Entry
-    from overlay.outbox_store import OutboxStore
+    from overlay.storage.outbox import OutboxStore
 
     with OutboxStore.in_home(tmp_path) as st:
         st.save(Entry(mid(0xABCDEF), "smtp:a@b.org", b"x", 0.0), durable=True)
@@ -525,7 +525,7 @@ async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_se
     dot; one of them delivered the message meanwhile, so the dot is never sent,
     the server drops the transaction, and the message ends delivered elsewhere.
     An attempt without a stall is not asked about."""
-    from overlay.exits.queue import ELSEWHERE
+    from overlay.storage.delivery_queue import ELSEWHERE
 
     with smtp_sink() as (sink, port):
         disp = Dispatcher(["smtp:*"], {"smtp": SmtpHandler(relay=("127.0.0.1", port))})

@@ -22,8 +22,8 @@ from overlay.net.host import Libp2pHost
 from overlay.onion.params import SMALL, Hop
 from overlay.onion.process import Forward
 from overlay.onion.surb import make_surb, use_surb
-from overlay.relay import RELAY_PROTOCOL, RelayService
 from overlay.runtime import Node
+from overlay.services.relay import RELAY_PROTOCOL, RelayService
 from overlay.testing import (
     LOOPBACK,
     join_addr,
@@ -205,7 +205,7 @@ async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path)
 @pytest.mark.slow
 async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_path):
     from overlay.client import Client, State, queue_message
-    from overlay.outbox_store import OutboxStore
+    from overlay.storage.outbox import OutboxStore
     from tests.integration.test_relay import FAST_RETRY, free_port, smtp_server
 
     port = free_port()

@@ -29,8 +29,8 @@ from overlay.net.framing import encode_frame, encode_uvarint
 from overlay.net.host import Libp2pHost
 from overlay.onion import build_packet
 from overlay.onion.params import LARGE, SMALL, Hop
-from overlay.relay import RELAY_PROTOCOL, RelayService, SurbRegistry
 from overlay.runtime import Node
+from overlay.services.relay import RELAY_PROTOCOL, RelayService, SurbRegistry
 from overlay.testing import LOOPBACK, join_addr, light_services, make_home, overlay, wait_until
 from overlay.wire import relay as wire
 from overlay.wire.delivery import ExitMessage

@@ -2,7 +2,7 @@
 the feed monitor and the happy-eyeballs dial policy.
 
 Tests named ``test_upstream_*`` are canaries for the py-libp2p 0.8.1 behaviour a
-WORKAROUND in ``overlay/net/host.py`` exists for (see tests/integration/test_host.py).
+WORKAROUND in ``overlay/net/`` exists for (see tests/integration/test_host.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from overlay.core.feedhealth import relay_of
 from overlay.crypto import SigningKey
-from overlay.feeds import FeedMonitor, dial_record
 from overlay.net.host import (
     TCP_USER_TIMEOUT_MS,
     Libp2pHost,
     RelayError,
     ReservationError,
-    _conn_socket,
 )
+from overlay.net.sockets import _conn_socket
 from overlay.records import Role
+from overlay.services.feeds import FeedMonitor, dial_record
 from overlay.testing import overlay, wait_until
 
 TCP = "/ip4/127.0.0.1/tcp/0"

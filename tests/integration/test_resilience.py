@@ -189,7 +189,7 @@ async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path)
 
 
 async def test_exit_on_lossy_link_is_not_declared_dead(tmp_path):
-    from overlay.resilience import Resilience
+    from overlay.services.resilience import Resilience
 
     async with fleet(tmp_path) as f:
         lossy = await f.start(
@@ -259,7 +259,7 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
     from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
-    from overlay.exits.queue import ELSEWHERE
+    from overlay.storage.delivery_queue import ELSEWHERE
 
     sink = SmtpSink()
     port = sink.start()
@@ -309,7 +309,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
-    from overlay.exits.queue import ELSEWHERE
+    from overlay.storage.delivery_queue import ELSEWHERE
 
     sink = SmtpSink()
     handler = sink.controller.handler

@@ -285,7 +285,7 @@ def test_sigterm_and_sigint_stop_cleanly(tmp_path: Path, nodes, sig):
     # planned shutdown: a tombstone (seq 2) signed, persisted and stored
     assert json.loads((home / "state.json").read_text())["seq"] == 2
     from overlay.home import Home
-    from overlay.store import RecordStore
+    from overlay.storage.records import RecordStore
 
     h = Home(home)
     with RecordStore(h.db_path) as st:

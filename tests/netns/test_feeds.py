@@ -2,7 +2,7 @@
 
 Nodes are ``overlay run`` processes inside lab hosts (see overlay/testing/netns.py),
 each listening on both of its addresses; every node runs the feed monitor
-(overlay/feeds.py). The control endpoint binds 127.0.0.1 inside each node's
+(overlay/services/feeds.py). The control endpoint binds 127.0.0.1 inside each node's
 namespace, so the tests query it with a small client run in that namespace.
 
 Network rule: traffic goes only to addresses of namespaces these tests create.

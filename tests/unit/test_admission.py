@@ -17,7 +17,7 @@ from overlay.core.membership import MembershipView, Outcome, StrangerView
 from overlay.crypto import SigningKey
 from overlay.errors import Reason
 from overlay.records import Role, make_record
-from overlay.store import RecordStore
+from overlay.storage.records import RecordStore
 from tests.recgen import NOW, ONION
 
 PEERS = [SigningKey(bytes([200 + i]) * 32).node_id for i in range(10)]

@@ -1,7 +1,7 @@
 """How an exit combines other exits' answers before a late or resent delivery."""
 
 from overlay.crypto import SigningKey
-from overlay.notices import AnswerTally
+from overlay.services.notices import AnswerTally
 from overlay.wire.delivered import Answer
 
 A, B, C, D = (SigningKey(bytes([i + 1]) * 32).node_id for i in range(4))

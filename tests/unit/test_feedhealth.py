@@ -21,8 +21,8 @@ from overlay.core.feedhealth import (
     relay_feed,
     relay_of,
 )
-from overlay.feeds import DialMemory
 from overlay.records import MAX_FEEDS, check_feed
+from overlay.services.feeds import DialMemory
 
 RELAY1 = "12D3KooWGrZjCkWB1MKKbKEN9kKZ8N7gbtV7zWmFuQmevCExE9NU"
 RELAY2 = "12D3KooWHMdjjz1DiS8heWeexGudmXJ99ETneVW691X6b3n5LTsw"

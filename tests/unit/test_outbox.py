@@ -1,4 +1,4 @@
-"""overlay.core.outbox (sans-I/O, fake clock) and overlay.outbox_store (SQLite)."""
+"""overlay.core.outbox (sans-I/O, fake clock) and overlay.storage.outbox (SQLite)."""
 
 import os
 import random
@@ -9,7 +9,7 @@ import pytest
 from overlay.core.outbox import Attempt, Entry, Finished, Outbox, Persist, State
 from overlay.crypto import SigningKey
 from overlay.errors import LocalError
-from overlay.outbox_store import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
+from overlay.storage.outbox import KIND_FINAL, KIND_QUEUED, OutboxStore, StoredSurb
 from overlay.wire.delivery import AckStatus
 
 N = [SigningKey(bytes([i + 1]) * 32).node_id for i in range(10)]

@@ -5,7 +5,7 @@ import pytest
 from overlay.crypto import SigningKey
 from overlay.errors import LocalError
 from overlay.records import Role, decode, make_tombstone
-from overlay.store import RecordStore
+from overlay.storage.records import RecordStore
 from tests.recgen import KEY, NOW, exit_record, relay_record
 
 

@@ -15,13 +15,12 @@ Invariants:
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from pathlib import Path
 
-from .crypto import NodeId
-from .errors import LocalError, RemoteError
-from .records import Role, ValidRecord, decode
+from ..crypto import NodeId
+from ..errors import LocalError, RemoteError
+from ..records import Role, ValidRecord, decode
+from .sqlite import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -49,36 +48,21 @@ def _seq_sql(seq: int) -> int:
     return seq - (1 << 63)
 
 
-class RecordStore:
+class RecordStore(SqliteStore):
     """The newest valid record per node, on disk."""
 
+    WHAT = "record store"
+    SCHEMA = _SCHEMA
+
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(
-                str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None
-            )
-            self._db.text_factory = bytes  # a tampered text cell must not raise on read
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
-            for name, kind in _COLUMNS.items():
-                if name.encode() not in have and name not in have:
-                    self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
-        except sqlite3.Error as e:
-            raise LocalError(f"cannot open record store {self.path}: {e}") from e
+        # a tampered text cell must not raise on read
+        super().__init__(path, text_factory=bytes)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> RecordStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _migrate(self) -> None:
+        have = self._columns("records")
+        for name, kind in _COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {kind}")
 
     def put(
         self, rec: ValidRecord, *, first_seen: float | None = None, verified_at: float | None = None
@@ -90,40 +74,36 @@ class RecordStore:
         if not isinstance(rec, ValidRecord):
             raise LocalError("only validated records may be stored")
         nid = bytes(rec.node_id)
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(
-                    "INSERT INTO records(node_id, seq, tombstone, expires_at, raw, first_seen, "
-                    "verified_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
-                    "seq=excluded.seq, tombstone=excluded.tombstone, "
-                    "expires_at=excluded.expires_at, raw=excluded.raw, "
-                    "first_seen=COALESCE(records.first_seen, excluded.first_seen), "
-                    "verified_at=COALESCE(records.verified_at, excluded.verified_at) "
-                    "WHERE excluded.seq > records.seq",
-                    (
-                        nid,
-                        _seq_sql(rec.seq),
-                        int(rec.is_tombstone),
-                        rec.expires_at,
-                        rec.encode(),
-                        first_seen,
-                        verified_at,
-                    ),
+
+        def tx(cur) -> bool:
+            cur.execute(
+                "INSERT INTO records(node_id, seq, tombstone, expires_at, raw, first_seen, "
+                "verified_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "seq=excluded.seq, tombstone=excluded.tombstone, "
+                "expires_at=excluded.expires_at, raw=excluded.raw, "
+                "first_seen=COALESCE(records.first_seen, excluded.first_seen), "
+                "verified_at=COALESCE(records.verified_at, excluded.verified_at) "
+                "WHERE excluded.seq > records.seq",
+                (
+                    nid,
+                    _seq_sql(rec.seq),
+                    int(rec.is_tombstone),
+                    rec.expires_at,
+                    rec.encode(),
+                    first_seen,
+                    verified_at,
+                ),
+            )
+            stored = cur.rowcount == 1
+            if stored:
+                cur.execute("DELETE FROM record_roles WHERE node_id=?", (nid,))
+                cur.executemany(
+                    "INSERT INTO record_roles(node_id, role) VALUES (?, ?)",
+                    [(nid, name) for name in rec.roles.names()],
                 )
-                stored = cur.rowcount == 1
-                if stored:
-                    cur.execute("DELETE FROM record_roles WHERE node_id=?", (nid,))
-                    cur.executemany(
-                        "INSERT INTO record_roles(node_id, role) VALUES (?, ?)",
-                        [(nid, name) for name in rec.roles.names()],
-                    )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return stored
+            return stored
+
+        return self._tx(tx)
 
     def _load(self, raw: bytes, now: float) -> ValidRecord | None:
         try:
@@ -174,18 +154,13 @@ class RecordStore:
         ids = [(bytes(n),) for n in node_ids]
         if not ids:
             return 0
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.executemany("DELETE FROM record_roles WHERE node_id=?", ids)
-                cur.executemany("DELETE FROM records WHERE node_id=?", ids)
-                n = cur.rowcount
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return n
+
+        def tx(cur) -> int:
+            cur.executemany("DELETE FROM record_roles WHERE node_id=?", ids)
+            cur.executemany("DELETE FROM records WHERE node_id=?", ids)
+            return cur.rowcount
+
+        return self._tx(tx)
 
     def count_unverified(self) -> int:
         with self._lock:

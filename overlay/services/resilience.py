@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter, Gauge
 
-from .console.service import role_of
-from .core.effects import Announce, Broadcast, Penalize, Send, StateChanged
-from .core.exitpool import ExitPool
-from .core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
-from .core.timing import SETTLE
-from .crypto import NodeId
-from .errors import RemoteError
-from .net import framing
-from .records import Role
-from .wire import liveness as wire
+from ..console.service import role_of
+from ..core.effects import Announce, Broadcast, Penalize, Send, StateChanged
+from ..core.exitpool import ExitPool
+from ..core.liveness import DEAD, PROTOCOL, TOPIC, Liveness
+from ..core.timing import SETTLE
+from ..crypto import NodeId
+from ..errors import RemoteError
+from ..net import framing
+from ..records import Role
+from ..wire import liveness as wire
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .context import NodeContext
 
 log = logging.getLogger("hydra.resilience")
 
@@ -53,7 +53,7 @@ class Resilience:
         self.fault_dropped = 0  # liveness frames lost to ``fault_drop``
         # set once the exit pool has looked at the membership after SETTLE
         self.settled = trio.Event()
-        self.node: Node | None = None
+        self.node: NodeContext | None = None
         self.liveness: Liveness | None = None
         self.pool: ExitPool | None = None
         self._wake = trio.Event()
@@ -66,7 +66,7 @@ class Resilience:
         self._locks: dict[NodeId, trio.Lock] = {}
 
     # ------------------------------------------------------------------ wiring
-    def attach(self, node: Node) -> None:
+    def attach(self, node: NodeContext) -> None:
         self.node = node
         cfg = node.config
         now = node.clock()

@@ -20,15 +20,12 @@ Invariants:
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.outbox import Entry, State
-from .crypto import NodeId
-from .errors import LocalError
+from ..core.outbox import Entry, State
+from ..crypto import NodeId
+from .sqlite import SqliteStore
 
 FILENAME = "outbox.db"
 KIND_FINAL, KIND_QUEUED = 0, 1
@@ -96,57 +93,16 @@ def _node(raw: bytes | None) -> NodeId | None:
     return NodeId(bytes(raw)) if raw else None
 
 
-class OutboxStore:
+class OutboxStore(SqliteStore):
+    WHAT = "outbox"
+    SCHEMA = _SCHEMA
+
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-                os.close(fd)
-            self._db = sqlite3.connect(
-                str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            raise LocalError(f"cannot open outbox {self.path}: {e}") from e
+        super().__init__(path, private=True)  # message bodies and SURB secrets
 
     @classmethod
     def in_home(cls, home: str | Path) -> OutboxStore:
         return cls(Path(home) / FILENAME)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> OutboxStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self, fn, durable: bool = False):
-        with self._lock:
-            try:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(cur)
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-                cur.execute("COMMIT")
-                return out
-            except sqlite3.Error as e:
-                raise LocalError(f"outbox {self.path.name}: {e}") from e
-            finally:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
 
     # ---- messages ----------------------------------------------------------------
 
@@ -193,7 +149,7 @@ class OutboxStore:
             if e.state.finished:
                 cur.execute("DELETE FROM surbs WHERE message_id = ?", (e.message_id,))
 
-        self._run(tx, durable)
+        self._tx(tx, durable=durable)
 
     def load(self, *, unfinished_only: bool = True) -> list[Entry]:
         q = f"SELECT {_COLS} FROM messages"
@@ -249,7 +205,7 @@ class OutboxStore:
                 "DELETE FROM messages WHERE message_id = ?", (bytes(message_id),)
             ).rowcount
 
-        return self._run(tx, durable=True) == 1
+        return self._tx(tx, durable=True) == 1
 
     def purge(self, before: float) -> int:
         """Forget finished messages that finished before ``before``."""
@@ -259,7 +215,7 @@ class OutboxStore:
                 "DELETE FROM messages WHERE state >= 2 AND finished_at < ?", (before,)
             ).rowcount
 
-        return self._run(tx)
+        return self._tx(tx)
 
     # ---- SURB secrets -------------------------------------------------------------
 
@@ -281,7 +237,7 @@ class OutboxStore:
                 ],
             )
 
-        self._run(tx)
+        self._tx(tx)
 
     def surb(self, surb_id: bytes) -> StoredSurb | None:
         with self._lock:
@@ -302,10 +258,10 @@ class OutboxStore:
         return [_surb(r) for r in rows]
 
     def drop_surb(self, surb_id: bytes) -> None:
-        self._run(lambda cur: cur.execute("DELETE FROM surbs WHERE surb_id = ?", (surb_id,)))
+        self._tx(lambda cur: cur.execute("DELETE FROM surbs WHERE surb_id = ?", (surb_id,)))
 
     def drop_surbs_before(self, before: float) -> int:
-        return self._run(
+        return self._tx(
             lambda cur: cur.execute("DELETE FROM surbs WHERE created_at < ?", (before,)).rowcount
         )
 

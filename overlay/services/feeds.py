@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import Counter, Gauge
 
-from .core.feedhealth import (
+from ..core.feedhealth import (
     Backoff,
     ConnSample,
     FeedState,
@@ -65,13 +65,13 @@ from .core.feedhealth import (
     relay_feed,
     relay_of,
 )
-from .core.peering import feed_network
-from .crypto import NodeId
-from .errors import LocalError, OverlayError
-from .records import Role, ValidRecord
+from ..core.peering import feed_network
+from ..crypto import NodeId
+from ..errors import LocalError, OverlayError
+from ..records import Role, ValidRecord
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .context import NodeContext
 
 log = logging.getLogger("hydra.feeds")
 
@@ -189,7 +189,7 @@ class DialMemory:
 _memories: weakref.WeakKeyDictionary[Any, DialMemory] = weakref.WeakKeyDictionary()
 
 
-def _memory_for(node: Node) -> DialMemory:
+def _memory_for(node: NodeContext) -> DialMemory:
     monitor = _monitor_of(node)
     if monitor is not None:
         return monitor.memory
@@ -199,22 +199,22 @@ def _memory_for(node: Node) -> DialMemory:
     return mem
 
 
-def _monitor_of(node: Node) -> FeedMonitor | None:
-    for svc in getattr(node, "services", ()):
+def _monitor_of(node: NodeContext) -> FeedMonitor | None:
+    for svc in node.services:
         if isinstance(svc, FeedMonitor):
             return svc
     return None
 
 
 async def dial_record(
-    node: Node, rec: ValidRecord, *, stagger: float = DIAL_STAGGER, direct_only: bool = False
+    node: NodeContext, rec: ValidRecord, *, stagger: float = DIAL_STAGGER, direct_only: bool = False
 ) -> str | None:
     """Connect to a member through its feeds (happy eyeballs); return the feed that worked.
 
     Already connected: returns the remembered feed (or the first one). Every
     failure is remembered for ``DialMemory.fail_memory`` seconds and moves
     that feed to the back next time. Only the feeds the node's dial budget
-    permits (``Node.permitted_feeds``) are dialled; ``None`` if there are none.
+    permits (``NodeContext.permitted_feeds``) are dialled; ``None`` if there are none.
     """
     host = node.host
     peer = rec.node_id.peer_id()
@@ -227,12 +227,10 @@ async def dial_record(
     if peer in host.connected_peers():
         return memory.good(peer) or order[0]
     # the node's dial budget decides which claimed addresses may be dialled now
-    permit = getattr(node, "permitted_feeds", None)
-    if permit is not None:
-        order = permit(rec, order)
-        if not order:
-            return None
-    report = getattr(node, "dial_outcome", None) or (lambda feed, outcome: None)
+    order = node.permitted_feeds(rec, order)
+    if not order:
+        return None
+    report = node.dial_outcome
     winner: str | None = None
 
     async def attempt(feed: str, failed: trio.Event, nursery: trio.Nursery) -> None:
@@ -266,7 +264,7 @@ async def dial_record(
     return winner
 
 
-async def _dial_relay_feed(node: Node, feed: str, peer: str, stagger: float) -> None:
+async def _dial_relay_feed(node: NodeContext, feed: str, peer: str, stagger: float) -> None:
     host = node.host
     relay = relay_of(feed)
     if relay is None:
@@ -326,7 +324,7 @@ class FeedMonitor:
         self.table = FeedTable(relay_slots=max(relays, 0), probe_failures=probe_failures)
         self.memory = DialMemory()
         self.backoff = Backoff(base=2.0, cap=60.0)
-        self.node: Node | None = None
+        self.node: NodeContext | None = None
         self._reserved_at: dict[str, float] = {}
         self._relay_conns: dict[str, set[int]] = {}  # connections a reservation was made on
         self._recent_ips: dict[str, dict[str, float]] = {}
@@ -337,7 +335,7 @@ class FeedMonitor:
 
     # ---- service protocol
 
-    def attach(self, node: Node) -> None:
+    def attach(self, node: NodeContext) -> None:
         self.node = node
         host = node.host
         hop = self.hop if self.hop is not None else bool(node.roles & Role.RELAY)
@@ -662,10 +660,8 @@ class FeedMonitor:
 
     # ---- metrics
 
-    def _register_metrics(self, node: Node) -> None:
-        registry = getattr(getattr(node, "metrics", None), "registry", None)
-        if registry is None:
-            return
+    def _register_metrics(self, node: NodeContext) -> None:
+        registry = node.metrics.registry
         try:
             self._metrics = {
                 "feeds": Gauge("hydra_feeds", "Feeds by state", ["state"], registry=registry),
@@ -742,7 +738,7 @@ def _networks(rec: ValidRecord) -> frozenset[str]:
     return frozenset(feed_network(f) for f in rec.feeds if not is_relay_feed(f))
 
 
-def feed_status(node: Node) -> list[dict] | None:
+def feed_status(node: NodeContext) -> list[dict] | None:
     """The monitor's feed rows for ``node``, or None if it runs no ``FeedMonitor``."""
     monitor = _monitor_of(node)
     return None if monitor is None else monitor.feed_status()

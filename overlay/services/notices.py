@@ -37,16 +37,16 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter
 
-from .crypto import NodeId
-from .errors import DecodeError, LocalError, Reason
-from .exits import DeliveryWorker
-from .exits.worker import Verdict
-from .net import framing
-from .records import Role
-from .wire import delivered as wire
+from ..crypto import NodeId
+from ..errors import DecodeError, LocalError, Reason
+from ..exits import DeliveryWorker
+from ..exits.worker import Verdict
+from ..net import framing
+from ..records import Role
+from ..wire import delivered as wire
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .context import NodeContext
 
 log = logging.getLogger("hydra.notices")
 
@@ -145,7 +145,7 @@ class AnswerTally:
 class DeliveryNotices:
     """Publishes our deliveries and records other exits' ones. Run inside a node."""
 
-    def __init__(self, node: Node, worker: Callable[[], DeliveryWorker | None]) -> None:
+    def __init__(self, node: NodeContext, worker: Callable[[], DeliveryWorker | None]) -> None:
         self.node = node
         self._worker = worker
         self._nursery: trio.Nursery | None = None
@@ -249,8 +249,7 @@ class DeliveryNotices:
 
     def _liveness_state(self, nid: NodeId) -> str:
         """``alive``, ``suspect``, ``dead`` or ``unknown`` in our failure detector."""
-        liveness = getattr(getattr(self.node, "resilience", None), "liveness", None)
-        return "alive" if liveness is None else liveness.state(nid)[0]
+        return self.node.resilience.liveness.state(nid)[0]
 
     @staticmethod
     def _exit_capable(rec) -> bool:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import enum
 import random
 import sqlite3
-import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +53,7 @@ from pathlib import Path
 from ..errors import DecodeError, LocalError
 from ..wire.delivered import notice_key
 from ..wire.delivery import MESSAGE_ID_SIZE, ExitMessage, decode
+from .sqlite import SqliteStore
 
 DAY = 86400.0
 ELSEWHERE = "delivered_elsewhere"
@@ -152,8 +152,12 @@ class FailOutcome:
         return self.retry_at is None
 
 
-class DeliveryQueue:
+class DeliveryQueue(SqliteStore):
     """Durable queue of messages an exit has accepted, keyed by message id."""
+
+    WHAT = "delivery queue"
+    SCHEMA = _SCHEMA
+    SYNCHRONOUS = "FULL"
 
     def __init__(
         self,
@@ -164,29 +168,17 @@ class DeliveryQueue:
         retention: float = 7 * DAY,
         max_pending: int = 4096,
     ) -> None:
-        self.path = Path(path)
         self.retry = retry or RetryPolicy()
         self.rng = rng or random.Random()
         if retention < self.retry.max_age:
             raise LocalError("retention must be at least the retry policy's max_age")
         self.retention = retention
         self.max_pending = max_pending
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(
-                str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None
-            )
-            self._db.text_factory = lambda b: b.decode("utf-8", "replace")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._add_notice_keys()
-        except sqlite3.Error as e:
-            raise LocalError(f"cannot open delivery queue {self.path}: {e}") from e
+        super().__init__(path, text_factory=lambda b: b.decode("utf-8", "replace"))
 
-    def _add_notice_keys(self) -> None:
+    def _migrate(self) -> None:
         """Files written before the ``notice_key`` column get it, filled in."""
-        cols = {r[1] for r in self._db.execute("PRAGMA table_info(deliveries)")}
+        cols = self._columns("deliveries")
         if "notice_key" not in cols:
             self._db.execute("ALTER TABLE deliveries ADD COLUMN notice_key BLOB")
             rows = self._db.execute("SELECT message_id FROM deliveries").fetchall()
@@ -197,34 +189,6 @@ class DeliveryQueue:
         self._db.execute(_NOTICE_INDEX)
         if "committing_at" not in cols:
             self._db.execute("ALTER TABLE deliveries ADD COLUMN committing_at REAL")
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> DeliveryQueue:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _tx(self, fn, *args):
-        """Run ``fn(cursor, *args)`` in one committed transaction; SQLite errors -> LocalError."""
-        with self._lock:
-            try:
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(cur, *args)
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-                cur.execute("COMMIT")
-                return out
-            except sqlite3.Error as e:
-                raise LocalError(f"delivery queue {self.path.name}: {e}") from e
 
     # -- accepting --------------------------------------------------------------------
 

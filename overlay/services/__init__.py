@@ -1,0 +1,12 @@
+"""Node services: what a node runs beside membership and anti-entropy.
+
+Each service is built by the runtime (the composition root), attached to the
+node there and driven in its nursery; it sees the node only through
+``context.NodeContext`` and imports nothing of the runtime.
+
+- ``resilience``: ``Resilience``, the liveness core (SWIM) and the exit pool;
+- ``relay``: ``RelayService``, onion relaying, SURB replies, exit intake;
+- ``notices``: ``DeliveryNotices``, "delivered elsewhere" notices between exits;
+- ``feeds``: ``FeedMonitor``, feed health, relay reservations, AutoNAT probes,
+  and ``dial_record``, the dialing policy.
+"""
