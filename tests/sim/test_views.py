@@ -104,7 +104,8 @@ def test_sync_frames_are_identical_to_the_plain_core():
 
 
 def test_simulator_uses_the_runtime_constants():
-    from overlay import resilience, runtime
+    from overlay import runtime
+    from overlay.services import resilience
     from overlay.sim import sim
 
     assert sim.SYNC_TIMEOUT is runtime.SYNC_TIMEOUT
