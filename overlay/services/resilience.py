@@ -40,8 +40,6 @@ SEND_TIMEOUT = 1.0
 IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is closed
 MAX_INFLIGHT_SENDS = 64
 POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
-FIRST_LOOK_MAX = 20.0  # the exit pool's first look waits this long at most (see _may_look)
-VERIFY_WAIT = 10.0  # ... for exit-capable members learnt of this recently to be verified
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
 
@@ -136,7 +134,7 @@ class Resilience:
                     # (ages grow with time alone), or when the pool asked to be woken
                     inputs = (node.changes, node.admission.version, self._transitions)
                     pool_due = self.pool.next_wakeup()
-                    if self._may_look(now) and (
+                    if now - self._ready_at >= SETTLE and (
                         inputs != pool_seen
                         or now - pool_at >= POOL_RECHECK
                         or (pool_due is not None and now >= pool_due)
@@ -157,29 +155,6 @@ class Resilience:
                 with trio.move_on_after(min(max(delay, 0.01), MAX_SLEEP)):
                     await self._wake.wait()
                 self._wake = trio.Event()
-
-    def _may_look(self, now: float) -> bool:
-        """The exit pool decides nothing until ``SETTLE`` s after the node is ready,
-        and its first look waits (``FIRST_LOOK_MAX`` s after ready at most) while
-        an exit-capable member we learnt of in the last ``VERIFY_WAIT`` s is still
-        unverified: it counts for nothing until it authenticates to us, and the
-        node's first dials go to such members, so a standby would otherwise
-        promote on a deficit that is only its own verification lag (seen with
-        many nodes starting on a busy machine). Only the first look waits, so
-        fake exit records can delay nothing once the node has settled."""
-        age = now - self._ready_at
-        if age < SETTLE:
-            return False
-        if self.settled.is_set() or age >= FIRST_LOOK_MAX:
-            return True
-        view, me = self.node.view, self.node.node_id
-        exitish = Role.EXIT | Role.STANDBY_EXIT
-        for r in view.snapshot(now).live():
-            if r.node_id == me or not r.roles & exitish or view.is_verified(r.node_id):
-                continue
-            if now - (view.first_seen(r.node_id) or now) < VERIFY_WAIT:
-                return False
-        return True
 
     def _refresh_members(self, now: float) -> None:
         node = self.node

@@ -69,10 +69,7 @@ async def test_killed_exits_are_replaced_by_standbys(tmp_path):
         await wait_until(lambda: all(len(n.view) == 10 for n in everyone), 90)
         await wait_settled(everyone)
         # enough exits: nobody promotes
-        assert all(promotions(s) == 0 and Role.EXIT not in s.roles for s in standby), [
-            [(round(ev.at % 1000, 1), ev.kind, ev.why) for ev in s.resilience.pool.events]
-            for s in standby
-        ]
+        assert all(promotions(s) == 0 and Role.EXIT not in s.roles for s in standby)
         t0 = time.monotonic()
         for x in exits:
             await f.stop(x)
