@@ -305,10 +305,13 @@ class DeliveryWorker:
 
             async def on_commit() -> None:
                 nonlocal committed
-                committed = True
-                await self._committing(item)
+                # asked before any mark goes out: an exit that dies while asking must
+                # leave no in-flight mark behind (a successor would take the message
+                # for delivered although its end of data was never sent)
                 if self.clock() - began >= self.late_after:
                     await self._recheck(item)  # raises: no end of data, the attempt fails
+                committed = True
+                await self._committing(item)
 
             try:
                 await self.dispatcher.deliver(msg, on_commit=on_commit)

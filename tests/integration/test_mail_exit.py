@@ -521,15 +521,27 @@ async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_se
     tmp_path,
 ):
     """An exit frozen or starved inside an attempt (here: its clock jumps 10 s while
-    it marks the message in flight) asks the other exits again before the final
-    dot; one of them delivered the message meanwhile, so the dot is never sent,
-    the server drops the transaction, and the message ends delivered elsewhere.
-    An attempt without a stall is not asked about."""
+    it talks to the mail server) asks the other exits again before it marks the
+    message in flight and sends the final dot; one of them delivered the message
+    meanwhile, so no mark goes out, the dot is never sent, the server drops the
+    transaction, and the message ends delivered elsewhere. An attempt without a
+    stall is not asked about."""
     from overlay.storage.delivery_queue import ELSEWHERE
 
+    class Stalling:
+        """The SMTP handler, with a stall (a clock jump) inside its first attempt."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def deliver(self, msg, on_commit=None):
+            if msg.message_id == mid(1) and jump[0] == 0.0:
+                jump[0] = 10.0
+            await self.inner.deliver(msg, on_commit)
+
     with smtp_sink() as (sink, port):
-        disp = Dispatcher(["smtp:*"], {"smtp": SmtpHandler(relay=("127.0.0.1", port))})
         jump = [0.0]
+        disp = Dispatcher(["smtp:*"], {"smtp": Stalling(SmtpHandler(relay=("127.0.0.1", port)))})
         base = 1000.0 - time.monotonic()
 
         def clock():
@@ -541,9 +553,10 @@ async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_se
             asked.append(keys[0])
             return Verdict(delivered=(notice_key(mid(1)),), answered=1)
 
+        marked = []
+
         async def mark(key, earlier, ended):
-            if key == notice_key(mid(1)) and not ended and jump[0] == 0.0:
-                jump[0] = 10.0  # frozen while marking
+            marked.append((key, ended))
             return 0
 
         with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
@@ -574,4 +587,5 @@ async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_se
             assert q.lookup(mid(2)) == (MessageState.DELIVERED, "")
             assert any(e.reason.startswith("superseded") for e in rec.events if e.kind == "retry")
             assert notice_key(mid(2)) not in asked
+            assert (notice_key(mid(1)), False) not in marked  # no mark left behind
     assert [env.original_content.split(b"\r\n\r\n")[1] for env, _ in sink.got] == [b"two\r\n"]
