@@ -274,6 +274,15 @@ def record_verify(
 
 
 # ---------------------------------------------------------------- config
+def _check_join(h, cfg) -> None:
+    """Every ``[network] join`` address is a multiaddr ending in /p2p/<id> (exit 78)."""
+    for a in cfg.join:
+        try:
+            check_multiaddr(a, "[network] join", peer=True)
+        except BadInput as e:
+            raise fail(f"{h.config_path}: {e}", EXIT_CONFIG) from None
+
+
 @config_app.command("check")
 def config_check(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Validate HOME/config.toml and print the effective settings (defaults included)."""
@@ -290,11 +299,7 @@ def config_check(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         parse_operators(cfg.seed_operators)
     except BadInput as e:
         raise fail(f"{h.config_path}: [seeds] operators: {e}", EXIT_CONFIG) from None
-    for a in cfg.join:
-        try:
-            check_multiaddr(a, "[network] join", peer=True)
-        except BadInput as e:
-            raise fail(f"{h.config_path}: {e}", EXIT_CONFIG) from None
+    _check_join(h, cfg)
     settings: dict[str, dict] = {}
     for (section, key), attr in config_mod._MAP.items():
         settings.setdefault(section, {})[key] = getattr(cfg, attr)
@@ -571,11 +576,7 @@ def run(
             parse_operators(cfg.seed_operators)
         except BadInput as e:
             raise fail(f"{h.config_path}: [seeds] operators: {e}", EXIT_CONFIG) from None
-    for a in cfg.join:
-        try:
-            check_multiaddr(a, "[network] join", peer=True)
-        except BadInput as e:
-            raise fail(f"{h.config_path}: {e}", EXIT_CONFIG) from None
+    _check_join(h, cfg)
 
     # 2. one node per home; listen addresses free
     from ..net.bindcheck import check_bindable
