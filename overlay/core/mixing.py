@@ -122,6 +122,10 @@ class MixPool(Generic[T]):
         self.released += len(out)
         return out
 
+    def held(self) -> list[T]:
+        """Every held item, earliest due first, left in place (for status and checks)."""
+        return [h[3] for h in sorted(self._heap)]
+
     def drain(self) -> list[T]:
         """Everything still held (e.g. at shutdown: these packets are lost)."""
         out = [h[3] for h in sorted(self._heap)]
