@@ -32,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from .core.admission import Limits
 from .core.antientropy import AntiEntropy
 from .core.membership import MembershipView
 from .core.mixing import DEFAULT_MIX_DELAY, LoopMonitor, draw_delays, next_poisson
@@ -190,7 +191,9 @@ class Client:
             same_exit_attempts=same_exit_attempts,
             queued_refresh=queued_refresh,
         )
-        self.view = MembershipView()
+        # no admission (a client verifies nobody), but a bound: a hostile entry can
+        # push records of fresh identities without end
+        self.view = MembershipView(max_records=Limits().max_members)
         self.ae = AntiEntropy(self.view)
         self.store: OutboxStore | None = None
         self.host: Libp2pHost | None = None

@@ -10,7 +10,9 @@ Invariants:
   record of a new identity is checked against the admission bounds *before*
   its signature (a refused record costs a decode), members are verified or
   unverified, and updates of a member held are never limited. Without one
-  (light clients, the simulator) every member counts as verified.
+  (light clients, the simulator) every member counts as verified, and
+  ``max_records`` alone bounds the table: a new identity beyond it is refused
+  (``TABLE_FULL``) before its signature is checked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..crypto import NodeId
-from ..errors import Stale
+from ..errors import Reason, Stale
 from ..records import CLOCK_SKEW, Role, ValidRecord, decode
 from .admission import Admission, Refused
 
@@ -49,14 +51,23 @@ class Snapshot:
 
 
 class MembershipView:
-    def __init__(self, skew: int = CLOCK_SKEW, admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        skew: int = CLOCK_SKEW,
+        admission: Admission | None = None,
+        max_records: int | None = None,
+    ) -> None:
         self._records: dict[NodeId, ValidRecord] = {}
+        self.max_records = max_records
         self._skew = skew
         self.admission = admission
         self._dropped: list[NodeId] = []
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def _full(self) -> bool:
+        return self.max_records is not None and len(self._records) >= self.max_records
 
     def __contains__(self, node_id: NodeId) -> bool:
         return node_id in self._records
@@ -134,6 +145,8 @@ class MembershipView:
         adm = self.admission
         if known is None and adm is not None:
             adm.check(unverified.node_id, peer, now, bulk)
+        elif known is None and self._full():
+            raise Refused(Reason.TABLE_FULL, f"{len(self._records)} members held")
         rec = unverified.verify().check_valid_at(now, self._skew)
         if known is None and adm is not None:
             for gone in adm.admit(rec.node_id, peer, now, bulk):
@@ -150,6 +163,8 @@ class MembershipView:
         """
         known = self._records.get(rec.node_id)
         if known is not None and rec.seq <= known.seq:
+            return False
+        if known is None and self.admission is None and self._full():
             return False
         if known is None and self.admission is not None:
             t = rec.issued_at if now is None else now

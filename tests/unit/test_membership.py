@@ -68,3 +68,33 @@ def _nid(raw):
     from overlay.crypto import NodeId
 
     return NodeId(raw)
+
+
+def test_a_view_without_admission_is_bounded_by_max_records():
+    """A light client's view (no admission): a new identity beyond ``max_records``
+    is refused before its signature is checked; members held still update."""
+    from overlay.core.admission import Refused
+    from overlay.errors import Reason
+
+    v = MembershipView(max_records=3)
+    keys = [SigningKey.generate() for _ in range(3)]
+    for k in keys:
+        v.offer(relay_record(seq=1, key=k).encode(), NOW)
+    with pytest.raises(Refused) as e:
+        v.offer(relay_record(seq=1, key=SigningKey.generate()).encode(), NOW)
+    assert e.value.reason is Reason.TABLE_FULL
+    forged = bytearray(relay_record(seq=1, key=SigningKey.generate()).encode())
+    forged[-3] ^= 0xFF  # refused for the bound, before the (bad) signature is looked at
+    with pytest.raises(Refused):
+        v.offer(bytes(forged), NOW)
+    assert not v.accept(relay_record(seq=1, key=SigningKey.generate()))
+    assert v.offer(relay_record(seq=2, key=keys[0]).encode(), NOW)[0] is Outcome.ACCEPTED
+    assert len(v) == 3 and v.seq_of(keys[0].node_id) == 2
+
+
+def test_a_light_clients_view_is_bounded(tmp_path):
+    from overlay.client import Client
+    from overlay.core.admission import Limits
+
+    c = Client(tmp_path, via=["/ip4/127.0.0.1/tcp/1/p2p/x"])
+    assert c.view.max_records == Limits().max_members
