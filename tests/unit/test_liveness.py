@@ -616,6 +616,20 @@ def test_an_answer_to_a_failed_probe_clears_it_and_slows_us_down():
     assert c.late_acks == 1
 
 
+def test_failed_probes_are_remembered_within_a_bound():
+    """Every failed probe is remembered (for a late ack), the last
+    ``2 * max_pending_probes`` of them only, however long nobody answers."""
+    c = core(n=len(IDS), max_pending_probes=2)
+    t = 0.0
+    failed = 0
+    for _ in range(400):
+        c.tick(t)
+        t = max(c.next_wakeup(), t + 0.01)
+        failed = max(failed, len(c._failed))
+    assert failed == 2 * c.max_pending_probes  # reached, never passed
+    assert len(c._failed) <= 2 * c.max_pending_probes
+
+
 # -- several cores on a network ----------------------------------------------------
 
 
