@@ -91,6 +91,34 @@ async def test_record_missed_by_gossip_arrives_by_anti_entropy(tmp_path):
         assert pulled >= 5
 
 
+async def test_a_record_gossip_missed_is_repaired_after_rounds_backed_off(tmp_path):
+    """Rounds back off while summaries match; a record that one node holds and no
+    gossip or kick announced (put straight into its view) still reaches every node,
+    by the backed-off rounds alone."""
+    idle = 4.0
+    async with overlay(tmp_path, 5, sync_idle_interval=idle) as nodes:
+        await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 60)
+        # every node's rounds have backed off to the idle gap
+        await wait_until(lambda: all(n.sync_schedule.interval >= idle for n in nodes), 120)
+        kicks = [n.sync_schedule.kicks for n in nodes]
+        outsider = SigningKey.generate()
+        rec = make_record(
+            outsider,
+            seq=1,
+            now=time.time(),
+            roles=Role.RELAY,
+            feeds=["/ip4/127.0.0.1/tcp/9"],
+            onion_key=ONION.public,
+            onion_epoch=0,
+        )
+        assert nodes[0].view.accept(rec, time.time())  # no gossip, no kick
+        await wait_until(lambda: all(outsider.node_id in n.view for n in nodes), 120)
+        assert sum(n.metrics.sync_records._value.get() for n in nodes[1:]) >= 4
+        # nobody was told to hurry: the first copies moved on backed-off rounds
+        # (later ones may come faster, as rounds that move records speed up)
+        assert nodes[0].sync_schedule.kicks == kicks[0]
+
+
 async def test_dht_lookup_by_node_id(tmp_path):
     async with overlay(tmp_path, 5) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)
