@@ -179,6 +179,22 @@ class FloodPublishGossipSub(GossipSub):
     test_own_messages_are_flooded_to_every_topic_peer.
     """
 
+    def mesh_heartbeat(self):
+        # WORKAROUND (prune without backoff): upstream's heartbeat prunes a
+        # mesh above D_high without backing off from the pruned peers, so the
+        # next heartbeat below D_low may GRAFT the same peer again; the peer
+        # sees a GRAFT within 10 s of our PRUNE, calls it a GRAFT flood,
+        # penalises us and PRUNEs back (then backs off from us for 60 s).
+        # While many nodes join, meshes churn and break this way and forwarded
+        # messages miss nodes. go-libp2p backs off from every peer it prunes.
+        # test_pruned_mesh_peers_are_not_grafted_again_at_once /
+        # test_upstream_heartbeat_prunes_without_backoff.
+        graft, prune = super().mesh_heartbeat()
+        for peer, topics in prune.items():
+            for topic in topics:
+                self._add_back_off(peer, topic, False)
+        return graft, prune
+
     def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
         topic_ids = list(topic_ids)
         peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))

@@ -50,6 +50,7 @@ from overlay.net import (
     read_frame,
     write_frame,
 )
+from overlay.net.upstream import new_gossipsub
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
@@ -670,6 +671,49 @@ async def test_upstream_adaptive_gossip_stretches_heartbeat() -> None:
     )
     router._adapt_heartbeat_parameters(0.5)  # a mesh below target degree
     assert router.heartbeat_interval >= 30
+
+
+def _crowded_router(router):
+    """``router`` with a mesh of 5 peers in topic t, above its D_high of 3."""
+    from types import SimpleNamespace
+
+    peers = [ID.from_pubkey(create_new_key_pair().public_key) for _ in range(5)]
+    router.pubsub = SimpleNamespace(peer_topics={"t": set(peers)})
+    router.peer_protocol = dict.fromkeys(peers, PROTOCOL_ID_V11)
+    router.mesh = {"t": set(peers)}
+    return peers
+
+
+def _prune_then_graft(router) -> tuple[set, set]:
+    _, prune = router.mesh_heartbeat()
+    pruned = {p for p, topics in prune.items() if "t" in topics}
+    for p in list(router.mesh["t"]):  # the peers left in the mesh go: below D_low
+        router.mesh["t"].discard(p)
+        router.pubsub.peer_topics["t"].discard(p)
+    newcomer = ID.from_pubkey(create_new_key_pair().public_key)
+    router.pubsub.peer_topics["t"].add(newcomer)
+    router.peer_protocol[newcomer] = PROTOCOL_ID_V11
+    graft, _ = router.mesh_heartbeat()
+    return pruned, {p for p, topics in graft.items() if "t" in topics}
+
+
+async def test_upstream_heartbeat_prunes_without_backoff() -> None:
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V11], degree=2, degree_low=2, degree_high=3, heartbeat_interval=1
+    )
+    _crowded_router(router)
+    pruned, grafted = _prune_then_graft(router)
+    assert len(pruned) == 3 and pruned & grafted  # pruned one heartbeat, grafted the next
+
+
+async def test_pruned_mesh_peers_are_not_grafted_again_at_once() -> None:
+    """WORKAROUND (prune without backoff): peers our heartbeat pruned are backed
+    off from, so the next heartbeat does not GRAFT them again (the GRAFT flood
+    their side would punish)."""
+    router = new_gossipsub((2, 2, 3), 1.0, 100.0)
+    _crowded_router(router)
+    pruned, grafted = _prune_then_graft(router)
+    assert len(pruned) == 3 and grafted and not pruned & grafted  # the newcomer only
 
 
 async def _burst(n: int, **kw) -> int:
