@@ -4,6 +4,13 @@
 anti-entropy services, the peer manager and the control endpoint, publishes the
 node's own record, and stops everything (host closed, store closed) on exit.
 
+``Node`` is the composition root: it owns the membership view, the record
+store and the record path (gossip, DHT, publication), and builds and runs the
+parts that drive the other cores — anti-entropy rounds
+(``services.sync.AntiEntropySync``), joining and the peer loop
+(``services.peers.PeerManager``), the services (liveness and the exit pool,
+relaying, feeds, the console) — and reports through ``services.status``.
+
 Record ingestion has one path (``ingest``) whatever the source — gossip, sync,
 DHT, local — so every record is validated the same way before it is stored or
 forwarded, and every new identity passes the same admission bounds
@@ -22,7 +29,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -34,35 +40,28 @@ from .console import EventRing
 from .console.service import ConsoleService
 from .console.web import ConsoleWeb
 from .core.admission import REFUSALS, Admission, DialBudget, DialLimits, Limits
-from .core.antientropy import AntiEntropy
-from .core.membership import MembershipView, Outcome, StrangerView
-from .core.peering import choose_dials, feed_network
+from .core.membership import MembershipView, Outcome
 from .core.scores import PeerScores, TokenBucket
-from .core.syncround import Initiator, Responder, RoundAborted
-from .core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
-from .core.timing import JOIN_ROUNDS, SYNC_TIMEOUT
 from .crypto import NodeId
-from .errors import DecodeError, LocalError, OverlayError, Reason, RemoteError
+from .errors import DecodeError, LocalError, Reason, RemoteError
 from .home import Home
 from .metrics import Metrics
-from .net import framing
-from .net.host import DialTimeout, Libp2pHost
+from .net.host import Libp2pHost
 from .records import Role, ValidRecord, decode
 from .records import validate as validate_record
 from .services.feeds import FeedMonitor
+from .services.peers import PeerManager
 from .services.relay import RelayService
 from .services.resilience import Resilience
+from .services.status import control_state, node_status
+from .services.sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
 from .storage.files import write_atomic
 from .storage.records import RecordStore
-from .wire import sync
 
 log = logging.getLogger("hydra.node")
 
 RECORDS_TOPIC = "hydra/records/1"
-SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 DHT_NAMESPACE = "hydra"
-JOIN_DIAL_RETRIES = (1.0, 2.0)  # pauses before dialling a join address again after a timeout
-REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
 # gossip in the first second; role provider records are re-announced only when
@@ -70,8 +69,6 @@ REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node le
 DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
 REFUSAL_LOG_EVERY = 10.0  # seconds between two INFO lines about refused new identities
-VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
-VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
 
 
 def dht_key(node_id: NodeId) -> str:
@@ -94,16 +91,6 @@ class Service(Protocol):
     def attach(self, node: Node) -> None: ...
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None: ...
-
-
-@dataclass
-class PeerInfo:
-    peer: NodeId
-    connected_at: float
-    address: str = ""
-    sync_ok: int = 0
-    sync_failed: int = 0
-    bucket: TokenBucket = field(default_factory=lambda: TokenBucket(rate=2.0, burst=6.0))
 
 
 class Node:
@@ -153,13 +140,8 @@ class Node:
             )
         )
         self.view = MembershipView(admission=self.admission)
-        self.ae = AntiEntropy(self.view)
-        # what a peer holding no record here (a light client, a node in its first
-        # pull) is served: no exit this node has not verified
-        self.ae_stranger = AntiEntropy(StrangerView(self.view))
         self._refusals_logged_at = -1e18
         self._refusals_unlogged = 0
-        self._verify_tried: dict[NodeId, float] = {}
         self.scores = PeerScores()
         self.store: RecordStore | None = None
         self.host: Libp2pHost | None = None
@@ -169,7 +151,6 @@ class Node:
         self.control_url = ""
         self.control_token = ""  # bearer token of the control endpoint (HOME/control.token)
         self.started_at = 0.0
-        self.joined_via: str | None = None
         self._publish_bucket = TokenBucket(rate=1.0, burst=3.0)
         self._republish = trio.Event()
         self._own_seen = -1  # highest seq of a record of ours seen from the overlay
@@ -177,12 +158,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
         self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
-        self._last_sync_ok = False
-        self._last_sync_outcome = FAILED
-        self.sync_schedule = SyncSchedule(
-            self.config.sync_interval, self.config.sync_idle_interval, self.rng, self.clock()
-        )
-        self._sync_kicked = trio.Event()
+        self.sync = AntiEntropySync(self)  # anti-entropy rounds (services.sync)
+        self.peering = PeerManager(self, self.sync)  # join, peer loop (services.peers)
         self._isolated = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
         self.events = EventRing(clock=clock)  # joins, deaths, promotions... (the console)
@@ -231,7 +208,7 @@ class Node:
             self.metrics.watch_connections(self.host)
             self.caps.attach_host(self.host)
             self.host.set_topic_validator(RECORDS_TOPIC, self._gossip_validator)
-            self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+            self.host.set_stream_handler(SYNC_PROTOCOL, self.sync.serve)
             for svc in self.services:
                 svc.attach(self)
             async with self.host, trio.open_nursery() as n:
@@ -241,8 +218,8 @@ class Node:
                     await n.start(svc.run)
                 await self.publish_own("start")
                 n.start_soon(self._gossip_loop)
-                n.start_soon(self._sync_loop)
-                n.start_soon(self._peer_loop)
+                n.start_soon(self.sync.run)
+                n.start_soon(self.peering.run)
                 n.start_soon(self._maintenance_loop)
                 n.start_soon(self._republish_loop)
                 if self.join_addrs:
@@ -543,130 +520,9 @@ class Node:
         return recv
 
     # ---------------------------------------------------------------- anti-entropy
-    def _ae_for(self, peer: NodeId) -> AntiEntropy:
-        """A peer that holds no record here is served no exit we have not verified."""
-        return self.ae if peer in self.view else self.ae_stranger
-
     async def sync_with(self, peer: NodeId, *, bulk: bool = False) -> int:
-        """One anti-entropy round pulling from ``peer``. Returns records accepted.
-
-        ``bulk``: the pull of a joining node (exempt from the admission rate)."""
-        accepted = 0
-        self._last_sync_outcome = FAILED
-        rnd = Initiator(self.ae, now=self.clock(), push_ae=self._ae_for(peer))
-        try:
-            with trio.fail_after(SYNC_TIMEOUT):
-                stream = await self.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
-                try:
-                    await self._send(stream, rnd.start())
-                    while not rnd.done:
-                        frame = await self._recv(stream)
-                        self.confirm(peer)
-                        for out in rnd.receive(frame):
-                            await self._send(stream, out)
-                    for raw in rnd.records:
-                        if self.ingest(raw, "sync", peer, bulk=bulk):
-                            accepted += 1
-                    self.metrics.sync_records.inc(len(rnd.records))
-                    self.metrics.sync_pushed.inc(rnd.pushed)
-                finally:
-                    await _close(stream)
-        except RemoteError as e:
-            self.metrics.sync_rounds.labels("initiator", e.reason.value).inc()
-            self.penalize(peer, e.reason)
-            return accepted
-        except (trio.TooSlowError, OverlayError, OSError, Exception) as e:  # noqa: BLE001
-            self.metrics.sync_rounds.labels("initiator", "failed").inc()
-            info = self.peers.get(peer)
-            if info:
-                info.sync_failed += 1
-            log.debug("sync with %s failed: %r", peer.short(), e)
-            return accepted
-        self.metrics.sync_rounds.labels("initiator", "ok").inc()
-        self._last_sync_ok = True
-        self._last_sync_outcome = DIFFERED if rnd.differed else SAME
-        info = self.peers.get(peer)
-        if info:
-            info.sync_ok += 1
-        return accepted
-
-    async def _serve_sync(self, stream, remote_peer: str) -> None:
-        try:
-            peer = NodeId.from_peer_id(remote_peer)
-        except ValueError:
-            await _close(stream)
-            return
-        info = self.peers.get(peer)
-        bucket = info.bucket if info else TokenBucket(rate=2.0, burst=6.0)
-        self.confirm(peer)
-        ae = self._ae_for(peer)
-        try:
-            if not bucket.take(self.clock()):
-                self.penalize(peer, Reason.RATE_LIMITED)
-                self.metrics.sync_rounds.labels("responder", "rate_limited").inc()
-                return
-            rnd = Responder(ae)
-            with trio.fail_after(SYNC_TIMEOUT):
-                while not rnd.done:
-                    # a clean end of stream after the want means nothing to push
-                    frame = await self._recv(stream, end_ok=True)
-                    for out in rnd.end() if frame is None else rnd.receive(frame):
-                        await self._send(stream, out)
-            if rnd.pushed:
-                before = self.changes
-                for raw in rnd.pushed:
-                    self.ingest(raw, "sync", peer)
-                if self.changes != before:
-                    self.kick_sync()  # news pushed to us: our other peers may lack it
-            self.metrics.sync_rounds.labels("responder", "ok").inc()
-        except RemoteError as e:
-            self.metrics.sync_rounds.labels("responder", e.reason.value).inc()
-            self.penalize(peer, e.reason)
-        except Exception as e:  # noqa: BLE001 - a broken stream must not kill the node
-            self.metrics.sync_rounds.labels("responder", "failed").inc()
-            log.debug("serving sync to %s failed: %r", peer.short(), e)
-        finally:
-            await _close(stream)
-
-    async def _send(self, stream, frame) -> None:
-        data = framing.encode_frame(sync.encode(frame), sync.MAX_SIZE)
-        self.metrics.sync_bytes.labels("out").inc(len(data))
-        await stream.write(data)
-
-    async def _recv(self, stream, *, end_ok: bool = False):
-        """The next sync frame; at end of stream ``None`` if ``end_ok``, else
-        ``RoundAborted`` (the peer gave up: its deadline passed, or it is shutting
-        down; not bad input)."""
-        data = await framing.read_frame(stream, sync.MAX_SIZE)
-        if data is None:
-            if end_ok:
-                return None
-            raise RoundAborted("stream closed mid-round")
-        self.metrics.sync_bytes.labels("in").inc(len(data))
-        return sync.decode(data)
-
-    async def _sync_loop(self) -> None:
-        """Anti-entropy rounds, one at a time, as ``core.syncsched`` schedules them:
-        fast while rounds find differences, backing off to ``sync_idle_interval``
-        while they do not."""
-        sched = self.sync_schedule
-        while True:
-            cfg = self.config
-            if (sched.fastest, sched.slowest) != (cfg.sync_interval, cfg.sync_idle_interval):
-                sched.configure(cfg.sync_interval, cfg.sync_idle_interval)  # SIGHUP
-            step = sched.poll(self.clock())
-            if not isinstance(step, Due):
-                with trio.move_on_after(step):
-                    await self._sync_kicked.wait()
-                self._sync_kicked = trio.Event()
-                continue
-            peers = self.connected()
-            if not peers:
-                sched.done(FAILED, self.clock())
-                continue
-            peer = step.peer if step.peer in peers else self.rng.choice(peers)
-            await self.sync_with(peer)
-            sched.done(self._last_sync_outcome, self.clock())
+        """One anti-entropy round pulling from ``peer`` (``services.sync``)."""
+        return await self.sync.sync_with(peer, bulk=bulk)
 
     # ---------------------------------------------------------------- peers
     def connected(self) -> list[NodeId]:
@@ -690,8 +546,7 @@ class Node:
 
     def kick_sync(self, peer: NodeId | None = None) -> None:
         """Bring anti-entropy rounds back to the fast rate now (with ``peer`` next)."""
-        self.sync_schedule.kick(self.clock(), peer)
-        self._sync_kicked.set()
+        self.sync.kick(peer)
 
     async def connect_record(self, rec: ValidRecord) -> bool:
         """Dial a member through its feeds in turn, the next in parallel after 300 ms
@@ -717,157 +572,12 @@ class Node:
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
-        errors = []
-        for addr in addrs:
-            try:
-                pid = await self._connect_patiently(addr)
-            except Exception as e:  # noqa: BLE001 - try the next one
-                errors.append(f"{addr}: {e}")
-                continue
-            try:
-                peer = NodeId.from_peer_id(pid)
-            except ValueError:
-                errors.append(f"{addr}: not a Hydra node (its key is not Ed25519)")
-                continue
-            self.peers.setdefault(peer, PeerInfo(peer, self.clock(), addr))
-            failures, synced = 0, False
-            for _ in range(JOIN_ROUNDS):  # each round moves at most sync.MAX_WANT records
-                self._last_sync_ok = False
-                moved = await self.sync_with(peer, bulk=True)
-                synced = synced or self._last_sync_ok
-                if self._last_sync_ok and moved == 0:
-                    break
-                if not self._last_sync_ok:
-                    failures += 1
-                    if failures >= 3:
-                        break  # the periodic rounds will catch up
-                    await trio.sleep(0.5)
-            if not synced and not await self._speaks_sync(pid):
-                # reached a libp2p peer that does not speak Hydra's sync protocol
-                errors.append(f"{addr}: not a Hydra node (no {SYNC_PROTOCOL})")
-                continue
-            self.joined_via = addr
-            await self.publish_own("joined")
-            await self._fill_peers()
-            return addr
-        raise LocalError("could not join through any address: " + "; ".join(errors))
+        return await self.peering.join(addrs)
 
-    async def _connect_patiently(self, addr: str) -> str:
-        """Dial a join address; a dial that timed out (a busy peer, a lossy feed) is
-        tried again after 1 s and 2 s; a refusal or a wrong peer is final at once."""
-        for pause in JOIN_DIAL_RETRIES:
-            try:
-                return await self.host.connect(addr)
-            except DialTimeout as e:
-                log.info("join: %s; trying again in %.0f s", e, pause)
-                await trio.sleep(pause)
-        return await self.host.connect(addr)
-
-    async def _speaks_sync(self, peer_id: str, wait: float = 5.0) -> bool:
-        """False once identify has listed the peer's protocols without Hydra's sync;
-        True while they are unknown (a busy Hydra peer gets the benefit of the doubt)."""
-        with trio.move_on_after(wait):
-            while not (protocols := self.host.peer_protocols(peer_id)):
-                await trio.sleep(0.1)
-            return SYNC_PROTOCOL in protocols
-        log.info("join: %s did not identify within %.0f s; trying it anyway", peer_id[-8:], wait)
-        return True
-
-    async def _fill_peers(self) -> None:
-        """Dial towards ``target_peers`` and verify members we were only told about.
-
-        The dial budget goes first to unverified exits and standbys (so that the
-        exit pool soon counts the honest ones), then to unverified peers that
-        ``choose_dials`` picks when too few verified ones are left to dial, and
-        what remains to one unverified member known for ``VERIFY_AFTER`` seconds
-        (least recently tried first), so honest members that never contact us
-        get verified before ``unverified_ttl`` drops them.
-        """
-        connected = set(self.connected())
-        if len(connected) >= self.config.target_peers and not self.admission.unverified:
-            return  # enough connections and nobody to verify: nothing to dial
-        now = self.clock()
-        snap = self.view.snapshot(now)
-        banned = {p for p in snap.records if self.scores.banned(p, now)}
-        live = snap.live()
-        budget = int(self.dial_budget.tokens(now))
-        dials = self._verification_dials(
-            live, connected | banned, min(budget, VERIFY_DIALS_PER_ROUND), now, exits=True
-        )
-        budget -= len(dials)
-        early = {r.node_id for r in dials}
-        picked = choose_dials(
-            live,
-            connected | early,
-            self.node_id,
-            self.config.target_peers,
-            self.rng,
-            exclude=banned,
-            prefer=self.view.is_verified,
-            max_other=budget,
-        )
-        budget -= sum(1 for r in picked if not self.view.is_verified(r.node_id))
-        dials += picked
-        if budget > 0:
-            skip = connected | banned | {r.node_id for r in dials}
-            dials += self._verification_dials(live, skip, 1, now, exits=False)
-        if dials:
-            async with trio.open_nursery() as n:
-                for rec in dials:
-                    n.start_soon(self.connect_record, rec)
-
-    def _verification_dials(
-        self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
-    ) -> list[ValidRecord]:
-        """Up to ``room`` unverified members to dial: exits and standbys (``exits``)
-        or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
-        if room <= 0:
-            return []
-        exitish = Role.EXIT | Role.STANDBY_EXIT
-        tried = self._verify_tried
-        view = self.view
-        todo = []
-        for r in live:
-            nid = r.node_id
-            if nid == self.node_id or nid in skip or view.is_verified(nid):
-                continue
-            if bool(r.roles & exitish) != exits:
-                continue
-            if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
-                continue
-            todo.append(r)
-        todo.sort(key=lambda r: tried.get(r.node_id, -1e18))
-        out = todo[:room]
-        for r in out:
-            tried[r.node_id] = now
-        if len(tried) > 2 * self.config.max_unverified + 64:
-            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
-                del tried[nid]
-        return out
-
-    async def _peer_loop(self) -> None:
-        """Keep ``target_peers`` connections; with none at all (every member we know
-        is unreachable, or we never got the membership), join again through the
-        join addresses, backing off from ``REJOIN_MIN`` to ``REJOIN_MAX`` seconds."""
-        rejoin_at, backoff = 0.0, REJOIN_MIN
-        while True:
-            await trio.sleep(1.0 + self.rng.random())
-            try:
-                if self.join_addrs and not self.connected() and self.clock() >= rejoin_at:
-                    try:
-                        via = await self.join(self.join_addrs)
-                    except LocalError as e:
-                        log.info("alone: %s; next try in %.0f s", e, backoff)
-                        rejoin_at, backoff = self.clock() + backoff, min(REJOIN_MAX, backoff * 2)
-                    else:
-                        log.info("alone: joined again via %s", via)
-                        rejoin_at, backoff = 0.0, REJOIN_MIN
-                await self._fill_peers()
-            except Exception as e:  # noqa: BLE001 - keep the node running
-                log.warning(
-                    "peer maintenance failed (%s: %s); retrying in a second", type(e).__name__, e
-                )
-                log.debug("peer maintenance failure", exc_info=True)
+    @property
+    def joined_via(self) -> str | None:
+        """The join address that worked last (None before a join)."""
+        return self.peering.joined_via
 
     # ---------------------------------------------------------------- maintenance
     async def _maintenance_loop(self) -> None:
@@ -941,66 +651,12 @@ class Node:
             self.home.control_path.unlink(missing_ok=True)
 
     def control_state(self, what: str) -> dict:
-        now = self.clock()
-        snap = self.view.snapshot(now)
-        if what == "status":
-            return self.status()
-        if what == "peers":
-            return {
-                "peers": [
-                    {
-                        "peer_id": p.peer.peer_id(),
-                        "address": p.address,
-                        "connected_for": round(now - p.connected_at, 1),
-                        "sync_ok": p.sync_ok,
-                        "sync_failed": p.sync_failed,
-                        "score": round(self.scores.score(p.peer, now), 1),
-                        "roles": (snap.get(p.peer).roles.names() if snap.get(p.peer) else []),
-                    }
-                    for p in list(self.peers.values())
-                ]
-            }
-        if what == "exits":
-            return self.resilience.exits(now)
-        if what == "records":
-            return {
-                "records": [
-                    r.summary() | {"live": not r.is_tombstone} for r in snap.records.values()
-                ]
-            }
-        return {}
+        """What the control endpoint serves (``services.status``)."""
+        return control_state(self, what)
 
     def status(self) -> dict:
-        now = self.clock()
-        snap = self.view.snapshot(now)
-        return {
-            "peer_id": self.node_id.peer_id(),
-            "roles": self.roles.names(),
-            "seq": self.own.seq if self.own else None,
-            "uptime": round(now - self.started_at, 1),
-            "listen": self.host.listen_addrs() if self.host else [],
-            "feeds": next(
-                (svc.feed_status() for svc in self.services if hasattr(svc, "feed_status")),
-                [
-                    {"addr": f, "network": feed_network(f), "state": "up"}
-                    for f in (self.own.feeds if self.own else ())
-                ],
-            ),
-            "members": len(snap.live()),
-            "records": len(snap.records),
-            "exits": len(snap.with_role(Role.EXIT)),
-            "peers": len(self.peers),
-            "joined_via": self.joined_via,
-            "control": self.control_url,
-            "relay": self.relay.status(),
-            "limits": self.caps.status(),
-            "admission": {
-                "verified": self.admission.verified,
-                "unverified": self.admission.unverified,
-                "max_unverified": self.admission.limits.max_unverified,
-                "rejected": self.admission.rejected,
-            },
-        }
+        """The node's state as ``overlay status`` shows it (``services.status``)."""
+        return node_status(self)
 
 
 class _DhtRecordValidator:
@@ -1024,14 +680,6 @@ class _DhtRecordValidator:
             if seq > best_seq:
                 best, best_seq = i, seq
         return best
-
-
-async def _close(stream) -> None:
-    with trio.move_on_after(1, shield=True):
-        try:
-            await stream.close()
-        except Exception:  # noqa: BLE001 - closing a broken stream
-            pass
 
 
 def _as_peer(peer: NodeId | str) -> NodeId | str:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import re
 import sys
 import time
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..errors import ConfigError, LocalError, OverlayError
+from ..home import Home, default_home
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -56,6 +59,7 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, soft_wrap=True, highlight=False, width=None if tty else 4096)
 
 
+out = console()
 err = console(stderr=True)
 
 
@@ -202,3 +206,42 @@ def dialable(addrs: list[str], peer_id: str) -> list[str]:
         else:
             out.append(base)
     return list(dict.fromkeys(f"{b}{own}" for b in out))
+
+
+# ---------------------------------------------------------------- options and helpers of the commands
+HomeOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional
+    typer.Option("--home", help="Node home (default $HYDRA_HOME or ~/.hydra)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def open_home(path: Path | None) -> Home:
+    return Home(path or default_home())
+
+
+def checked(fn, *args, **kwargs):
+    """Run an input check; a problem becomes a one-line error and exit 64."""
+    try:
+        return fn(*args, **kwargs)
+    except OverlayError as e:
+        raise fail_for(e) from None
+
+
+def print_summary(summary: dict) -> None:
+    """``key  value`` lines; lists one item per line; times in ISO 8601 and words."""
+    width = max((len(k) for k in summary), default=0) + 2
+    for k, v in summary.items():
+        if isinstance(v, list):
+            items = [str(x) for x in v] or ["-"]
+        elif k in ("issued_at", "expires_at") and isinstance(v, int | float):
+            items = [human_time(v)]
+        else:
+            items = ["-" if v is None else str(v)]
+        out.print(f"[bold]{k:<{width}}[/bold]{escape(items[0])}")
+        for item in items[1:]:
+            out.print(" " * width + escape(item))
+
+
+def cell(v) -> str:
+    return "-" if v is None or v == "" else str(v)

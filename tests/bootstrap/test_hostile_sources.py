@@ -201,7 +201,7 @@ def _seed_home(tmp_path):
 
 
 async def test_overlay_run_seed_step_skips_a_crafted_source(tmp_path, capsys):
-    """The seed step of `overlay run --seeds GOOD --seeds CRAFTED` (overlay/cli/__init__.py)."""
+    """The seed step of `overlay run --seeds GOOD --seeds CRAFTED` (overlay/cli/node.py)."""
     from overlay.cli.send import seed_join_addrs
 
     home = _seed_home(tmp_path)

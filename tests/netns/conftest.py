@@ -1,4 +1,4 @@
-"""Fixtures for tests that need real network namespaces (see overlay/testing/netns.py).
+"""Fixtures for tests that need real network namespaces (see overlay/testing/netns/).
 
 ``make_lab(hosts=3, providers=2)`` builds a :class:`~overlay.testing.netns.Lab` that is
 torn down after the test (even if it fails); ``lab`` is a ready 3-host lab.  Tests in

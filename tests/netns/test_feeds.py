@@ -1,6 +1,6 @@
 """Feed links across real network namespaces: cut a node's feeds, it stays on the overlay.
 
-Nodes are ``overlay run`` processes inside lab hosts (see overlay/testing/netns.py),
+Nodes are ``overlay run`` processes inside lab hosts (see overlay/testing/netns/),
 each listening on both of its addresses; every node runs the feed monitor
 (overlay/services/feeds.py). The control endpoint binds 127.0.0.1 inside each node's
 namespace, so the tests query it with a small client run in that namespace.

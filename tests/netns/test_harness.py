@@ -1,4 +1,4 @@
-"""Tests of the network-namespace lab itself (overlay/testing/netns.py).
+"""Tests of the network-namespace lab itself (overlay/testing/netns/).
 
 Network rule: traffic goes only to addresses of namespaces these tests create.
 """
@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from overlay.testing import netns as testing_netns
-from overlay.testing.netns import Lab, cleanup_stale, list_namespaces, netns_available
+from overlay.testing.netns import (
+    Lab,
+    LabError,
+    cleanup_stale,
+    list_namespaces,
+    netns_available,
+)
+from overlay.testing.netns import ip as netns_ip
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,7 +155,7 @@ def test_cleanup_after_failed_setup(netns, monkeypatch):
 
     monkeypatch.setattr(Lab, "_host_routes", broken)
     lab = Lab(hosts=2)
-    with pytest.raises(testing_netns.LabError):
+    with pytest.raises(LabError):
         lab.__enter__()
     assert list_namespaces(lab.prefix) == []
 
@@ -192,7 +198,7 @@ def test_netns_available_reasons(monkeypatch):
     ok, reason = netns_available(use_cache=False)
     assert not ok and "not root" in reason
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(testing_netns, "_ip_bin", lambda: None)
+    monkeypatch.setattr(netns_ip, "_ip_bin", lambda: None)
     ok, reason = netns_available(use_cache=False)
     assert not ok and "iproute2" in reason
 

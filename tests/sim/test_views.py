@@ -104,12 +104,11 @@ def test_sync_frames_are_identical_to_the_plain_core():
 
 
 def test_simulator_uses_the_runtime_constants():
-    from overlay import runtime
-    from overlay.services import resilience
+    from overlay.services import peers, resilience, sync
     from overlay.sim import sim
 
-    assert sim.SYNC_TIMEOUT is runtime.SYNC_TIMEOUT
-    assert sim.JOIN_ROUNDS is runtime.JOIN_ROUNDS
+    assert sim.SYNC_TIMEOUT is sync.SYNC_TIMEOUT
+    assert sim.JOIN_ROUNDS is peers.JOIN_ROUNDS
     assert sim.SETTLE is resilience.SETTLE
 
 

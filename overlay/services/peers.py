@@ -1,0 +1,217 @@
+"""Peers of a node: joining the overlay, keeping ``target_peers`` connections,
+verifying members it was only told about, joining again when left alone.
+
+``join`` dials a join address (patiently: a timed-out dial is tried again) and
+pulls the whole membership through ``AntiEntropySync.sync_with``; ``run``
+fills the peer set every second or two with ``core.peering.choose_dials``
+under the node's dial budget, and joins again through the join addresses,
+backing off, when no connection is left. The node builds one ``PeerManager``
+and runs it in its nursery; it sees the node through ``PeersNode`` and
+imports nothing of the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from ..core.admission import DialBudget
+from ..core.peering import choose_dials
+from ..core.scores import PeerScores
+from ..core.timing import JOIN_ROUNDS
+from ..crypto import NodeId
+from ..errors import LocalError
+from ..net.host import DialTimeout
+from ..records import Role, ValidRecord
+from .context import NodeContext
+from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
+
+log = logging.getLogger("hydra.node")
+
+JOIN_DIAL_RETRIES = (1.0, 2.0)  # pauses before dialling a join address again after a timeout
+REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
+VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
+VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
+
+
+class PeersNode(NodeContext, Protocol):
+    """What the peer manager uses of the node beyond ``NodeContext``."""
+
+    peers: dict[NodeId, PeerInfo]
+    join_addrs: list[str]
+    dial_budget: DialBudget
+    scores: PeerScores
+
+
+class PeerManager:
+    """Joining and the peer loop of one node (see the module docstring)."""
+
+    def __init__(self, node: PeersNode, sync: AntiEntropySync) -> None:
+        self.node = node
+        self.sync = sync
+        self.joined_via: str | None = None  # the join address that worked last
+        self._verify_tried: dict[NodeId, float] = {}
+
+    async def join(self, addrs: Sequence[str]) -> str:
+        """Connect through the first reachable address and pull the whole membership."""
+        errors = []
+        for addr in addrs:
+            try:
+                pid = await self._connect_patiently(addr)
+            except Exception as e:  # noqa: BLE001 - try the next one
+                errors.append(f"{addr}: {e}")
+                continue
+            try:
+                peer = NodeId.from_peer_id(pid)
+            except ValueError:
+                errors.append(f"{addr}: not a Hydra node (its key is not Ed25519)")
+                continue
+            self.node.peers.setdefault(peer, PeerInfo(peer, self.node.clock(), addr))
+            failures, synced = 0, False
+            for _ in range(JOIN_ROUNDS):  # each round moves at most sync.MAX_WANT records
+                self.sync.last_ok = False
+                moved = await self.sync.sync_with(peer, bulk=True)
+                synced = synced or self.sync.last_ok
+                if self.sync.last_ok and moved == 0:
+                    break
+                if not self.sync.last_ok:
+                    failures += 1
+                    if failures >= 3:
+                        break  # the periodic rounds will catch up
+                    await trio.sleep(0.5)
+            if not synced and not await self._speaks_sync(pid):
+                # reached a libp2p peer that does not speak Hydra's sync protocol
+                errors.append(f"{addr}: not a Hydra node (no {SYNC_PROTOCOL})")
+                continue
+            self.joined_via = addr
+            await self.node.publish_own("joined")
+            await self._fill_peers()
+            return addr
+        raise LocalError("could not join through any address: " + "; ".join(errors))
+
+    async def _connect_patiently(self, addr: str) -> str:
+        """Dial a join address; a dial that timed out (a busy peer, a lossy feed) is
+        tried again after 1 s and 2 s; a refusal or a wrong peer is final at once."""
+        for pause in JOIN_DIAL_RETRIES:
+            try:
+                return await self.node.host.connect(addr)
+            except DialTimeout as e:
+                log.info("join: %s; trying again in %.0f s", e, pause)
+                await trio.sleep(pause)
+        return await self.node.host.connect(addr)
+
+    async def _speaks_sync(self, peer_id: str, wait: float = 5.0) -> bool:
+        """False once identify has listed the peer's protocols without Hydra's sync;
+        True while they are unknown (a busy Hydra peer gets the benefit of the doubt)."""
+        with trio.move_on_after(wait):
+            while not (protocols := self.node.host.peer_protocols(peer_id)):
+                await trio.sleep(0.1)
+            return SYNC_PROTOCOL in protocols
+        log.info("join: %s did not identify within %.0f s; trying it anyway", peer_id[-8:], wait)
+        return True
+
+    async def _fill_peers(self) -> None:
+        """Dial towards ``target_peers`` and verify members we were only told about.
+
+        The dial budget goes first to unverified exits and standbys (so that the
+        exit pool soon counts the honest ones), then to unverified peers that
+        ``choose_dials`` picks when too few verified ones are left to dial, and
+        what remains to one unverified member known for ``VERIFY_AFTER`` seconds
+        (least recently tried first), so honest members that never contact us
+        get verified before ``unverified_ttl`` drops them.
+        """
+        connected = set(self.node.connected())
+        if len(connected) >= self.node.config.target_peers and not self.node.admission.unverified:
+            return  # enough connections and nobody to verify: nothing to dial
+        now = self.node.clock()
+        snap = self.node.view.snapshot(now)
+        banned = {p for p in snap.records if self.node.scores.banned(p, now)}
+        live = snap.live()
+        budget = int(self.node.dial_budget.tokens(now))
+        dials = self._verification_dials(
+            live, connected | banned, min(budget, VERIFY_DIALS_PER_ROUND), now, exits=True
+        )
+        budget -= len(dials)
+        early = {r.node_id for r in dials}
+        picked = choose_dials(
+            live,
+            connected | early,
+            self.node.node_id,
+            self.node.config.target_peers,
+            self.node.rng,
+            exclude=banned,
+            prefer=self.node.view.is_verified,
+            max_other=budget,
+        )
+        budget -= sum(1 for r in picked if not self.node.view.is_verified(r.node_id))
+        dials += picked
+        if budget > 0:
+            skip = connected | banned | {r.node_id for r in dials}
+            dials += self._verification_dials(live, skip, 1, now, exits=False)
+        if dials:
+            async with trio.open_nursery() as n:
+                for rec in dials:
+                    n.start_soon(self.node.connect_record, rec)
+
+    def _verification_dials(
+        self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
+    ) -> list[ValidRecord]:
+        """Up to ``room`` unverified members to dial: exits and standbys (``exits``)
+        or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
+        if room <= 0:
+            return []
+        exitish = Role.EXIT | Role.STANDBY_EXIT
+        tried = self._verify_tried
+        view = self.node.view
+        todo = []
+        for r in live:
+            nid = r.node_id
+            if nid == self.node.node_id or nid in skip or view.is_verified(nid):
+                continue
+            if bool(r.roles & exitish) != exits:
+                continue
+            if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
+                continue
+            todo.append(r)
+        todo.sort(key=lambda r: tried.get(r.node_id, -1e18))
+        out = todo[:room]
+        for r in out:
+            tried[r.node_id] = now
+        if len(tried) > 2 * self.node.config.max_unverified + 64:
+            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
+                del tried[nid]
+        return out
+
+    async def run(self) -> None:
+        """Keep ``target_peers`` connections; with none at all (every member we know
+        is unreachable, or we never got the membership), join again through the
+        join addresses, backing off from ``REJOIN_MIN`` to ``REJOIN_MAX`` seconds."""
+        rejoin_at, backoff = 0.0, REJOIN_MIN
+        while True:
+            await trio.sleep(1.0 + self.node.rng.random())
+            try:
+                if (
+                    self.node.join_addrs
+                    and not self.node.connected()
+                    and self.node.clock() >= rejoin_at
+                ):
+                    try:
+                        via = await self.join(self.node.join_addrs)
+                    except LocalError as e:
+                        log.info("alone: %s; next try in %.0f s", e, backoff)
+                        rejoin_at, backoff = (
+                            self.node.clock() + backoff,
+                            min(REJOIN_MAX, backoff * 2),
+                        )
+                    else:
+                        log.info("alone: joined again via %s", via)
+                        rejoin_at, backoff = 0.0, REJOIN_MIN
+                await self._fill_peers()
+            except Exception as e:  # noqa: BLE001 - keep the node running
+                log.warning(
+                    "peer maintenance failed (%s: %s); retrying in a second", type(e).__name__, e
+                )
+                log.debug("peer maintenance failure", exc_info=True)
