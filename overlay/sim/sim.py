@@ -5,7 +5,7 @@ Each simulated node owns, exactly like a running node (``overlay.runtime``):
   ``AntiEntropy`` over it, in push-pull rounds with a random connected peer
   when the real ``SyncSchedule`` says so (fast while rounds find differences,
   backing off to ``sync_idle_interval`` while they find none; kicked by pushed
-  news, as ``Node._sync_loop``), frames passed
+  news, as ``AntiEntropySync.run`` in services/sync.py), frames passed
   as the core's frame objects and sized with the real encoder
   (``overlay.wire.sync``);
 - connections chosen by the real ``peering.choose_dials`` (from a random sample
@@ -178,7 +178,7 @@ class SimNode:
         self.member = False  # part of the overlay (joined at least once)
         self.left = False  # withdrew (tombstone)
         self.changes = 0  # records the view accepted (overlay.runtime.Node.changes)
-        self.sched: SyncSchedule | None = None  # anti-entropy rounds (Node.sync_schedule)
+        self.sched: SyncSchedule | None = None  # anti-entropy rounds (AntiEntropySync.schedule)
         self.sync_gen = 0  # only the newest scheduled sync tick runs
 
 
@@ -687,7 +687,7 @@ class Simulation:
             self._on_record(node, self.registry[raw], now)
         self.metrics.sync_pushed += len(resp.pushed)
         if node.changes != before:
-            self._sync_kick(node, now)  # news pushed to us, as Node._serve_sync
+            self._sync_kick(node, now)  # news pushed to us, as AntiEntropySync.serve
 
     def _sync_want(self, j: int, i: int, triple) -> None:
         if not self.net.ok(j):
@@ -733,7 +733,7 @@ class Simulation:
 
     # ---- connections ------------------------------------------------------------------
     def _dial(self, node: SimNode, initial: bool = False) -> int:
-        """One peer-maintenance step (``Node._fill_peers``): dial what ``choose_dials`` picks."""
+        """One peer-maintenance step (``PeerManager._fill_peers``): dial what ``choose_dials`` picks."""
         i = node.idx
         conns = self.gossip.conns[i]
         if len(conns) >= self.cfg.target_peers:

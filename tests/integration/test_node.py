@@ -99,8 +99,8 @@ async def test_a_record_gossip_missed_is_repaired_after_rounds_backed_off(tmp_pa
     async with overlay(tmp_path, 5, sync_idle_interval=idle) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 60)
         # every node's rounds have backed off to the idle gap
-        await wait_until(lambda: all(n.sync_schedule.interval >= idle for n in nodes), 120)
-        kicks = [n.sync_schedule.kicks for n in nodes]
+        await wait_until(lambda: all(n.sync.schedule.interval >= idle for n in nodes), 120)
+        kicks = [n.sync.schedule.kicks for n in nodes]
         outsider = SigningKey.generate()
         rec = make_record(
             outsider,
@@ -116,7 +116,7 @@ async def test_a_record_gossip_missed_is_repaired_after_rounds_backed_off(tmp_pa
         assert sum(n.metrics.sync_records._value.get() for n in nodes[1:]) >= 4
         # nobody was told to hurry: the first copies moved on backed-off rounds
         # (later ones may come faster, as rounds that move records speed up)
-        assert nodes[0].sync_schedule.kicks == kicks[0]
+        assert nodes[0].sync.schedule.kicks == kicks[0]
 
 
 async def test_dht_lookup_by_node_id(tmp_path):
