@@ -576,9 +576,11 @@ class RelayService(Links, ClientSessions, ExitSide):
             now = clock()
             if due is None or due > now:
                 self._held_until = math.inf if due is None else due
-                with trio.move_on_after(math.inf if due is None else due - now):
+                with trio.move_on_after(math.inf if due is None else due - now) as timer:
                     await self._held_wakeup.wait()
-                continue
+                if not timer.cancelled_caught:
+                    continue  # woken: a new earliest packet
+                now = max(clock(), due)  # the timer ran out: ``due`` has come
             self._held_until = math.inf
             self._apply(self.core.tick(now), now)
             await trio.sleep(0)
