@@ -466,35 +466,48 @@ class RelayService(Links, ClientSessions, ExitSide):
         last_frame = trio.current_time()
         while not self._closed:
             # the sending side closes its link after idle_timeout: twice that is a stuck one
-            try:
-                chunk = await self._read(stream, decoder, last_frame + 2 * self.idle_timeout)
-            except NetError:
-                return
-            if chunk is None:
-                self._closed_for("relay_stream", Reason.IDLE_TIMEOUT)
-                return
-            if not chunk:
-                if not decoder.at_boundary():
-                    self._reject("relay", Reason.MALFORMED, peer, penalize=True)
-                return
-            try:
-                frames = decoder.feed(chunk)
-            except DecodeError as e:
-                self._reject("relay", e.reason, peer, penalize=True)
+            deadline = last_frame + 2 * self.idle_timeout
+            frames = await self._frames(stream, decoder, deadline, "relay_stream", "relay", peer)
+            if frames is None:
                 return
             if frames:
                 last_frame = trio.current_time()
                 self._handle_batch(frames, peer, "relay")
 
-    async def _read(self, stream: Stream, decoder: FrameDecoder, deadline: float) -> bytes | None:
-        """One chunk from ``stream`` (``b""`` at its end; ``NetError`` passes), or None
-        when nothing came before ``deadline`` or, in the middle of a frame, for
-        ``frame_timeout`` seconds (a stalled frame)."""
+    async def _frames(
+        self,
+        stream: Stream,
+        decoder: FrameDecoder,
+        deadline: float,
+        what: str,
+        source: str,
+        peer: NodeId,
+    ) -> list[bytes] | None:
+        """The complete frames of the next chunk from ``stream``, or None when the
+        stream is done: ended, failed, garbage (counted, the peer penalised), or
+        silent until ``deadline`` or, in the middle of a frame, for
+        ``frame_timeout`` seconds (a stalled frame; closed as ``idle_timeout``)."""
         if not decoder.at_boundary():
             deadline = min(deadline, trio.current_time() + self.frame_timeout)
+        chunk = None
         with trio.move_on_at(deadline):
-            return await stream.read(_READ)
-        return None
+            try:
+                chunk = await stream.read(_READ)
+            except NetError:
+                return None
+        if chunk is None:
+            self._closed_for(what, Reason.IDLE_TIMEOUT)
+            return None
+        try:
+            if not chunk:  # the end; a relay's frame cut short is garbage (a light
+                # client may lose its connection mid-frame)
+                if source == "relay" and not decoder.at_boundary():
+                    raise DecodeError(Reason.MALFORMED, "stream ended inside a frame")
+                return None
+            return decoder.feed(chunk)
+        except DecodeError as e:
+            self._reject(source, e.reason, peer, penalize=True)
+            return None
 
     def _closed_for(self, what: str, reason: Reason) -> None:
         self.metrics.closed.labels(what, reason.value).inc()

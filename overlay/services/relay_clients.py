@@ -125,19 +125,9 @@ class ClientSessions:
         peer = session.peer
         decoder = FrameDecoder(wire.MAX_SIZE)
         while not self._closed:
-            try:
-                chunk = await self._read(stream, decoder, session.last_active + self.client_idle)
-            except NetError:
-                return
-            if chunk is None:
-                self._closed_for("client", Reason.IDLE_TIMEOUT)
-                return
-            if not chunk:
-                return
-            try:
-                bodies = decoder.feed(chunk)
-            except DecodeError as e:
-                self._reject("client", e.reason, peer, penalize=True)
+            deadline = session.last_active + self.client_idle
+            bodies = await self._frames(stream, decoder, deadline, "client", "client", peer)
+            if bodies is None:
                 return
             if bodies:
                 session.last_active = trio.current_time()
