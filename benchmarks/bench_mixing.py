@@ -126,7 +126,7 @@ async def hop_cost(rate: float, seconds: float, mean: float) -> dict[str, float]
 
     from prometheus_client import CollectorRegistry
 
-    from overlay.services.relay import _Metrics
+    from overlay.services.relay_metrics import RelayMetrics
 
     peer = SigningKey.generate().node_id
     packet = bytes(SMALL.packet_size)
@@ -134,7 +134,7 @@ async def hop_cost(rate: float, seconds: float, mean: float) -> dict[str, float]
     for label, m in (("at once", 0.0), ("held", mean), ("at once", 0.0)):
         relay = _CountingRelay(loop_rate=0.0)
         relay.node = SimpleNamespace(clock=time.time)
-        relay.metrics = _Metrics(CollectorRegistry())
+        relay.metrics = RelayMetrics(CollectorRegistry())
         relay.sent = 0
         n = int(rate * seconds)
         delays = draw_delays(random.Random(3), m, n)

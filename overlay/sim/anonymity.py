@@ -5,8 +5,12 @@ of them exits) and ``clients`` light clients, each attached to one entry for
 the whole run (as ``overlay send --via`` and ``overlay agent`` are). A real
 message takes the default path *entry, relay, exit* (2 holds); its two acks
 come back through *relay, relay, entry* (2 holds). The pieces that decide
-timing are the real cores: hold times from ``draw_delays``, relays' held
-packets in a ``MixPool``, send and loop timers from ``next_poisson``.
+timing are the real cores: hold times from ``draw_delays``, send and loop
+timers from ``next_poisson``, and each node's holding and release decisions
+from the relay's own core (``overlay.core.relaycore.RelayCore``: its mix pool
+with the node's default bounds and overflow rule, the ``max_delay_ms`` cut,
+``hold``, and ``tick`` at ``next_wakeup()`` on the engine's clock). A packet
+the core refuses (``hold_full``) is lost and counted (``hold_overflows``).
 
 Traffic:
 - real messages: each client creates one every ``msg_interval`` seconds
@@ -49,7 +53,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..core.mixing import MixPool, draw_delays, next_poisson
+from ..core.mixing import draw_delays, next_poisson
+from ..core.relaycore import ForwardPacket, RelayCore
 from ..onion.params import SMALL
 from .engine import Engine
 from .metrics import quantile
@@ -142,6 +147,7 @@ class AnonResult:
     real_bytes_per_client: float = 0.0
     relay_loop_bytes_per_node: float = 0.0
     max_held: int = 0
+    hold_overflows: int = 0
 
     def summary(self) -> dict:
         e = sorted(self.entropy)
@@ -161,6 +167,7 @@ class AnonResult:
             ),
             "relay_loop_bytes_per_node": round(self.relay_loop_bytes_per_node),
             "max_held": self.max_held,
+            "hold_overflows": self.hold_overflows,
         }
 
 
@@ -178,7 +185,8 @@ class AnonymitySim:
         self.adv = Adversary(cfg.clients, cfg.nodes)
         self.other_label = np.zeros(self.adv.n)
         self.other_label[self.adv.other] = 1.0
-        self.pools = [MixPool(max_packets=1 << 20, max_bytes=1 << 40) for _ in range(cfg.nodes)]
+        self.relays = [RelayCore() for _ in range(cfg.nodes)]
+        self.wake = [math.inf] * cfg.nodes  # when each node's release is scheduled
         self.exits = list(range(cfg.exits))
         self.entry_of = [self.rng.randrange(cfg.nodes) for _ in range(cfg.clients)]
         self.queue: list[list[float]] = [[] for _ in range(cfg.clients)]
@@ -188,6 +196,7 @@ class AnonymitySim:
         self.client_packets = {"real": 0, "cover": 0}
         self.relay_loops = 0
         self.max_held = 0
+        self.hold_overflows = 0
 
     # ---- paths and packets ----------------------------------------------------------
 
@@ -234,21 +243,37 @@ class AnonymitySim:
         if p.at == len(p.hops) - 1 and not self.cfg.last_hold:
             self._end_of_path(p, node)
             return
+        relay = self.relays[node]
+        to = p.hops[p.at + 1] if p.at + 1 < len(p.hops) else None
+        if relay.hold(to, p, p.delays[p.at], SMALL.packet_size, self.engine.now):
+            self.hold_overflows += 1  # refused by the pool's bound: lost
+            return
         self.adv.arrive(node, p.label)
-        delay = p.delays[p.at] / 1000
-        pool = self.pools[node]
-        pool.hold(self.engine.now, delay, p)
-        self.max_held = max(self.max_held, len(pool))
-        self.engine.after(delay, self._release, node)
+        self.max_held = max(self.max_held, len(relay.mix))
+        self._schedule(node)
 
-    def _release(self, node: int, _b=None, _c=None) -> None:
-        for p in self.pools[node].due(self.engine.now):
+    def _schedule(self, node: int) -> None:
+        """Ask the engine to tick ``node``'s relay core at its next wakeup."""
+        due = self.relays[node].next_wakeup()
+        if due is not None and due < self.wake[node]:
+            self.wake[node] = due
+            self.engine.at(due, self._tick, node, due)
+
+    def _tick(self, node: int, due: float, _c=None) -> None:
+        if due != self.wake[node]:
+            return  # superseded by an earlier wakeup, which ran and rescheduled
+        self.wake[node] = math.inf
+        for e in self.relays[node].tick(self.engine.now):
+            if type(e) is not ForwardPacket:
+                continue
+            p = e.packet
             p.label = self.adv.depart(node)
             p.at += 1
             if p.at == len(p.hops):  # the last hop's own output: no link to cross
                 self._arrive(p)
             else:
                 self.engine.after(self.cfg.link_latency, self._arrive, p)
+        self._schedule(node)
 
     def _end_of_path(self, p: _Packet, node: int) -> None:
         if p.kind != "real":
@@ -321,6 +346,7 @@ class AnonymitySim:
             real_bytes_per_client=self.client_packets["real"] * PACKET_BYTES / per_client,
             relay_loop_bytes_per_node=self.relay_loops * PACKET_BYTES / (cfg.nodes * cfg.duration),
             max_held=self.max_held,
+            hold_overflows=self.hold_overflows,
         )
 
 
