@@ -23,7 +23,12 @@ starved process, its ack perhaps unread in our buffers) accuses nobody yet;
 it raises our health and gets one more timeout from then. An answer to a
 probe that already failed (the last ``2 * max_pending_probes`` are
 remembered) is evidence that the target is alive and raises our health too:
-our timeouts were too short for how slow we, or our links, are.
+our timeouts were too short for how slow we, or our links, are. Round
+trips are measured too (direct acks, late ones included): the direct timeout
+is ``probe_timeout`` or, when longer, TCP's ``srtt + 4 * rttvar`` (at most
+``probe_timeout * (1 + health_max)``), and the probe period stretches with it,
+so a process whose acks are slow stops accusing before it has accused anyone
+twice, where health alone swings back and forth with each answered probe.
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
@@ -126,6 +131,7 @@ class _Probe:
     indirect_sent: bool = False
     nacks: int = 0
     graced: bool = False  # its deadline was seen late once and moved (see ``tick``)
+    sent: float = 0.0  # when the Ping went out (round-trip samples)
 
 
 @dataclass(slots=True)
@@ -240,7 +246,10 @@ class Liveness(Suspicion):
         self.accusations_heard = 0  # signed accusations by members taken into account
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
-        self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...]]] = {}  # recent failed probes
+        # recent failed probes: target, relays, when the Ping went out
+        self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...], float]] = {}
+        self._srtt: float | None = None  # smoothed round trip of direct probes
+        self._rttvar = 0.0
 
     # -- public surface -------------------------------------------------------
 
@@ -258,6 +267,36 @@ class Liveness(Suspicion):
     def multiplier(self) -> int:
         """Factor applied to probe interval and timeout: ``1 + health``."""
         return 1 + self._health
+
+    @property
+    def timeout(self) -> float:
+        """The direct-probe timeout before the health multiplier: ``probe_timeout``,
+        or the round trip our probes take now (``srtt + 4 * rttvar``, TCP's RTO
+        rule) when that is longer, at most ``probe_timeout * (1 + health_max)``."""
+        if self._srtt is None:
+            return self.probe_timeout
+        rto = self._srtt + 4 * self._rttvar
+        return min(max(self.probe_timeout, rto), self.probe_timeout * (1 + self.health_max))
+
+    @property
+    def interval(self) -> float:
+        """The probe period before the health multiplier: ``probe_interval``,
+        stretched in proportion when ``timeout`` is (the indirect probes need
+        their share of the period)."""
+        return max(self.probe_interval, self.probe_interval / self.probe_timeout * self.timeout)
+
+    @property
+    def srtt(self) -> float | None:
+        """Smoothed round trip of direct probes (seconds), None before the first."""
+        return self._srtt
+
+    def _rtt_sample(self, rtt: float) -> None:
+        rtt = max(0.0, rtt)
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
 
     def set_members(self, members: Iterable[NodeId], now: float) -> None:
         """Monitor exactly ``members`` (ourselves excluded).
@@ -329,7 +368,7 @@ class Liveness(Suspicion):
         out: list[Effect] = []
         if self._last_tick is not None:
             gap = now - self._last_tick
-            if gap > 3 * self.probe_interval * self.multiplier:
+            if gap > 3 * self.interval * self.multiplier:
                 self._stalled(now)
         self._last_tick = now
         if self._next_probe_at is None:
@@ -345,12 +384,12 @@ class Liveness(Suspicion):
                 # probe gets one more timeout, counted from now
                 p.graced = True
                 self._health = min(self.health_max, self._health + 1)
-                p.deadline = now + self.probe_timeout * self.multiplier
+                p.deadline = now + self.timeout * self.multiplier
                 self.late_probes += 1
                 continue
             if now >= p.deadline:
                 self._end_probe(nonce)
-                self._failed[nonce] = (p.target, p.relays)
+                self._failed[nonce] = (p.target, p.relays, p.sent)
                 if len(self._failed) > 2 * self.max_pending_probes:
                     del self._failed[next(iter(self._failed))]
                 # Lifeguard: if every relay told us it could not reach the target
@@ -375,7 +414,7 @@ class Liveness(Suspicion):
             target = self._next_target(now)
             if target is not None:
                 self._start_probe(target, now, out)
-            self._next_probe_at = now + self.probe_interval * self.multiplier
+            self._next_probe_at = now + self.interval * self.multiplier
         return out
 
     # -- input ------------------------------------------------------------------
@@ -490,7 +529,7 @@ class Liveness(Suspicion):
         nonce = self._rng.getrandbits(64)
         mult = self.multiplier
         probe = _Probe(
-            target, nonce, now + self.probe_timeout * mult, now + self.probe_interval * mult
+            target, nonce, now + self.timeout * mult, now + self.interval * mult, sent=now
         )
         m = self._members.get(target)
         if m is not None:
@@ -546,6 +585,8 @@ class Liveness(Suspicion):
         if p is not None and (peer == p.target or peer in p.relays):
             self._end_probe(nonce)
             self._health = max(0, self._health - 1)
+            if peer == p.target:
+                self._rtt_sample(now - p.sent)
             self._evidence(p.target, now, out)
             if peer == p.target:
                 self._maybe_pull(peer, now, out)
@@ -562,6 +603,8 @@ class Liveness(Suspicion):
             # Lifeguard-style, our health worsens, stretching them
             self.late_acks += 1
             self._health = min(self.health_max, self._health + 1)
+            if peer == late[0]:
+                self._rtt_sample(now - late[2])
             self._evidence(late[0], now, out)
         # anything else is a duplicate ack: harmless, ignored
 
@@ -571,7 +614,7 @@ class Liveness(Suspicion):
             return
         nonce = self._rng.getrandbits(64)
         self._relays[nonce] = _Relay(
-            peer, f.nonce, f.target, now + 0.8 * self.probe_timeout, now + self.probe_interval
+            peer, f.nonce, f.target, now + 0.8 * self.timeout, now + self.interval
         )
         out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce))))
 

@@ -630,6 +630,42 @@ def test_failed_probes_are_remembered_within_a_bound():
     assert len(c._failed) <= 2 * c.max_pending_probes
 
 
+def _slow_acks(c, delay: float, until: float) -> list[float]:
+    """Drive ``c`` with every member acking each Ping ``delay`` s after it went
+    out (a saturated process); the times at which someone became SUSPECT."""
+    pending: list[tuple[float, NodeId, int]] = []
+    suspected = []
+    now = 0.0
+    for _ in range(20_000):
+        if now > until:
+            break
+        out = []
+        for item in [x for x in pending if x[0] <= now]:
+            pending.remove(item)
+            out += c.receive(item[1], wire.encode(wire.Ack(item[2])), now)
+        out += c.tick(now)
+        for peer, f in sends(out, wire.Ping):
+            pending.append((now + delay, peer, f.nonce))
+        suspected += [e.since for e in out if isinstance(e, StateChanged) and e.state == SUSPECT]
+        now = min([c.next_wakeup() or now + 1.0] + [d for d, _, _ in pending])
+    return suspected
+
+
+def test_probe_timeouts_follow_the_round_trips_they_see():
+    """Acks that take longer than a whole probe period (0.7 s against 0.5 s) fail
+    the first probes; their late answers are round-trip samples, the timeout
+    grows past them (TCP's srtt + 4 rttvar) and suspicions stop."""
+    c = core(n=6)
+    suspected = _slow_acks(c, 0.7, 120.0)
+    assert suspected and min(suspected) < 10  # at first, yes
+    assert not [t for t in suspected if t > 30]  # then never again
+    assert 0.6 < c.srtt < 0.8 and c.timeout > 0.7 and c.interval > c.timeout
+    # fast answers keep the configured timeout
+    quick = core(n=6)
+    assert not _slow_acks(quick, 0.01, 30.0)
+    assert quick.timeout == quick.probe_timeout and quick.interval == quick.probe_interval
+
+
 # -- several cores on a network ----------------------------------------------------
 
 
