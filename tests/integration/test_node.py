@@ -71,20 +71,26 @@ async def test_join_tries_addresses_in_turn(tmp_path):
             assert len(node.view) == 3
 
 
+def _outsider():
+    """A key and a relay record of it that no node of the overlay holds yet."""
+    outsider = SigningKey.generate()
+    rec = make_record(
+        outsider,
+        seq=1,
+        now=time.time(),
+        roles=Role.RELAY,
+        feeds=["/ip4/127.0.0.1/tcp/9"],
+        onion_key=ONION.public,
+        onion_epoch=0,
+    )
+    return outsider, rec
+
+
 async def test_record_missed_by_gossip_arrives_by_anti_entropy(tmp_path):
     async with overlay(tmp_path, 6) as nodes:
         await wait_until(lambda: all(len(n.view) == 6 for n in nodes), 30)
         # a record that only node 0 holds: it was never gossiped
-        outsider = SigningKey.generate()
-        rec = make_record(
-            outsider,
-            seq=1,
-            now=time.time(),
-            roles=Role.RELAY,
-            feeds=["/ip4/127.0.0.1/tcp/9"],
-            onion_key=ONION.public,
-            onion_epoch=0,
-        )
+        outsider, rec = _outsider()
         assert nodes[0].ingest(rec.encode(), "local")
         await wait_until(lambda: all(outsider.node_id in n.view for n in nodes), 30)
         pulled = sum(n.metrics.sync_records._value.get() for n in nodes[1:])
@@ -101,16 +107,7 @@ async def test_a_record_gossip_missed_is_repaired_after_rounds_backed_off(tmp_pa
         # every node's rounds have backed off to the idle gap
         await wait_until(lambda: all(n.sync.schedule.interval >= idle for n in nodes), 120)
         kicks = [n.sync.schedule.kicks for n in nodes]
-        outsider = SigningKey.generate()
-        rec = make_record(
-            outsider,
-            seq=1,
-            now=time.time(),
-            roles=Role.RELAY,
-            feeds=["/ip4/127.0.0.1/tcp/9"],
-            onion_key=ONION.public,
-            onion_epoch=0,
-        )
+        outsider, rec = _outsider()
         assert nodes[0].view.accept(rec, time.time())  # no gossip, no kick
         await wait_until(lambda: all(outsider.node_id in n.view for n in nodes), 120)
         assert sum(n.metrics.sync_records._value.get() for n in nodes[1:]) >= 4
