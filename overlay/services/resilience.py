@@ -97,6 +97,12 @@ class Resilience:
         self.m_frames = Counter(
             "hydra_liveness_frames", "Liveness frames", ["direction"], registry=r
         )
+        self.m_send_failed = Counter(
+            "hydra_liveness_sends_failed",
+            "Liveness frames not sent: busy (too many sends in flight), timeout, error",
+            ["why"],
+            registry=r,
+        )
         self.m_promotions = Counter(
             "hydra_exit_role_changes", "Own promotions/step-backs", ["kind"], registry=r
         )
@@ -176,6 +182,7 @@ class Resilience:
         for e in effects:
             if isinstance(e, Send):
                 if self._sends.value == 0:
+                    self.m_send_failed.labels("busy").inc()
                     continue  # bounded: a lost probe is what SWIM is built for
                 self._spawn(self._send, e)
             elif isinstance(e, Broadcast):
@@ -221,7 +228,7 @@ class Resilience:
         async with self._sends:
             lock = self._locks.setdefault(e.peer, trio.Lock())
             async with lock:
-                with trio.move_on_after(SEND_TIMEOUT):
+                with trio.move_on_after(SEND_TIMEOUT) as scope:
                     try:
                         stream = self._streams.get(e.peer)
                         if stream is None:
@@ -233,7 +240,10 @@ class Resilience:
                         self.m_frames.labels("out").inc()
                         return
                     except Exception as exc:  # noqa: BLE001 - an unreachable member is data for SWIM
+                        self.m_send_failed.labels("error").inc()
                         log.debug("liveness send to %s failed: %r", e.peer.short(), exc)
+                if scope.cancelled_caught:
+                    self.m_send_failed.labels("timeout").inc()
                 # failed or timed out: drop the stream; the next frame opens a new one
                 stream = self._streams.pop(e.peer, None)
                 if stream is not None:

@@ -90,6 +90,15 @@ async def test_killed_exits_are_replaced_by_standbys(tmp_path):
             assert dead == {x.node_id.peer_id() for x in exits}
         print(f"live exits back at target {elapsed:.1f} s after the kill")
 
+        def unsent(n) -> float:  # probes of the killed exits that could not go out
+            get = n.metrics.registry.get_sample_value
+            return sum(
+                get("hydra_liveness_sends_failed_total", {"why": why}) or 0.0
+                for why in ("error", "timeout")
+            )
+
+        await wait_until(lambda: sum(unsent(n) for n in survivors) > 0, 60)
+
 
 async def test_single_false_accuser_cannot_remove_healthy_exit(tmp_path):
     async with fleet(tmp_path) as f:
