@@ -34,6 +34,11 @@ class Metrics:
         self.sync_bytes = Counter(
             "hydra_sync_bytes", "Anti-entropy bytes", ["direction"], registry=r
         )
+        self.sync_streams = Counter(
+            "hydra_sync_streams_opened",
+            "Anti-entropy streams opened (rounds reuse one per peer)",
+            registry=r,
+        )
         self.sync_records = Counter(
             "hydra_sync_records_pulled", "Records pulled by anti-entropy", registry=r
         )

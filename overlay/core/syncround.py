@@ -12,7 +12,10 @@ responder B (frames in ``overlay.wire.sync``)::
                         B listed (only when there is any, and A pushes)
 
 A round ends at the push, or, without one, when A closes its side: the
-responder learns that from ``end()``. Anything out of this order, and a reply
+responder learns that from ``end()``. An initiator that keeps the stream for
+its next round (``always_push``) sends the push even when it is empty, so the
+responder knows the round is over; the responder then waits for the next
+``Summary`` on the same stream. Anything out of this order, and a reply
 longer than what was asked, is a ``DecodeError`` (``Reason.MALFORMED``): the
 caller penalises the peer as for any malformed frame. The machines never
 validate records: they hand the raw ones they received (``records``,
@@ -76,7 +79,8 @@ class Initiator:
     ``now``: when given, ``AntiEntropy.want`` skips identities the view's admission
     refused lately. ``push_ae``: whose view the push is computed from (the node
     serves peers it does not know a narrower view); ``push=False`` never pushes
-    (the light client)."""
+    (the light client); ``always_push`` sends the push even when empty (the end
+    of a round on a stream kept for the next one)."""
 
     def __init__(
         self,
@@ -85,11 +89,13 @@ class Initiator:
         now: float | None = None,
         push: bool = True,
         push_ae: AntiEntropy | None = None,
+        always_push: bool = False,
     ) -> None:
         self.ae = ae
         self.push_ae = push_ae or ae
         self.now = now
         self.push = push
+        self.always_push = always_push
         self.step = Step.START
         self.entries: sync.Entries | None = None
         self.want: sync.Want | None = None
@@ -99,6 +105,11 @@ class Initiator:
     @property
     def done(self) -> bool:
         return self.step is Step.DONE
+
+    @property
+    def answered(self) -> bool:
+        """The peer has answered this round (its ``Entries`` came)."""
+        return self.entries is not None
 
     @property
     def differed(self) -> bool:
@@ -140,7 +151,7 @@ class Initiator:
         assert self.entries is not None
         push = self.push_ae.push_for(self.entries)
         self.pushed = len(push.records)
-        return [push] if push.records else []
+        return [push] if push.records or self.always_push else []
 
 
 class Responder:

@@ -1,7 +1,12 @@
 """Anti-entropy in a node: the driver of ``core.syncround`` over ``/hydra/sync/1.0.0``.
 
 One round at a time, pulling from a connected peer when ``core.syncsched``
-says (fast while rounds find differences, backing off while they do not);
+says (fast while rounds find differences, backing off while they do not).
+Rounds with a peer reuse one stream: the initiator keeps it after a round
+that went well (its push, empty or not, ends the round) and the responder
+waits on it for the next ``Summary`` (``IDLE_TIMEOUT``), so a round costs no
+stream negotiation; a kept stream the peer has closed meanwhile is replaced
+by a new one within the same round.
 every frame capped (``wire.sync``), every record through the node's single
 ``ingest`` path, bad input penalized. The responder serves each peer at most
 a token bucket's worth of rounds. A peer that holds no record here is served
@@ -35,6 +40,7 @@ from .context import NodeContext
 log = logging.getLogger("hydra.node")
 
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
+IDLE_TIMEOUT = 120.0  # a kept sync stream with no round for this long is closed
 
 
 @dataclass
@@ -73,6 +79,7 @@ class AntiEntropySync:
             node.config.sync_interval, node.config.sync_idle_interval, node.rng, node.clock()
         )
         self._kicked = trio.Event()
+        self._streams: dict[NodeId, object] = {}  # kept for the next round, one per peer
 
     def kick(self, peer: NodeId | None = None) -> None:
         """Bring rounds back to the fast rate now (with ``peer`` next)."""
@@ -89,35 +96,46 @@ class AntiEntropySync:
         ``bulk``: the pull of a joining node (exempt from the admission rate)."""
         accepted = 0
         self.last_outcome = FAILED
-        rnd = Initiator(self.ae, now=self.node.clock(), push_ae=self.ae_for(peer))
+        self._forget_streams()
+        stream = self._streams.pop(peer, None)
+        rnd = None
         try:
             with trio.fail_after(SYNC_TIMEOUT):
-                stream = await self.node.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
-                try:
-                    await self._send(stream, rnd.start())
-                    while not rnd.done:
-                        frame = await self._recv(stream)
-                        self.node.confirm(peer)
-                        for out in rnd.receive(frame):
-                            await self._send(stream, out)
-                    for raw in rnd.records:
-                        if self.node.ingest(raw, "sync", peer, bulk=bulk):
-                            accepted += 1
-                    self.node.metrics.sync_records.inc(len(rnd.records))
-                    self.node.metrics.sync_pushed.inc(rnd.pushed)
-                finally:
-                    await _close(stream)
+                if stream is not None:
+                    rnd = self._initiator(peer)
+                    try:
+                        await self._round(stream, rnd, peer)
+                    except (OverlayError, RoundAborted):
+                        if rnd.answered:
+                            raise
+                        # the kept stream was closed at the other end: a new one
+                        await _close(stream)
+                        stream = None
+                if stream is None:
+                    stream = await self.node.host.open_stream(peer.peer_id(), SYNC_PROTOCOL)
+                    self.node.metrics.sync_streams.inc()
+                    rnd = self._initiator(peer)
+                    await self._round(stream, rnd, peer)
+            assert rnd is not None
+            for raw in rnd.records:
+                if self.node.ingest(raw, "sync", peer, bulk=bulk):
+                    accepted += 1
+            self.node.metrics.sync_records.inc(len(rnd.records))
+            self.node.metrics.sync_pushed.inc(rnd.pushed)
         except RemoteError as e:
+            await _close(stream)
             self.node.metrics.sync_rounds.labels("initiator", e.reason.value).inc()
             self.node.penalize(peer, e.reason)
             return accepted
         except (trio.TooSlowError, OverlayError, OSError, Exception) as e:  # noqa: BLE001
+            await _close(stream)
             self.node.metrics.sync_rounds.labels("initiator", "failed").inc()
             info = self.node.peers.get(peer)
             if info:
                 info.sync_failed += 1
             log.debug("sync with %s failed: %r", peer.short(), e)
             return accepted
+        self._streams[peer] = stream  # for the next round with this peer
         self.node.metrics.sync_rounds.labels("initiator", "ok").inc()
         self.last_ok = True
         self.last_outcome = DIFFERED if rnd.differed else SAME
@@ -126,28 +144,69 @@ class AntiEntropySync:
             info.sync_ok += 1
         return accepted
 
+    def _initiator(self, peer: NodeId) -> Initiator:
+        return Initiator(
+            self.ae, now=self.node.clock(), push_ae=self.ae_for(peer), always_push=True
+        )
+
+    async def _round(self, stream, rnd: Initiator, peer: NodeId) -> None:
+        await self._send(stream, rnd.start())
+        while not rnd.done:
+            frame = await self._recv(stream)
+            self.node.confirm(peer)
+            for out in rnd.receive(frame):
+                await self._send(stream, out)
+
+    def _forget_streams(self) -> None:
+        """Kept streams of peers no longer connected go (their connection took them)."""
+        if not self._streams:
+            return
+        connected = set(self.node.connected())
+        for peer in [p for p in self._streams if p not in connected]:
+            self._streams.pop(peer, None)
+
     async def serve(self, stream, remote_peer: str) -> None:
+        """Answer rounds on ``stream`` until the peer closes it, stays idle for
+        ``IDLE_TIMEOUT``, or a round goes wrong."""
         try:
             peer = NodeId.from_peer_id(remote_peer)
         except ValueError:
             await _close(stream)
             return
-        info = self.node.peers.get(peer)
-        bucket = info.bucket if info else TokenBucket(rate=2.0, burst=6.0)
+        stranger = TokenBucket(rate=2.0, burst=6.0)  # rounds of a peer not in the table
+        try:
+            while True:
+                first = None
+                with trio.move_on_after(IDLE_TIMEOUT):
+                    first = await self._recv(stream, end_ok=True)
+                if first is None:
+                    return  # closed by the peer, or idle: both are a clean end
+                if not await self._serve_round(stream, peer, first, stranger):
+                    return
+        except Exception as e:  # noqa: BLE001 - a broken stream must not kill the node
+            log.debug("sync stream from %s ended: %r", peer.short(), e)
+        finally:
+            await _close(stream)
+
+    async def _serve_round(self, stream, peer: NodeId, frame, stranger: TokenBucket) -> bool:
+        """One round that began with ``frame``; False if the stream should end."""
         self.node.confirm(peer)
-        ae = self.ae_for(peer)
+        info = self.node.peers.get(peer)
+        bucket = info.bucket if info else stranger
         try:
             if not bucket.take(self.node.clock()):
                 self.node.penalize(peer, Reason.RATE_LIMITED)
                 self.node.metrics.sync_rounds.labels("responder", "rate_limited").inc()
-                return
-            rnd = Responder(ae)
+                return False
+            rnd = Responder(self.ae_for(peer))
             with trio.fail_after(SYNC_TIMEOUT):
-                while not rnd.done:
-                    # a clean end of stream after the want means nothing to push
-                    frame = await self._recv(stream, end_ok=True)
+                while True:
                     for out in rnd.end() if frame is None else rnd.receive(frame):
                         await self._send(stream, out)
+                    if rnd.done:
+                        break
+                    # a clean end of stream after the want means nothing to push
+                    frame = await self._recv(stream, end_ok=True)
             if rnd.pushed:
                 before = self.node.changes
                 for raw in rnd.pushed:
@@ -155,14 +214,14 @@ class AntiEntropySync:
                 if self.node.changes != before:
                     self.kick()  # news pushed to us: our other peers may lack it
             self.node.metrics.sync_rounds.labels("responder", "ok").inc()
+            return frame is not None
         except RemoteError as e:
             self.node.metrics.sync_rounds.labels("responder", e.reason.value).inc()
             self.node.penalize(peer, e.reason)
         except Exception as e:  # noqa: BLE001 - a broken stream must not kill the node
             self.node.metrics.sync_rounds.labels("responder", "failed").inc()
             log.debug("serving sync to %s failed: %r", peer.short(), e)
-        finally:
-            await _close(stream)
+        return False
 
     async def _send(self, stream, frame) -> None:
         data = framing.encode_frame(sync.encode(frame), sync.MAX_SIZE)

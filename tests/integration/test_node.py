@@ -116,6 +116,45 @@ async def test_a_record_gossip_missed_is_repaired_after_rounds_backed_off(tmp_pa
         assert nodes[0].sync.schedule.kicks == kicks[0]
 
 
+def _rounds(nodes, result: str = "ok") -> float:
+    return sum(
+        n.metrics.registry.get_sample_value(
+            "hydra_sync_rounds_total", {"side": "initiator", "result": result}
+        )
+        or 0.0
+        for n in nodes
+    )
+
+
+def _streams(nodes) -> float:
+    return sum(n.metrics.sync_streams._value.get() for n in nodes)
+
+
+async def test_anti_entropy_rounds_reuse_one_stream_per_peer(tmp_path):
+    async with overlay(tmp_path, 3, sync_idle_interval=0.5) as nodes:
+        await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
+        await wait_until(lambda: _rounds(nodes) >= 30, 120)
+        # at most one stream per ordered pair of nodes (and a spare for a reconnect)
+        assert _streams(nodes) <= 3 * 2 + 2
+        assert _rounds(nodes, "failed") == 0
+
+
+async def test_a_kept_stream_the_responder_closed_is_replaced_within_the_round(
+    tmp_path, monkeypatch
+):
+    """Responders close idle streams after 0.2 s here, before the next round
+    comes: each round finds its kept stream closed, opens a new one, and succeeds."""
+    import overlay.services.sync as sync_service
+
+    monkeypatch.setattr(sync_service, "IDLE_TIMEOUT", 0.2)
+    async with overlay(tmp_path, 3, sync_idle_interval=0.5) as nodes:
+        await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
+        ok0, opened0 = _rounds(nodes), _streams(nodes)
+        await wait_until(lambda: _rounds(nodes) >= ok0 + 20, 120)
+        assert _streams(nodes) - opened0 >= 10  # kept streams were found closed
+        assert _rounds(nodes, "failed") == 0
+
+
 async def test_dht_lookup_by_node_id(tmp_path):
     async with overlay(tmp_path, 5) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)

@@ -68,6 +68,31 @@ def test_one_push_pull_round_makes_two_views_equal(seqs):
     assert not ini.differed and ini.records == () and resp.pushed == ()
 
 
+def test_a_kept_stream_ends_each_round_with_a_push_even_an_empty_one():
+    """``always_push``: the initiator ends every round with a push, so the responder
+    is done without the stream closing and the next round can follow on it."""
+    a, b = MembershipView(), MembershipView()
+    a.accept(relay_record(seq=1, key=KEYS[0]))
+    b.accept(relay_record(seq=1, key=KEYS[1]))
+    for round_ in range(2):  # the first round moves records, the second finds none
+        ini = Initiator(AntiEntropy(a), now=NOW, always_push=True)
+        resp = Responder(AntiEntropy(b))
+        to_b = [wire(ini.start())]
+        frames_to_b = 1
+        while to_b:
+            to_a = [wire(x) for f in to_b for x in resp.receive(f)]
+            to_b = [wire(x) for f in to_a for x in ini.receive(f)]
+            frames_to_b += len(to_b)
+        assert ini.done and resp.done  # no end of stream needed
+        assert frames_to_b == 3  # summary, want, push
+        for raw in ini.records:
+            a.offer(raw, NOW)
+        for raw in resp.pushed:
+            b.offer(raw, NOW)
+        assert ini.differed == (round_ == 0)
+    assert sorted(a.digest()) == sorted(b.digest())
+
+
 def test_a_light_client_pulls_and_never_pushes():
     a, b = MembershipView(), MembershipView()
     a.accept(relay_record(seq=1, key=KEYS[0]))
