@@ -134,9 +134,11 @@ async def test_anti_entropy_rounds_reuse_one_stream_per_peer(tmp_path):
     async with overlay(tmp_path, 3, sync_idle_interval=0.5) as nodes:
         await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
         await wait_until(lambda: _rounds(nodes) >= 30, 120)
-        # at most one stream per ordered pair of nodes (and a spare for a reconnect)
-        assert _streams(nodes) <= 3 * 2 + 2
-        assert _rounds(nodes, "failed") <= 2  # a busy machine may time one out
+        failed = _rounds(nodes, "failed")
+        assert failed <= 2  # a busy machine may time one out
+        # one stream per ordered pair of nodes, a spare for a reconnect, and a new
+        # one after each failed round
+        assert _streams(nodes) <= 3 * 2 + 2 + failed
 
 
 async def test_a_kept_stream_the_responder_closed_is_replaced_within_the_round(
