@@ -183,6 +183,9 @@ class AntiEntropySync:
                     return  # closed by the peer, or idle: both are a clean end
                 if not await self._serve_round(stream, peer, first, stranger):
                     return
+        except RemoteError as e:  # the first frame of a round was bad input
+            self.node.metrics.sync_rounds.labels("responder", e.reason.value).inc()
+            self.node.penalize(peer, e.reason)
         except Exception as e:  # noqa: BLE001 - a broken stream must not kill the node
             log.debug("sync stream from %s ended: %r", peer.short(), e)
         finally:
