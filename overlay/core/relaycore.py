@@ -66,6 +66,9 @@ from .surbs import ReplySink, SurbRegistry
 #: default bounds of the mix pool (``[relay] max_held`` and ``max_held_bytes``)
 DEFAULT_MAX_HELD = 4096
 DEFAULT_MAX_HELD_BYTES = 64 << 20
+#: default token buckets per relay neighbour and per light client (packets/s, burst)
+DEFAULT_RATE, DEFAULT_BURST = 2000.0, 4000.0
+DEFAULT_CLIENT_RATE, DEFAULT_CLIENT_BURST = 200.0, 400.0
 #: a large packet costs this many bucket tokens, a small one 1
 LARGE_COST = 16
 
@@ -153,10 +156,10 @@ class RelayCore:
     def __init__(
         self,
         *,
-        rate: float = 2000.0,
-        burst: float = 4000.0,
-        client_rate: float = 200.0,
-        client_burst: float = 400.0,
+        rate: float = DEFAULT_RATE,
+        burst: float = DEFAULT_BURST,
+        client_rate: float = DEFAULT_CLIENT_RATE,
+        client_burst: float = DEFAULT_CLIENT_BURST,
         max_delay_ms: int = MAX_DELAY_MS,
         max_held: int = DEFAULT_MAX_HELD,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,

@@ -58,8 +58,12 @@ import trio
 
 from ..core.mixing import MAX_DELAY_MS, LoopLost, LoopMonitor, MixPool, next_poisson
 from ..core.relaycore import (
+    DEFAULT_BURST,
+    DEFAULT_CLIENT_BURST,
+    DEFAULT_CLIENT_RATE,
     DEFAULT_MAX_HELD,
     DEFAULT_MAX_HELD_BYTES,
+    DEFAULT_RATE,
     Count,
     DeliverExit,
     ForwardPacket,
@@ -112,10 +116,10 @@ class RelayService(Links, ClientSessions, ExitSide):
         self,
         *,
         queue_size: int = 512,
-        rate: float = 2000.0,
-        burst: float = 4000.0,
-        client_rate: float = 200.0,
-        client_burst: float = 400.0,
+        rate: float = DEFAULT_RATE,
+        burst: float = DEFAULT_BURST,
+        client_rate: float = DEFAULT_CLIENT_RATE,
+        client_burst: float = DEFAULT_CLIENT_BURST,
         max_hold: float = 10.0,
         idle_timeout: float = 120.0,
         connect_timeout: float = 5.0,
