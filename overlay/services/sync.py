@@ -43,6 +43,11 @@ SYNC_PROTOCOL = "/hydra/sync/1.0.0"
 IDLE_TIMEOUT = 120.0  # a kept sync stream with no round for this long is closed
 
 
+def _round_bucket() -> TokenBucket:
+    """The rounds one peer may make us answer: 2/s, burst 6."""
+    return TokenBucket(rate=2.0, burst=6.0)
+
+
 @dataclass
 class PeerInfo:
     peer: NodeId
@@ -50,7 +55,7 @@ class PeerInfo:
     address: str = ""
     sync_ok: int = 0
     sync_failed: int = 0
-    bucket: TokenBucket = field(default_factory=lambda: TokenBucket(rate=2.0, burst=6.0))
+    bucket: TokenBucket = field(default_factory=_round_bucket)
 
 
 class SyncNode(NodeContext, Protocol):
@@ -173,7 +178,7 @@ class AntiEntropySync:
         except ValueError:
             await _close(stream)
             return
-        stranger = TokenBucket(rate=2.0, burst=6.0)  # rounds of a peer not in the table
+        stranger = _round_bucket()  # rounds of a peer not in the table
         try:
             while True:
                 first = None
