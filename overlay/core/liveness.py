@@ -283,7 +283,7 @@ class Liveness(Suspicion):
         """The probe period before the health multiplier: ``probe_interval``,
         stretched in proportion when ``timeout`` is (the indirect probes need
         their share of the period)."""
-        return max(self.probe_interval, self.probe_interval / self.probe_timeout * self.timeout)
+        return self.probe_interval * (self.timeout / self.probe_timeout)
 
     @property
     def srtt(self) -> float | None:
