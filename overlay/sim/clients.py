@@ -8,9 +8,18 @@ weights; the candidates are every exit-ish record of the entry's view plus a
 fixed random sample of 48 relays, not all 10,000 records) and reply paths by
 ``select_return_path``.
 
-The onion packet itself is modeled, not built: it travels hop by hop through
-the network model as one ``SMALL`` packet (2 KiB) per hop and is lost if a hop
-is down or cut off. An exit that no longer has the EXIT role answers
+The onion packet's bytes are modeled, not built (one ``SMALL`` packet, 2 KiB,
+per hop in the network model; lost if a hop is down or cut off), but every hop
+makes its decisions with the relay's own core (``overlay.core.relaycore.
+RelayCore``, one per node on a path): what a hop has peeled is handed to
+``act`` as the ``Forward`` or ``Deliver`` the onion layer would return, and
+its effects are carried out (``ForwardPacket`` sent on, ``DeliverExit`` handed
+to the exit). Paths here carry no mix delay, so nothing is held; mixing is
+measured by ``overlay.sim.anonymity``, which runs the same core's pool. Acks come back on single-use
+reply blocks: the client's session registers two surb ids per attempt at its
+entry (``RelayCore.register``), the exit answers on them, and the entry's core
+routes each reply to the session (``PushReply``) or buffers / drops it as the
+SURB registry decides. An exit that no longer has the EXIT role answers
 ``rejected: not_exit``; otherwise it de-duplicates by message id (per exit),
 answers ``queued`` at once and ``delivered`` ``delivery_delay`` seconds later
 (a seized exit loses what it queued; a cut-off exit retries every 5 s and
@@ -28,12 +37,16 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..core.outbox import Attempt, Finished, Outbox, State
 from ..core.paths import NoPath, select_path, select_return_path
+from ..core.relaycore import Count, DeliverExit, ForwardPacket, PushReply, RelayCore
+from ..core.surbs import ReplySink
 from ..crypto import hash32
 from ..onion.params import SMALL
+from ..onion.process import Deliver, Forward
 from ..records import Role
 from ..wire.delivery import AckStatus
 from .metrics import quantile, r6
@@ -46,6 +59,28 @@ DEST = "smtp:user@example.org"
 PACKET = SMALL.packet_size
 SAMPLE = 48
 INF = math.inf
+#: surb ids a session registers per attempt: an exit answers at most twice (queued, delivered)
+ACKS = 2
+
+
+class _Session(ReplySink):
+    """A client's session at its entry: what replies are pushed to."""
+
+    def __init__(self, c: int) -> None:
+        self.c = c
+
+    def push(self, surb_id: bytes, payload: bytes) -> bool:  # the sim acts on PushReply itself
+        return True
+
+
+@dataclass(slots=True)
+class _Onion:
+    """A packet in flight: the path and where it is; ``item`` is the client's data."""
+
+    hops: list[int]
+    at: int
+    item: object
+    surb_id: bytes | None = None
 
 
 class Clients:
@@ -71,6 +106,10 @@ class Clients:
         self.delivery_delay = 0.05
         self.attempts = 0
         self.no_path = 0
+        self.sessions = [_Session(c) for c in range(n)]
+        self.relays: dict[int, RelayCore] = {}  # one relay core per node a packet reached
+        self.relay_counts: dict[str, int] = {}
+        self.tries: dict[bytes, int] = {}
 
     def start(self) -> None:
         for c in range(len(self.entries)):
@@ -160,32 +199,72 @@ class Clients:
         self.attempts += 1
         hops = [sim.index[n] for n in path.node_ids]
         ret = [sim.index[n] for n in back.node_ids]
-        self._decide(c, ob.sent(a.message_id, path.node_ids, path.last.node_id, now), now)
-        t = sim.net.path_time(C_CLIENT, hops, PACKET, now)
-        if t is not None:
-            sim.engine.at(t, self._at_exit, c, a.message_id, (hops[-1], ret))
+        mid = a.message_id
+        k = self.tries[mid] = self.tries.get(mid, 0) + 1
+        surbs = [hash32(b"sim-surb/%s/%d/%d" % (mid, k, i))[:16] for i in range(ACKS)]
+        self._relay(e).register(self.sessions[c], surbs, now)  # nothing is buffered for new ids
+        self._decide(c, ob.sent(mid, path.node_ids, path.last.node_id, now), now)
+        self._arrive(_Onion(hops, 0, (c, mid, ret, surbs)))
+
+    # ---- the relays ---------------------------------------------------------------------
+    def _relay(self, i: int) -> RelayCore:
+        r = self.relays.get(i)
+        if r is None:
+            r = self.relays[i] = RelayCore()
+        return r
+
+    def _arrive(self, p: _Onion, _b=None, _c=None) -> None:
+        """``p`` reached ``p.hops[p.at]``, whose relay core acts on what its layer says."""
+        sim = self.sim
+        i = p.hops[p.at]
+        if not sim.net.ok(i):
+            return
+        if p.at == len(p.hops) - 1:
+            res = Deliver(payload=b"", replay_tag=b"", surb_id=p.surb_id)
+        else:
+            nxt = _Onion(p.hops, p.at + 1, p.item, p.surb_id)
+            res = Forward(next_node=p.hops[p.at + 1], next_epoch=0, packet=nxt, replay_tag=b"")
+        self._effects(i, p, self._relay(i).act([res], sim.engine.now, "relay"))
+
+    def _effects(self, i: int, p: _Onion, effects) -> None:
+        sim = self.sim
+        for fx in effects:
+            tp = type(fx)
+            if tp is ForwardPacket:
+                t = sim.net.send(C_CLIENT, i, fx.node, PACKET, sim.engine.now)
+                if t is not None:
+                    sim.engine.at(t, self._arrive, fx.packet)
+            elif tp is DeliverExit:
+                c, mid, ret, surbs = p.item
+                self._at_exit(c, mid, (i, ret, surbs))
+            elif tp is PushReply:
+                c, mid, info = p.item
+                self._on_ack(c, mid, info)
+            elif tp is Count:
+                key = f"{fx.what}:{fx.label}" if fx.label else fx.what
+                self.relay_counts[key] = self.relay_counts.get(key, 0) + fx.n
 
     # ---- the exit ----------------------------------------------------------------------
     def _at_exit(self, c: int, mid: bytes, info) -> None:
-        x, ret = info
+        x, ret, surbs = info
         sim = self.sim
-        if not sim.net.ok(x):
-            return
         rec = sim.nodes[x].rec
         if rec.is_tombstone or Role.EXIT not in rec.roles:
-            self._ack(c, mid, x, ret, AckStatus.REJECTED, "not_exit: this node is not an exit")
+            self._ack(
+                c, mid, x, ret, surbs[0], AckStatus.REJECTED, "not_exit: this node is not an exit"
+            )
             return
         key = (x, mid)
         if key in self.exit_done:
-            self._ack(c, mid, x, ret, AckStatus.DELIVERED)
+            self._ack(c, mid, x, ret, surbs[0], AckStatus.DELIVERED)
             return
         if key not in self.exit_has:
             self.exit_has.add(key)
-            sim.engine.after(self.delivery_delay, self._delivered, c, mid, (x, ret))
-        self._ack(c, mid, x, ret, AckStatus.QUEUED)
+            sim.engine.after(self.delivery_delay, self._delivered, c, mid, (x, ret, surbs[1]))
+        self._ack(c, mid, x, ret, surbs[0], AckStatus.QUEUED)
 
     def _delivered(self, c: int, mid: bytes, info) -> None:
-        x, ret = info
+        x, ret, surb = info
         sim = self.sim
         if not sim.net.up[x]:
             return  # seized with its queue
@@ -194,14 +273,14 @@ class Clients:
             return
         self.exit_done.add((x, mid))
         self.deliveries.setdefault(mid, []).append((sim.engine.now, x))
-        self._ack(c, mid, x, ret, AckStatus.DELIVERED)
+        self._ack(c, mid, x, ret, surb, AckStatus.DELIVERED)
 
-    def _ack(self, c: int, mid: bytes, x: int, ret: list[int], status, reason: str = "") -> None:
-        sim = self.sim
-        now = sim.engine.now
-        t = sim.net.path_time(C_CLIENT, [x, *ret], PACKET, now)
-        if t is not None:
-            sim.engine.at(t, self._on_ack, c, mid, (x, status, reason))
+    def _ack(
+        self, c: int, mid: bytes, x: int, ret: list[int], surb: bytes, status, reason: str = ""
+    ) -> None:
+        """The exit answers on one of the attempt's reply blocks (path ``x, *ret``)."""
+        reply = _Onion([x, *ret], 1, (c, mid, (x, status, reason)), surb)
+        self._effects(x, reply, [ForwardPacket(ret[0], reply)])
 
     def _on_ack(self, c: int, mid: bytes, info) -> None:
         x, status, reason = info
@@ -246,6 +325,7 @@ class Clients:
             "lost": sent - len(delivered) - pending,
             "attempts": self.attempts,
             "no_path": self.no_path,
+            "relay": dict(sorted(self.relay_counts.items())),
             "latency": {
                 "p50": r6(quantile(lat, 0.5)),
                 "p99": r6(quantile(lat, 0.99)),

@@ -38,6 +38,10 @@ def test_takedown_exits_come_back_and_no_message_is_lost():
     assert cl["delivered"] + cl["pending_at_end"] == cl["sent"] and cl["failed"] == 0
     assert cl["delivered_twice"] == 0
     assert cl["failover"]["cases"] > 0 and cl["failover"]["max"] < 10.0
+    # every hop ran the relay core: each delivery went through one, each ack was routed by one
+    assert cl["relay"]["delivered:exit"] >= cl["delivered"]
+    assert cl["relay"]["delivered:reply"] >= cl["delivered"]
+    assert cl["relay"]["forwarded"] >= 2 * cl["attempts"]
     lv = rep["liveness"]
     assert lv["false_dead"] == 0
     assert lv["detection"]["all_99pct_max"] < 10.0
