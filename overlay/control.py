@@ -413,17 +413,34 @@ def auth_headers(home: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def control_answer(url: str, route: str, send: Callable[[], Any], home: Path | None = None) -> Any:
+    """The JSON the control endpoint at ``url`` answers to ``send()`` (an httpx call
+    to ``route``), or a ``LocalError`` saying in one line why there is none."""
+    import httpx
+
+    try:
+        r = send()
+        if r.status_code == 401:
+            where = f" in {token_path(home)}" if home is not None else ""
+            raise LocalError(f"control endpoint {url} refused the token{where}")
+        if r.status_code == 404:
+            raise LocalError(f"the node at {url} does not serve {route} (an older version?)")
+        r.raise_for_status()
+        return r.json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
+
+
 def control_get(home: Path, route: str, timeout: float = 5.0) -> Any:
     """GET ``route`` from the node running from ``home``; its JSON. Raises ``LocalError``."""
     import httpx
 
     url = control_url(home)
-    try:
-        # no proxies from the environment: the token must not leave this machine
-        r = httpx.get(url + route, headers=auth_headers(home), timeout=timeout, trust_env=False)
-        if r.status_code == 401:
-            raise LocalError(f"control endpoint {url} refused the token in {token_path(home)}")
-        r.raise_for_status()
-        return r.json()
-    except (httpx.HTTPError, ValueError) as e:
-        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
+    headers = auth_headers(home)
+    # no proxies from the environment: the token must not leave this machine
+    return control_answer(
+        url,
+        route,
+        lambda: httpx.get(url + route, headers=headers, timeout=timeout, trust_env=False),
+        home,
+    )

@@ -81,6 +81,22 @@ def feeds_from_listen(listen: list[str]) -> list[str]:
     return list(seen)[:8]
 
 
+def dialable(addrs: list[str], peer_id: str) -> list[str]:
+    """Addresses others can dial, each ending in ``/p2p/<peer_id>``: wildcard listen
+    addresses become one per interface address (``feeds_from_listen``), never
+    ``0.0.0.0``; the IPv6 wildcard is left out (its interface addresses are
+    announced as feeds)."""
+    own = f"/p2p/{peer_id}"
+    out: list[str] = []
+    for a in addrs:
+        base = a[: -len(own)] if a.endswith(own) else a
+        if base.startswith("/ip4/0.0.0.0/"):
+            out += feeds_from_listen([base])
+        elif not base.startswith("/ip6/::/"):
+            out.append(base)
+    return list(dict.fromkeys(f"{b}{own}" for b in out))
+
+
 class HomeLocked(LocalError):
     """Another process holds the home's lock (another node runs from it)."""
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from ..config import LOG_LEVELS
 from ..errors import OverlayError
-from ..home import Home
+from ..home import Home, dialable
 from .homes import check_join
 from .logs import LogFilter, check_log_file, set_library_levels, setup_logging
 from .send import check_seed_sources, seed_join_addrs
@@ -25,7 +25,6 @@ from .util import (
     check_multiaddr,
     check_threshold,
     checked,
-    dialable,
     err,
     fail,
     open_home,

@@ -12,13 +12,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import LocalError
+from ..home import dialable
 from .util import (
     EXIT_USAGE,
     HomeOpt,
     JsonOpt,
     cell,
-    dialable,
     err,
     fail,
     human_time,
@@ -227,22 +226,19 @@ def console_command(
     """
     import httpx
 
-    from ..control import TICKET_TTL, auth_headers, control_url
+    from ..control import TICKET_TTL, auth_headers, control_answer, control_url
 
     h = open_home(home)
     url = control_url(h.path)
-    try:
-        r = httpx.post(
-            url + "/console/ticket", headers=auth_headers(h.path), timeout=5, trust_env=False
-        )
-    except httpx.HTTPError as e:
-        raise LocalError(f"control endpoint {url} did not answer: {e}") from None
-    if r.status_code == 401:
-        raise LocalError(f"control endpoint {url} refused the token")
-    if r.status_code == 404:
-        raise LocalError(f"the node at {url} has no console (an older version?)")
-    r.raise_for_status()
-    link = url + r.json()["path"]
+    headers = auth_headers(h.path)
+    route = "/console/ticket"
+    answer = control_answer(
+        url,
+        route,
+        lambda: httpx.post(url + route, headers=headers, timeout=5, trust_env=False),
+        h.path,
+    )
+    link = url + answer["path"]
     print(link)
     err.print(f"one-time link, valid {TICKET_TTL:.0f} s; the browser then keeps a session cookie")
     if open_browser:

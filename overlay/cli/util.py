@@ -190,24 +190,6 @@ def human_time(t: float, now: float | None = None) -> str:
     return f"{iso(t)} ({ago(t - (time.time() if now is None else now))})"
 
 
-def dialable(addrs: list[str], peer_id: str) -> list[str]:
-    """Addresses others can dial, each ending in ``/p2p/<peer_id>``: wildcard listen
-    addresses become one per interface address, never ``0.0.0.0``."""
-    from ..home import feeds_from_listen
-
-    own = f"/p2p/{peer_id}"
-    out: list[str] = []
-    for a in addrs:
-        base = a[: -len(own)] if a.endswith(own) else a
-        if base.startswith("/ip4/0.0.0.0/"):
-            out += feeds_from_listen([base])
-        elif base.startswith("/ip6/::/"):
-            continue  # IPv6 wildcard: the interface addresses are announced as feeds
-        else:
-            out.append(base)
-    return list(dict.fromkeys(f"{b}{own}" for b in out))
-
-
 # ---------------------------------------------------------------- options and helpers of the commands
 HomeOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..home import feeds_from_listen
+from ..home import dialable
 from ..records import Role
 from .history import History
 
@@ -54,19 +54,6 @@ def role_of(roles: Role) -> str:
     if Role.STANDBY_EXIT in roles:
         return "standby"
     return ""
-
-
-def dialable(addrs: list[str], peer_id: str) -> list[str]:
-    """Addresses others can dial, each ending in ``/p2p/<peer_id>`` (no wildcards)."""
-    own = f"/p2p/{peer_id}"
-    out: list[str] = []
-    for a in addrs:
-        base = a[: -len(own)] if a.endswith(own) else a
-        if base.startswith("/ip4/0.0.0.0/"):
-            out += feeds_from_listen([base])
-        elif not base.startswith("/ip6/::/"):
-            out.append(base)
-    return list(dict.fromkeys(f"{b}{own}" for b in out))
 
 
 class ConsoleService:

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..control import auth_headers, control_url
+from ..control import auth_headers, control_answer, control_url
 from ..errors import LocalError
 
 PLAIN_SUMMARY_EVERY = 10.0
@@ -177,6 +177,7 @@ class Source:
     """The running node's ``/console/state``, asked with the home's token."""
 
     def __init__(self, home: Path, timeout: float = 3.0) -> None:
+        self.home = home
         self.url = control_url(home)
         self.http = httpx.Client(
             base_url=self.url, headers=auth_headers(home), timeout=timeout, trust_env=False
@@ -185,16 +186,10 @@ class Source:
         self.events: deque[dict] = deque(maxlen=200)
 
     def fetch(self) -> dict:
-        try:
-            r = self.http.get("/console/state", params={"since": self.seq})
-        except httpx.HTTPError as e:
-            raise LocalError(f"control endpoint {self.url} did not answer: {e}") from None
-        if r.status_code == 401:
-            raise LocalError(f"control endpoint {self.url} refused the token")
-        if r.status_code == 404:
-            raise LocalError(f"the node at {self.url} has no console (an older version?)")
-        r.raise_for_status()
-        s = r.json()
+        route = "/console/state"
+        s = control_answer(
+            self.url, route, lambda: self.http.get(route, params={"since": self.seq}), self.home
+        )
         if s["last_seq"] < self.seq:  # the node restarted: its numbering too
             self.seq, s = 0, self.http.get("/console/state").json()
         self.events.extend(s["events"])

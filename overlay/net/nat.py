@@ -23,6 +23,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from ..errors import LocalError
 from .errors import _LIBP2P_IO_ERRORS, NetError, StreamOpenError
 from .sockets import _addr_ip, _is_relayed
+from .streams import one_request
 
 logger = logging.getLogger(__name__)
 
@@ -194,23 +195,20 @@ class NatPart:
         for a in list(addrs)[:AUTONAT_MAX_ADDRS]:
             request.dial.peer.addrs.append(multiaddr.Multiaddr(a).to_bytes())
         deadline = self._dial_timeout * 3 + 3 if timeout is None else timeout
-        data = b""
-        with trio.move_on_after(deadline) as scope:
-            try:
-                raw = await self._host.new_stream(server, [AUTONAT_PROTOCOL_ID])
-            except Exception as e:
-                raise StreamOpenError(f"no AutoNAT stream to {server_peer_id}: {e!r}") from e
-            try:
-                await raw.write(encode_varint_prefixed(request.SerializeToString()))
-                data = await read_varint_prefixed_bytes_limited(raw, AUTONAT_MAX_MESSAGE)
-            except Exception as e:
-                raise NetError(f"AutoNAT exchange with {server_peer_id} failed: {e!r}") from e
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    with contextlib.suppress(Exception):
-                        await raw.close()
-        if scope.cancelled_caught:
-            raise NetError(f"AutoNAT probe via {server_peer_id} timed out after {deadline:g} s")
+
+        async def talk(raw: INetStream) -> bytes:
+            await raw.write(encode_varint_prefixed(request.SerializeToString()))
+            return await read_varint_prefixed_bytes_limited(raw, AUTONAT_MAX_MESSAGE)
+
+        data = await one_request(
+            self._host,
+            server,
+            AUTONAT_PROTOCOL_ID,
+            talk,
+            deadline,
+            "AutoNAT probe",
+            open_error=StreamOpenError,
+        )
         response = AutoNATMessage()
         try:
             response.ParseFromString(data)

@@ -25,6 +25,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from ..errors import LocalError
 from .errors import DialError, DialTimeout, RelayError, ReservationError
 from .limits import REFUSED_BANNED
+from .streams import one_request
 from .upstream import CircuitProtocol
 
 logger = logging.getLogger(__name__)
@@ -144,23 +145,14 @@ class RelayV2Part:
         except Exception as e:
             raise LocalError(f"invalid peer id {relay_peer_id!r}") from e
         deadline = self._stream_timeout if timeout is None else timeout
-        resp: Any = None
-        with trio.move_on_after(deadline) as scope:
-            try:
-                raw = await self._host.new_stream(relay, [HOP_PROTOCOL_ID])
-            except Exception as e:
-                raise ReservationError(f"no relay stream to {relay_peer_id}: {e!r}") from e
-            try:
-                await write_delimited_msg(raw, HopMessage(type=HopMessage.RESERVE))
-                resp = await read_delimited_msg(raw, HopMessage)
-            except Exception as e:
-                raise ReservationError(f"reservation on {relay_peer_id} failed: {e!r}") from e
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    with contextlib.suppress(Exception):
-                        await raw.close()
-        if scope.cancelled_caught:
-            raise ReservationError(f"reservation on {relay_peer_id} timed out after {deadline:g} s")
+
+        async def talk(raw: Any) -> Any:
+            await write_delimited_msg(raw, HopMessage(type=HopMessage.RESERVE))
+            return await read_delimited_msg(raw, HopMessage)
+
+        resp = await one_request(
+            self._host, relay, HOP_PROTOCOL_ID, talk, deadline, "reservation", ReservationError
+        )
         status = int(resp.status) if resp.HasField("status") else int(RelayStatus.OK)
         if status != RelayStatus.OK:
             name = RelayStatus(status).name if status in RelayStatus._value2member_map_ else status

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from libp2p.abc import INetStream
@@ -18,6 +18,7 @@ from libp2p.peer.id import ID
 from ..errors import LocalError
 from .errors import (
     _LIBP2P_IO_ERRORS,
+    NetError,
     StreamBroken,
     StreamLimitReached,
     StreamOpenError,
@@ -26,6 +27,39 @@ from .errors import (
 from .limits import REFUSED_STREAM_LIMIT
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+async def one_request(
+    host: Any,
+    peer: ID,
+    protocol: TProtocol,
+    talk: Callable[[INetStream], Awaitable[_T]],
+    deadline: float,
+    what: str,
+    error: type[NetError] = NetError,
+    open_error: type[NetError] | None = None,
+) -> _T:
+    """Open a raw libp2p stream to ``peer``, ``talk`` on it and close it, all
+    within ``deadline`` seconds (for a libp2p protocol spoken once: AutoNAT's
+    dial-back, a relay v2 reservation). Every failure is an ``error`` naming
+    ``what`` and the peer (``open_error``, if given, when no stream opens);
+    the stream is closed whatever happens.
+    """
+    with trio.move_on_after(deadline):
+        try:
+            raw = await host.new_stream(peer, [protocol])
+        except Exception as e:
+            raise (open_error or error)(f"no {what} stream to {peer}: {e!r}") from e
+        try:
+            return await talk(raw)
+        except Exception as e:
+            raise error(f"{what} with {peer} failed: {e!r}") from e
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                with contextlib.suppress(Exception):
+                    await raw.close()
+    raise error(f"{what} with {peer} timed out after {deadline:g} s")
 
 
 # Upstream's Yamux refuses (by blocking forever) a 257th concurrent outbound
