@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, sender records, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import libp2p.network.swarm as _libp2p_swarm
+import libp2p.pubsub.gossipsub as _libp2p_gossipsub
+import libp2p.pubsub.pubsub as _libp2p_pubsub
 import multiaddr
 import trio
 from libp2p import new_host
@@ -72,6 +76,48 @@ logger = logging.getLogger(__name__)
 # test_upstream_happy_eyeballs_delay_is_250ms.
 UPSTREAM_HAPPY_EYEBALLS_DELAY: float = _libp2p_swarm._HAPPY_EYEBALLS_DELAY
 _libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0
+
+# WORKAROUND (sender records): every pubsub RPC carries its sender's signed
+# peer record, and upstream consumes it on every RPC it reads: a protobuf
+# parse, an Ed25519 verification and a rewrite of the peer's addresses in the
+# peerstore, twice for an RPC with control messages (Pubsub's reader and
+# GossipSub.handle_rpc). A peer's record changes only when its addresses do,
+# so the very bytes already consumed for the same peer are accepted again
+# without the work, for SENDER_RECORD_TTL seconds (then consumed again, which
+# refreshes the addresses' time to live as upstream does). Anything else (a
+# new record, another peer's, a forgery) goes to upstream's function. Module
+# globals, so patched process-wide. test_sender_record_is_verified_once_per_peer /
+# test_upstream_verifies_the_sender_record_of_every_rpc.
+SENDER_RECORD_TTL = 600.0
+_SENDER_RECORDS_MAX = 4096
+UPSTREAM_CONSUME_SENDER_RECORD = _libp2p_pubsub.maybe_consume_signed_record
+# per host (several nodes may share a process): peer -> (record bytes, when consumed)
+_sender_records: weakref.WeakKeyDictionary[Any, dict[Any, tuple[bytes, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _consume_sender_record(msg: Any, host: Any, peer_id: Any) -> bool:
+    if not msg.HasField("senderRecord"):
+        return True
+    data = msg.senderRecord
+    now = time.monotonic()
+    seen_by = _sender_records.get(host)
+    if seen_by is None:
+        seen_by = _sender_records[host] = {}
+    seen = seen_by.get(peer_id)
+    if seen is not None and seen[0] == data and now - seen[1] < SENDER_RECORD_TTL:
+        return True
+    ok = UPSTREAM_CONSUME_SENDER_RECORD(msg, host, peer_id)
+    if ok and peer_id is not None:
+        if len(seen_by) >= _SENDER_RECORDS_MAX:
+            seen_by.clear()
+        seen_by[peer_id] = (bytes(data), now)
+    return ok
+
+
+_libp2p_pubsub.maybe_consume_signed_record = _consume_sender_record
+_libp2p_gossipsub.maybe_consume_signed_record = _consume_sender_record
 
 
 # ---- construction -------------------------------------------------------------

@@ -310,6 +310,74 @@ def test_upstream_happy_eyeballs_delay_is_250ms() -> None:
     assert UPSTREAM_HAPPY_EYEBALLS_DELAY == 0.25
 
 
+# ---- sender records ------------------------------------------------------------
+
+
+def _sender_record_rpc(host):
+    from libp2p.peer.peerstore import issue_and_cache_local_record
+    from libp2p.pubsub.pb import rpc_pb2
+
+    return rpc_pb2.RPC(senderRecord=issue_and_cache_local_record(host))
+
+
+def _count_envelope_checks(monkeypatch) -> list[int]:
+    import libp2p.pubsub.utils as pubsub_utils
+
+    calls = [0]
+    real = pubsub_utils.consume_envelope
+
+    def counting(data, domain):
+        calls[0] += 1
+        return real(data, domain)
+
+    monkeypatch.setattr(pubsub_utils, "consume_envelope", counting)
+    return calls
+
+
+def test_sender_record_is_verified_once_per_peer(monkeypatch) -> None:
+    """WORKAROUND (sender records): the same record bytes from the same peer are
+    verified once per receiving host; another peer's record, a forgery or
+    another receiver goes through upstream's checks again."""
+    import libp2p.pubsub.gossipsub as gossipsub_module
+    import libp2p.pubsub.pubsub as pubsub_module
+
+    consume = pubsub_module.maybe_consume_signed_record
+    assert gossipsub_module.maybe_consume_signed_record is consume  # both readers patched
+    calls = _count_envelope_checks(monkeypatch)
+    sender, other, receiver, receiver2 = new_host(), new_host(), new_host(), new_host()
+    rpc = _sender_record_rpc(sender)
+    for _ in range(5):
+        assert consume(rpc, receiver, sender.get_id())
+    assert calls[0] == 1
+    assert consume(rpc, receiver2, sender.get_id())  # another node in the same process
+    assert calls[0] == 2
+    # the record claims to be sender's but arrives from other: refused, every time
+    for _ in range(3):
+        assert not consume(rpc, receiver, other.get_id())
+    assert calls[0] == 5
+    # a tampered record is refused even from the peer whose record was cached
+    forged = _sender_record_rpc(sender)
+    raw = bytearray(forged.senderRecord)
+    raw[-1] ^= 1
+    forged.senderRecord = bytes(raw)
+    assert not consume(forged, receiver, sender.get_id())
+    # and the cached one still passes without another check
+    before = calls[0]
+    assert consume(rpc, receiver, sender.get_id())
+    assert calls[0] == before
+
+
+def test_upstream_verifies_the_sender_record_of_every_rpc(monkeypatch) -> None:
+    from overlay.net.upstream import UPSTREAM_CONSUME_SENDER_RECORD
+
+    calls = _count_envelope_checks(monkeypatch)
+    sender, receiver = new_host(), new_host()
+    rpc = _sender_record_rpc(sender)
+    for _ in range(3):
+        assert UPSTREAM_CONSUME_SENDER_RECORD(rpc, receiver, sender.get_id())
+    assert calls[0] == 3, "upstream no longer re-verifies a known sender record"
+
+
 # ---- security and muxer options ----------------------------------------------
 
 
