@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -89,15 +90,11 @@ class NodeId:
 
     def peer_id(self) -> str:
         """libp2p peer id in base58btc (starts with ``12D3KooW``)."""
-        return b58encode(self.peer_id_bytes())
+        return _peer_id_text(self._raw)
 
     @classmethod
     def from_peer_id(cls, text: str) -> NodeId:
-        raw = b58decode(text)
-        prefix = bytes([0x00, 36]) + _LIBP2P_ED25519_PREFIX
-        if len(raw) != 38 or not raw.startswith(prefix):
-            raise ValueError("not an Ed25519 libp2p peer id")
-        return cls(raw[6:])
+        return cls(_peer_id_key(text))
 
     def verify(self, message: bytes, signature: bytes) -> None:
         """Raise ``BadSignature`` unless ``signature`` is valid for ``message``."""
@@ -105,6 +102,23 @@ class NodeId:
             nacl.signing.VerifyKey(self._raw).verify(message, signature)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError) as e:
             raise BadSignature(detail="ed25519 verification failed") from e
+
+
+# Peer ids are converted back and forth for every connection and stream, and
+# base58 is a Python loop: both directions are remembered (bounded).
+@functools.lru_cache(maxsize=16384)
+def _peer_id_text(raw: bytes) -> str:
+    return b58encode(bytes([0x00, 36]) + _LIBP2P_ED25519_PREFIX + raw)
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_id_key(text: str) -> bytes:
+    """The Ed25519 key inside a libp2p peer id (``ValueError`` if there is none)."""
+    raw = b58decode(text)
+    prefix = bytes([0x00, 36]) + _LIBP2P_ED25519_PREFIX
+    if len(raw) != 38 or not raw.startswith(prefix):
+        raise ValueError("not an Ed25519 libp2p peer id")
+    return raw[6:]
 
 
 class SigningKey:
