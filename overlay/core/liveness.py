@@ -244,6 +244,7 @@ class Liveness(Suspicion):
         self._next_dead_pull = -math.inf
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
         self.accusations_heard = 0  # signed accusations by members taken into account
+        self.stale_checks = 0  # probes made because only old statements accused a member
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
         # recent failed probes: target, relays, when the Ping went out
@@ -356,7 +357,8 @@ class Liveness(Suspicion):
                     if obs != self.me:
                         t = min(t, a.received + self.accusation_ttl)
                 if m.state == SUSPECT and len(m.accusers) >= self.confirmations_needed:
-                    t = min(t, self._suspicion_deadline(m))
+                    d = self._suspicion_deadline(m)
+                    t = min(t, d if m.look_at is None else max(d, m.look_at))
             if m.reverify_at is not None:
                 t = min(t, m.reverify_at)
         return t

@@ -52,6 +52,7 @@ class Member:
     probed_at: float = -math.inf
     hinted_at: float = -math.inf  # last probe_now() probe
     told_at: float = -math.inf  # last time we told a lagging accuser it is dead
+    look_at: float | None = None  # DEAD waits for our own probe: when to look again
 
 
 class Suspicion:
@@ -84,6 +85,8 @@ class Suspicion:
     _health: int
     _members: dict[NodeId, Member]
     _watch: dict[NodeId, None]
+    _probing: dict[NodeId, int]
+    stale_checks: int
 
     def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
         raise NotImplementedError  # Liveness probes
@@ -240,9 +243,11 @@ class Suspicion:
                 # remote confirmations aged out and we never saw a failure ourselves
                 self._set_state(node, m, ALIVE, now, out)
                 m.suspect_since = None
+                m.look_at = None
             elif len(acc) >= self.confirmations_needed and now >= self._suspicion_deadline(m):
-                self._declare_dead(node, m, now, out)
-                return
+                if not self._needs_own_look(node, m, acc, now, out):
+                    self._declare_dead(node, m, now, out)
+                    return
             elif m.reverify_at is not None and now >= m.reverify_at:
                 # look again rather than wait for the round-robin; a failure re-accuses
                 m.reverify_at = now + self.accusation_ttl / 2
@@ -251,6 +256,41 @@ class Suspicion:
             m.accusers = None
             m.reverify_at = None
             self._watch.pop(node, None)
+
+    def _needs_own_look(
+        self, node: NodeId, m: Member, acc: dict[NodeId, Accusation], now: float, out: list[Effect]
+    ) -> bool:
+        """Old statements make us look, not declare.
+
+        A remote statement that was already older than ``accusation_ttl`` (by its
+        signer's clock) when it reached us is history: it may have been true
+        while the accused was cut off, or we were, and the accused may have
+        refuted long ago where we could not hear it (a dead-sync answer after
+        our own cut, a newcomer's first answers). Such statements count toward
+        DEAD only together with a failure we saw ourselves after they arrived;
+        until then we probe the accused (at most once a probe period). Fresh
+        statements count as before, so a crash still dies on the others' word.
+        """
+        stale = [
+            a
+            for o, a in acc.items()
+            if o != self.me and a.received - a.ts / 1000 > self.accusation_ttl
+        ]
+        if not stale:
+            return False
+        fresh = len(acc) - len(stale)
+        if fresh >= self.confirmations_needed:
+            return False
+        ours = acc.get(self.me)
+        if ours is not None and ours.received >= max(a.received for a in stale):
+            return False  # we saw it fail ourselves since
+        if node not in self._probing and now - m.verified_at >= self.probe_interval:
+            m.verified_at = now
+            self.stale_checks += 1
+            self._start_probe(node, now, out)
+        # (a probe in flight wakes us by its own deadline; this is the fallback)
+        m.look_at = max(m.verified_at + self.probe_interval, now + self.probe_interval / 4)
+        return True
 
     def _expire(self, m: Member, now: float) -> dict[NodeId, Accusation]:
         """Drop remote accusations older than ``accusation_ttl``; return what is left."""
@@ -283,6 +323,7 @@ class Suspicion:
         m.suspect_since = None
         m.confirmed_at = None
         m.reverify_at = None
+        m.look_at = None
         self._watch.pop(node, None)
         self._set_state(node, m, DEAD, now, out)
 
@@ -301,6 +342,7 @@ class Suspicion:
         m.suspect_since = None
         m.confirmed_at = None
         m.reverify_at = None
+        m.look_at = None
         m.last_frame = None
         m.dead_frames = ()
         self._watch.pop(node, None)

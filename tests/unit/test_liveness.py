@@ -412,6 +412,37 @@ def test_confirmations_from_distinct_observers_make_suspect_then_dead():
     assert c.state(IDS[5])[0] == DEAD  # unanswered looks at the dead accuse nobody
 
 
+@pytest.mark.parametrize("answers", [True, False])
+def test_old_statements_make_us_look_before_we_declare(answers):
+    """Statements already older than accusation_ttl when they reach us (a dead-sync
+    answer after our own cut: the accused may have come back and refuted where
+    we could not hear it) count toward DEAD only with a failure we saw ourselves
+    after they arrived; fresh ones still kill on the others' word (test above)."""
+    c = core(n=6, verify_fanout=0)
+    x, now = IDS[5], 100.0
+    old = wire.ts_of(now - 60.0)  # signed a minute ago
+    c.receive(B, dead(x, B, ts=old), now)
+    c.receive(C, dead(x, C, ts=old), now)
+    assert c.state(x)[0] == SUSPECT  # enough signers to suspect at once
+    t, probed = now, []
+    while t < now + 3 * c.suspicion_max:
+        for peer, f in sends(c.tick(t), wire.Ping):
+            if peer != x:
+                c.receive(peer, wire.encode(wire.Ack(f.nonce)), t)  # the others are fine
+            else:
+                probed.append(t)
+                if answers:
+                    c.receive(x, wire.encode(wire.Ack(f.nonce)), t + 0.01)
+        t += 0.05
+    assert probed and probed[0] < now + c.suspicion_max  # looked itself, early
+    assert c.stale_checks >= 1
+    if answers:
+        assert c.state(x)[0] == ALIVE  # it answered: the old statements are history
+    else:
+        state, since = c.state(x)
+        assert state == DEAD and since > probed[0]  # dead only after its own probe failed
+
+
 def test_suspicion_timeout_shrinks_from_max_to_min():
     c = core()
     values = [c.suspicion_timeout(n) for n in range(6)]
