@@ -193,8 +193,11 @@ async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path)
                 # (three would, one run in nine: each loop's other relay is one of three)
                 await wait_until(lambda: a.relay.loops.stats["lost"] >= 8, 90)
         mon = a.relay.loops
-        # every lost loop went through the black hole: it carries all the evidence
-        assert mon.evidence[bh.node_id] == mon.stats["lost"]
+        # the lost loops went through the black hole: it carries the evidence. (On a
+        # starved machine an honest loop may come back too late as well, so not
+        # necessarily all of it: the black hole needs only to stand out.)
+        assert mon.evidence[bh.node_id] >= 8
+        assert mon.evidence[bh.node_id] >= mon.stats["lost"] - 2
         assert all(
             mon.evidence[n] < mon.evidence[bh.node_id] for n in mon.evidence if n != bh.node_id
         )
