@@ -49,6 +49,8 @@ def b58decode(text: str) -> bytes:
 
 # libp2p PublicKey protobuf for Ed25519: field 1 (KeyType) = 1, field 2 (Data) = 32 bytes
 _LIBP2P_ED25519_PREFIX = b"\x08\x01\x12\x20"
+#: identity multihash (0x00, length 36) of that protobuf key: a peer id is this + the raw key
+_PEER_ID_PREFIX = bytes([0x00, len(_LIBP2P_ED25519_PREFIX) + 32]) + _LIBP2P_ED25519_PREFIX
 
 
 class NodeId:
@@ -85,8 +87,7 @@ class NodeId:
 
     def peer_id_bytes(self) -> bytes:
         """libp2p peer id bytes: identity multihash of the protobuf public key."""
-        proto = _LIBP2P_ED25519_PREFIX + self._raw
-        return bytes([0x00, len(proto)]) + proto
+        return _PEER_ID_PREFIX + self._raw
 
     def peer_id(self) -> str:
         """libp2p peer id in base58btc (starts with ``12D3KooW``)."""
@@ -108,17 +109,16 @@ class NodeId:
 # base58 is a Python loop: both directions are remembered (bounded).
 @functools.lru_cache(maxsize=16384)
 def _peer_id_text(raw: bytes) -> str:
-    return b58encode(bytes([0x00, 36]) + _LIBP2P_ED25519_PREFIX + raw)
+    return b58encode(_PEER_ID_PREFIX + raw)
 
 
 @functools.lru_cache(maxsize=16384)
 def _peer_id_key(text: str) -> bytes:
     """The Ed25519 key inside a libp2p peer id (``ValueError`` if there is none)."""
     raw = b58decode(text)
-    prefix = bytes([0x00, 36]) + _LIBP2P_ED25519_PREFIX
-    if len(raw) != 38 or not raw.startswith(prefix):
+    if len(raw) != len(_PEER_ID_PREFIX) + NodeId.SIZE or not raw.startswith(_PEER_ID_PREFIX):
         raise ValueError("not an Ed25519 libp2p peer id")
-    return raw[6:]
+    return raw[len(_PEER_ID_PREFIX) :]
 
 
 class SigningKey:
