@@ -186,15 +186,18 @@ class Source:
         self.events: deque[dict] = deque(maxlen=200)
 
     def fetch(self) -> dict:
-        route = "/console/state"
-        s = control_answer(
-            self.url, route, lambda: self.http.get(route, params={"since": self.seq}), self.home
-        )
+        s = self._state(self.seq)
         if s["last_seq"] < self.seq:  # the node restarted: its numbering too
-            self.seq, s = 0, self.http.get("/console/state").json()
+            self.seq, s = 0, self._state(0)
         self.events.extend(s["events"])
         self.seq = s["last_seq"]
         return s
+
+    def _state(self, since: int) -> dict:
+        route = "/console/state"
+        return control_answer(
+            self.url, route, lambda: self.http.get(route, params={"since": since}), self.home
+        )
 
     def close(self) -> None:
         self.http.close()

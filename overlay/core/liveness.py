@@ -43,8 +43,9 @@ and nobody else would confirm its lone accusation. But a statement already
 older than ``accusation_ttl`` (by its signer's ``ts``) when it arrives counts
 toward DEAD only with a failure we saw ourselves after it arrived; until
 then we probe the accused (``Suspicion._needs_own_look``): it may have come
-back and refuted where we could not hear it. And, so that lone accusations get confirmed, a node
-that holds a member dead answers a ``Suspect`` about it (with probability
+back and refuted where we could not hear it. And, so that lone accusations
+get confirmed, a node that holds a member dead answers a ``Suspect`` about it
+(with probability
 ``verify_fanout / members``, at most once per probe period) by sending the
 accuser its own statement. ``probe_now`` lets the
 transport report a closed connection, so a crashed member is probed at once
