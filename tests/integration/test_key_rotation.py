@@ -144,9 +144,13 @@ async def test_messages_in_flight_across_a_boundary_none_lost(tmp_path):
                     ),
                     20,
                 )
+                # no replay cache overflowed on the way. (A packet built from a view
+                # more than one 10 s epoch old may meet an erased key, unknown_epoch:
+                # a starved machine's views can lag that much; that is a rejection
+                # the resends above recover from, and the single-node test checks
+                # the epochs accepted exactly.)
                 for n in nodes:
                     for source in ("relay", "client"):
-                        assert rejected(n, "unknown_epoch", source) == 0
                         assert rejected(n, "replay_cache_full", source) == 0
     finally:
         ctl.stop()
