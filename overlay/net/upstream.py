@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, sender records, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, sender records, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -39,6 +39,7 @@ from typing import Any
 import libp2p.network.swarm as _libp2p_swarm
 import libp2p.pubsub.gossipsub as _libp2p_gossipsub
 import libp2p.pubsub.pubsub as _libp2p_pubsub
+import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
 import multiaddr
 import trio
 from libp2p import new_host
@@ -118,6 +119,33 @@ def _consume_sender_record(msg: Any, host: Any, peer_id: Any) -> bool:
 
 _libp2p_pubsub.maybe_consume_signed_record = _consume_sender_record
 _libp2p_gossipsub.maybe_consume_signed_record = _consume_sender_record
+
+# WORKAROUND (window updates): a Yamux stream sends a WINDOW_UPDATE frame
+# after every read that leaves less than half its receive window owed (its
+# "partial slack" branch), so every small message costs the reader a second
+# frame to encrypt and write and the writer one more frame to read: each
+# GossipSub RPC, liveness ping and sync frame, on every connection. A busy
+# node spent about a tenth of its CPU writing these (py-spy, ten nodes in
+# one process). go-yamux (sendWindowUpdate) credits only once at least half
+# the window is owed, and so does this; the window's autotuning on each
+# update is upstream's. A class attribute, so patched process-wide.
+# test_yamux_credits_the_window_once_half_of_it_is_read /
+# test_upstream_yamux_credits_every_read.
+UPSTREAM_WINDOW_UPDATE = _libp2p_yamux.YamuxStream._auto_tune_and_send_window_update
+
+
+async def _credit_half_windows(stream: Any, *, bytes_read: int = 0) -> None:
+    total = 0
+    async with stream.window_lock:
+        buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
+        owed = stream.target_recv_window - (stream.recv_window + buffered)
+        if owed > 0 and owed >= stream.target_recv_window // 2:
+            total = stream._grow_to_delta(buffered) + stream._apply_autotune_epoch(buffered)
+    if total > 0:
+        await stream.send_window_update(total, skip_lock=True)
+
+
+_libp2p_yamux.YamuxStream._auto_tune_and_send_window_update = _credit_half_windows
 
 
 # ---- construction -------------------------------------------------------------

@@ -378,6 +378,63 @@ def test_upstream_verifies_the_sender_record_of_every_rpc(monkeypatch) -> None:
     assert calls[0] == 3, "upstream no longer re-verifies a known sender record"
 
 
+async def _credits_for_reading(total: int, size: int) -> list[int]:
+    """Send ``total`` bytes in frames of ``size`` over a fresh stream; return the
+    window credits the reading side sent (each increment), once all is read."""
+    a, b = make_host([TCP]), make_host([TCP])
+    credits: list[int] = []
+    done = trio.Event()
+
+    async def reader(stream, remote_peer_id: str) -> None:
+        muxed = stream._raw.muxed_stream
+        send = muxed.send_window_update
+
+        async def counted(increment: int, skip_lock: bool = False) -> None:
+            credits.append(increment)
+            await send(increment, skip_lock=skip_lock)
+
+        muxed.send_window_update = counted
+        got = 0
+        async for frame in FrameReader(stream):
+            got += len(frame)
+            if got >= total:
+                break
+        await write_frame(stream, b"done")
+        done.set()
+
+    async with running(a, b):
+        b.set_stream_handler(ECHO, reader)
+        await a.connect(b.listen_addrs()[0])
+        async with await a.open_stream(b.peer_id, ECHO) as s:
+            for _ in range(total // size):
+                await write_frame(s, os.urandom(size))
+            with trio.fail_after(30):
+                await done.wait()
+                assert await FrameReader(s).read_frame() == b"done"
+    return credits
+
+
+async def test_yamux_credits_the_window_once_half_of_it_is_read() -> None:
+    # 200 small frames (21 KB, under half of the 256 KiB window): no credit at all
+    assert await _credits_for_reading(200 * 100, 100) == []
+    # 1 MB in 8 KB frames: the writer never stalls, credited in half windows
+    credits = await _credits_for_reading(1_000_000, 8000)
+    assert 2 <= len(credits) <= 1_000_000 // (128 * 1024) + 1
+    assert min(credits) >= 128 * 1024
+
+
+async def test_upstream_yamux_credits_every_read(monkeypatch) -> None:
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    from overlay.net import upstream
+
+    monkeypatch.setattr(
+        YamuxStream, "_auto_tune_and_send_window_update", upstream.UPSTREAM_WINDOW_UPDATE
+    )
+    credits = await _credits_for_reading(200 * 100, 100)
+    assert len(credits) >= 100  # about one WINDOW_UPDATE frame per message read
+
+
 # ---- security and muxer options ----------------------------------------------
 
 
