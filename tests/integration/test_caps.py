@@ -173,7 +173,9 @@ async def test_exit_delivery_cap_holds_deliveries_queued_then_delivers_each_once
                     await wait_until(lambda: len(c.view) >= 4, 20)
                     mids = [await c.send("smtp:a@example.org", b) for b in bodies]
                     # the first `cap` are delivered; the rest wait at the cap, queued
+                    # (each reaches the exit when its path's mix delays are over)
                     await wait_until(lambda: len(sink.envelopes) >= cap, 60)
+                    await wait_until(lambda: ex.relay.exit_queue.counts()["pending"] == n - cap, 60)
                     await wait_until(lambda: ex.caps.waiting >= 1, 30)
                     await trio.sleep(3.0)  # held: no more deliveries meanwhile
                     assert len(sink.envelopes) == cap
