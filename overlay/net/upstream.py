@@ -139,7 +139,7 @@ async def _credit_half_windows(stream: Any, *, bytes_read: int = 0) -> None:
     async with stream.window_lock:
         buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
         owed = stream.target_recv_window - (stream.recv_window + buffered)
-        if owed > 0 and owed >= stream.target_recv_window // 2:
+        if owed > 0 and owed >= stream._grow_threshold():  # half the target window
             total = stream._grow_to_delta(buffered) + stream._apply_autotune_epoch(buffered)
     if total > 0:
         await stream.send_window_update(total, skip_lock=True)
