@@ -17,6 +17,9 @@ from ..runtime import Node
 from ..services.feeds import FeedMonitor
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+# how long a test's light client may take to reach its entry (``Client(connect_timeout=)``):
+# the 10 s a user gets is one attempt on a busy machine, and tests must hold on one
+CONNECT_TIMEOUT = 60.0
 
 
 def make_home(

@@ -20,7 +20,7 @@ from overlay.onion.epochs import epoch_start, scheduled_epoch
 from overlay.onion.params import SMALL, Hop
 from overlay.runtime import Node
 from overlay.services.relay import RelayService
-from overlay.testing import LOOPBACK, join_addr, make_home, overlay, wait_until
+from overlay.testing import CONNECT_TIMEOUT, LOOPBACK, join_addr, make_home, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (
     free_port,
@@ -114,7 +114,10 @@ async def test_messages_in_flight_across_a_boundary_none_lost(tmp_path):
             ) as nodes:
                 await settle(nodes, 5)
                 async with Client(
-                    tmp_path / "c", via=[join_addr(nodes[0])], timeout=3.0, epoch_length=L
+                    tmp_path / "c",
+                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    timeout=3.0,
+                    epoch_length=L,
                 ) as c:
                     # send from 2 s before a boundary to 3 s after it
                     now = time.time()

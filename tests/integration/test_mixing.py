@@ -25,6 +25,7 @@ from overlay.onion.surb import make_surb, use_surb
 from overlay.runtime import Node
 from overlay.services.relay import RELAY_PROTOCOL, RelayService
 from overlay.testing import (
+    CONNECT_TIMEOUT,
     LOOPBACK,
     join_addr,
     light_services,
@@ -230,7 +231,7 @@ async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_pa
                 home = tmp_path / "agent"
                 async with Client(
                     home,
-                    via=[join_addr(nodes[0])],
+                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
                     mix_delay=0.05,
                     cover_rate=4.0,
                     loop_rate=2.0,
