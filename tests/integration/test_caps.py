@@ -178,7 +178,8 @@ async def test_exit_delivery_cap_holds_deliveries_queued_then_delivers_each_once
                 bodies = [f"capped {i}\r\n".encode() for i in range(n)]
                 async with Client(
                     tmp_path / "c",
-                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    via=[join_addr(nodes[0])],
+                    connect_timeout=CONNECT_TIMEOUT,
                     timeout=3.0,
                 ) as c:
                     await wait_until(lambda: len(c.view) >= 4, 20)

@@ -115,7 +115,8 @@ async def test_messages_in_flight_across_a_boundary_none_lost(tmp_path):
                 await settle(nodes, 5)
                 async with Client(
                     tmp_path / "c",
-                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    via=[join_addr(nodes[0])],
+                    connect_timeout=CONNECT_TIMEOUT,
                     timeout=3.0,
                     epoch_length=L,
                 ) as c:

@@ -231,7 +231,8 @@ async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_pa
                 home = tmp_path / "agent"
                 async with Client(
                     home,
-                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    via=[join_addr(nodes[0])],
+                    connect_timeout=CONNECT_TIMEOUT,
                     mix_delay=0.05,
                     cover_rate=4.0,
                     loop_rate=2.0,

@@ -326,7 +326,8 @@ async def test_relay_killed_mid_stream_resent_through_another_path_once(tmp_path
                 await settle([*nodes, victim], 8)
                 async with Client(
                     tmp_path / "c",
-                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    via=[join_addr(nodes[0])],
+                    connect_timeout=CONNECT_TIMEOUT,
                     timeout=3.0,
                 ) as c:
                     await wait_until(lambda: len(c.view) >= 8, 10)
@@ -363,7 +364,8 @@ async def test_destination_down_then_back_delivered_once_and_cli(tmp_path):
             exit_ = nodes[4]
             async with Client(
                 tmp_path / "c",
-                via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                via=[join_addr(nodes[0])],
+                connect_timeout=CONNECT_TIMEOUT,
                 timeout=1.5,
             ) as c:
                 mid = await c.send("smtp:alice@example.org", BODY)
@@ -467,7 +469,8 @@ async def test_queued_exit_taken_down_message_moves_to_another_exit_once(tmp_pat
                 await settle([*nodes, x], 6)
                 async with Client(
                     tmp_path / "c",
-                    via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                    via=[join_addr(nodes[0])],
+                    connect_timeout=CONNECT_TIMEOUT,
                     timeout=2.0,
                 ) as c:
                     await wait_until(lambda: len(c.view) >= 6, 10)
@@ -554,7 +557,8 @@ async def test_non_exit_answers_not_exit_and_client_moves_on(tmp_path):
             stale = nodes[3]
             async with Client(
                 tmp_path / "c",
-                via=[join_addr(nodes[0], connect_timeout=CONNECT_TIMEOUT)],
+                via=[join_addr(nodes[0])],
+                connect_timeout=CONNECT_TIMEOUT,
                 timeout=3.0,
             ) as c:
                 # the first pull can be cut short on a busy machine; later rounds fill in
