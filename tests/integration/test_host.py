@@ -497,8 +497,8 @@ async def test_upstream_default_offers_mplex() -> None:
 
 @pytest.mark.slow
 async def test_many_concurrent_streams_do_not_hang() -> None:
-    """WORKAROUND (stream bound): 300 concurrent opens: 128 succeed, the rest fail in time."""
-    a = make_host(max_streams_per_conn=128, stream_timeout=2.0)
+    """WORKAROUND (stream bound): 300 concurrent opens: 128 succeed, the rest fail in time (the bound: 10 s, generous for 128 opens on a busy machine)."""
+    a = make_host(max_streams_per_conn=128, stream_timeout=10.0)
     b = make_host(max_streams_per_protocol=128)  # one protocol may use every slot here
     release = trio.Event()
 
@@ -516,7 +516,7 @@ async def test_many_concurrent_streams_do_not_hang() -> None:
     async with running(a, b):
         b.set_stream_handler("/hold/1", hold)
         await a.connect(b.listen_addrs()[0])
-        with trio.fail_after(20):  # would hang forever without the bound
+        with trio.fail_after(120):  # would hang forever without the bound
             async with trio.open_nursery() as nursery:
                 for _ in range(300):
                     nursery.start_soon(opener)
@@ -579,7 +579,7 @@ async def test_inbound_limit_enforced() -> None:
         for s in streams:
             assert await read_frame(s) == b"hi"
         # The third concurrent stream is reset by the server before its handler runs.
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             try:
                 extra = await client.open_stream(server.peer_id, "/hold/1")
             except StreamOpenError:
@@ -610,7 +610,7 @@ async def test_raising_stream_handler_resets_only_its_stream() -> None:
         b.set_stream_handler("/broken/1", broken)
         b.set_stream_handler(ECHO, echo_handler)
         await a.connect(b.listen_addrs()[0])
-        with trio.fail_after(5):  # refused, EOF or reset: never a hang
+        with trio.fail_after(30):  # refused, EOF or reset: never a hang
             try:
                 s = await a.open_stream(b.peer_id, "/broken/1")
             except StreamOpenError:
@@ -742,7 +742,7 @@ async def test_gossip_reaches_all_hosts_in_a_line() -> None:
         subs = [await h.subscribe("hydra/test") for h in hosts]
         got: list[list[GossipMessage]] = [[] for _ in hosts]
         await hosts[0].publish("hydra/test", b"record-1")
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 for sub, out in zip(subs, got, strict=True):
                     nursery.start_soon(collect, sub, out, 1)
@@ -889,7 +889,7 @@ async def test_rejecting_and_raising_validators() -> None:
             await first.publish("t", payload)
         got_mid: list[GossipMessage] = []
         got_last: list[GossipMessage] = []
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(collect, sub_mid, got_mid, 1)
                 nursery.start_soon(collect, sub_last, got_last, 1)
@@ -898,7 +898,7 @@ async def test_rejecting_and_raising_validators() -> None:
         assert [m.data for m in got_last] == [b"good"]
         # Everything is still running: the next good message flows on.
         await first.publish("t", b"after")
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             assert (await sub_mid.receive()).data == b"after"
             assert (await sub_last.receive()).data == b"after"
 

@@ -76,7 +76,7 @@ async def test_upstream_inbound_slots_leak() -> None:
         for _ in range(6):  # one at a time: never more than one open
             async with raw_host() as client:
                 try:
-                    with trio.fail_after(5):
+                    with trio.fail_after(30):
                         await client.connect(addr)
                     await wait_until(lambda: bool(server.get_network().connections), 5)
                     results.append(True)
@@ -386,7 +386,7 @@ async def test_upstream_find_node_resets_long_keys() -> None:
         stream = await a._host.new_stream(ID.from_base58(b.peer_id), [KAD_PROTOCOL_ID])
         long_key = f"/hydra/{os.urandom(32).hex()}".encode()
         with pytest.raises(Exception):  # noqa: B017 - reset: any read error
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 await _kad_exchange(
                     stream, Message(type=Message.MessageType.FIND_NODE, key=long_key)
                 )
