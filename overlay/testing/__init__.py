@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from ..client import Client
 from ..home import Home
 from ..runtime import Node
 from ..services.feeds import FeedMonitor
@@ -50,6 +51,13 @@ def light_services() -> list:
 
 def join_addr(node: Node) -> str:
     return node.host.listen_addrs()[0]
+
+
+def light_client(home: Path, entry: Node, **kw) -> Client:
+    """A light client (not yet started) whose entry is ``entry``; it gets
+    ``CONNECT_TIMEOUT`` to reach it unless ``connect_timeout`` is given."""
+    kw.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    return Client(home, via=[join_addr(entry)], **kw)
 
 
 @asynccontextmanager

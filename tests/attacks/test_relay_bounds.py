@@ -13,7 +13,7 @@ import gc
 import pytest
 import trio
 
-from overlay.client import Client, State
+from overlay.client import State
 from overlay.crypto import OnionKey, SigningKey
 from overlay.errors import Reason
 from overlay.net.framing import encode_frame, encode_uvarint
@@ -21,7 +21,7 @@ from overlay.net.host import Libp2pHost, NetError
 from overlay.onion import build_packet
 from overlay.onion.params import SMALL, Hop
 from overlay.services.relay import CLIENT_PROTOCOL, RELAY_PROTOCOL, RelayService
-from overlay.testing import CONNECT_TIMEOUT, join_addr, light_services, overlay, wait_until
+from overlay.testing import join_addr, light_client, light_services, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (
     FAST_RETRY,
@@ -64,9 +64,7 @@ def services(port: int, **relay):
 
 
 async def honest_message(tmp, entry, sink, body: bytes) -> None:
-    async with Client(
-        tmp, via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT, timeout=2.0
-    ) as c:
+    async with light_client(tmp, entry, timeout=2.0) as c:
         mid = await c.send("smtp:alice@example.org", body)
         got = await c.wait_acked(mid, 40)
     assert got.state is State.DELIVERED

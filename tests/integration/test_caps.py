@@ -26,7 +26,7 @@ import httpx
 import pytest
 import trio
 
-from overlay.client import Client, State
+from overlay.client import State
 from overlay.crypto import SigningKey
 from overlay.net.framing import encode_frame
 from overlay.net.host import DialError, Libp2pHost, NetError
@@ -34,8 +34,8 @@ from overlay.onion.params import SMALL
 from overlay.runtime import Node
 from overlay.services.relay import RELAY_PROTOCOL
 from overlay.testing import (
-    CONNECT_TIMEOUT,
     join_addr,
+    light_client,
     light_services,
     make_home,
     overlay,
@@ -176,12 +176,7 @@ async def test_exit_delivery_cap_holds_deliveries_queued_then_delivers_each_once
                 ex = nodes[3]
                 await wait_until(lambda: all(len(x.view) >= 4 for x in nodes), 30)
                 bodies = [f"capped {i}\r\n".encode() for i in range(n)]
-                async with Client(
-                    tmp_path / "c",
-                    via=[join_addr(nodes[0])],
-                    connect_timeout=CONNECT_TIMEOUT,
-                    timeout=3.0,
-                ) as c:
+                async with light_client(tmp_path / "c", nodes[0], timeout=3.0) as c:
                     await wait_until(lambda: len(c.view) >= 4, 20)
                     mids = [await c.send("smtp:a@example.org", b) for b in bodies]
                     # the first `cap` are delivered; the rest wait at the cap, queued

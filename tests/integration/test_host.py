@@ -497,7 +497,8 @@ async def test_upstream_default_offers_mplex() -> None:
 
 @pytest.mark.slow
 async def test_many_concurrent_streams_do_not_hang() -> None:
-    """WORKAROUND (stream bound): 300 concurrent opens: 128 succeed, the rest fail in time (the bound: 10 s, generous for 128 opens on a busy machine)."""
+    """WORKAROUND (stream bound): 300 concurrent opens: 128 succeed, the rest fail in
+    time (each open may take 10 s: generous for 128 opens on a busy machine)."""
     a = make_host(max_streams_per_conn=128, stream_timeout=10.0)
     b = make_host(max_streams_per_protocol=128)  # one protocol may use every slot here
     release = trio.Event()

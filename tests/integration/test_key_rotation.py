@@ -11,7 +11,7 @@ import time
 import pytest
 import trio
 
-from overlay.client import Client, State
+from overlay.client import State
 from overlay.crypto import NodeId, OnionKey, SigningKey
 from overlay.net.framing import encode_frame
 from overlay.net.host import Libp2pHost
@@ -20,7 +20,7 @@ from overlay.onion.epochs import epoch_start, scheduled_epoch
 from overlay.onion.params import SMALL, Hop
 from overlay.runtime import Node
 from overlay.services.relay import RelayService
-from overlay.testing import CONNECT_TIMEOUT, LOOPBACK, join_addr, make_home, overlay, wait_until
+from overlay.testing import LOOPBACK, light_client, make_home, overlay, wait_until
 from overlay.wire.delivery import ExitMessage
 from tests.integration.test_relay import (
     free_port,
@@ -113,13 +113,7 @@ async def test_messages_in_flight_across_a_boundary_none_lost(tmp_path):
                 onion_epoch_length=L,
             ) as nodes:
                 await settle(nodes, 5)
-                async with Client(
-                    tmp_path / "c",
-                    via=[join_addr(nodes[0])],
-                    connect_timeout=CONNECT_TIMEOUT,
-                    timeout=3.0,
-                    epoch_length=L,
-                ) as c:
+                async with light_client(tmp_path / "c", nodes[0], timeout=3.0, epoch_length=L) as c:
                     # send from 2 s before a boundary to 3 s after it
                     now = time.time()
                     boundary = epoch_start(scheduled_epoch(now, L) + 1, L)

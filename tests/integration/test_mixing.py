@@ -25,9 +25,9 @@ from overlay.onion.surb import make_surb, use_surb
 from overlay.runtime import Node
 from overlay.services.relay import RELAY_PROTOCOL, RelayService
 from overlay.testing import (
-    CONNECT_TIMEOUT,
     LOOPBACK,
     join_addr,
+    light_client,
     light_services,
     make_home,
     overlay,
@@ -208,7 +208,7 @@ async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path)
 
 @pytest.mark.slow
 async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_path):
-    from overlay.client import Client, State, queue_message
+    from overlay.client import State, queue_message
     from overlay.storage.outbox import OutboxStore
     from tests.integration.test_relay import FAST_RETRY, free_port, smtp_server
 
@@ -229,14 +229,8 @@ async def test_agent_sends_messages_in_its_slots_with_drop_and_loop_cover(tmp_pa
             ) as nodes:
                 await wait_until(lambda: all(len(x.view) >= 5 for x in nodes), 30)
                 home = tmp_path / "agent"
-                async with Client(
-                    home,
-                    via=[join_addr(nodes[0])],
-                    connect_timeout=CONNECT_TIMEOUT,
-                    mix_delay=0.05,
-                    cover_rate=4.0,
-                    loop_rate=2.0,
-                    loop_slack=5.0,
+                async with light_client(
+                    home, nodes[0], mix_delay=0.05, cover_rate=4.0, loop_rate=2.0, loop_slack=5.0
                 ) as c:
                     await wait_until(lambda: len(c.view) >= 5, 20)
                     mid = await c.send("smtp:alice@example.org", b"through the agent\r\n")

@@ -32,9 +32,9 @@ from overlay.onion.params import LARGE, SMALL, Hop
 from overlay.runtime import Node
 from overlay.services.relay import RELAY_PROTOCOL, RelayService, SurbRegistry
 from overlay.testing import (
-    CONNECT_TIMEOUT,
     LOOPBACK,
     join_addr,
+    light_client,
     light_services,
     make_home,
     overlay,
@@ -224,9 +224,7 @@ async def test_three_hops_to_smtp_replay_tamper_and_garbage(tmp_path):
         ) as nodes:
             await settle(nodes, 8)
             entry, relay, relay2, exit_ = nodes[0], nodes[1], nodes[2], nodes[6]
-            async with Client(
-                tmp_path / "c", via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT, timeout=2.0
-            ) as c:
+            async with light_client(tmp_path / "c", entry, timeout=2.0) as c:
                 mid = await c.send("smtp:alice@example.org", BODY)
                 got = await c.wait_acked(mid, 20)
                 assert got.state is State.DELIVERED  # the ack reached the sender
@@ -324,12 +322,7 @@ async def test_relay_killed_mid_stream_resent_through_another_path_once(tmp_path
             async with trio.open_nursery() as bg:
                 victim = await bg.start(run_victim)
                 await settle([*nodes, victim], 8)
-                async with Client(
-                    tmp_path / "c",
-                    via=[join_addr(nodes[0])],
-                    connect_timeout=CONNECT_TIMEOUT,
-                    timeout=3.0,
-                ) as c:
+                async with light_client(tmp_path / "c", nodes[0], timeout=3.0) as c:
                     await wait_until(lambda: len(c.view) >= 8, 10)
                     two = os.urandom(16)
                     c.fault_paths = _through(c, {victim.node_id}, first_only={two})
@@ -362,12 +355,7 @@ async def test_destination_down_then_back_delivered_once_and_cli(tmp_path):
         ) as nodes:
             await settle(nodes, 5)
             exit_ = nodes[4]
-            async with Client(
-                tmp_path / "c",
-                via=[join_addr(nodes[0])],
-                connect_timeout=CONNECT_TIMEOUT,
-                timeout=1.5,
-            ) as c:
+            async with light_client(tmp_path / "c", nodes[0], timeout=1.5) as c:
                 mid = await c.send("smtp:alice@example.org", BODY)
                 queued = await c.wait_acked(mid, 15, until="queued")
                 assert queued.state is State.QUEUED and queued.queued_at == exit_.node_id
@@ -467,12 +455,7 @@ async def test_queued_exit_taken_down_message_moves_to_another_exit_once(tmp_pat
             async with trio.open_nursery() as bg:
                 x = await bg.start(run_x)
                 await settle([*nodes, x], 6)
-                async with Client(
-                    tmp_path / "c",
-                    via=[join_addr(nodes[0])],
-                    connect_timeout=CONNECT_TIMEOUT,
-                    timeout=2.0,
-                ) as c:
+                async with light_client(tmp_path / "c", nodes[0], timeout=2.0) as c:
                     await wait_until(lambda: len(c.view) >= 6, 10)
 
                     def first_to_x(e, a, path, rf, rq):
@@ -555,12 +538,7 @@ async def test_non_exit_answers_not_exit_and_client_moves_on(tmp_path):
         ) as nodes:
             await settle(nodes, 5)
             stale = nodes[3]
-            async with Client(
-                tmp_path / "c",
-                via=[join_addr(nodes[0])],
-                connect_timeout=CONNECT_TIMEOUT,
-                timeout=3.0,
-            ) as c:
+            async with light_client(tmp_path / "c", nodes[0], timeout=3.0) as c:
                 # the first pull can be cut short on a busy machine; later rounds fill in
                 await wait_until(lambda: c.view.get(stale.node_id) is not None, 60)
                 # the exit steps down locally, its record still says exit

@@ -9,7 +9,7 @@ from overlay.core.liveness import TOPIC
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
-from overlay.testing import CONNECT_TIMEOUT, fleet, join_addr, light_services, make_home, wait_until
+from overlay.testing import fleet, join_addr, light_client, light_services, make_home, wait_until
 from overlay.wire import liveness as wire
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,6 @@ async def test_single_false_accuser_cannot_remove_healthy_exit(tmp_path):
 
 
 async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path):
-    from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
 
     sink = SmtpSink()
@@ -157,9 +156,7 @@ async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path)
             await wait_until(lambda: all(len(n.view) == 9 for n in everyone), 90)
             await wait_settled(everyone)
             tokens = []
-            async with Client(
-                tmp_path / "client", via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT
-            ) as client:
+            async with light_client(tmp_path / "client", entry) as client:
 
                 async def send(i):
                     token = f"hydra-demo-{i}-{i:08x}"
@@ -267,7 +264,6 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
     """An exit delivers, its acks are lost, it dies; the client resends through the
     other exit, which heard the first one's delivery notice and answers 'delivered'
     without delivering again."""
-    from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
     from overlay.storage.delivery_queue import ELSEWHERE
@@ -282,9 +278,7 @@ async def test_exit_that_died_before_acking_is_not_followed_by_a_second_delivery
             entry, exits = await _entry_two_exits_two_relays(f, smtp)
             for x in exits:
                 x.relay.fault_drop_acks = True  # the acks of both exits never leave them
-            async with Client(
-                tmp_path / "client", via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT
-            ) as client:
+            async with light_client(tmp_path / "client", entry) as client:
                 mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
                 await wait_until(lambda: token in sink.counts, 60, 0.02)
 
@@ -319,7 +313,6 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     import asyncio
     import threading
 
-    from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
     from overlay.exits import MessageState
     from overlay.storage.delivery_queue import ELSEWHERE
@@ -343,9 +336,7 @@ async def test_an_exit_falsely_declared_dead_while_delivering_is_waited_for(tmp_
     try:
         async with fleet(tmp_path) as f:
             entry, exits = await _entry_two_exits_two_relays(f, smtp)
-            async with Client(
-                tmp_path / "client", via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT
-            ) as client:
+            async with light_client(tmp_path / "client", entry) as client:
                 mid = await client.send("smtp:u@example.org", f"{token}\r\n".encode())
                 e = await client.wait_acked(mid, timeout=60, until="queued")
                 (first,) = [x for x in exits if x.node_id == e.queued_at]
@@ -397,7 +388,6 @@ async def test_delivery_notices_from_non_exits_and_garbage_are_rejected(tmp_path
 async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_path):
     """exit_policy_mode = "chain": one public exit; the next standby takes over only
     when it is gone, one at a time, and the client's messages follow."""
-    from overlay.client import Client
     from overlay.devtools.demo import SmtpSink
 
     sink = SmtpSink()
@@ -417,9 +407,7 @@ async def test_chain_mode_keeps_exactly_one_public_exit_through_takedowns(tmp_pa
             assert all(promotions(s) == 0 and Role.EXIT not in s.roles for s in standby)
             assert all(live_exit_count(n) == 1 for n in everyone)
             n_sent = 0
-            async with Client(
-                tmp_path / "client", via=[join_addr(entry)], connect_timeout=CONNECT_TIMEOUT
-            ) as client:
+            async with light_client(tmp_path / "client", entry) as client:
 
                 async def deliver_one() -> None:
                     nonlocal n_sent
