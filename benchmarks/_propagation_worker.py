@@ -138,6 +138,12 @@ class Worker:
                 )
                 for r in ("ok", "failed")
             },
+            "liveness": {
+                state: sum(
+                    _counter(x.resilience.m_states, state=state) for x in self.nodes.values()
+                )
+                for state in ("suspect", "dead")
+            },
         }
 
     async def graph(self):

@@ -77,7 +77,20 @@ def node_settings(args) -> dict:
     out = {"defaults": True}
     if args.sync_interval is not None:
         out["sync_interval"] = args.sync_interval
+    for item in args.set:
+        key, _, value = item.partition("=")
+        out[key] = _number(value)
     return out
+
+
+def _number(text: str):
+    """``--set`` values: an int or a float when they parse as one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 async def hydra_trials(
@@ -387,12 +400,14 @@ async def hydra_trials_procs(
                 shown = time.monotonic()
                 peers = [c for r in replies for c in r["peers"]]
                 ok, failed = (sum(r["sync"][k] for r in replies) for k in ("ok", "failed"))
+                sus, dead = (sum(r["liveness"][k] for r in replies) for k in ("suspect", "dead"))
                 print(
                     f"  {shown - t:.0f} s: {sum(c == n for c in counts)} of {n} nodes hold all"
                     f" {n} records; fewest held {min(counts)}, median"
                     f" {statistics.median(counts):.0f}; connections min {min(peers)}, median"
                     f" {statistics.median(peers):.0f}; sync rounds ok {ok:.0f}, failed"
-                    f" {failed:.0f}; load average {os.getloadavg()[0]:.1f}",
+                    f" {failed:.0f}; suspicions {sus:.0f}, deaths {dead:.0f} (all false);"
+                    f" load average {os.getloadavg()[0]:.1f}",
                     file=sys.stderr,
                 )
             await trio.sleep(0.5)
@@ -559,6 +574,13 @@ def main() -> None:
         type=float,
         default=None,
         help="anti-entropy interval while the membership changes (node default 0.5 s)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another node setting, to explore (the targets hold for the defaults only)",
     )
     p.add_argument(
         "--procs",

@@ -53,7 +53,10 @@ instead of at its turn in the round-robin.
 
 Driving it: call ``tick(now)`` at ``next_wakeup()`` (or more often), feed every
 liveness frame (direct stream or gossip) to ``receive``, and keep the member
-set current with ``set_members``. ``Send`` effects go on ``protocol``,
+set current with ``set_members``. A node that should not dial the whole
+overlay to probe it passes the members it has connections to (and the exits)
+to ``set_near``: the round-robin and the indirect probes then use only those,
+and every member is still probed about once a period by its own neighbours. ``Send`` effects go on ``protocol``,
 ``Broadcast`` effects on ``topic``.
 
 This module holds the probing half (round-robin, indirect probes, local health,
@@ -230,6 +233,7 @@ class Liveness(Suspicion):
         self.topic = topic
         self._verify = verify or _verify_ed25519
         self._is_known = is_known
+        self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
 
         self._inc = min(incarnation, U64_MAX)
         self._refute_to: int | None = None  # incarnation a pending refutation will announce
@@ -329,6 +333,18 @@ class Liveness(Suspicion):
         if len(self._order) > 2 * len(self._members) + 16:
             self._order = [n for n in self._order if n in self._members]
             self._pos = min(self._pos, len(self._order))
+
+    def set_near(self, nodes: Iterable[NodeId] | None) -> None:
+        """Probe only ``nodes`` in the round-robin (None: every member, the default).
+
+        A node that passes the members it already has connections to (and the
+        exits) probes without dialling anybody: each member is still probed
+        about once a period, by those connected to it. The others stay
+        monitored: their accusations are heard and checked (a lone accusation
+        still makes us probe), the dead are still looked at now and then, and
+        indirect probes go through near members first.
+        """
+        self._near = None if nodes is None else set(nodes)
 
     def state(self, node: NodeId) -> tuple[str, float]:
         """``(state, since)`` for a monitored node, ``("unknown", 0.0)`` otherwise."""
@@ -525,6 +541,8 @@ class Liveness(Suspicion):
             m = self._members.get(node)
             if m is None or node in self._probing:
                 continue
+            if self._near is not None and m.state != DEAD and node not in self._near:
+                continue  # watched by the members connected to it
             # the dead are looked at now and then, so a healed partition heals here too
             if m.state != DEAD or now - m.probed_at >= self.dead_reprobe:
                 return node
@@ -559,8 +577,15 @@ class Liveness(Suspicion):
         out.extend(Send(r, self.protocol, frame) for r in relays)
 
     def _pick_relays(self, target: NodeId, k: int) -> list[NodeId]:
-        """Up to ``k`` distinct ALIVE members other than ``target``, chosen at random."""
+        """Up to ``k`` distinct ALIVE members other than ``target``, chosen at random
+        (near ones when ``set_near`` gave some: a relay we talk to needs no dial)."""
         pool = self._order
+        if self._near is not None:
+            near = sorted(
+                n for n in self._near if n != target and self._members.get(n, _DEAD).state == ALIVE
+            )
+            if near:  # fewer relays rather than a dial
+                return self._rng.sample(near, min(k, len(near)))
         chosen: list[NodeId] = []
         if not pool or k <= 0:
             return chosen

@@ -59,6 +59,8 @@ class Resilience:
         self._wake = trio.Event()
         self._sends = trio.Semaphore(MAX_INFLIGHT_SENDS)
         self._members_version: tuple[int, int] | None = None
+        self._exitish: frozenset[NodeId] = frozenset()  # live exits and standbys
+        self._near_key: frozenset[str] | None = None  # connections ``set_near`` last saw
         self._transitions = 0  # liveness state changes seen (the exit pool reads states)
         self._nursery: trio.Nursery | None = None
         self._ready_at: float | None = None
@@ -127,6 +129,7 @@ class Resilience:
             while True:
                 now = node.clock()
                 self._refresh_members(now)
+                self._refresh_near()
                 self._execute(self.liveness.tick(now))
                 if dead_seen != (self._transitions, self._members_version):
                     dead_seen = (self._transitions, self._members_version)
@@ -169,12 +172,31 @@ class Resilience:
             return
         self._members_version = version
         verified = node.view.is_verified
-        members = [
-            r.node_id
+        live = [
+            r
             for r in node.view.snapshot(now).live()
             if r.node_id != node.node_id and verified(r.node_id)
         ]
-        self.liveness.set_members(members, now)
+        self.liveness.set_members([r.node_id for r in live], now)
+        exitish = Role.EXIT | Role.STANDBY_EXIT
+        self._exitish = frozenset(r.node_id for r in live if r.roles & exitish)
+        self._near_key = None
+
+    def _refresh_near(self) -> None:
+        """Routine probes go to the members we have connections to, and to every
+        exit and standby (the exit pool needs its own view of them): probing
+        never dials the rest of the overlay (``Liveness.set_near``)."""
+        connected = frozenset(self.node.host.connected_peers())
+        if connected == self._near_key:
+            return
+        self._near_key = connected
+        near = set(self._exitish)
+        for pid in connected:
+            try:
+                near.add(NodeId.from_peer_id(pid))
+            except ValueError:
+                continue  # not a Hydra node
+        self.liveness.set_near(near)
 
     # ------------------------------------------------------------------ effects
     def _execute(self, effects) -> None:

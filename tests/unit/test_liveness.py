@@ -313,6 +313,35 @@ def test_probe_round_robin_visits_every_member_once_per_round():
     assert sorted(targets[5:10]) == sorted(IDS[1:6])
 
 
+def test_near_members_only_are_probed_in_the_round_robin_and_relay_for_us():
+    c = core(n=8, verify_fanout=16)
+    near = set(IDS[1:5])
+    c.set_near(near)
+    targets, relays, t = [], set(), 0.0
+    while len(targets) < 8:
+        out = c.tick(t)
+        relays |= {p for p, _ in sends(out, wire.PingReq)}
+        for peer, f in sends(out, wire.Ping):
+            targets.append(peer)
+            if len(targets) > 1:  # the first probe goes unanswered, so it goes indirect
+                c.receive(peer, wire.encode(wire.Ack(f.nonce)), t + 0.01)
+        t += 0.05
+    assert set(targets) == near  # the far members are not probed routinely...
+    assert relays == near - {targets[0]}  # ...nor asked to relay
+    # ...but a lone accusation of a far member is still checked by us
+    far = IDS[6]
+    out = c.receive(B, suspect(far, B), t)
+    assert far in [p for p, _ in sends(out, wire.Ping)]
+    c.set_near(None)  # back to every member
+    seen, t = set(), t + 60.0
+    while len(seen) < 7 and t < 200.0:
+        for peer, f in sends(c.tick(t), wire.Ping):
+            seen.add(peer)
+            c.receive(peer, wire.encode(wire.Ack(f.nonce)), t + 0.01)
+        t += 0.05
+    assert seen == set(IDS[1:8])
+
+
 def test_failed_probe_goes_indirect_then_suspects_and_broadcasts_signed():
     c = core(n=6)
     out = c.tick(0.0)
@@ -716,6 +745,31 @@ def test_crashed_node_is_declared_dead_by_all_within_bound():
     assert not net.penalties
     # relays nacked, so nobody blamed its own health for the dead node's silence
     assert all(net.cores[o].health == 0 for o in others(net, victim))
+
+
+def test_a_crash_is_dead_everywhere_when_only_neighbours_probe():
+    """Each node probes only its ring neighbours (as a node probes only the members
+    it has connections to): a crash is still dead at every node within the same
+    bound, by the neighbours' word, and nobody else is ever suspected."""
+    net = Net(16, seed=5)
+    ids = net.ids
+    for i, nid in enumerate(ids):
+        near = {ids[(i + d) % len(ids)] for d in (-3, -2, -1, 1, 2, 3)}
+        net.cores[nid].set_near(near)
+    net.run(5.0)
+    for i, nid in enumerate(ids):  # nobody pinged a member beyond its neighbours
+        near = {ids[(i + d) % len(ids)] for d in (-3, -2, -1, 1, 2, 3)}
+        members = net.cores[nid]._members
+        probed = {n for n in ids if n != nid and members[n].probed_at > -math.inf}
+        assert probed <= near and probed
+    victim = ids[7]
+    net.down.add(victim)
+    net.run(12.0)
+    for o in others(net, victim):
+        t = net.first(victim, DEAD, o)
+        assert t - 5.0 <= 5.0, f"{o} took {t - 5.0:.2f} s"
+    assert {n for _, _, n, s in net.changes if s != ALIVE} == {victim}
+    assert not net.penalties
 
 
 def test_crash_detection_time_is_lifeguard_fast_at_default_parameters():
