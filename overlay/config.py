@@ -21,7 +21,7 @@ from .core.mixing import (
 )
 from .errors import ConfigError
 from .onion.epochs import EPOCH_LENGTH, MIN_EPOCH_LENGTH
-from .records import DEFAULT_TTL, MAX_FEEDS, Role, check_feed, check_rule
+from .records import DEFAULT_TTL, EXIT_ROLES, MAX_FEEDS, Role, check_feed, check_rule
 
 HOME_LISTEN = [
     "/ip4/0.0.0.0/tcp/4001",
@@ -165,7 +165,7 @@ class Config:
             raise ConfigError(str(e)) from None
         if not roles:
             raise ConfigError("at least one role is required")
-        exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
+        exitish = bool(roles & EXIT_ROLES)
         if exitish and not self.exit_policy:
             raise ConfigError('exit roles need [exit] policy, e.g. policy = ["smtp:*"]')
         for rule in self.exit_policy:

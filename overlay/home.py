@@ -31,7 +31,7 @@ from . import config as config_mod
 from .crypto import OnionKey, SigningKey
 from .errors import ConfigError, LocalError
 from .onion.epochs import scheduled_epoch
-from .records import Role, ValidRecord, make_record, make_tombstone
+from .records import EXIT_ROLES, Role, ValidRecord, make_record, make_tombstone
 from .storage.files import write_atomic
 
 log = logging.getLogger("hydra.home")
@@ -214,7 +214,7 @@ class Home:
         cfg = config_mod.Config(roles=list(roles), listen=list(listen))
         if exit_policy is not None:
             cfg.exit_policy = list(exit_policy)
-        elif cfg.role_flags & (Role.EXIT | Role.STANDBY_EXIT):
+        elif cfg.role_flags & EXIT_ROLES:
             cfg.exit_policy = ["maildir:*", "smtp:*"]
         for k, v in (extra or {}).items():
             setattr(cfg, k, v)
@@ -391,7 +391,7 @@ class Home:
         if not feeds:
             raise ConfigError("no announceable feed: set [node] announce or a fixed listen port")
         roles = cfg.role_flags if roles is None else Role(roles)
-        exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
+        exitish = bool(roles & EXIT_ROLES)
         return make_record(
             self.signing_key(),
             seq=self.next_seq(above),

@@ -75,6 +75,7 @@ class Role(enum.IntFlag):
 
 
 _ALL_ROLES = int(Role.ENTRY | Role.RELAY | Role.EXIT | Role.STANDBY_EXIT)
+EXIT_ROLES = Role.EXIT | Role.STANDBY_EXIT  # exits and standbys: what the exit pool watches
 
 
 class Kind(enum.IntEnum):
@@ -258,7 +259,7 @@ def decode(data: bytes) -> UnverifiedRecord:
     policy = tuple(check_rule(r) for r in policy_v)
     if list(policy) != sorted(set(policy)):
         raise DecodeError(Reason.MALFORMED, "policy rules must be sorted and unique")
-    exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
+    exitish = bool(roles & EXIT_ROLES)
     if exitish != bool(policy):
         raise DecodeError(
             Reason.ROLE_POLICY_MISMATCH,

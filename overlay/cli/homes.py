@@ -69,12 +69,12 @@ def init(
     h = open_home(home)
     try:
         from ..config import Config
-        from ..records import Role
+        from ..records import EXIT_ROLES
 
         cfg = Config(roles=list(roles), listen=list(listen))
         if policy is not None:
             cfg.exit_policy = list(policy)
-        elif cfg.role_flags & (Role.EXIT | Role.STANDBY_EXIT):
+        elif cfg.role_flags & EXIT_ROLES:
             cfg.exit_policy = ["maildir:*", "smtp:*"]
         cfg.validate()
     except OverlayError as e:

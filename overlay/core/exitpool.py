@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from ..crypto import NodeId, hash32
 from ..errors import LocalError
-from ..records import Role, ValidRecord
+from ..records import EXIT_ROLES, Role, ValidRecord
 from .effects import Announce, Effect
 
 MODES = ("all-public", "chain")
@@ -187,7 +187,7 @@ class ExitPool:
         for r in records:
             if r.is_tombstone or r.node_id == self.me:
                 continue
-            if not r.roles & (Role.EXIT | Role.STANDBY_EXIT):
+            if not r.roles & EXIT_ROLES:
                 continue
             st = liveness.get(r.node_id)
             if isinstance(st, tuple):

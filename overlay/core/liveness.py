@@ -53,11 +53,11 @@ instead of at its turn in the round-robin.
 
 Driving it: call ``tick(now)`` at ``next_wakeup()`` (or more often), feed every
 liveness frame (direct stream or gossip) to ``receive``, and keep the member
-set current with ``set_members``. A node that should not dial the whole
+set current with ``set_members``. ``Send`` effects go on ``protocol``,
+``Broadcast`` effects on ``topic``. A node that should not dial the whole
 overlay to probe it passes the members it has connections to (and the exits)
 to ``set_near``: the round-robin and the indirect probes then use only those,
-and every member is still probed about once a period by its own neighbours. ``Send`` effects go on ``protocol``,
-``Broadcast`` effects on ``topic``.
+and every member is still probed about once a period by its own neighbours.
 
 This module holds the probing half (round-robin, indirect probes, local health,
 dead sync); the accusation half (suspicion timers, death, evidence, refutation)

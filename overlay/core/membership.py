@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 from ..crypto import NodeId
 from ..errors import Reason, Stale
-from ..records import CLOCK_SKEW, Role, ValidRecord, decode
+from ..records import CLOCK_SKEW, EXIT_ROLES, Role, ValidRecord, decode
 from .admission import Admission, Refused
 
 
@@ -247,7 +247,7 @@ class StrangerView:
     ``refused_recently``, always False: this view never asks for records).
     """
 
-    HIDDEN_ROLES = Role.EXIT | Role.STANDBY_EXIT
+    HIDDEN_ROLES = EXIT_ROLES
 
     def __init__(self, view: MembershipView) -> None:
         self.view = view

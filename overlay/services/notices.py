@@ -42,7 +42,7 @@ from ..errors import DecodeError, LocalError, Reason
 from ..exits import DeliveryWorker
 from ..exits.worker import Verdict
 from ..net import framing
-from ..records import Role
+from ..records import EXIT_ROLES
 from ..wire import delivered as wire
 
 if TYPE_CHECKING:
@@ -253,11 +253,7 @@ class DeliveryNotices:
 
     @staticmethod
     def _exit_capable(rec) -> bool:
-        return (
-            rec is not None
-            and not rec.is_tombstone
-            and bool(rec.roles & (Role.EXIT | Role.STANDBY_EXIT))
-        )
+        return rec is not None and not rec.is_tombstone and bool(rec.roles & EXIT_ROLES)
 
     # -- asking before a late or resent delivery -------------------------------------
 

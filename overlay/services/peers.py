@@ -25,7 +25,7 @@ from ..core.timing import JOIN_ROUNDS
 from ..crypto import NodeId
 from ..errors import LocalError
 from ..net.host import DialTimeout
-from ..records import Role, ValidRecord
+from ..records import EXIT_ROLES, ValidRecord
 from .context import NodeContext
 from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
 
@@ -163,7 +163,6 @@ class PeerManager:
         or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
         if room <= 0:
             return []
-        exitish = Role.EXIT | Role.STANDBY_EXIT
         tried = self._verify_tried
         view = self.node.view
         todo = []
@@ -171,7 +170,7 @@ class PeerManager:
             nid = r.node_id
             if nid == self.node.node_id or nid in skip or view.is_verified(nid):
                 continue
-            if bool(r.roles & exitish) != exits:
+            if bool(r.roles & EXIT_ROLES) != exits:
                 continue
             if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
                 continue

@@ -22,7 +22,7 @@ from ..errors import DecodeError, LocalError, OverlayError
 from ..exits import DeliveryEvent, DeliveryQueue, DeliveryWorker, RetryPolicy, build_dispatcher
 from ..onion.params import LARGE, SMALL
 from ..onion.surb import use_surb
-from ..records import Role
+from ..records import EXIT_ROLES, Role
 from ..wire import delivery
 from ..wire import relay as wire
 from ..wire.delivery import Ack, AckStatus
@@ -59,7 +59,7 @@ class ExitSide:
     @property
     def exit_capable(self) -> bool:
         cfg = self.node.config
-        return bool(cfg.role_flags & (Role.EXIT | Role.STANDBY_EXIT)) and bool(cfg.exit_policy)
+        return bool(cfg.role_flags & EXIT_ROLES) and bool(cfg.exit_policy)
 
     def _open_exit(self) -> None:
         """The exit queue and its worker, if this node may be an exit."""

@@ -28,7 +28,7 @@ from ..core.timing import SETTLE
 from ..crypto import NodeId
 from ..errors import RemoteError
 from ..net import framing
-from ..records import Role
+from ..records import EXIT_ROLES, Role
 from ..wire import liveness as wire
 
 if TYPE_CHECKING:
@@ -178,8 +178,7 @@ class Resilience:
             if r.node_id != node.node_id and verified(r.node_id)
         ]
         self.liveness.set_members([r.node_id for r in live], now)
-        exitish = Role.EXIT | Role.STANDBY_EXIT
-        self._exitish = frozenset(r.node_id for r in live if r.roles & exitish)
+        self._exitish = frozenset(r.node_id for r in live if r.roles & EXIT_ROLES)
         self._near_key = None
 
     def _refresh_near(self) -> None:

@@ -47,7 +47,7 @@ from ..core.surbs import ReplySink
 from ..crypto import hash32
 from ..onion.params import SMALL
 from ..onion.process import Deliver, Forward
-from ..records import Role
+from ..records import EXIT_ROLES, Role
 from ..wire.delivery import AckStatus
 from .metrics import quantile, r6
 from .network import C_CLIENT
@@ -166,7 +166,7 @@ class Clients:
         out = sim.exit_records(sim.nodes[e])
         for j in [e, *self.samples[c]]:
             r = get(sim.ids[j])
-            if r is not None and not (r.roles & (Role.EXIT | Role.STANDBY_EXIT)):
+            if r is not None and not (r.roles & EXIT_ROLES):
                 out.append(r)
         return out
 

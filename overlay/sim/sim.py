@@ -64,7 +64,7 @@ from ..core.syncsched import DIFFERED, FAILED, SAME, Due, SyncSchedule
 from ..core.timing import JOIN_ROUNDS, SETTLE, SYNC_TIMEOUT
 from ..crypto import NodeId, OnionPublicKey, SigningKey, hash32
 from ..errors import BadSignature
-from ..records import DEFAULT_TTL, Role, make_record, make_tombstone
+from ..records import DEFAULT_TTL, EXIT_ROLES, Role, make_record, make_tombstone
 from ..wire import sync
 from .engine import Engine
 from .gossip import Gossip, GossipParams, Msg
@@ -291,7 +291,7 @@ class Simulation:
         if tombstone:
             rec = make_tombstone(node.key, seq=seq, now=T0 + now)
         else:
-            exitish = bool(roles & (Role.EXIT | Role.STANDBY_EXIT))
+            exitish = bool(roles & EXIT_ROLES)
             rec = make_record(
                 node.key,
                 seq=seq,
@@ -310,7 +310,7 @@ class Simulation:
         node.rec = rec
         self.truth[node.nid] = rec
         self._changed[node.nid] = None
-        if not rec.is_tombstone and rec.roles & (Role.EXIT | Role.STANDBY_EXIT):
+        if not rec.is_tombstone and rec.roles & EXIT_ROLES:
             if node.idx not in self._exitish_set:
                 self._exitish_set.add(node.idx)
                 self.exitish.append(node.idx)
@@ -927,7 +927,7 @@ class Simulation:
             return
         roles = node.config_roles
         self.publish(node, now, roles=roles, why="join")
-        if roles & (Role.EXIT | Role.STANDBY_EXIT) and node.pool is None:
+        if roles & EXIT_ROLES and node.pool is None:
             self.engine.after(SETTLE, self._settled, node.idx)
         self._dial(node)
         self._schedule_refill(node.idx)

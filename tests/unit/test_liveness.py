@@ -753,12 +753,13 @@ def test_a_crash_is_dead_everywhere_when_only_neighbours_probe():
     bound, by the neighbours' word, and nobody else is ever suspected."""
     net = Net(16, seed=5)
     ids = net.ids
-    for i, nid in enumerate(ids):
-        near = {ids[(i + d) % len(ids)] for d in (-3, -2, -1, 1, 2, 3)}
+    ring = {
+        nid: {ids[(i + d) % len(ids)] for d in (-3, -2, -1, 1, 2, 3)} for i, nid in enumerate(ids)
+    }
+    for nid, near in ring.items():
         net.cores[nid].set_near(near)
     net.run(5.0)
-    for i, nid in enumerate(ids):  # nobody pinged a member beyond its neighbours
-        near = {ids[(i + d) % len(ids)] for d in (-3, -2, -1, 1, 2, 3)}
+    for nid, near in ring.items():  # nobody pinged a member beyond its neighbours
         members = net.cores[nid]._members
         probed = {n for n in ids if n != nid and members[n].probed_at > -math.inf}
         assert probed <= near and probed
