@@ -30,15 +30,15 @@ from ..errors import RemoteError
 from ..net import framing
 from ..records import EXIT_ROLES, Role
 from ..wire import liveness as wire
+from .frame_sender import FrameSender
 
 if TYPE_CHECKING:
     from .context import NodeContext
 
 log = logging.getLogger("hydra.resilience")
 
-SEND_TIMEOUT = 1.0
-IDLE_TIMEOUT = 60.0  # an inbound liveness stream with no frame for this long is closed
-MAX_INFLIGHT_SENDS = 64
+IDLE_TIMEOUT = 180.0  # an inbound liveness stream with no frame for this long is closed
+SEND_IDLE = 120.0  # our stream to a peer is closed sooner (a round-robin over many is slow)
 POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
@@ -57,15 +57,13 @@ class Resilience:
         self.liveness: Liveness | None = None
         self.pool: ExitPool | None = None
         self._wake = trio.Event()
-        self._sends = trio.Semaphore(MAX_INFLIGHT_SENDS)
         self._members_version: tuple[int, int] | None = None
         self._exitish: frozenset[NodeId] = frozenset()  # live exits and standbys
         self._near_key: frozenset[str] | None = None  # connections ``set_near`` last saw
         self._transitions = 0  # liveness state changes seen (the exit pool reads states)
         self._nursery: trio.Nursery | None = None
         self._ready_at: float | None = None
-        self._streams: dict[NodeId, object] = {}
-        self._locks: dict[NodeId, trio.Lock] = {}
+        self._out: FrameSender | None = None  # one stream per peer for our frames
 
     # ------------------------------------------------------------------ wiring
     def attach(self, node: NodeContext) -> None:
@@ -101,7 +99,8 @@ class Resilience:
         )
         self.m_send_failed = Counter(
             "hydra_liveness_sends_failed",
-            "Liveness frames not sent: busy (too many sends in flight), timeout, error",
+            "Liveness frames not sent: full (queue or links), stale (queued too long), "
+            "backoff (the last open failed), timeout, error",
             ["why"],
             registry=r,
         )
@@ -109,6 +108,13 @@ class Resilience:
             "hydra_exit_role_changes", "Own promotions/step-backs", ["kind"], registry=r
         )
         self.m_dead = Gauge("hydra_members_dead", "Members this node holds dead", registry=r)
+        self._out = FrameSender(
+            lambda peer: node.host.open_stream(peer.peer_id(), self.liveness.protocol),
+            clock=node.clock,
+            on_drop=lambda why: self.m_send_failed.labels(why).inc(),
+            on_sent=self.m_frames.labels("out").inc,
+            idle=SEND_IDLE,
+        )
         node.host.set_stream_handler(PROTOCOL, self._serve)
         node.host.on_disconnect(self._on_disconnect)
         node.host.set_topic_validator(TOPIC, self._validate_gossip)
@@ -118,11 +124,13 @@ class Resilience:
             await self._run(task_status)
         finally:
             self._nursery = None
+            self._out.bind(None)
 
     async def _run(self, task_status) -> None:
         node = self.node
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._out.bind(nursery)
             nursery.start_soon(self._drain_gossip)
             task_status.started()
             pool_seen, pool_at, dead_seen = None, -float("inf"), None
@@ -202,10 +210,7 @@ class Resilience:
         node = self.node
         for e in effects:
             if isinstance(e, Send):
-                if self._sends.value == 0:
-                    self.m_send_failed.labels("busy").inc()
-                    continue  # bounded: a lost probe is what SWIM is built for
-                self._spawn(self._send, e)
+                self._send(e)
             elif isinstance(e, Broadcast):
                 self._spawn(self._broadcast, e)
             elif isinstance(e, Penalize):
@@ -241,36 +246,14 @@ class Resilience:
         except RuntimeError:  # nursery closing during shutdown
             pass
 
-    async def _send(self, e: Send) -> None:
-        """Write one frame on a long-lived stream to the peer (opened on first use)."""
+    def _send(self, e: Send) -> None:
+        """Queue one frame on the peer's long-lived stream (``FrameSender``);
+        a frame that cannot go out in time is lost, which SWIM is built for."""
         if self.fault_drop and self.node.rng.random() < self.fault_drop:
             self.fault_dropped += 1
             return
-        async with self._sends:
-            lock = self._locks.setdefault(e.peer, trio.Lock())
-            async with lock:
-                with trio.move_on_after(SEND_TIMEOUT) as scope:
-                    try:
-                        stream = self._streams.get(e.peer)
-                        if stream is None:
-                            if not self._may_open(e.peer):
-                                return  # never dial a member that did not authenticate to us
-                            stream = await self.node.host.open_stream(e.peer.peer_id(), e.protocol)
-                            self._streams[e.peer] = stream
-                        await stream.write(framing.encode_frame(e.frame, wire.MAX_SIZE))
-                        self.m_frames.labels("out").inc()
-                        return
-                    except Exception as exc:  # noqa: BLE001 - an unreachable member is data for SWIM
-                        self.m_send_failed.labels("error").inc()
-                        log.debug("liveness send to %s failed: %r", e.peer.short(), exc)
-                if scope.cancelled_caught:
-                    self.m_send_failed.labels("timeout").inc()
-                # failed or timed out: drop the stream; the next frame opens a new one
-                stream = self._streams.pop(e.peer, None)
-                if stream is not None:
-                    await _reset(stream)
-            if len(self._locks) > 4 * MAX_INFLIGHT_SENDS and not lock.locked():
-                self._locks.pop(e.peer, None)
+        if self._may_open(e.peer):  # never dial a member that did not authenticate to us
+            self._out.send(e.peer, framing.encode_frame(e.frame, wire.MAX_SIZE))
 
     def _may_open(self, peer: NodeId) -> bool:
         """A new stream may go to a verified member, or over a connection we have."""
@@ -319,9 +302,7 @@ class Resilience:
             peer = NodeId.from_peer_id(peer_id)
         except ValueError:
             return
-        stream = self._streams.pop(peer, None)  # it went with the connection
-        if stream is not None:
-            self._spawn(_reset, stream)
+        self._out.connection_closed(peer)  # its stream went with the connection
         self._execute(self.liveness.probe_now(peer, self.node.clock()))
         self._wake.set()
 
@@ -378,11 +359,3 @@ class Resilience:
                 for ev in list(self.pool.events)[-20:]
             ],
         }
-
-
-async def _reset(stream) -> None:
-    with trio.move_on_after(0.5, shield=True):
-        try:
-            await stream.reset()
-        except Exception:  # noqa: BLE001 - already broken
-            pass
