@@ -1,11 +1,12 @@
 """Idle cost of a node: CPU per node, and connections, for overlays of growing size.
 
 Starts N real Hydra nodes in this process (loopback, the node's default
-configuration), waits until every
-node holds every record, lets the overlay settle, then measures this process's
-CPU time over a quiet window. Baseline, same run and same connection graph:
-bare py-libp2p hosts (GossipSub on one topic, no Hydra logic) left idle for the
-same window. Prints one JSON object; every loop is bounded in time.
+configuration), waits until every node holds every record, lets the overlay
+settle, then measures this process's CPU time over a quiet window, and its
+resident memory after it (Python keeps what it once used, so for the memory of
+one size, give one size per run). Baseline, same run and same connection
+graph: bare py-libp2p hosts (GossipSub on one topic, no Hydra logic) left idle
+for the same window. Prints one JSON object; every loop is bounded in time.
 
     .venv/bin/python benchmarks/bench_idle.py --nodes 8 16 24
 """
@@ -28,6 +29,14 @@ from overlay.testing import overlay, wait_until
 TOPIC = "bench/idle"
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 async def _cpu_over(window: float) -> float:
     c0 = time.process_time()
     await trio.sleep(window)
@@ -40,8 +49,9 @@ async def hydra_idle(n: int, settle: float, window: float, settings: dict):
             await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
             await trio.sleep(settle)
             cpu = await _cpu_over(window)
+            rss = _rss_mb()
             graph = {x.node_id.peer_id(): [p.peer_id() for p in x.connected()] for x in nodes}
-    return cpu / window / n, graph
+    return cpu / window / n, graph, rss
 
 
 async def baseline_idle(graph: dict[str, list[str]], settle: float, window: float) -> float:
@@ -66,7 +76,7 @@ async def main_async(args) -> dict:
     rows = []
     for n in args.nodes:
         print(f"{n} nodes ...", file=sys.stderr)
-        per_node, graph = await hydra_idle(n, args.settle, args.window, settings)
+        per_node, graph, rss = await hydra_idle(n, args.settle, args.window, settings)
         base = await baseline_idle(graph, args.settle, args.window)
         conns = [len(v) for v in graph.values()]
         rows.append(
@@ -76,6 +86,9 @@ async def main_async(args) -> dict:
                 "hydra_cpu_pct_per_node": round(per_node * 100, 2),
                 "baseline_cpu_pct_per_node": round(base * 100, 2),
                 "ratio": round(per_node / base, 1) if base > 0 else None,
+                # all nodes share this process: its RSS, and that over the nodes
+                "rss_mb_process": round(rss),
+                "rss_mb_per_node": round(rss / n, 1),
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr)

@@ -31,7 +31,13 @@ from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
 
 log = logging.getLogger("hydra.node")
 
-JOIN_DIAL_RETRIES = (1.0, 2.0)  # pauses before dialling a join address again after a timeout
+JOIN_DIAL_RETRIES = (
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+    16.0,
+)  # pauses before dialling a join address again after a timeout
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
 VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
@@ -94,7 +100,8 @@ class PeerManager:
 
     async def _connect_patiently(self, addr: str) -> str:
         """Dial a join address; a dial that timed out (a busy peer, a lossy feed) is
-        tried again after 1 s and 2 s; a refusal or a wrong peer is final at once."""
+        tried again after 1, 2, 4, 8 and 16 s (about a minute and a half in all,
+        with the dials' own timeouts); a refusal or a wrong peer is final at once."""
         for pause in JOIN_DIAL_RETRIES:
             try:
                 return await self.node.host.connect(addr)
