@@ -378,7 +378,7 @@ async def hydra_trials_procs(
     # batches of at most P nodes (one per worker), each joining through a random
     # node of an earlier batch; batches grow 1, 1, 2, 4, ... up to min(P, START_BATCH)
     t = time.monotonic()
-    started = 0
+    started, shown = 0, t
     while started < n:
         batch = range(started, min(n, started + max(1, min(p, started, START_BATCH))))
         joins = [[addrs[join_rng.choice(range(started))]] if started else [] for _ in batch]
@@ -386,6 +386,9 @@ async def hydra_trials_procs(
             for i, join in zip(batch, joins, strict=True):
                 nursery.start_soon(start, i, join)
         started = batch.stop
+        if time.monotonic() - shown >= 15 and started < n:
+            shown = time.monotonic()
+            print(f"  {started} of {n} nodes started after {shown - t:.0f} s", file=sys.stderr)
     print(f"  {n} nodes started in {time.monotonic() - t:.1f} s", file=sys.stderr)
 
     t = time.monotonic()
