@@ -9,7 +9,8 @@ is one more stream to negotiate on both sides). What cannot go out in time is
 dropped, as a lossy link drops it:
 
 - ``full``: the peer's queue holds ``queue_size`` frames, or ``max_links``
-  peers have a task already;
+  peers have a task already and each has frames queued (otherwise the least
+  recently used link ends to make room);
 - ``stale``: the frame waited longer than ``max_age`` in the queue;
 - ``backoff``: opening a stream to the peer failed less than ``retry_after``
   ago (a dead peer costs one failed open per ``retry_after``, not one per frame);
@@ -84,11 +85,15 @@ class FrameSender:
     def send(self, peer: Hashable, frame: bytes) -> str | None:
         """Queue ``frame`` for ``peer``; None if queued, else why it was dropped."""
         now = self._clock()
-        link = self._links.get(peer)
-        if link is None:
+        link = self._links.pop(peer, None)
+        if link is not None:
+            self._links[peer] = link  # the most recently used last
+            if link.retry_at > now:
+                return self._drop("backoff")
+        else:
             if self._retry_at.get(peer, -float("inf")) > now:
                 return self._drop("backoff")
-            if self._nursery is None or len(self._links) >= self.max_links:
+            if self._nursery is None or not self._room_for_one():
                 return self._drop("full")
             send, recv = trio.open_memory_channel(self.queue_size)
             link = self._links[peer] = _Link(send)
@@ -98,13 +103,23 @@ class FrameSender:
             except RuntimeError:  # nursery closing
                 del self._links[peer]
                 return self._drop("full")
-        elif link.retry_at > now:
-            return self._drop("backoff")
         try:
             link.send.send_nowait((frame, now))
         except trio.WouldBlock:
             return self._drop("full")
         return None
+
+    def _room_for_one(self) -> bool:
+        """Below ``max_links``, or made so by ending the least recently used link
+        with nothing queued (its task writes what it holds, then closes its stream)."""
+        if len(self._links) < self.max_links:
+            return True
+        for peer, link in self._links.items():
+            if link.send.statistics().current_buffer_used == 0:
+                del self._links[peer]
+                link.send.close()
+                return True
+        return False
 
     def connection_closed(self, peer: Hashable) -> None:
         """The peer's connection went: its stream went with it."""
@@ -121,7 +136,10 @@ class FrameSender:
             while True:
                 item = None
                 with trio.move_on_after(self.idle):
-                    item = await recv.receive()
+                    try:
+                        item = await recv.receive()
+                    except trio.EndOfChannel:
+                        return  # ended to make room for another peer
                 if item is None:
                     return  # idle; no checkpoint since the timeout, so nothing is queued
                 frame, queued_at = item

@@ -7,6 +7,8 @@ tests/integration/test_resilience.py.
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import trio
 
 from overlay.services.frame_sender import FrameSender
@@ -57,22 +59,25 @@ class Opener:
         return s
 
 
-def _sender(opener, drops, **kw) -> FrameSender:
-    return FrameSender(opener, on_drop=drops.append, **kw)
+@asynccontextmanager
+async def running(opener: Opener, drops: list, **kw):
+    """A FrameSender whose per-peer tasks run until the block ends."""
+    s = FrameSender(opener, on_drop=drops.append, **kw)
+    async with trio.open_nursery() as n:
+        s.bind(n)
+        yield s
+        n.cancel_scope.cancel()
 
 
 async def test_frames_go_in_order_on_one_stream(autojump_clock):
     opener, drops = Opener(), []
-    s = _sender(opener, drops)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops) as s:
         for i in range(5):
             assert s.send("a", b"%d" % i) is None
         await trio.sleep(0.1)
         for i in range(5, 8):
             assert s.send("a", b"%d" % i) is None
         await trio.sleep(0.1)
-        n.cancel_scope.cancel()
     assert opener.attempts == 1
     assert opener.opened[0].written == [b"%d" % i for i in range(8)]
     assert drops == []
@@ -82,14 +87,11 @@ async def test_a_slow_open_queues_frames_instead_of_resetting(autojump_clock):
     """Opening takes 1.5 s (a starved process): frames wait on the one open,
     the queue bound drops the excess, and the stream is never reset."""
     opener, drops = Opener(delay=1.5), []
-    s = _sender(opener, drops, queue_size=4, max_age=5.0)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, queue_size=4, max_age=5.0) as s:
         results = [s.send("a", b"%d" % i) for i in range(6)]
         await trio.sleep(1.0)  # the open is under way: the queue fills again
         results += [s.send("a", b"%d" % i) for i in range(6, 12)]
         await trio.sleep(2)
-        n.cancel_scope.cancel()
     # four queued at once; the task took one off before the second burst
     assert results == [None] * 4 + ["full"] * 2 + [None] + ["full"] * 5
     assert opener.attempts == 1
@@ -101,24 +103,19 @@ async def test_a_slow_open_queues_frames_instead_of_resetting(autojump_clock):
 
 async def test_frames_that_waited_too_long_are_dropped_as_stale(autojump_clock):
     opener, drops = Opener(delay=3.0), []
-    s = _sender(opener, drops, max_age=2.0)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, max_age=2.0) as s:
         s.send("a", b"old")  # taken at once, written after the 3 s open
         s.send("a", b"queued")  # waits 3 s in the queue: stale
         await trio.sleep(3.5)
         s.send("a", b"new")
         await trio.sleep(0.1)
-        n.cancel_scope.cancel()
     assert opener.opened[0].written == [b"old", b"new"]
     assert drops == ["stale"]
 
 
 async def test_a_failed_open_backs_off_instead_of_retrying_per_frame(autojump_clock):
     opener, drops = Opener(fail=1), []
-    s = _sender(opener, drops, retry_after=2.0)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, retry_after=2.0) as s:
         s.send("a", b"1")
         await trio.sleep(0.1)
         assert drops == ["error"]
@@ -126,21 +123,17 @@ async def test_a_failed_open_backs_off_instead_of_retrying_per_frame(autojump_cl
         await trio.sleep(2.0)
         assert s.send("a", b"2") is None
         await trio.sleep(0.1)
-        n.cancel_scope.cancel()
     assert opener.attempts == 2  # not one per frame
     assert opener.opened[0].written == [b"2"]
 
 
 async def test_a_broken_stream_is_reset_and_the_next_frame_opens_another(autojump_clock):
     opener, drops = Opener(fail_writes=1), []
-    s = _sender(opener, drops)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops) as s:
         s.send("a", b"lost")
         await trio.sleep(0.1)
         s.send("a", b"kept")
         await trio.sleep(0.1)
-        n.cancel_scope.cancel()
     first, second = opener.opened
     assert first.reset_called and first.written == []
     assert second.written == [b"kept"]
@@ -149,60 +142,63 @@ async def test_a_broken_stream_is_reset_and_the_next_frame_opens_another(autojum
 
 async def test_a_write_cut_short_resets_the_stream(autojump_clock):
     opener, drops = Opener(write_delay=10.0), []
-    s = _sender(opener, drops, write_timeout=1.0)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, write_timeout=1.0) as s:
         s.send("a", b"1")
         await trio.sleep(2)
-        n.cancel_scope.cancel()
     assert opener.opened[0].reset_called  # its framing is unknown after a cut write
     assert drops == ["timeout"]
 
 
 async def test_a_closed_connection_means_a_new_stream(autojump_clock):
     opener, drops = Opener(), []
-    s = _sender(opener, drops)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops) as s:
         s.send("a", b"1")
         await trio.sleep(0.1)
         s.connection_closed("a")
         s.send("a", b"2")
         await trio.sleep(0.1)
-        n.cancel_scope.cancel()
     assert [x.written for x in opener.opened] == [[b"1"], [b"2"]]
 
 
 async def test_idle_links_end_and_close_their_stream(autojump_clock):
     opener, drops = Opener(), []
-    s = _sender(opener, drops, idle=30.0)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, idle=30.0) as s:
         s.send("a", b"1")
         await trio.sleep(1)
         assert s.links == 1
         await trio.sleep(31)
         assert s.links == 0
         assert opener.opened[0].closed
-        n.cancel_scope.cancel()
+
+
+async def test_the_least_recently_used_idle_link_makes_room(autojump_clock):
+    opener, drops = Opener(), []
+    async with running(opener, drops, max_links=2) as s:
+        for peer in ("a", "b", "a", "c"):  # "b" is then the least recently used
+            assert s.send(peer, peer.encode()) is None
+            await trio.sleep(0.1)
+        assert s.links == 2
+        assert s.send("a", b"a2") is None
+        await trio.sleep(0.1)
+    a, b, c = opener.opened
+    assert b.closed and b.written == [b"b"]
+    assert a.written == [b"a", b"a", b"a2"] and c.written == [b"c"]
+    assert drops == []
 
 
 async def test_links_and_queues_are_bounded(autojump_clock):
     opener, drops = Opener(delay=100.0), []
-    s = _sender(opener, drops, max_links=3, queue_size=2)
-    async with trio.open_nursery() as n:
-        s.bind(n)
+    async with running(opener, drops, max_links=3, queue_size=2) as s:
         for peer in range(5):
             for _ in range(5):
                 s.send(peer, b"x")
         await trio.sleep(0.1)
         assert s.links == 3
-        n.cancel_scope.cancel()
     # 3 peers x 2 queued went in; everything else was refused at once
     assert drops.count("full") == 25 - 6
 
 
 async def test_unbound_sender_drops():
     drops: list = []
-    s = _sender(Opener(), drops)
+    s = FrameSender(Opener(), on_drop=drops.append)
     assert s.send("a", b"1") == "full"
