@@ -39,7 +39,6 @@ Opener = Callable[[Any], Awaitable[Any]]  # peer -> stream with write/reset/clos
 class _Link:
     send: trio.MemorySendChannel
     stream: Any = None
-    retry_at: float = -float("inf")
     drop_stream: bool = False  # the connection went: reopen before the next write
 
 
@@ -85,19 +84,16 @@ class FrameSender:
     def send(self, peer: Hashable, frame: bytes) -> str | None:
         """Queue ``frame`` for ``peer``; None if queued, else why it was dropped."""
         now = self._clock()
+        if self._backing_off(peer, now):
+            return self._drop("backoff")
         link = self._links.pop(peer, None)
         if link is not None:
             self._links[peer] = link  # the most recently used last
-            if link.retry_at > now:
-                return self._drop("backoff")
         else:
-            if self._retry_at.get(peer, -float("inf")) > now:
-                return self._drop("backoff")
             if self._nursery is None or not self._room_for_one():
                 return self._drop("full")
             send, recv = trio.open_memory_channel(self.queue_size)
             link = self._links[peer] = _Link(send)
-            self._retry_at.pop(peer, None)
             try:
                 self._nursery.start_soon(self._run, peer, link, recv)
             except RuntimeError:  # nursery closing
@@ -127,6 +123,9 @@ class FrameSender:
         if link is not None:
             link.drop_stream = True
 
+    def _backing_off(self, peer: Hashable, now: float) -> bool:
+        return self._retry_at.get(peer, -float("inf")) > now
+
     def _drop(self, why: str) -> str:
         self._on_drop(why)
         return why
@@ -153,18 +152,13 @@ class FrameSender:
         finally:
             if self._links.get(peer) is link:
                 del self._links[peer]
-                if link.retry_at > self._clock():
-                    self._retry_at[peer] = link.retry_at
-                    if len(self._retry_at) > 4 * self.max_links:
-                        self._forget_old_retries()
             with trio.CancelScope(shield=True):
                 await self._discard(link, close=True)
 
     async def _write(self, peer: Hashable, link: _Link, frame: bytes) -> None:
-        now = self._clock()
         if link.stream is None:
-            if link.retry_at > now:
-                self._drop("backoff")
+            if self._backing_off(peer, self._clock()):
+                self._drop("backoff")  # queued before the open failed
                 return
             with trio.move_on_after(self.open_timeout) as scope:
                 try:
@@ -172,9 +166,10 @@ class FrameSender:
                 except Exception as e:  # noqa: BLE001 - an unreachable peer is data for the caller
                     log.debug("no stream to %s: %r", peer, e)
             if link.stream is None:
-                link.retry_at = self._clock() + self.retry_after
+                self._back_off(peer)
                 self._drop("timeout" if scope.cancelled_caught else "error")
                 return
+            self._retry_at.pop(peer, None)
         with trio.move_on_after(self.write_timeout) as scope:
             try:
                 await link.stream.write(frame)
@@ -194,9 +189,13 @@ class FrameSender:
         with trio.move_on_after(0.5), contextlib.suppress(Exception):
             await (stream.close() if close else stream.reset())
 
-    def _forget_old_retries(self) -> None:
+    def _back_off(self, peer: Hashable) -> None:
+        """No open to ``peer`` for ``retry_after``; the table holds at most
+        ``4 * max_links`` peers (past back-offs go first, then all of them)."""
         now = self._clock()
-        for peer in [p for p, t in self._retry_at.items() if t <= now]:
-            del self._retry_at[peer]
-        if len(self._retry_at) > 4 * self.max_links:  # bounded: forget the back-offs
-            self._retry_at.clear()
+        self._retry_at[peer] = now + self.retry_after
+        if len(self._retry_at) > 4 * self.max_links:
+            for p in [p for p, t in self._retry_at.items() if t <= now]:
+                del self._retry_at[p]
+            if len(self._retry_at) > 4 * self.max_links:
+                self._retry_at.clear()

@@ -31,13 +31,8 @@ from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
 
 log = logging.getLogger("hydra.node")
 
-JOIN_DIAL_RETRIES = (
-    1.0,
-    2.0,
-    4.0,
-    8.0,
-    16.0,
-)  # pauses before dialling a join address again after a timeout
+# pauses before dialling a join address again after a timeout
+JOIN_DIAL_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
 VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
