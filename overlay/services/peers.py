@@ -55,6 +55,7 @@ class PeerManager:
         self.sync = sync
         self.joined_via: str | None = None  # the join address that worked last
         self._verify_tried: dict[NodeId, float] = {}
+        self._verify_at: dict[NodeId, float] = {}  # member -> its share of the spread
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
@@ -121,9 +122,13 @@ class PeerManager:
         The dial budget goes first to unverified exits and standbys (so that the
         exit pool soon counts the honest ones), then to unverified peers that
         ``choose_dials`` picks when too few verified ones are left to dial, and
-        what remains to one unverified member known for ``VERIFY_AFTER`` seconds
-        (least recently tried first), so honest members that never contact us
-        get verified before ``unverified_ttl`` drops them.
+        what remains to one unverified member whose verification is due (least
+        recently tried first), so honest members that never contact us get
+        verified before ``unverified_ttl`` drops them. A non-exit member is due
+        at a random time between ``VERIFY_AFTER`` seconds after we learnt of it
+        and half of ``unverified_ttl``: a node that learns the whole membership at
+        once (its join) spreads these dials instead of connecting to every member
+        within minutes.
         """
         connected = set(self.node.connected())
         if len(connected) >= self.node.config.target_peers and not self.node.admission.unverified:
@@ -174,17 +179,27 @@ class PeerManager:
                 continue
             if bool(r.roles & EXIT_ROLES) != exits:
                 continue
-            if not exits and now - (view.first_seen(nid) or now) < VERIFY_AFTER:
+            if not exits and now < self._verify_due(nid, view.first_seen(nid) or now):
                 continue
             todo.append(r)
         todo.sort(key=lambda r: tried.get(r.node_id, -1e18))
         out = todo[:room]
         for r in out:
             tried[r.node_id] = now
-        if len(tried) > 2 * self.node.config.max_unverified + 64:
-            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
-                del tried[nid]
+        for table in (tried, self._verify_at):
+            if len(table) > 2 * self.node.config.max_unverified + 64:
+                for nid in [n for n in table if view.is_verified(n) or n not in view]:
+                    del table[nid]
         return out
+
+    def _verify_due(self, nid: NodeId, first_seen: float) -> float:
+        """When an unverified non-exit member known since ``first_seen`` is dialled:
+        ``VERIFY_AFTER`` later, plus a random share of the rest of half its TTL."""
+        share = self._verify_at.get(nid)
+        if share is None:
+            share = self._verify_at[nid] = self.node.rng.random()
+        spread = max(0.0, self.node.config.unverified_ttl / 2 - VERIFY_AFTER)
+        return first_seen + VERIFY_AFTER + share * spread
 
     async def run(self) -> None:
         """Keep ``target_peers`` connections; with none at all (every member we know
