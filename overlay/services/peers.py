@@ -167,7 +167,7 @@ class PeerManager:
         self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
     ) -> list[ValidRecord]:
         """Up to ``room`` unverified members to dial: exits and standbys (``exits``)
-        or others known for ``VERIFY_AFTER`` seconds, least recently tried first."""
+        or others whose verification is due (``_verify_due``), least recently tried first."""
         if room <= 0:
             return []
         tried = self._verify_tried
