@@ -22,7 +22,7 @@ from ..core.admission import DialBudget
 from ..core.peering import choose_dials
 from ..core.scores import PeerScores
 from ..core.timing import JOIN_ROUNDS
-from ..crypto import NodeId
+from ..crypto import NodeId, mac
 from ..errors import LocalError
 from ..net.host import DialTimeout
 from ..records import EXIT_ROLES, ValidRecord
@@ -55,7 +55,7 @@ class PeerManager:
         self.sync = sync
         self.joined_via: str | None = None  # the join address that worked last
         self._verify_tried: dict[NodeId, float] = {}
-        self._verify_at: dict[NodeId, float] = {}  # member -> its share of the spread
+        self._verify_key = node.rng.randbytes(16)  # keys each member's share of the spread
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
@@ -186,18 +186,16 @@ class PeerManager:
         out = todo[:room]
         for r in out:
             tried[r.node_id] = now
-        for table in (tried, self._verify_at):
-            if len(table) > 2 * self.node.config.max_unverified + 64:
-                for nid in [n for n in table if view.is_verified(n) or n not in view]:
-                    del table[nid]
+        if len(tried) > 2 * self.node.config.max_unverified + 64:
+            for nid in [n for n in tried if view.is_verified(n) or n not in view]:
+                del tried[nid]
         return out
 
     def _verify_due(self, nid: NodeId, first_seen: float) -> float:
         """When an unverified non-exit member known since ``first_seen`` is dialled:
-        ``VERIFY_AFTER`` later, plus a random share of the rest of half its TTL."""
-        share = self._verify_at.get(nid)
-        if share is None:
-            share = self._verify_at[nid] = self.node.rng.random()
+        ``VERIFY_AFTER`` later, plus a share of the rest of half its TTL that is
+        random to others but fixed for the member here (a keyed hash of its id)."""
+        share = int.from_bytes(mac(self._verify_key, bytes(nid), 8), "big") / 2**64
         spread = max(0.0, self.node.config.unverified_ttl / 2 - VERIFY_AFTER)
         return first_seen + VERIFY_AFTER + share * spread
 
