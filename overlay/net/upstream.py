@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, sender records, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -36,7 +36,13 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import libp2p.kad_dht.kad_dht as _libp2p_kad_dht
+import libp2p.kad_dht.peer_routing as _libp2p_kad_routing
+import libp2p.kad_dht.provider_store as _libp2p_kad_providers
+import libp2p.kad_dht.utils as _libp2p_kad_utils
+import libp2p.kad_dht.value_store as _libp2p_kad_values
 import libp2p.network.swarm as _libp2p_swarm
+import libp2p.peer.peerstore as _libp2p_peerstore
 import libp2p.pubsub.gossipsub as _libp2p_gossipsub
 import libp2p.pubsub.pubsub as _libp2p_pubsub
 import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
@@ -49,6 +55,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as _x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as _KadMessage
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
@@ -119,6 +126,74 @@ def _consume_sender_record(msg: Any, host: Any, peer_id: Any) -> bool:
 
 _libp2p_pubsub.maybe_consume_signed_record = _consume_sender_record
 _libp2p_gossipsub.maybe_consume_signed_record = _consume_sender_record
+
+# WORKAROUND (DHT peer records): every Kad-DHT message carries its sender's
+# signed peer record, and every peer listed in an answer (up to 20) its own;
+# upstream parses and verifies each one every time (an Ed25519 verification
+# per listed peer per answer, the same few records over and over during a
+# lookup). As for pubsub above: the very bytes already consumed for the same
+# peer are accepted again without the work for SENDER_RECORD_TTL seconds.
+# test_dht_peer_records_are_verified_once.
+UPSTREAM_CONSUME_DHT_RECORD = _libp2p_kad_utils.maybe_consume_signed_record
+_dht_records: weakref.WeakKeyDictionary[Any, dict[tuple[bytes, bytes], float]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _consume_dht_record(msg: Any, host: Any, peer_id: Any = None) -> bool:
+    field = "senderRecord" if isinstance(msg, _KadMessage) else "signedRecord"
+    if not msg.HasField(field):
+        return UPSTREAM_CONSUME_DHT_RECORD(msg, host, peer_id)
+    who = peer_id.to_bytes() if peer_id is not None else bytes(getattr(msg, "id", b""))
+    key = (who, bytes(getattr(msg, field)))
+    now = time.monotonic()
+    seen = _dht_records.get(host)
+    if seen is None:
+        seen = _dht_records[host] = {}
+    when = seen.get(key)
+    if when is not None and now - when < SENDER_RECORD_TTL:
+        return True
+    ok = UPSTREAM_CONSUME_DHT_RECORD(msg, host, peer_id)
+    if ok:
+        if len(seen) >= _SENDER_RECORDS_MAX:
+            seen.clear()
+        seen[key] = now
+    return ok
+
+
+for _module in (_libp2p_kad_dht, _libp2p_kad_routing, _libp2p_kad_providers, _libp2p_kad_values):
+    _module.maybe_consume_signed_record = _consume_dht_record
+
+# WORKAROUND (own sender record): before every pubsub RPC and Kad-DHT message
+# it sends, upstream rebuilds the host's advertised addresses (multiaddr
+# parsing) to check that its cached signed peer record still lists them, then
+# serialises the record again. The bytes are kept per host and checked again
+# after OWN_RECORD_TTL seconds, so a change of addresses reaches the record
+# that late at most. test_own_sender_record_is_built_once_per_ttl.
+OWN_RECORD_TTL = 5.0
+UPSTREAM_ENV_TO_SEND = _libp2p_peerstore.env_to_send_in_RPC
+_own_records: weakref.WeakKeyDictionary[Any, tuple[bytes, float]] = weakref.WeakKeyDictionary()
+
+
+def _env_to_send(host: Any) -> tuple[bytes, bool]:
+    now = time.monotonic()
+    cached = _own_records.get(host)
+    if cached is not None and now - cached[1] < OWN_RECORD_TTL:
+        return cached[0], False
+    data, fresh = UPSTREAM_ENV_TO_SEND(host)
+    _own_records[host] = (data, now)
+    return data, fresh
+
+
+for _module in (
+    _libp2p_pubsub,
+    _libp2p_gossipsub,
+    _libp2p_kad_dht,
+    _libp2p_kad_routing,
+    _libp2p_kad_providers,
+    _libp2p_kad_values,
+):
+    _module.env_to_send_in_RPC = _env_to_send
 
 # WORKAROUND (window updates): a Yamux stream sends a WINDOW_UPDATE frame
 # after every read that leaves less than half its receive window owed (its

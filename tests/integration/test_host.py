@@ -367,6 +367,91 @@ def test_sender_record_is_verified_once_per_peer(monkeypatch) -> None:
     assert calls[0] == before
 
 
+def _count_dht_envelope_checks(monkeypatch) -> list[int]:
+    import libp2p.kad_dht.utils as kad_utils
+
+    calls = [0]
+    real = kad_utils.consume_envelope
+
+    def counting(data, domain):
+        calls[0] += 1
+        return real(data, domain)
+
+    monkeypatch.setattr(kad_utils, "consume_envelope", counting)
+    return calls
+
+
+def test_dht_peer_records_are_verified_once(monkeypatch) -> None:
+    """WORKAROUND (DHT peer records): a sender's record and the records of peers
+    listed in an answer are verified once per receiving host; a record listed
+    under another peer's id, a forgery or another receiver is checked again."""
+    import libp2p.kad_dht.peer_routing as routing_module
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+
+    from overlay.net.upstream import UPSTREAM_CONSUME_DHT_RECORD
+
+    consume = routing_module.maybe_consume_signed_record
+    assert consume is not UPSTREAM_CONSUME_DHT_RECORD
+    calls = _count_dht_envelope_checks(monkeypatch)
+    sender, listed, receiver, receiver2 = new_host(), new_host(), new_host(), new_host()
+    message = Message(senderRecord=_sender_record_rpc(sender).senderRecord)
+    peer = Message.Peer(
+        id=listed.get_id().to_bytes(), signedRecord=_sender_record_rpc(listed).senderRecord
+    )
+    for _ in range(5):
+        assert consume(message, receiver, sender.get_id())
+        assert consume(peer, receiver)
+    assert calls[0] == 2
+    assert consume(peer, receiver2)  # another node in the same process
+    assert calls[0] == 3
+    # the listed record under another peer's id: refused, every time
+    liar = Message.Peer(id=sender.get_id().to_bytes(), signedRecord=peer.signedRecord)
+    for _ in range(3):
+        assert not consume(liar, receiver)
+    assert not consume(message, receiver, listed.get_id())  # sender's record from listed
+    assert calls[0] == 7
+    forged = Message(senderRecord=bytes(message.senderRecord[:-1]) + b"\x00")
+    assert not consume(forged, receiver, sender.get_id())
+    before = calls[0]
+    assert consume(message, receiver, sender.get_id())  # the cached one still passes
+    assert calls[0] == before
+    # upstream itself checks every time
+    for _ in range(2):
+        assert UPSTREAM_CONSUME_DHT_RECORD(peer, receiver)
+    assert calls[0] == before + 2
+
+
+def test_own_sender_record_is_built_once_per_ttl(monkeypatch) -> None:
+    """WORKAROUND (own sender record): the signed record a host attaches to what it
+    sends is looked up (addresses rebuilt) once per OWN_RECORD_TTL, not per RPC."""
+    import libp2p.kad_dht.kad_dht as kad_module
+    import libp2p.pubsub.gossipsub as gossipsub_module
+
+    from overlay.net import upstream
+
+    clock = [1000.0]
+    monkeypatch.setattr(upstream.time, "monotonic", lambda: clock[0])
+    calls = [0]
+    real = upstream.UPSTREAM_ENV_TO_SEND
+
+    def counting(host):
+        calls[0] += 1
+        return real(host)
+
+    monkeypatch.setattr(upstream, "UPSTREAM_ENV_TO_SEND", counting)
+    host, other = new_host(), new_host()
+    env = gossipsub_module.env_to_send_in_RPC
+    assert kad_module.env_to_send_in_RPC is env
+    first, _ = env(host)
+    for _ in range(10):
+        assert env(host)[0] == first
+    assert calls[0] == 1
+    assert env(other)[0] != first  # per host
+    clock[0] += upstream.OWN_RECORD_TTL + 0.1
+    assert env(host)[0] == first  # looked up again: same addresses, same record
+    assert calls[0] == 3
+
+
 def test_upstream_verifies_the_sender_record_of_every_rpc(monkeypatch) -> None:
     from overlay.net.upstream import UPSTREAM_CONSUME_SENDER_RECORD
 
