@@ -451,6 +451,18 @@ class Node:
         await self._push(rec)
         return rec
 
+    async def announce_own(self, why: str) -> ValidRecord:
+        """Push our record to gossip and the DHT again (e.g. once joined, when there
+        is someone to gossip to); a new one is signed only if the overlay holds a
+        newer record of ours than the one we push (say, a restart from an old
+        home), so a join costs the overlay one record, not two."""
+        own = self.own
+        if own is None or own.is_tombstone or (self.view.seq_of(self.node_id) or 0) > own.seq:
+            return await self.publish_own(why)
+        log.info("announced record seq=%d (%s)", own.seq, why)
+        await self._push(own)
+        return own
+
     async def withdraw(self) -> ValidRecord:
         """Publish a tombstone: the overlay forgets this node."""
         rec = self.home.make_tombstone(self.clock(), above=self.view.seq_of(self.node_id) or 0)

@@ -89,7 +89,7 @@ class PeerManager:
                 errors.append(f"{addr}: not a Hydra node (no {SYNC_PROTOCOL})")
                 continue
             self.joined_via = addr
-            await self.node.publish_own("joined")
+            await self.node.announce_own("joined")
             await self._fill_peers()
             return addr
         raise LocalError("could not join through any address: " + "; ".join(errors))

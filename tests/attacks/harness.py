@@ -467,13 +467,11 @@ class HonestOverlay:
         self.probe.stop()
         before = self.probe.seq_on_disk()
         self.probe.spawn([self.relay.addr])
-        # a run publishes on start and again once joined: the second is the one to track
-        with trio.fail_after(timeout):
-            while self.probe.seq_on_disk() < before + 2:
-                if not self.probe.alive:
-                    raise RuntimeError(f"probe exited; see {self.probe.log_path}")
-                await trio.sleep(0.05)
-        return before + 2
+        # a run signs a new record on start and gossips it once joined
+        await self.probe.wait_started(joining=True, timeout=timeout)
+        seq = self.probe.seq_on_disk()
+        assert seq > before, f"the probe did not sign a new record ({before} -> {seq})"
+        return seq
 
     async def honest_gossip(self, bound: float = GOSSIP_BOUND) -> tuple[float | None, list[str]]:
         """Publish a probe record; seconds until every honest node holds it (None if not
