@@ -66,8 +66,16 @@ DHT_NAMESPACE = "hydra"
 # lookups (dozens of streams across the overlay) do not compete with the record's
 # gossip in the first second; role provider records are re-announced only when
 # the roles change or are this old (they serve discovery, not dissemination).
+# Each record is stored once, after the node has joined (before, it knows
+# nobody to store it at); a record pushed again (announced once joined) is not
+# stored twice.
 DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
+# Roles announced under a DHT provider key: the few a client looks for. Every
+# volunteer node relays, so a provider list of relays would be the membership
+# itself (which any one peer hands over), with every node's announcement landing
+# on the same 20 nodes closest to one key.
+PROVIDED_ROLES = (Role.ENTRY, Role.EXIT, Role.STANDBY_EXIT)
 REFUSAL_LOG_EVERY = 10.0  # seconds between two INFO lines about refused new identities
 
 
@@ -158,6 +166,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self.changes = 0  # bumped whenever the view accepts a record
         self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
+        self._dht_stored_seq = -1  # seq of the last own record handed to the DHT
         self.sync = AntiEntropySync(self)  # anti-entropy rounds (services.sync)
         self.peering = PeerManager(self, self.sync)  # join, peer loop (services.peers)
         self._isolated = False
@@ -484,13 +493,15 @@ class Node:
 
     async def _dht_publish(self, rec: ValidRecord) -> None:
         await trio.sleep(self.rng.uniform(*DHT_PUBLISH_DELAY))
-        if self.own is not rec:
-            return  # a newer record was published meanwhile: it stores itself
+        await self.ready.wait()  # joined (or started with nobody to join)
+        if self.own is not rec or rec.seq <= self._dht_stored_seq:
+            return  # a newer record was published meanwhile, or this one is stored
+        self._dht_stored_seq = rec.seq
         with trio.move_on_after(10):
             try:
                 await self.host.dht_put(dht_key(rec.node_id), rec.encode())
                 now = self.clock()
-                for role in Role:
+                for role in PROVIDED_ROLES:
                     if role in rec.roles and now - self._provided.get(role, -1e18) >= (
                         PROVIDE_REFRESH
                     ):

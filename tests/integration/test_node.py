@@ -158,8 +158,32 @@ async def test_a_kept_stream_the_responder_closed_is_replaced_within_the_round(
         assert _rounds(nodes, "failed") <= 2
 
 
+async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
+    """A joining node gossips the record it signed at start (no second seq) and
+    hands each record to the DHT once, after its join."""
+    puts: list[tuple[str, int]] = []
+    real_put = Libp2pHost.dht_put
+
+    async def counting_put(self, key: str, value: bytes) -> None:
+        puts.append((key, len(self.connected_peers())))
+        await real_put(self, key, value)
+
+    monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    async with overlay(tmp_path, 3) as nodes:
+        await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
+        await trio.sleep(4.0)  # DHT_PUBLISH_DELAY is at most 3 s
+        for node in nodes:
+            assert node.own is not None and node.own.seq == 1
+            mine = [peers for key, peers in puts if key == dht_key(node.node_id)]
+            assert len(mine) == 1, mine
+        # the joiners stored theirs once connected, not while alone
+        for node in nodes[1:]:
+            assert [p for k, p in puts if k == dht_key(node.node_id)][0] >= 1
+
+
 async def test_dht_lookup_by_node_id(tmp_path):
-    async with overlay(tmp_path, 5) as nodes:
+    roles = [("relay",), ("relay",), ("relay", "entry"), ("relay",), ("relay",)]
+    async with overlay(tmp_path, 5, roles) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)
         await trio.sleep(1.0)  # DHT puts are asynchronous
         target = nodes[4]
@@ -170,8 +194,14 @@ async def test_dht_lookup_by_node_id(tmp_path):
                 await trio.sleep(0.2)
         assert raw is not None
         assert nodes[1].ingest(raw, "dht")
-        providers = await nodes[0].host.find_providers("hydra-role/relay")
-        assert providers
+        # role discovery: the entry announced itself; relays (every node) do not
+        providers: list[str] = []
+        with trio.move_on_after(15):
+            while nodes[2].node_id.peer_id() not in providers:
+                providers = await nodes[0].host.find_providers("hydra-role/entry")
+                await trio.sleep(0.2)
+        assert nodes[2].node_id.peer_id() in providers
+        assert await nodes[0].host.find_providers("hydra-role/relay") == []
 
 
 async def test_malicious_peer_is_rejected_counted_and_disconnected(tmp_path):
