@@ -72,6 +72,15 @@ def next_poisson(rng: random.Random, rate: float, now: float) -> float:
     return now + rng.expovariate(rate)
 
 
+def ramp_keeps(rng: random.Random, elapsed: float, ramp: float) -> bool:
+    """Thinning of a Poisson process to a rate that grows linearly from 0 to its
+    full value over ``ramp`` seconds: an event ``elapsed`` seconds in is kept with
+    probability ``min(1, elapsed / ramp)`` (always, for ``ramp <= 0``). The kept
+    events form a Poisson process of that growing rate; which events are kept
+    does not depend on what they are (a loop's path is drawn only once kept)."""
+    return ramp <= 0 or rng.random() * ramp < elapsed
+
+
 class MixPool(Generic[T]):
     """Packets held until their due time; at most ``max_packets`` and ``max_bytes``.
 

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..core.mixing import MAX_DELAY_MS, LoopLost, LoopMonitor, MixPool, next_poisson
+from ..core.mixing import MAX_DELAY_MS, LoopLost, LoopMonitor, MixPool, next_poisson, ramp_keeps
 from ..core.relaycore import (
     DEFAULT_BURST,
     DEFAULT_CLIENT_BURST,
@@ -107,6 +107,7 @@ __all__ = [
 ]
 
 _READ = 65536
+LOOP_RAMP = 300.0  # seconds over which a starting relay's own loop cover reaches its rate
 
 
 class RelayService(Links, ClientSessions, ExitSide):
@@ -151,6 +152,7 @@ class RelayService(Links, ClientSessions, ExitSide):
         mix_delay: float | None = None,
         loop_rate: float | None = None,
         loop_slack: float | None = None,
+        loop_ramp: float = LOOP_RAMP,
     ) -> None:
         """
         :param queue_size: packets waiting per neighbour before new ones are dropped.
@@ -180,7 +182,9 @@ class RelayService(Links, ClientSessions, ExitSide):
         :param epoch_length: onion key epoch in seconds (see ``overlay.onion.epochs``).
         :param mix_delay, loop_rate: the overlay's mean hold per hop and this relay's
             loop-cover rate (``[onion] mix_delay``, ``[cover] relay_loop_rate``);
-            ``loop_slack``: a loop not back this long after its delays is lost.
+            ``loop_slack``: a loop not back this long after its delays is lost;
+            ``loop_ramp``: the loop rate grows from 0 to ``loop_rate`` over this
+            many seconds after the relay starts.
         Limits left as ``None`` come from the node's config (``[relay]``, ``[onion]``).
         """
         self.queue_size = queue_size
@@ -191,6 +195,7 @@ class RelayService(Links, ClientSessions, ExitSide):
         self.max_held = max_held
         self.mix_delay = mix_delay
         self.loop_rate = loop_rate
+        self.loop_ramp = loop_ramp
         self.max_clients = max_clients
         self.clients_per_peer = clients_per_peer
         self.client_idle = client_idle
@@ -610,11 +615,20 @@ class RelayService(Links, ClientSessions, ExitSide):
     async def _loop_cover(self) -> None:
         """Send loop-cover packets at Poisson rate ``loop_rate``: *relay, relay, this
         node*, each hop holding it as the overlay's senders do. A loop that does not
-        come back is counted against the relays on it (``LoopMonitor``)."""
+        come back is counted against the relays on it (``LoopMonitor``).
+
+        The rate grows linearly from 0 over the relay's first ``loop_ramp`` seconds
+        (``ramp_keeps``): each loop goes through relays not yet connected to, so a
+        starting overlay whose relays all began at full rate at once dialled every
+        relay from every relay within its first minute."""
         rng = self.node.rng
+        started = trio.current_time()
         while self.loop_rate and self.loop_rate > 0:
             now = trio.current_time()
-            await trio.sleep_until(next_poisson(rng, self.loop_rate, now))
+            due = next_poisson(rng, self.loop_rate, now)
+            await trio.sleep_until(due)
+            if not ramp_keeps(rng, due - started, self.loop_ramp):
+                continue
             try:
                 self.send_loop()
             except OverlayError as e:  # no path yet, a key the onion code refuses

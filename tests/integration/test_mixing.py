@@ -170,7 +170,7 @@ class BlackHole(RelayService):
 async def test_relay_loop_cover_returns_and_a_dropped_loop_is_detected(tmp_path):
     def services(i, home):
         if i == 0:
-            relay = RelayService(mix_delay=0.05, loop_rate=4.0, loop_slack=2.0)
+            relay = RelayService(mix_delay=0.05, loop_rate=4.0, loop_slack=2.0, loop_ramp=0)
         elif i == 4:
             relay = BlackHole(mix_delay=0.05, loop_rate=0.0)
         else:

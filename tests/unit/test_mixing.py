@@ -14,6 +14,7 @@ from overlay.core.mixing import (
     MixPool,
     draw_delays,
     next_poisson,
+    ramp_keeps,
 )
 from overlay.core.outbox import Outbox
 from overlay.crypto import SigningKey
@@ -109,3 +110,28 @@ def test_outbox_timeout_starts_after_the_chosen_delays():
 
     ob.on_ack(b"n" * 16, AckStatus.QUEUED, "", path[-1], 30.5)
     assert ob.srtt == pytest.approx(0.5)
+
+
+def test_loop_cover_ramps_up_linearly_over_the_ramp():
+    """A starting relay's own loops: none kept at the start, about half of the
+    full-rate events over the ramp, every one after it; ramp 0 keeps all."""
+    rng = random.Random(7)
+    ramp, rate = 300.0, 2.0
+    kept_in_ramp = [0, 0, 0]  # per third of the ramp
+    events_in_ramp = [0, 0, 0]
+    now, after = 0.0, []
+    while now < 2 * ramp:
+        now = next_poisson(rng, rate, now)
+        keep = ramp_keeps(rng, now, ramp)
+        if now < ramp:
+            third = int(3 * now / ramp)
+            events_in_ramp[third] += 1
+            kept_in_ramp[third] += keep
+        else:
+            after.append(keep)
+    shares = [k / e for k, e in zip(kept_in_ramp, events_in_ramp, strict=True)]
+    assert 0.1 < shares[0] < 0.25 and 0.4 < shares[1] < 0.6 and 0.75 < shares[2] < 0.92
+    assert 0.45 < sum(kept_in_ramp) / sum(events_in_ramp) < 0.55
+    assert all(after)
+    assert not ramp_keeps(random.Random(1), 0.0, ramp)
+    assert all(ramp_keeps(rng, 0.0, 0.0) for _ in range(100))
