@@ -47,7 +47,7 @@ from .errors import DecodeError, LocalError, Reason, RemoteError
 from .home import Home
 from .metrics import Metrics
 from .net.host import Libp2pHost
-from .records import Role, ValidRecord, decode
+from .records import EXIT_ROLES, Role, ValidRecord, decode
 from .records import validate as validate_record
 from .services.feeds import FeedMonitor
 from .services.peers import PeerManager
@@ -71,6 +71,12 @@ DHT_NAMESPACE = "hydra"
 # stored twice.
 DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
+# A node that is neither exit nor standby stores its first record in the DHT at
+# a random time within this many seconds of its start (exits at once: clients
+# look them up). Each store connects to the key's 20 closest nodes, so nodes
+# that start together and store at once connect every node to most others
+# within a minute; gossip and anti-entropy carry the record meanwhile.
+DHT_FIRST_SPREAD = 300.0
 # Roles announced under a DHT provider key: the few a client looks for. Every
 # volunteer node relays, so a provider list of relays would be the membership
 # itself (which any one peer hands over), with every node's announcement landing
@@ -167,6 +173,7 @@ class Node:
         self.changes = 0  # bumped whenever the view accepts a record
         self._provided: dict[Role, float] = {}  # role -> when we last provided its DHT key
         self._dht_stored_seq = -1  # seq of the last own record handed to the DHT
+        self._dht_first_after = 0.0  # trio time before which no non-exit record is stored
         self.sync = AntiEntropySync(self)  # anti-entropy rounds (services.sync)
         self.peering = PeerManager(self, self.sync)  # join, peer loop (services.peers)
         self._isolated = False
@@ -195,6 +202,7 @@ class Node:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[Node]:
         self.started_at = self.clock()
+        self._dht_first_after = trio.current_time() + self.rng.uniform(0.0, DHT_FIRST_SPREAD)
         # one node per home: the lock comes before anything in the home is written
         self._home_lock = self.home.locked()
         self._home_lock.__enter__()
@@ -494,6 +502,8 @@ class Node:
     async def _dht_publish(self, rec: ValidRecord) -> None:
         await trio.sleep(self.rng.uniform(*DHT_PUBLISH_DELAY))
         await self.ready.wait()  # joined (or started with nobody to join)
+        if not rec.roles & EXIT_ROLES:
+            await trio.sleep_until(self._dht_first_after)
         if self.own is not rec or rec.seq <= self._dht_stored_seq:
             return  # a newer record was published meanwhile, or this one is stored
         self._dht_stored_seq = rec.seq

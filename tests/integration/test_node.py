@@ -5,6 +5,7 @@ import time
 import pytest
 import trio
 
+from overlay import runtime
 from overlay.crypto import SigningKey
 from overlay.net import framing
 from overlay.net.host import Libp2pHost
@@ -169,6 +170,7 @@ async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
         await real_put(self, key, value)
 
     monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
     async with overlay(tmp_path, 3) as nodes:
         await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
         await trio.sleep(4.0)  # DHT_PUBLISH_DELAY is at most 3 s
@@ -181,7 +183,29 @@ async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
             assert [p for k, p in puts if k == dht_key(node.node_id)][0] >= 1
 
 
-async def test_dht_lookup_by_node_id(tmp_path):
+async def test_only_exits_store_their_first_record_in_the_dht_at_once(tmp_path, monkeypatch):
+    """Other nodes store their first record within DHT_FIRST_SPREAD of their start
+    (here: not within the test), so a starting overlay is not meshed by stores."""
+    stored: list[str] = []
+    real_put = Libp2pHost.dht_put
+
+    async def counting_put(self, key: str, value: bytes) -> None:
+        stored.append(key)
+        await real_put(self, key, value)
+
+    monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 3600.0)
+    roles = [("relay",), ("relay", "exit"), ("relay",)]
+    async with overlay(tmp_path, 3, roles, policy=["smtp:*"]) as nodes:
+        await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
+        with trio.move_on_after(15):
+            while dht_key(nodes[1].node_id) not in stored:
+                await trio.sleep(0.1)
+        assert stored == [dht_key(nodes[1].node_id)]
+
+
+async def test_dht_lookup_by_node_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
     roles = [("relay",), ("relay",), ("relay", "entry"), ("relay",), ("relay",)]
     async with overlay(tmp_path, 5, roles) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)
