@@ -320,17 +320,19 @@ def _sender_record_rpc(host):
     return rpc_pb2.RPC(senderRecord=issue_and_cache_local_record(host))
 
 
-def _count_envelope_checks(monkeypatch) -> list[int]:
-    import libp2p.pubsub.utils as pubsub_utils
+def _count_envelope_checks(monkeypatch, utils=None) -> list[int]:
+    """Count upstream's envelope verifications in ``utils`` (default: pubsub's)."""
+    if utils is None:
+        import libp2p.pubsub.utils as utils
 
     calls = [0]
-    real = pubsub_utils.consume_envelope
+    real = utils.consume_envelope
 
     def counting(data, domain):
         calls[0] += 1
         return real(data, domain)
 
-    monkeypatch.setattr(pubsub_utils, "consume_envelope", counting)
+    monkeypatch.setattr(utils, "consume_envelope", counting)
     return calls
 
 
@@ -367,32 +369,19 @@ def test_sender_record_is_verified_once_per_peer(monkeypatch) -> None:
     assert calls[0] == before
 
 
-def _count_dht_envelope_checks(monkeypatch) -> list[int]:
-    import libp2p.kad_dht.utils as kad_utils
-
-    calls = [0]
-    real = kad_utils.consume_envelope
-
-    def counting(data, domain):
-        calls[0] += 1
-        return real(data, domain)
-
-    monkeypatch.setattr(kad_utils, "consume_envelope", counting)
-    return calls
-
-
 def test_dht_peer_records_are_verified_once(monkeypatch) -> None:
     """WORKAROUND (DHT peer records): a sender's record and the records of peers
     listed in an answer are verified once per receiving host; a record listed
     under another peer's id, a forgery or another receiver is checked again."""
     import libp2p.kad_dht.peer_routing as routing_module
+    import libp2p.kad_dht.utils as kad_utils
     from libp2p.kad_dht.pb.kademlia_pb2 import Message
 
     from overlay.net.upstream import UPSTREAM_CONSUME_DHT_RECORD
 
     consume = routing_module.maybe_consume_signed_record
     assert consume is not UPSTREAM_CONSUME_DHT_RECORD
-    calls = _count_dht_envelope_checks(monkeypatch)
+    calls = _count_envelope_checks(monkeypatch, kad_utils)
     sender, listed, receiver, receiver2 = new_host(), new_host(), new_host(), new_host()
     message = Message(senderRecord=_sender_record_rpc(sender).senderRecord)
     peer = Message.Peer(
