@@ -99,29 +99,49 @@ _libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0
 SENDER_RECORD_TTL = 600.0
 _SENDER_RECORDS_MAX = 4096
 UPSTREAM_CONSUME_SENDER_RECORD = _libp2p_pubsub.maybe_consume_signed_record
-# per host (several nodes may share a process): peer -> (record bytes, when consumed)
-_sender_records: weakref.WeakKeyDictionary[Any, dict[Any, tuple[bytes, float]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+
+class _VerifiedRecords:
+    """Signed peer-record bytes each host consumed successfully, keyed by the peer id
+    they were checked against, for SENDER_RECORD_TTL seconds; at most
+    _SENDER_RECORDS_MAX per host (all forgotten when full). Per host: several nodes
+    may share a process."""
+
+    def __init__(self) -> None:
+        self._by_host: weakref.WeakKeyDictionary[Any, dict[tuple[bytes, bytes], float]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def consume(self, host: Any, key: tuple[bytes, bytes], check: Callable[[], bool]) -> bool:
+        """True if ``host`` consumed ``key`` within the TTL, else what ``check()``
+        (upstream's consumption) says, remembered when it succeeds."""
+        seen = self._by_host.get(host)
+        if seen is None:
+            seen = self._by_host[host] = {}
+        now = time.monotonic()
+        when = seen.get(key)
+        if when is not None and now - when < SENDER_RECORD_TTL:
+            return True
+        if not check():
+            return False
+        if len(seen) >= _SENDER_RECORDS_MAX:
+            seen.clear()
+        seen[key] = now
+        return True
+
+
+_sender_records = _VerifiedRecords()
 
 
 def _consume_sender_record(msg: Any, host: Any, peer_id: Any) -> bool:
     if not msg.HasField("senderRecord"):
         return True
-    data = msg.senderRecord
-    now = time.monotonic()
-    seen_by = _sender_records.get(host)
-    if seen_by is None:
-        seen_by = _sender_records[host] = {}
-    seen = seen_by.get(peer_id)
-    if seen is not None and seen[0] == data and now - seen[1] < SENDER_RECORD_TTL:
-        return True
-    ok = UPSTREAM_CONSUME_SENDER_RECORD(msg, host, peer_id)
-    if ok and peer_id is not None:
-        if len(seen_by) >= _SENDER_RECORDS_MAX:
-            seen_by.clear()
-        seen_by[peer_id] = (bytes(data), now)
-    return ok
+    if peer_id is None:
+        return UPSTREAM_CONSUME_SENDER_RECORD(msg, host, peer_id)
+    key = (peer_id.to_bytes(), bytes(msg.senderRecord))
+    return _sender_records.consume(
+        host, key, lambda: UPSTREAM_CONSUME_SENDER_RECORD(msg, host, peer_id)
+    )
 
 
 _libp2p_pubsub.maybe_consume_signed_record = _consume_sender_record
@@ -135,9 +155,7 @@ _libp2p_gossipsub.maybe_consume_signed_record = _consume_sender_record
 # peer are accepted again without the work for SENDER_RECORD_TTL seconds.
 # test_dht_peer_records_are_verified_once.
 UPSTREAM_CONSUME_DHT_RECORD = _libp2p_kad_utils.maybe_consume_signed_record
-_dht_records: weakref.WeakKeyDictionary[Any, dict[tuple[bytes, bytes], float]] = (
-    weakref.WeakKeyDictionary()
-)
+_dht_records = _VerifiedRecords()
 
 
 def _consume_dht_record(msg: Any, host: Any, peer_id: Any = None) -> bool:
@@ -146,19 +164,7 @@ def _consume_dht_record(msg: Any, host: Any, peer_id: Any = None) -> bool:
         return UPSTREAM_CONSUME_DHT_RECORD(msg, host, peer_id)
     who = peer_id.to_bytes() if peer_id is not None else bytes(getattr(msg, "id", b""))
     key = (who, bytes(getattr(msg, field)))
-    now = time.monotonic()
-    seen = _dht_records.get(host)
-    if seen is None:
-        seen = _dht_records[host] = {}
-    when = seen.get(key)
-    if when is not None and now - when < SENDER_RECORD_TTL:
-        return True
-    ok = UPSTREAM_CONSUME_DHT_RECORD(msg, host, peer_id)
-    if ok:
-        if len(seen) >= _SENDER_RECORDS_MAX:
-            seen.clear()
-        seen[key] = now
-    return ok
+    return _dht_records.consume(host, key, lambda: UPSTREAM_CONSUME_DHT_RECORD(msg, host, peer_id))
 
 
 for _module in (_libp2p_kad_dht, _libp2p_kad_routing, _libp2p_kad_providers, _libp2p_kad_values):

@@ -159,9 +159,8 @@ async def test_a_kept_stream_the_responder_closed_is_replaced_within_the_round(
         assert _rounds(nodes, "failed") <= 2
 
 
-async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
-    """A joining node gossips the record it signed at start (no second seq) and
-    hands each record to the DHT once, after its join."""
+def _count_dht_puts(monkeypatch) -> list[tuple[str, int]]:
+    """Every DHT store from now on: its key, and how many peers the storing host had."""
     puts: list[tuple[str, int]] = []
     real_put = Libp2pHost.dht_put
 
@@ -170,6 +169,13 @@ async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
         await real_put(self, key, value)
 
     monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    return puts
+
+
+async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
+    """A joining node gossips the record it signed at start (no second seq) and
+    hands each record to the DHT once, after its join."""
+    puts = _count_dht_puts(monkeypatch)
     monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
     async with overlay(tmp_path, 3) as nodes:
         await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
@@ -186,22 +192,15 @@ async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
 async def test_only_exits_store_their_first_record_in_the_dht_at_once(tmp_path, monkeypatch):
     """Other nodes store their first record within DHT_FIRST_SPREAD of their start
     (here: not within the test), so a starting overlay is not meshed by stores."""
-    stored: list[str] = []
-    real_put = Libp2pHost.dht_put
-
-    async def counting_put(self, key: str, value: bytes) -> None:
-        stored.append(key)
-        await real_put(self, key, value)
-
-    monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    puts = _count_dht_puts(monkeypatch)
     monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 3600.0)
     roles = [("relay",), ("relay", "exit"), ("relay",)]
     async with overlay(tmp_path, 3, roles, policy=["smtp:*"]) as nodes:
         await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
         with trio.move_on_after(15):
-            while dht_key(nodes[1].node_id) not in stored:
+            while dht_key(nodes[1].node_id) not in [key for key, _ in puts]:
                 await trio.sleep(0.1)
-        assert stored == [dht_key(nodes[1].node_id)]
+        assert [key for key, _ in puts] == [dht_key(nodes[1].node_id)]
 
 
 async def test_dht_lookup_by_node_id(tmp_path, monkeypatch):
