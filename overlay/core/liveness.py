@@ -30,6 +30,14 @@ is ``probe_timeout`` or, when longer, TCP's ``srtt + 4 * rttvar`` (at most
 so a process whose acks are slow stops accusing before it has accused anyone
 twice, where health alone swings back and forth with each answered probe.
 
+A probe whose target sent us anything at all while we waited (``heard``: the
+transport counts what it reads from each member's connections) does not fail
+either, whatever the timeouts: bytes from the target prove that its process
+runs, and a busy machine's answers come late. It changes neither side's
+health (whose slowness it is cannot be told; a late ack to it is ignored),
+and the indirect probes are skipped once the target has been heard from. A crashed process's connections close and a stopped or cut-off one sends
+nothing, so neither is ever heard.
+
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
 ``dead_sync_first`` distinct members that prove alive (they ping it, or answer
@@ -140,6 +148,7 @@ class _Probe:
     nacks: int = 0
     graced: bool = False  # its deadline was seen late once and moved (see ``tick``)
     sent: float = 0.0  # when the Ping went out (round-trip samples)
+    heard0: int | None = None  # ``heard(target)`` when the probe started
 
 
 @dataclass(slots=True)
@@ -160,6 +169,9 @@ class Liveness(Suspicion):
     ``NodeId.verify``; a simulator may pass a cheaper stand-in).
     ``is_known(node)`` says whether ``node`` holds a valid membership record
     (default: it is one of the monitored members).
+    ``heard(node)`` is a count that grows whenever ``node`` sends us anything
+    over an authenticated connection (None when we have none to it); a probe
+    whose target was heard from while it ran does not fail (``tick``).
 
     Defaults: 0.5 s probes with a 0.25 s direct timeout sit between
     memberlist's LAN (1 s / 0.5 s) and aggressive (0.2 s / 0.1 s) profiles;
@@ -201,6 +213,7 @@ class Liveness(Suspicion):
         topic: str = TOPIC,
         verify: Verifier | None = None,
         is_known: Callable[[NodeId], bool] | None = None,
+        heard: Callable[[NodeId], int | None] | None = None,
     ) -> None:
         if not 0 < probe_timeout < probe_interval:
             raise LocalError("need 0 < probe_timeout < probe_interval")
@@ -233,6 +246,7 @@ class Liveness(Suspicion):
         self.topic = topic
         self._verify = verify or _verify_ed25519
         self._is_known = is_known
+        self._heard = heard
         self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
 
         self._inc = min(incarnation, U64_MAX)
@@ -256,6 +270,7 @@ class Liveness(Suspicion):
         self.stale_checks = 0  # probes made because only old statements accused a member
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
+        self.heard_probes = 0  # probes unanswered in time by a member we heard from
         # recent failed probes: target, relays, when the Ping went out
         self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...], float]] = {}
         self._srtt: float | None = None  # smoothed round trip of direct probes
@@ -412,6 +427,13 @@ class Liveness(Suspicion):
                 continue
             if now >= p.deadline:
                 self._end_probe(nonce)
+                if self._heard_since(p):
+                    # the target sent us something while we waited: its process
+                    # runs and only answers late (a busy machine, ours or its).
+                    # Not a failure, and no blame either way: whose slowness it
+                    # is we cannot tell (our health stays, its late ack is ignored)
+                    self.heard_probes += 1
+                    continue
                 self._failed[nonce] = (p.target, p.relays, p.sent)
                 if len(self._failed) > 2 * self.max_pending_probes:
                     del self._failed[next(iter(self._failed))]
@@ -421,7 +443,10 @@ class Liveness(Suspicion):
                     p.target, now, out, blame_self=p.nacks < len(p.relays) or not p.relays
                 )
             elif not p.indirect_sent and now >= p.indirect_at:
-                self._send_ping_reqs(p, out)
+                if self._heard_since(p):
+                    p.indirect_sent = True  # it is talking to us: no one else need look
+                else:
+                    self._send_ping_reqs(p, out)
         for nonce in list(self._relays):
             r = self._relays[nonce]
             if now >= r.expires:
@@ -561,6 +586,8 @@ class Liveness(Suspicion):
             m.probed_at = now
             if m.state == DEAD:
                 probe.indirect_sent = True  # a direct look is enough for the dead
+        if self._heard is not None:
+            probe.heard0 = self._heard(target)
         self._probes[nonce] = probe
         self._probing[target] = nonce
         hint = self._accusation_for(target)
@@ -568,6 +595,13 @@ class Liveness(Suspicion):
             out.append(Send(target, self.protocol, hint))
         out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce))))
         return True
+
+    def _heard_since(self, p: _Probe) -> bool:
+        """The target sent us something (over a connection) since ``p`` started."""
+        if self._heard is None:
+            return False
+        now = self._heard(p.target)
+        return now is not None and now != p.heard0
 
     def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
         p.indirect_sent = True

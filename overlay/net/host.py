@@ -478,6 +478,16 @@ class Libp2pHost(
     def connected_peers(self) -> list[str]:
         return [str(p) for p, conns in self._swarm.connections.items() if conns]
 
+    def reads_from(self, peer_id: str) -> int | None:
+        """How many reads our connections to ``peer_id`` have made so far (a count
+        that grows whenever the peer sends us anything), None when not connected.
+        Compare two values; the number itself means nothing."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            return None
+        return upstream.reads_from(self._swarm, pid)
+
     async def connect(self, addr: str, *, reuse: bool = True) -> str:
         """Dial exactly ``addr`` (which must end in ``/p2p/<id>``); return the peer id.
 

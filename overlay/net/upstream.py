@@ -45,6 +45,7 @@ import libp2p.network.swarm as _libp2p_swarm
 import libp2p.peer.peerstore as _libp2p_peerstore
 import libp2p.pubsub.gossipsub as _libp2p_gossipsub
 import libp2p.pubsub.pubsub as _libp2p_pubsub
+import libp2p.security.secure_session as _libp2p_secure_session
 import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
 import multiaddr
 import trio
@@ -227,6 +228,34 @@ async def _credit_half_windows(stream: Any, *, bytes_read: int = 0) -> None:
 
 
 _libp2p_yamux.YamuxStream._auto_tune_and_send_window_update = _credit_half_windows
+
+
+# Reads per connection (not a workaround: py-libp2p keeps no such count). The
+# failure detector takes any authenticated bytes read from a member after a
+# probe started as proof that the member's process runs (core/liveness.py,
+# ``heard``). Counted on the Noise session, below which nothing is authenticated.
+# test_reads_from_counts_authenticated_reads.
+_UPSTREAM_SESSION_READ = _libp2p_secure_session.SecureSession.read
+
+
+async def _counted_read(self: Any, n: int | None = None) -> bytes:
+    data = await _UPSTREAM_SESSION_READ(self, n)
+    self.hydra_reads = getattr(self, "hydra_reads", 0) + 1
+    return data
+
+
+_libp2p_secure_session.SecureSession.read = _counted_read
+
+
+def reads_from(swarm: Any, peer: ID) -> int | None:
+    """Reads so far over our connections to ``peer`` (summed), None when there are none."""
+    conns = swarm.connections.get(peer)
+    if not conns:
+        return None
+    return sum(
+        getattr(getattr(getattr(c, "muxed_conn", None), "secured_conn", None), "hydra_reads", 0)
+        for c in conns
+    )
 
 
 # ---- construction -------------------------------------------------------------

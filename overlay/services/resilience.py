@@ -82,6 +82,8 @@ class Resilience:
             # accusations count only from members that authenticated to us:
             # inventing records does not add confirmations
             is_known=node.view.is_verified,
+            # a member that sends us anything while we wait for its ack is running
+            heard=self._heard,
         )
         self.pool = ExitPool(
             node.node_id,
@@ -172,6 +174,10 @@ class Resilience:
                 with trio.move_on_after(min(max(delay, 0.01), MAX_SLEEP)):
                     await self._wake.wait()
                 self._wake = trio.Event()
+
+    def _heard(self, member: NodeId) -> int | None:
+        host = self.node.host
+        return None if host is None else host.reads_from(member.peer_id())
 
     def _refresh_members(self, now: float) -> None:
         node = self.node

@@ -209,6 +209,31 @@ async def test_disconnect_listeners_hear_a_peer_that_goes_away() -> None:
         assert b.peer_id not in a.connected_peers()
 
 
+async def test_reads_from_counts_authenticated_reads() -> None:
+    """``reads_from`` grows when the peer sends us something, stays put while it
+    is silent, and is None without a connection (the liveness probes' ``heard``)."""
+    a, b = make_host([TCP]), make_host([TCP])
+    async with running(a, b):
+        b.set_stream_handler(ECHO, echo_handler)
+        assert a.reads_from(b.peer_id) is None
+        assert a.reads_from("not a peer id") is None
+        await a.connect(addr_of(b, "tcp"))
+        async with await a.open_stream(b.peer_id, ECHO) as s:
+            reader = FrameReader(s)
+            await write_frame(s, b"hello")
+            assert await reader.read_frame() == b"hello"
+            await trio.sleep(0.5)  # whatever else was under way has been read
+            before = a.reads_from(b.peer_id)
+            assert before is not None
+            await trio.sleep(0.5)
+            assert a.reads_from(b.peer_id) == before  # b said nothing meanwhile
+            await write_frame(s, b"again")
+            assert await reader.read_frame() == b"again"
+            assert a.reads_from(b.peer_id) > before
+        await a.disconnect(b.peer_id)
+        assert a.reads_from(b.peer_id) is None
+
+
 async def test_connect_rejects_bad_input() -> None:
     a = make_host()
     async with a:

@@ -31,12 +31,23 @@ IDS = [k.node_id for k in KEYS]
 class Net:
     """An in-memory network of Liveness cores driven by a fake clock."""
 
-    def __init__(self, n: int, seed: int = 1, latency: float = 0.005, **params) -> None:
+    def __init__(
+        self, n: int, seed: int = 1, latency: float = 0.005, heard: bool = False, **params
+    ) -> None:
         self.ids = IDS[:n]
         self.keys = dict(zip(self.ids, KEYS[:n], strict=True))
         self.rng = random.Random(seed)
+        # frames delivered to each node from each other node: the transport's
+        # count of what it read from a peer (``Liveness(heard=...)``)
+        self.rx: dict[tuple[NodeId, NodeId], int] = {}
         self.cores = {
-            nid: Liveness(nid, KEYS[i].sign, random.Random(seed * 1000 + i), **params)
+            nid: Liveness(
+                nid,
+                KEYS[i].sign,
+                random.Random(seed * 1000 + i),
+                heard=(lambda peer, me=nid: self.rx.get((me, peer))) if heard else None,
+                **params,
+            )
             for i, nid in enumerate(self.ids)
         }
         for c in self.cores.values():
@@ -47,6 +58,7 @@ class Net:
         self.seq = 0
         self.loss: dict[NodeId, float] = {}
         self.down: set[NodeId] = set()  # crashed or paused
+        self.slow: dict[NodeId, float] = {}  # extra delay of everything a node sends
         self.partition: list[set[NodeId]] = []  # traffic crosses no group boundary
         self.penalties: list[tuple[NodeId, Penalize]] = []
         self.changes: list[tuple[float, NodeId, NodeId, str]] = []  # (t, observer, node, state)
@@ -79,7 +91,7 @@ class Net:
         if p and self.rng.random() < p:
             return
         self.seq += 1
-        at = self.now + self.latency * (1 + self.rng.random())
+        at = self.now + self.latency * (1 + self.rng.random()) + self.slow.get(src, 0.0)
         heapq.heappush(self.queue, (at, self.seq, src, dst, frame))
 
     # time ------------------------------------------------------------------------
@@ -108,6 +120,7 @@ class Net:
             while self.queue and self.queue[0][0] <= self.now:
                 _, _, src, dst, frame = heapq.heappop(self.queue)
                 if dst not in self.down:
+                    self.rx[(dst, src)] = self.rx.get((dst, src), 0) + 1
                     self.dispatch(dst, self.cores[dst].receive(src, frame, self.now))
             for hook in self.hooks:
                 hook(self)
@@ -674,6 +687,87 @@ def test_an_answer_to_a_failed_probe_clears_it_and_slows_us_down():
     other = next(n for n in IDS[1:6] if n != target)
     c.receive(other, wire.encode(wire.Ack(ping.nonce)), t + 2)
     assert c.late_acks == 1
+
+
+class Heard:
+    """What the transport read from each member so far (``Liveness(heard=...)``)."""
+
+    def __init__(self) -> None:
+        self.reads: dict[NodeId, int] = {}
+
+    def __call__(self, node: NodeId) -> int | None:
+        return self.reads.get(node)
+
+
+def test_a_target_heard_from_while_we_wait_is_not_suspected():
+    """No ack in time, but the target sent us something (on any connection) after
+    the probe started: its process runs. No indirect probes, no accusation, and
+    our health stays (whose slowness it is cannot be told)."""
+    heard = Heard()
+    heard.reads = {n: 0 for n in IDS}
+    c = core(n=6, heard=heard)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    heard.reads[target] = 1  # one read from the target's connection since the ping
+    assert not sends(c.tick(t + c.probe_timeout), wire.PingReq)
+    out = c.tick(t + c.probe_interval)
+    assert not [e for e in out if isinstance(e, StateChanged | Broadcast)]
+    assert c.state(target)[0] == ALIVE and c.health == 0 and c.heard_probes == 1
+
+
+@pytest.mark.parametrize("after", [5, None], ids=["silent", "disconnected"])
+def test_a_target_not_heard_from_is_suspected_as_before(after):
+    """The count did not move while we waited (a stopped or cut-off process), or
+    the connection went (a crash closes it): indirect probes, then suspicion."""
+    heard = Heard()
+    heard.reads = {n: 5 for n in IDS}
+    c = core(n=6, heard=heard)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    if after is None:
+        del heard.reads[target]
+    assert sends(c.tick(t + c.probe_timeout), wire.PingReq)
+    c.tick(t + c.probe_interval)
+    assert c.state(target)[0] == SUSPECT and c.heard_probes == 0
+
+
+def test_a_slow_node_that_keeps_talking_is_never_suspected():
+    """Everything one node sends arrives later and later, up to 2 s late (a busy
+    machine; timeouts are 0.25 s). Without ``heard`` the others suspect it; with
+    it, what it sent before a probe (gossip and the rest of a node's traffic,
+    here a steady chatter) arrives during the probe, so nobody accuses it."""
+    for heard in (False, True):
+        net = Net(8, seed=11, heard=heard)
+        net.run(3.0)
+        slow = net.ids[2]
+
+        def slow_down(net: Net, slow: NodeId = slow) -> None:
+            net.slow[slow] = min(2.0, 0.2 * (net.now - 3.0))  # over 10 s
+            for src in net.ids:  # every node keeps sending something to every other
+                for dst in net.ids:
+                    if src != dst and src not in net.down:
+                        net.rx[(dst, src)] = net.rx.get((dst, src), 0) + 1
+
+        net.hooks.append(slow_down)
+        net.run(25.0)
+        suspected = net.ever(slow, SUSPECT)
+        assert bool(suspected) != heard, (heard, suspected)
+        # without it, the others even declare it dead; with it, never
+        assert bool(net.ever(slow, DEAD)) != heard
+
+
+def test_crashed_node_is_declared_dead_by_all_within_bound_when_reads_are_counted():
+    """A crashed node sends nothing more, so counting reads hides no crash."""
+    net = Net(10, seed=3, heard=True)
+    net.run(5.0)
+    victim = net.ids[4]
+    net.down.add(victim)
+    net.run(12.0)
+    for o in others(net, victim):
+        assert net.first(victim, DEAD, o) - 5.0 <= 5.0
+    assert {n for _, _, n, s in net.changes if s != ALIVE} == {victim}
 
 
 def test_failed_probes_are_remembered_within_a_bound():
