@@ -233,7 +233,10 @@ class Node:
                 await n.start(self._run_control)
                 for svc in self.services:
                     await n.start(svc.run)
-                await self.publish_own("start")
+                # with a join to come, the join announces the record (``announce_own``):
+                # gossiped now, to nobody, it would sit in GossipSub's message cache
+                # and be replayed to the join peer, and the overlay would carry it twice
+                await self.publish_own("start", gossip=not self.join_addrs)
                 n.start_soon(self._gossip_loop)
                 n.start_soon(self.sync.run)
                 n.start_soon(self.peering.run)
@@ -446,8 +449,11 @@ class Node:
                 feeds.append(base)
         return list(dict.fromkeys(feeds))[:8]
 
-    async def publish_own(self, why: str, roles: Role | None = None) -> ValidRecord:
-        """Sign a new record (seq+1) and push it to store, view, gossip and DHT."""
+    async def publish_own(
+        self, why: str, roles: Role | None = None, *, gossip: bool = True
+    ) -> ValidRecord:
+        """Sign a new record (seq+1) and push it to store, view, gossip (unless not
+        ``gossip``) and DHT."""
         if roles is not None:
             self.roles = roles
         now = self.clock()
@@ -465,7 +471,7 @@ class Node:
         self.ingest(rec.encode(), "local")
         self.metrics.publishes.inc()
         log.info("published record seq=%d roles=%s (%s)", rec.seq, rec.roles.names(), why)
-        await self._push(rec)
+        await self._push(rec, gossip=gossip)
         return rec
 
     async def announce_own(self, why: str) -> ValidRecord:
@@ -488,12 +494,13 @@ class Node:
         await self._push(rec)
         return rec
 
-    async def _push(self, rec: ValidRecord) -> None:
+    async def _push(self, rec: ValidRecord, *, gossip: bool = True) -> None:
         raw = rec.encode()
         try:
-            await self.host.publish(RECORDS_TOPIC, raw)
-            self.metrics.gossip_messages.labels("out").inc()
-            self.metrics.gossip_bytes.labels("out").inc(len(raw))
+            if gossip:
+                await self.host.publish(RECORDS_TOPIC, raw)
+                self.metrics.gossip_messages.labels("out").inc()
+                self.metrics.gossip_bytes.labels("out").inc(len(raw))
         except Exception as e:  # noqa: BLE001 - gossip is best effort; sync repairs
             log.info("gossip publish failed: %s", e)
         if self._nursery is not None:

@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, replay to new subscribers, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -63,6 +63,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2 as _rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -378,6 +379,32 @@ class FloodPublishGossipSub(GossipSub):
             for topic in topics:
                 self._add_back_off(peer, topic, False)
         return graft, prune
+
+    async def send_recent_messages(self, peer_id, topic):
+        # WORKAROUND (replay to new subscribers): when a peer subscribes, upstream
+        # sends it every message of the topic in its cache (the last three
+        # heartbeats), each in an RPC of its own, so that a message published just
+        # before the peer's stream was up is not lost. Forwarded messages reach the
+        # newcomer through its other peers anyway, and it drops them as seen: in a
+        # starting overlay a third of all record messages read were such replays.
+        # Only our own messages are replayed.
+        # test_only_own_messages_are_replayed_to_a_new_subscriber /
+        # test_upstream_replays_forwarded_messages_to_a_new_subscriber.
+        pubsub = self.pubsub
+        if pubsub is None or peer_id not in pubsub.peers:
+            return
+        own = pubsub.my_id.to_bytes()
+        for mid in self.mcache.window(topic):
+            msg = self.mcache.get(mid)
+            if msg is None or msg.from_id != own:
+                continue
+            rpc = _rpc_pb2.RPC(publish=[msg])
+            if isinstance(pubsub, Pubsub):
+                rpc.senderRecord = _env_to_send(pubsub.host)[0]
+            try:
+                await pubsub.write_msg(pubsub.peers[peer_id], rpc)
+            except Exception:  # noqa: BLE001 - as upstream: a lost replay is a lost message
+                logger.debug("replay to %s failed", peer_id, exc_info=True)
 
     def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
         topic_ids = list(topic_ids)

@@ -424,7 +424,9 @@ def test_dht_peer_records_are_verified_once(monkeypatch) -> None:
         assert not consume(liar, receiver)
     assert not consume(message, receiver, listed.get_id())  # sender's record from listed
     assert calls[0] == 7
-    forged = Message(senderRecord=bytes(message.senderRecord[:-1]) + b"\x00")
+    # the last byte flipped (set to a fixed value, it is unchanged 1 time in 256)
+    raw = message.senderRecord
+    forged = Message(senderRecord=raw[:-1] + bytes([raw[-1] ^ 1]))
     assert not consume(forged, receiver, sender.get_id())
     before = calls[0]
     assert consume(message, receiver, sender.get_id())  # the cached one still passes
@@ -511,6 +513,44 @@ async def _credits_for_reading(total: int, size: int) -> list[int]:
                 await done.wait()
                 assert await FrameReader(s).read_frame() == b"done"
     return credits
+
+
+class _FakePubsub:
+    """Just enough of a Pubsub for ``send_recent_messages``: who we are, one peer's
+    stream, and a ``write_msg`` that records what was sent."""
+
+    def __init__(self, me: ID, peer: ID) -> None:
+        self.my_id, self.peers, self.sent = me, {peer: object()}, []
+        self.scorer = None
+
+    async def write_msg(self, stream, rpc) -> None:
+        self.sent.extend(m.data for m in rpc.publish)
+
+
+def _replayed(router, topic: str = "t") -> list[bytes]:
+    from libp2p.pubsub.pb import rpc_pb2
+
+    me, other, newcomer = (
+        ID(create_new_key_pair(os.urandom(32)).public_key.serialize()) for _ in range(3)
+    )
+    fake = router.pubsub = _FakePubsub(me, newcomer)
+    for origin, data in ((me, b"ours"), (other, b"forwarded")):
+        router.mcache.put(
+            rpc_pb2.Message(
+                from_id=origin.to_bytes(), seqno=os.urandom(8), data=data, topicIDs=[topic]
+            )
+        )
+    trio.run(router.send_recent_messages, newcomer, topic)
+    return fake.sent
+
+
+def test_only_own_messages_are_replayed_to_a_new_subscriber() -> None:
+    assert _replayed(new_gossipsub((6, 4, 12), 1.0, 100.0)) == [b"ours"]
+
+
+def test_upstream_replays_forwarded_messages_to_a_new_subscriber() -> None:
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12)
+    assert sorted(_replayed(router)) == [b"forwarded", b"ours"]
 
 
 async def test_yamux_credits_the_window_once_half_of_it_is_read() -> None:
