@@ -35,7 +35,11 @@ transport counts what it reads from each member's connections) does not fail
 either, whatever the timeouts: bytes from the target prove that its process
 runs, and a busy machine's answers come late. It changes neither side's
 health (whose slowness it is cannot be told; a late ack to it is ignored),
-and the indirect probes are skipped once the target has been heard from. A crashed process's connections close and a stopped or cut-off one sends
+and the indirect probes are skipped once the target has been heard from. A
+probe that began with no connection to its target (a lone accusation checked,
+a dead member looked at again, an exit) and still has none at its deadline
+gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
+it waited for. A crashed process's connections close and a stopped or cut-off one sends
 nothing, so neither is ever heard.
 
 Deaths announced before a node started (or while it was cut off) are not
@@ -149,6 +153,7 @@ class _Probe:
     graced: bool = False  # its deadline was seen late once and moved (see ``tick``)
     sent: float = 0.0  # when the Ping went out (round-trip samples)
     heard0: int | None = None  # ``heard(target)`` when the probe started
+    dialing: bool = False  # no connection to the target yet: deadline moved once
 
 
 @dataclass(slots=True)
@@ -214,6 +219,7 @@ class Liveness(Suspicion):
         verify: Verifier | None = None,
         is_known: Callable[[NodeId], bool] | None = None,
         heard: Callable[[NodeId], int | None] | None = None,
+        dial_grace: float = 5.0,
     ) -> None:
         if not 0 < probe_timeout < probe_interval:
             raise LocalError("need 0 < probe_timeout < probe_interval")
@@ -247,6 +253,7 @@ class Liveness(Suspicion):
         self._verify = verify or _verify_ed25519
         self._is_known = is_known
         self._heard = heard
+        self.dial_grace = dial_grace
         self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
 
         self._inc = min(incarnation, U64_MAX)
@@ -271,6 +278,7 @@ class Liveness(Suspicion):
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
         self.heard_probes = 0  # probes unanswered in time by a member we heard from
+        self.dial_waits = 0  # deadlines moved because no connection to the target existed yet
         # recent failed probes: target, relays, when the Ping went out
         self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...], float]] = {}
         self._srtt: float | None = None  # smoothed round trip of direct probes
@@ -424,6 +432,14 @@ class Liveness(Suspicion):
                 self._health = min(self.health_max, self._health + 1)
                 p.deadline = now + self.timeout * self.multiplier
                 self.late_probes += 1
+                continue
+            if now >= p.deadline and self._still_dialing(p):
+                # no connection to the target when the probe began, none yet: the
+                # dial (a handshake on a busy machine) is what we waited for, not
+                # the target. One more ``dial_grace``, then it counts as a failure
+                p.dialing = True
+                p.deadline = now + self.dial_grace
+                self.dial_waits += 1
                 continue
             if now >= p.deadline:
                 self._end_probe(nonce)
@@ -595,6 +611,16 @@ class Liveness(Suspicion):
             out.append(Send(target, self.protocol, hint))
         out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce))))
         return True
+
+    def _still_dialing(self, p: _Probe) -> bool:
+        """The probe began without a connection to its target and none exists yet
+        (once per probe; only with ``heard``, which tells connections apart)."""
+        return (
+            self._heard is not None
+            and not p.dialing
+            and p.heard0 is None
+            and self._heard(p.target) is None
+        )
 
     def _heard_since(self, p: _Probe) -> bool:
         """The target sent us something (over a connection) since ``p`` started."""

@@ -67,7 +67,6 @@ from libp2p.crypto.ed25519 import create_new_key_pair as _ed25519_key_pair
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.websocket.transport import WebsocketTransport
@@ -293,7 +292,7 @@ class Libp2pHost(
         upstream.protect_own_identity(self._host, key_pair, self.peer_id)
 
         self._gossipsub = upstream.new_gossipsub(gossip_degree, gossip_heartbeat, gossip_rate_limit)
-        self._pubsub = Pubsub(self._host, self._gossipsub)
+        self._pubsub = upstream.OncePubsub(self._host, self._gossipsub)
         self._joined: dict[str, list[_SubSlot]] = {}
 
         self._dht: KadDHT | None = None

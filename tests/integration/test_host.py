@@ -553,6 +553,42 @@ def test_upstream_replays_forwarded_messages_to_a_new_subscriber() -> None:
     assert sorted(_replayed(router)) == [b"forwarded", b"ours"]
 
 
+def test_concurrent_copies_are_handled_once(monkeypatch) -> None:
+    """WORKAROUND (concurrent copies): while one copy of a message is being
+    validated, an identical copy is dropped; a copy with other bytes (a forgery
+    under the same id) and a later copy still go to upstream's checks."""
+    from libp2p.pubsub import pubsub as pubsub_module
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from overlay.net.upstream import OncePubsub
+
+    handled = []
+
+    async def slow_push(self, forwarder, msg) -> None:
+        handled.append((forwarder, msg.data))
+        await trio.sleep(0.1)  # an async validator at work
+
+    monkeypatch.setattr(pubsub_module.Pubsub, "push_msg", slow_push)
+    ps = object.__new__(OncePubsub)
+    ps._hydra_in_flight = set()
+
+    def msg(data: bytes) -> rpc_pb2.Message:
+        return rpc_pb2.Message(from_id=b"origin", seqno=b"\x01", data=data, topicIDs=["t"])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for forwarder in ("a", "b", "c"):
+                nursery.start_soon(ps.push_msg, forwarder, msg(b"record"))
+            nursery.start_soon(ps.push_msg, "d", msg(b"forged"))
+        await ps.push_msg("e", msg(b"record"))  # the first is done: upstream decides
+
+    trio.run(main)
+    first, forged = sorted(handled[:2], key=lambda h: h[1], reverse=True)
+    assert first in {("a", b"record"), ("b", b"record"), ("c", b"record")}  # one of three
+    assert forged == ("d", b"forged") and handled[2:] == [("e", b"record")]
+    assert ps._hydra_in_flight == set()
+
+
 async def test_yamux_credits_the_window_once_half_of_it_is_read() -> None:
     # 200 small frames (21 KB, under half of the 256 KiB window): no credit at all
     assert await _credits_for_reading(200 * 100, 100) == []

@@ -173,8 +173,10 @@ def _count_dht_puts(monkeypatch) -> list[tuple[str, int]]:
 
 
 async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
-    """A joining node gossips the record it signed at start (no second seq) and
-    hands each record to the DHT once, after its join."""
+    """A joining node gossips the record it signed at start (no second seq) once,
+    when joined (not also at start, to nobody: GossipSub would replay it to the
+    join peer and the overlay would carry it twice), and hands each record to
+    the DHT once, after its join."""
     puts = _count_dht_puts(monkeypatch)
     monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
     async with overlay(tmp_path, 3) as nodes:
@@ -187,6 +189,8 @@ async def test_a_join_costs_one_record_stored_once(tmp_path, monkeypatch):
         # the joiners stored theirs once connected, not while alone
         for node in nodes[1:]:
             assert [p for k, p in puts if k == dht_key(node.node_id)][0] >= 1
+        for node in nodes:  # the first node at its start, the joiners once joined
+            assert node.metrics.gossip_messages.labels("out")._value.get() == 1
 
 
 async def test_only_exits_store_their_first_record_in_the_dht_at_once(tmp_path, monkeypatch):

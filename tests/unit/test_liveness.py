@@ -733,6 +733,34 @@ def test_a_target_not_heard_from_is_suspected_as_before(after):
     assert c.state(target)[0] == SUSPECT and c.heard_probes == 0
 
 
+@pytest.mark.parametrize("connects", [True, False], ids=["connects", "never"])
+def test_a_probe_without_a_connection_waits_for_the_dial_once(connects):
+    """No connection to the target when the probe began and none at its deadline:
+    the dial is still going (a busy machine), so one ``dial_grace`` more. If the
+    connection comes meanwhile, the target was heard from; if not, it is suspected."""
+    heard = Heard()
+    c = core(n=6, heard=heard, dial_grace=3.0)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    c.tick(t + c.probe_timeout)  # indirect probes
+    out = c.tick(t + c.probe_interval)  # the deadline: no connection yet
+    assert c.state(target)[0] == ALIVE and c.dial_waits == 1
+    assert not [e for e in out if isinstance(e, StateChanged | Broadcast)]
+    if connects:
+        heard.reads = {n: 3 for n in IDS}  # the handshakes went through
+    now = t + c.probe_interval
+    while now < t + c.probe_interval + 3.0:  # small steps: a long gap is our own stall
+        now += 0.05
+        c.tick(now)
+        if c.state(target)[0] != ALIVE:
+            break
+    assert c.state(target)[0] == (ALIVE if connects else SUSPECT)
+    assert (c.heard_probes >= 1) == connects
+    if not connects:  # suspected only once the grace was over
+        assert now >= t + c.probe_interval + 3.0 - 0.05
+
+
 def test_a_slow_node_that_keeps_talking_is_never_suspected():
     """Everything one node sends arrives later and later, up to 2 s late (a busy
     machine; timeouts are 0.25 s). Without ``heard`` the others suspect it; with
