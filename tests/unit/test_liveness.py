@@ -699,16 +699,24 @@ class Heard:
         return self.reads.get(node)
 
 
+def probing(reads: int | None, **kw) -> tuple[Heard, Liveness, float, NodeId]:
+    """A core whose transport has read ``reads`` from every member (None: not
+    connected to any), right after it pinged its first target at ``t``."""
+    heard = Heard()
+    if reads is not None:
+        heard.reads = {n: reads for n in IDS}
+    c = core(n=6, heard=heard, **kw)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    return heard, c, t, target
+
+
 def test_a_target_heard_from_while_we_wait_is_not_suspected():
     """No ack in time, but the target sent us something (on any connection) after
     the probe started: its process runs. No indirect probes, no accusation, and
     our health stays (whose slowness it is cannot be told)."""
-    heard = Heard()
-    heard.reads = {n: 0 for n in IDS}
-    c = core(n=6, heard=heard)
-    c.tick(0.0)
-    t = c.next_wakeup()
-    [(target, _)] = sends(c.tick(t), wire.Ping)
+    heard, c, t, target = probing(0)
     heard.reads[target] = 1  # one read from the target's connection since the ping
     assert not sends(c.tick(t + c.probe_timeout), wire.PingReq)
     out = c.tick(t + c.probe_interval)
@@ -720,12 +728,7 @@ def test_a_target_heard_from_while_we_wait_is_not_suspected():
 def test_a_target_not_heard_from_is_suspected_as_before(after):
     """The count did not move while we waited (a stopped or cut-off process), or
     the connection went (a crash closes it): indirect probes, then suspicion."""
-    heard = Heard()
-    heard.reads = {n: 5 for n in IDS}
-    c = core(n=6, heard=heard)
-    c.tick(0.0)
-    t = c.next_wakeup()
-    [(target, _)] = sends(c.tick(t), wire.Ping)
+    heard, c, t, target = probing(5)
     if after is None:
         del heard.reads[target]
     assert sends(c.tick(t + c.probe_timeout), wire.PingReq)
@@ -738,11 +741,7 @@ def test_a_probe_without_a_connection_waits_for_the_dial_once(connects):
     """No connection to the target when the probe began and none at its deadline:
     the dial is still going (a busy machine), so one ``dial_grace`` more. If the
     connection comes meanwhile, the target was heard from; if not, it is suspected."""
-    heard = Heard()
-    c = core(n=6, heard=heard, dial_grace=3.0)
-    c.tick(0.0)
-    t = c.next_wakeup()
-    [(target, _)] = sends(c.tick(t), wire.Ping)
+    heard, c, t, target = probing(None, dial_grace=3.0)
     c.tick(t + c.probe_timeout)  # indirect probes
     out = c.tick(t + c.probe_interval)  # the deadline: no connection yet
     assert c.state(target)[0] == ALIVE and c.dial_waits == 1
