@@ -496,13 +496,13 @@ class Node:
 
     async def _push(self, rec: ValidRecord, *, gossip: bool = True) -> None:
         raw = rec.encode()
-        try:
-            if gossip:
+        if gossip:
+            try:
                 await self.host.publish(RECORDS_TOPIC, raw)
                 self.metrics.gossip_messages.labels("out").inc()
                 self.metrics.gossip_bytes.labels("out").inc(len(raw))
-        except Exception as e:  # noqa: BLE001 - gossip is best effort; sync repairs
-            log.info("gossip publish failed: %s", e)
+            except Exception as e:  # noqa: BLE001 - gossip is best effort; sync repairs
+                log.info("gossip publish failed: %s", e)
         if self._nursery is not None:
             self._nursery.start_soon(self._dht_publish, rec)
 

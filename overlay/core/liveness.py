@@ -39,8 +39,8 @@ and the indirect probes are skipped once the target has been heard from. A
 probe that began with no connection to its target (a lone accusation checked,
 a dead member looked at again, an exit) and still has none at its deadline
 gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
-it waited for. A crashed process's connections close and a stopped or cut-off one sends
-nothing, so neither is ever heard.
+it waited for. A crashed process's connections close and a stopped or cut-off
+one sends nothing, so neither is ever heard.
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
@@ -433,17 +433,20 @@ class Liveness(Suspicion):
                 p.deadline = now + self.timeout * self.multiplier
                 self.late_probes += 1
                 continue
-            if now >= p.deadline and self._still_dialing(p):
-                # no connection to the target when the probe began, none yet: the
-                # dial (a handshake on a busy machine) is what we waited for, not
-                # the target. One more ``dial_grace``, then it counts as a failure
-                p.dialing = True
-                p.deadline = now + self.dial_grace
-                self.dial_waits += 1
-                continue
             if now >= p.deadline:
+                reads = self._reads(p.target)
+                if self._heard is not None and reads is None and p.heard0 is None:
+                    if not p.dialing:
+                        # no connection to the target when the probe began, none
+                        # yet: the dial (a handshake on a busy machine) is what we
+                        # waited for, not the target. One more ``dial_grace``,
+                        # then it counts as a failure
+                        p.dialing = True
+                        p.deadline = now + self.dial_grace
+                        self.dial_waits += 1
+                        continue
                 self._end_probe(nonce)
-                if self._heard_since(p):
+                if _moved(p.heard0, reads):
                     # the target sent us something while we waited: its process
                     # runs and only answers late (a busy machine, ours or its).
                     # Not a failure, and no blame either way: whose slowness it
@@ -459,7 +462,7 @@ class Liveness(Suspicion):
                     p.target, now, out, blame_self=p.nacks < len(p.relays) or not p.relays
                 )
             elif not p.indirect_sent and now >= p.indirect_at:
-                if self._heard_since(p):
+                if _moved(p.heard0, self._reads(p.target)):
                     p.indirect_sent = True  # it is talking to us: no one else need look
                 else:
                     self._send_ping_reqs(p, out)
@@ -602,8 +605,7 @@ class Liveness(Suspicion):
             m.probed_at = now
             if m.state == DEAD:
                 probe.indirect_sent = True  # a direct look is enough for the dead
-        if self._heard is not None:
-            probe.heard0 = self._heard(target)
+        probe.heard0 = self._reads(target)
         self._probes[nonce] = probe
         self._probing[target] = nonce
         hint = self._accusation_for(target)
@@ -612,22 +614,9 @@ class Liveness(Suspicion):
         out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce))))
         return True
 
-    def _still_dialing(self, p: _Probe) -> bool:
-        """The probe began without a connection to its target and none exists yet
-        (once per probe; only with ``heard``, which tells connections apart)."""
-        return (
-            self._heard is not None
-            and not p.dialing
-            and p.heard0 is None
-            and self._heard(p.target) is None
-        )
-
-    def _heard_since(self, p: _Probe) -> bool:
-        """The target sent us something (over a connection) since ``p`` started."""
-        if self._heard is None:
-            return False
-        now = self._heard(p.target)
-        return now is not None and now != p.heard0
+    def _reads(self, node: NodeId) -> int | None:
+        """``heard(node)``; None without ``heard`` (nothing is ever heard then)."""
+        return None if self._heard is None else self._heard(node)
 
     def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
         p.indirect_sent = True
@@ -740,3 +729,9 @@ class Liveness(Suspicion):
 
 
 _DEAD = Member(since=0.0, state=DEAD)
+
+
+def _moved(before: int | None, now: int | None) -> bool:
+    """The target sent us something between two ``heard`` counts (a connection
+    that appeared counts; one that went does not)."""
+    return now is not None and now != before
