@@ -73,10 +73,15 @@ DHT_PUBLISH_DELAY = (1.0, 3.0)
 PROVIDE_REFRESH = 1800.0
 # A node that is neither exit nor standby stores its first record in the DHT at
 # a random time within this many seconds of its start (exits at once: clients
-# look them up). Each store connects to the key's 20 closest nodes, so nodes
-# that start together and store at once connect every node to most others
-# within a minute; gossip and anti-entropy carry the record meanwhile.
+# look them up), so that the stores of nodes that start together are spread.
 DHT_FIRST_SPREAD = 300.0
+# A record is stored at this many members: the ones closest to its key among
+# the live members of the view (a lookup that reaches the key's closest nodes
+# finds it). Upstream's put stores at the 20 closest a network lookup finds
+# and connects to each node it asks, so every store connected a node to about
+# 20 others; gossip and anti-entropy carry every record to every member, and
+# the DHT copy is the fallback for a node id missing from a view.
+DHT_REPLICAS = 4
 # Roles announced under a DHT provider key: the few a client looks for. Every
 # volunteer node relays, so a provider list of relays would be the membership
 # itself (which any one peer hands over), with every node's announcement landing
@@ -516,7 +521,7 @@ class Node:
         self._dht_stored_seq = rec.seq
         with trio.move_on_after(10):
             try:
-                await self.host.dht_put(dht_key(rec.node_id), rec.encode())
+                await self._dht_store(dht_key(rec.node_id), rec.encode())
                 now = self.clock()
                 for role in PROVIDED_ROLES:
                     if role in rec.roles and now - self._provided.get(role, -1e18) >= (
@@ -526,6 +531,29 @@ class Node:
                         self._provided[role] = now
             except Exception as e:  # noqa: BLE001 - the DHT is one layer of three
                 log.debug("dht publish failed: %s", e)
+
+    async def _dht_store(self, key: str, raw: bytes) -> None:
+        """Store ``raw`` at the ``DHT_REPLICAS`` live members closest to ``key``.
+
+        The view holds the whole membership, so the closest members are known
+        here without a lookup (upstream's put looks them up first and connects
+        to every node the lookup asks); those we have no connection to are
+        dialled through their feeds, within the dial budget (``connect_record``).
+        """
+        now = self.clock()
+        live = {
+            r.node_id.peer_id(): r
+            for r in self.view.snapshot(now).live()
+            if r.node_id != self.node_id and not self.scores.banned(r.node_id, now)
+        }
+        targets = self.host.dht_closest(key, live, DHT_REPLICAS)
+        connected = set(self.host.connected_peers())
+        async with trio.open_nursery() as n:
+            for pid in targets:
+                if pid not in connected:
+                    n.start_soon(self.connect_record, live[pid])
+        connected = set(self.host.connected_peers())
+        await self.host.dht_put_at(key, raw, [p for p in targets if p in connected])
 
     async def lookup(self, node_id: NodeId) -> ValidRecord | None:
         """Find a node's record: local view first, then the DHT (validated, seq-compared)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -16,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
 from ..errors import LocalError
+from . import upstream
 from .errors import DhtError, DhtTimeout
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,48 @@ class DhtPart:
                 raise DhtError(f"DHT put for {key} failed: {e}") from e
         if scope.cancelled_caught:
             raise DhtTimeout(f"DHT put for {key} timed out after {self._dht_timeout:g} s")
+
+    def dht_closest(self, key: str, peer_ids: Iterable[str], count: int) -> list[str]:
+        """The ``count`` of ``peer_ids`` closest to ``key`` in the DHT's keyspace
+        (XOR of SHA-256 hashes, the measure of upstream's lookups), closest first."""
+        ids: dict[ID, str] = {}
+        for pid in peer_ids:
+            with contextlib.suppress(Exception):  # not a peer id: not a candidate
+                ids[ID.from_base58(pid)] = pid
+        ranked = upstream.sort_by_distance(key.encode("utf-8"), list(ids))
+        return [ids[p] for p in ranked[: max(0, count)]]
+
+    async def dht_put_at(self, key: str, value: bytes, peer_ids: Sequence[str]) -> int:
+        """Store ``value`` under ``key`` locally and at exactly ``peer_ids`` (no lookup).
+
+        For a caller that knows the key's closest peers already (``dht_closest``
+        over a full membership): upstream's ``put_value`` first looks them up,
+        which connects to every peer the lookup asks. Same validation and
+        refusals as ``dht_put``; returns how many peers accepted the value
+        within ``dht_timeout``.
+        """
+        dht, validator = self._require_dht(key)
+        assert validator is not None
+        validator.validate(key, value)
+        key_bytes, value = key.encode("utf-8"), bytes(value)
+        stored = dht.value_store.get(key_bytes)
+        if stored is not None and stored.value != value:
+            if validator.select(key, [value, stored.value]) != 0:
+                raise LocalError(f"DHT put for {key} refused: a newer value is stored")
+        dht.value_store.put(key_bytes, value)
+        accepted = 0
+
+        async def store(pid: str) -> None:
+            nonlocal accepted
+            with contextlib.suppress(Exception):  # best effort, as upstream's put
+                if await upstream.store_at_peer(dht, ID.from_base58(pid), key_bytes, value):
+                    accepted += 1
+
+        with trio.move_on_after(self._dht_timeout):
+            async with trio.open_nursery() as nursery:
+                for pid in dict.fromkeys(peer_ids):
+                    nursery.start_soon(store, pid)
+        return accepted
 
     async def dht_get(self, key: str) -> bytes | None:
         """Best valid value for ``key`` from the network and our own store, or ``None``.

@@ -353,6 +353,17 @@ def new_dht(host: Any, namespaces: Mapping[str, Validator]) -> KadDHT:
     return dht
 
 
+def sort_by_distance(key: bytes, peers: list[ID]) -> list[ID]:
+    """``peers`` closest to ``key`` first, by the measure of Kad-DHT lookups."""
+    return _libp2p_kad_utils.sort_peer_ids_by_distance(key, peers)
+
+
+async def store_at_peer(dht: KadDHT, peer: ID, key: bytes, value: bytes) -> bool:
+    """One PUT_VALUE of ``key`` to ``peer`` (dials it if needed), as ``put_value``
+    sends it to each peer its lookup found; upstream has no public call for it."""
+    return bool(await dht.value_store._store_at_peer(peer, key, value))
+
+
 class OncePubsub(Pubsub):
     """Pubsub that handles each message once while copies of it race in.
 

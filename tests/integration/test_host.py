@@ -1208,6 +1208,33 @@ async def test_dht_get_prefers_newer_network_value() -> None:
         assert await hosts[1].dht_get(key) == b"v9"
 
 
+@pytest.mark.slow
+async def test_dht_put_at_stores_at_exactly_the_given_peers() -> None:
+    """A caller that knows the key's closest peers stores there without a lookup:
+    those peers (and we) hold the value, nobody else does, nobody else is
+    dialled, and a lookup from the far end of the line finds it."""
+    async with dht_line(5) as hosts:
+        key = "/hydra/node-c"
+        ids = [h.peer_id for h in hosts]
+        closest = hosts[0].dht_closest(key, ids[1:] + ["not a peer id"], 2)
+        assert len(closest) == 2 and set(closest) <= set(ids[1:])
+        assert hosts[0].dht_closest(key, ids[1:], 9) == hosts[3].dht_closest(key, ids[1:], 9)
+        assert hosts[0].dht_closest(key, ids[1:], 9)[:2] == closest
+        for h in hosts[1:]:  # the caller dials them first (a node: through their feeds)
+            if h.peer_id in closest:
+                await hosts[0].connect(h.listen_addrs()[0])
+        before = set(hosts[0].connected_peers())
+        assert await hosts[0].dht_put_at(key, b"v3", closest) == 2
+        holders = {h.peer_id for h in hosts if h._dht.value_store.get(key.encode()) is not None}
+        assert holders == {ids[0], *closest}
+        assert set(hosts[0].connected_peers()) == before  # no lookup: nobody else dialled
+        assert await hosts[4].dht_get(key) == b"v3"
+        with pytest.raises(LocalError):
+            await hosts[0].dht_put_at(key, b"v2", closest)  # older than what we hold
+        with pytest.raises(ValueError, match="seq"):
+            await hosts[0].dht_put_at(key, b"garbage", closest)
+
+
 def test_provider_names_are_hashed() -> None:
     """WORKAROUND (provider keys): names are never guessed to be hex or CIDs."""
     from libp2p.kad_dht.kad_dht import _encode_key

@@ -160,15 +160,16 @@ async def test_a_kept_stream_the_responder_closed_is_replaced_within_the_round(
 
 
 def _count_dht_puts(monkeypatch) -> list[tuple[str, int]]:
-    """Every DHT store from now on: its key, and how many peers the storing host had."""
+    """Every DHT store from now on: its key, and at how many peers it was stored."""
     puts: list[tuple[str, int]] = []
-    real_put = Libp2pHost.dht_put
+    real_put = Libp2pHost.dht_put_at
 
-    async def counting_put(self, key: str, value: bytes) -> None:
-        puts.append((key, len(self.connected_peers())))
-        await real_put(self, key, value)
+    async def counting_put(self, key: str, value: bytes, peer_ids) -> int:
+        accepted = await real_put(self, key, value, peer_ids)
+        puts.append((key, accepted))
+        return accepted
 
-    monkeypatch.setattr(Libp2pHost, "dht_put", counting_put)
+    monkeypatch.setattr(Libp2pHost, "dht_put_at", counting_put)
     return puts
 
 
@@ -208,19 +209,32 @@ async def test_only_exits_store_their_first_record_in_the_dht_at_once(tmp_path, 
 
 
 async def test_dht_lookup_by_node_id(tmp_path, monkeypatch):
+    """A record is stored at the DHT_REPLICAS members closest to its key (known
+    from the view, no lookup), and a node that holds no copy finds it."""
     monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
+    monkeypatch.setattr(runtime, "DHT_REPLICAS", 2)
     roles = [("relay",), ("relay",), ("relay", "entry"), ("relay",), ("relay",)]
     async with overlay(tmp_path, 5, roles) as nodes:
         await wait_until(lambda: all(len(n.view) == 5 for n in nodes), 30)
-        await trio.sleep(1.0)  # DHT puts are asynchronous
         target = nodes[4]
+        key = dht_key(target.node_id)
+
+        def holders() -> list:
+            return [n for n in nodes[:4] if n.host._dht.value_store.get(key.encode()) is not None]
+
+        # stored once the target's (late) record was published: at two of the four others
+        await wait_until(lambda: len(holders()) >= 2, 30)
+        await trio.sleep(1.0)
+        expected = target.host.dht_closest(key, [n.node_id.peer_id() for n in nodes[:4]], 2)
+        assert sorted(n.node_id.peer_id() for n in holders()) == sorted(expected)
+        seeker = next(n for n in nodes[:4] if n not in holders())
         raw = None
         with trio.move_on_after(15):
             while raw is None:
-                raw = await nodes[1].host.dht_get(dht_key(target.node_id))
+                raw = await seeker.host.dht_get(key)
                 await trio.sleep(0.2)
         assert raw is not None
-        assert nodes[1].ingest(raw, "dht")
+        assert seeker.ingest(raw, "dht")
         # role discovery: the entry announced itself; relays (every node) do not
         providers: list[str] = []
         with trio.move_on_after(15):
