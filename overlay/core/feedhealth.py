@@ -26,7 +26,7 @@ external address (``[node] announce``), or a relay feed through another peer
 was announced: if every feed fails, the previous list stays (a record must
 name a feed, and an old address is a better hint than none).
 
-Also here: ``parse_ip_brief`` (``ip -br addr`` output), ``choose_relays``
+Also here: ``usable_addresses`` (the machine's addresses and link states), ``choose_relays``
 (diverse relay selection) and ``Backoff``.
 
 Invariants: no I/O, no clocks, no randomness except an injected ``rng``;
@@ -59,13 +59,10 @@ __all__ = [
     "feed_port",
     "feed_transport",
     "is_relay_feed",
-    "parse_ip_brief",
     "relay_feed",
     "relay_of",
+    "usable_addresses",
 ]
-
-# operstates (ip -br) that mean "usable": lo and some tunnels report UNKNOWN.
-_USABLE_STATES = {"UP", "UNKNOWN"}
 
 
 class FeedState(enum.StrEnum):
@@ -134,23 +131,20 @@ def _wildcard(ip: str | None) -> bool:
     return ip in ("0.0.0.0", "::")
 
 
-def parse_ip_brief(text: str) -> dict[str, bool]:
-    """``ip -br addr`` output -> ``{address: usable}`` (link-local IPv6 left out).
-
-    A line is ``dev state addr/len addr/len ...``; an address is usable when
-    its device's operstate is UP or UNKNOWN (loopback), so an interface that
-    was set down or lost its carrier makes its addresses unusable.
+def usable_addresses(
+    addrs: Mapping[str, Iterable[str]], running: Mapping[str, bool]
+) -> dict[str, bool]:
+    """``{address: usable}`` from each interface's addresses and whether it runs
+    (up, with carrier; loopback runs). Link-local IPv6 and anything that is not
+    an IP address are left out; an address on several interfaces is usable if
+    one of them runs. An interface missing from ``running`` does not run.
     """
     out: dict[str, bool] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        usable = parts[1].upper() in _USABLE_STATES
-        for cidr in parts[2:]:
-            addr = cidr.split("/")[0]
+    for dev, dev_addrs in addrs.items():
+        usable = bool(running.get(dev, False))
+        for addr in dev_addrs:
             try:
-                ip = ipaddress.ip_address(addr)
+                ip = ipaddress.ip_address(addr.split("%")[0])
             except ValueError:
                 continue
             if ip.is_link_local:

@@ -6,7 +6,8 @@ through other peers. ``FeedMonitor`` is a node service (``Node(services=
 [FeedMonitor()])``) that keeps them honest:
 
 - every ``scan_interval`` (1 s) it reads the machine's addresses and link
-  states (``ip -br addr``; a bind test where ``ip`` is missing), marks feeds
+  states (``getifaddrs`` and the interface flags, through psutil; a bind test
+  where they cannot be read), marks feeds
   whose address vanished or whose interface went down (or lost carrier) as
   DOWN, closes the connections that used them (so traffic moves to the other
   feeds at once instead of after TCP timeouts), and asks the node to
@@ -40,7 +41,6 @@ import contextlib
 import logging
 import random
 import socket
-import subprocess
 import threading
 import time
 import weakref
@@ -48,6 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import trio
 from prometheus_client import Counter, Gauge
 
@@ -61,9 +62,9 @@ from ..core.feedhealth import (
     feed_ip,
     feed_transport,
     is_relay_feed,
-    parse_ip_brief,
     relay_feed,
     relay_of,
+    usable_addresses,
 )
 from ..core.peering import feed_network
 from ..crypto import NodeId
@@ -96,22 +97,25 @@ _local_lock = threading.Lock()
 _local_cache: tuple[float, dict[str, bool] | None] = (-1e9, None)
 
 
-def _read_ip_brief() -> dict[str, bool] | None:
+def _read_interfaces() -> dict[str, bool] | None:
+    """The machine's addresses and link states (``getifaddrs`` and interface
+    flags, through psutil: no process spawned), or None if they cannot be read."""
     try:
-        proc = subprocess.run(
-            ["ip", "-br", "addr", "show"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
+        addrs = psutil.net_if_addrs()
+        stats = psutil.net_if_stats()
+    except (OSError, RuntimeError):
         return None
-    if proc.returncode != 0:
-        return None
-    return parse_ip_brief(proc.stdout)
+    return usable_addresses(
+        {dev: [a.address for a in found if a.family in (socket.AF_INET, socket.AF_INET6)]
+         for dev, found in addrs.items()},
+        {dev: st.isup for dev, st in stats.items()},
+    )  # fmt: skip
 
 
 def local_addresses(max_age: float = 0.5) -> dict[str, bool] | None:
     """``{ip: usable}`` for this machine (network namespace), or None if unknown.
 
-    One ``ip -br addr`` per ``max_age`` seconds per process (many nodes in one
+    Read at most once per ``max_age`` seconds per process (many nodes in one
     test process share it). Thread-safe; call it from a worker thread.
     """
     global _local_cache
@@ -119,7 +123,7 @@ def local_addresses(max_age: float = 0.5) -> dict[str, bool] | None:
         at, value = _local_cache
         if time.monotonic() - at <= max_age:
             return value
-        value = _read_ip_brief()
+        value = _read_interfaces()
         _local_cache = (time.monotonic(), value)
         return value
 

@@ -17,9 +17,9 @@ from overlay.core.feedhealth import (
     feed_ip,
     feed_port,
     feed_transport,
-    parse_ip_brief,
     relay_feed,
     relay_of,
+    usable_addresses,
 )
 from overlay.records import MAX_FEEDS, check_feed
 from overlay.services.feeds import DialMemory
@@ -34,25 +34,33 @@ B_TCP = "/ip4/10.12.2.2/tcp/4001"
 R1 = f"/ip4/10.11.1.2/tcp/4001/p2p/{RELAY1}/p2p-circuit"
 R2 = f"/ip4/10.12.3.2/tcp/4001/p2p/{RELAY2}/p2p-circuit"
 
-IP_BRIEF = """\
-lo               UNKNOWN        127.0.0.1/8 ::1/128
-ethA@if12        UP             10.11.2.2/24 fe80::1/64
-ethB@if13        LOWERLAYERDOWN 10.12.2.2/24
-ethC@if14        DOWN           10.13.2.2/24
-eth9             UP
-"""
 
-
-def test_parse_ip_brief():
-    assert parse_ip_brief(IP_BRIEF) == {
+def test_usable_addresses():
+    addrs = {
+        "lo": ["127.0.0.1", "::1"],
+        "ethA": ["10.11.2.2", "fe80::1%ethA"],
+        "ethB": ["10.12.2.2"],
+        "ethC": ["10.13.2.2", "not an address"],
+        "ethD": ["10.11.2.2"],  # the same address on a device that is down
+        "eth9": [],
+    }
+    running = {"lo": True, "ethA": True, "ethB": False, "ethD": False}  # ethC unknown
+    assert usable_addresses(addrs, running) == {
         "127.0.0.1": True,
         "::1": True,
         "10.11.2.2": True,
         "10.12.2.2": False,
         "10.13.2.2": False,
     }
-    assert parse_ip_brief("") == {}
-    assert parse_ip_brief("garbage\nx y z/1") == {}
+    assert usable_addresses({}, {}) == {}
+
+
+def test_local_addresses_of_this_machine():
+    """Read through psutil (no process spawned): loopback is there and usable."""
+    from overlay.services.feeds import _read_interfaces
+
+    found = _read_interfaces()
+    assert found is not None and found.get("127.0.0.1") is True
 
 
 def test_multiaddr_helpers():
