@@ -40,7 +40,12 @@ probe that began with no connection to its target (a lone accusation checked,
 a dead member looked at again, an exit) and still has none at its deadline
 gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
 it waited for. A crashed process's connections close and a stopped or cut-off
-one sends nothing, so neither is ever heard.
+one sends nothing, so neither is ever heard. For the same reason a routine
+turn of an alive, unaccused member that has sent us anything since our last
+look at it (its own ping, an ack, gossip, a sync round) sends no ping at all
+(``passive_looks``): the turn is spent, and its next turn pings it unless it
+talked again. A member that stops sending is pinged at its next turn or the
+one after; a closed connection still brings a ping at once (``probe_now``).
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first
@@ -279,6 +284,7 @@ class Liveness(Suspicion):
         self.late_acks = 0  # answers to probes that had already failed
         self.heard_probes = 0  # probes unanswered in time by a member we heard from
         self.dial_waits = 0  # deadlines moved because no connection to the target existed yet
+        self.passive_looks = 0  # routine turns that needed no ping: the member had talked to us
         # recent failed probes: target, relays, when the Ping went out
         self._failed: dict[int, tuple[NodeId, tuple[NodeId, ...], float]] = {}
         self._srtt: float | None = None  # smoothed round trip of direct probes
@@ -479,7 +485,7 @@ class Liveness(Suspicion):
             self._refute(now, out)
         if now >= self._next_probe_at:
             target = self._next_target(now)
-            if target is not None:
+            if target is not None and not self._heard_since_last_look(target, now):
                 self._start_probe(target, now, out)
             self._next_probe_at = now + self.interval * self.multiplier
         return out
@@ -592,6 +598,28 @@ class Liveness(Suspicion):
                 return node
         return None
 
+    def _heard_since_last_look(self, target: NodeId, now: float) -> bool:
+        """A routine turn of an alive, unaccused member that has sent us something
+        since our last look at it needs no ping: those bytes already show that its
+        process runs (what an answered ping would show). The turn is spent (and
+        counted in ``passive_looks``); health and timeouts are left alone."""
+        m = self._members.get(target)
+        if m is None:
+            return False
+        reads = self._reads(target)
+        mark, m.heard_mark = m.heard_mark, reads
+        if (
+            m.state != ALIVE
+            or m.accusers
+            or mark is None  # first look (or a new connection): ping
+            or not _moved(mark, reads)
+            or self._accusation_for(target) is not None
+        ):
+            return False
+        m.probed_at = now
+        self.passive_looks += 1
+        return True
+
     def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
         if target in self._probing or len(self._probes) >= self.max_pending_probes:
             return False
@@ -606,6 +634,8 @@ class Liveness(Suspicion):
             if m.state == DEAD:
                 probe.indirect_sent = True  # a direct look is enough for the dead
         probe.heard0 = self._reads(target)
+        if m is not None:
+            m.heard_mark = probe.heard0
         self._probes[nonce] = probe
         self._probing[target] = nonce
         hint = self._accusation_for(target)

@@ -53,6 +53,7 @@ class Member:
     hinted_at: float = -math.inf  # last probe_now() probe
     told_at: float = -math.inf  # last time we told a lagging accuser it is dead
     look_at: float | None = None  # DEAD waits for our own probe: when to look again
+    heard_mark: int | None = None  # ``heard(node)`` at our last look at it (``Liveness``)
 
 
 class Suspicion:

@@ -1165,3 +1165,52 @@ def test_a_newcomer_whose_view_is_mostly_dead_still_learns_every_death():
     net.run(20.0 + 5.0)
     assert [net.state_at(newcomer, v) for v in victims] == [DEAD] * 8
     assert not any(net.ever(n, DEAD) for n in net.ids if n not in victims)
+
+
+def _turns(c: Liveness, heard: Heard, until: float, *, talking=(), answering=None):
+    """Tick ``c`` up to ``until``; before each tick every member in ``talking``
+    sends us something; pings are answered at once by ``answering`` (default:
+    everyone). Returns the targets pinged, in order."""
+    pinged = []
+    while (now := c.next_wakeup()) is not None and now < until:
+        for n in talking:
+            heard.reads[n] = heard.reads.get(n, 0) + 1
+        for target, ping in sends(c.tick(now), wire.Ping):
+            pinged.append(target)
+            if answering is None or target in answering:
+                c.receive(target, wire.encode(wire.Ack(ping.nonce)), now + 0.01)
+    return pinged
+
+
+def test_a_member_that_talks_to_us_needs_no_ping_at_its_turn():
+    """A routine turn of a member that sent us something since our last look at it
+    is spent without a ping (``passive_looks``); members that said nothing are
+    pinged at every turn, and nobody is suspected."""
+    heard = Heard()
+    heard.reads = {n: 0 for n in IDS}
+    c = core(n=6, heard=heard)
+    c.tick(0.0)
+    rounds = 4 * 5 * c.probe_interval  # four turns of each of the 5 members
+    talker = IDS[1]
+    pinged = _turns(c, heard, rounds, talking=[talker])
+    assert pinged.count(talker) == 1  # its first turn only
+    assert all(pinged.count(n) >= 3 for n in IDS[2:6])
+    assert c.passive_looks >= 3
+    assert all(c.state(n)[0] == ALIVE for n in IDS[1:6])
+
+
+def test_a_member_that_falls_silent_is_pinged_and_suspected_one_turn_later():
+    """Bytes from a member buy it one turn without a ping, no more: once it stops
+    sending (a stopped process) its next turn pings it, and the unanswered ping
+    is a failed probe as before."""
+    heard = Heard()
+    heard.reads = {n: 0 for n in IDS}
+    c = core(n=6, heard=heard)
+    c.tick(0.0)
+    period = 5 * c.probe_interval
+    stopped = IDS[1]
+    others = set(IDS[2:6])
+    _turns(c, heard, 2 * period, talking=[stopped])  # talking: one ping, then none
+    pinged = _turns(c, heard, 5 * period, answering=others)  # silent from now on
+    assert stopped in pinged
+    assert c.state(stopped)[0] in (SUSPECT, DEAD)
