@@ -38,6 +38,7 @@ import trio
 from bench_propagation import TOPIC, JsonLines, _counter, _traffic
 
 from overlay.crypto import SigningKey
+from overlay.net.errors import DialTimeout
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
 from overlay.runtime import Node
@@ -122,8 +123,17 @@ class Worker:
         return {"addr": h.listen_addrs()[0], "peer": h.peer_id}
 
     async def base_connect(self, i: int, addrs: list[str]):
+        """Dial each address; a dial that timed out (a machine busy with the Hydra
+        nodes alongside) is tried twice more, as a node's join does."""
         for a in addrs:
-            await self.hosts[i].connect(a)
+            for attempt in range(3):
+                try:
+                    await self.hosts[i].connect(a)
+                    break
+                except DialTimeout:
+                    if attempt == 2:
+                        raise
+                    await trio.sleep(1.0)
         return {}
 
     # ------------------------------------------------------------ state
