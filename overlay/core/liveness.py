@@ -39,7 +39,8 @@ and the indirect probes are skipped once the target has been heard from. A
 probe that began with no connection to its target (a lone accusation checked,
 a dead member looked at again, an exit) and still has none at its deadline
 gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
-it waited for. A crashed process's connections close and a stopped or cut-off
+it waited for. Not a ``probe_now`` probe: the connection it follows just
+closed, which is how a crash looks, and waiting would delay failover. A crashed process's connections close and a stopped or cut-off
 one sends nothing, so neither is ever heard. For the same reason a routine
 turn of an alive, unaccused member that has sent us anything since our last
 look at it (its own ping, an ack, gossip, a sync round) sends no ping at all
@@ -538,7 +539,9 @@ class Liveness(Suspicion):
         if now - m.hinted_at < self.probe_interval * self.multiplier:
             return out
         m.hinted_at = now
-        self._start_probe(node, now, out)
+        if self._start_probe(node, now, out):
+            # the connection just closed (a crash closes it): no dial to wait for
+            self._probes[self._probing[node]].dialing = True
         return out
 
     def _maybe_pull(self, peer: NodeId, now: float, out: list[Effect]) -> None:

@@ -1214,3 +1214,22 @@ def test_a_member_that_falls_silent_is_pinged_and_suspected_one_turn_later():
     pinged = _turns(c, heard, 5 * period, answering=others)  # silent from now on
     assert stopped in pinged
     assert c.state(stopped)[0] in (SUSPECT, DEAD)
+
+
+def test_a_probe_after_a_closed_connection_does_not_wait_for_a_dial():
+    """``probe_now`` follows a connection that just closed, as a crash closes it:
+    with no connection at the deadline the target is suspected at once, without
+    the ``dial_grace`` a probe that never had a connection gets (failover)."""
+    heard = Heard()
+    heard.reads = {n: 0 for n in IDS}
+    c = core(n=6, heard=heard, dial_grace=3.0)
+    c.tick(0.0)
+    victim = IDS[3]
+    del heard.reads[victim]  # its connection closed
+    t = 0.01
+    assert sends(c.probe_now(victim, t), wire.Ping)
+    now = t
+    while now < t + c.probe_interval + 0.1:
+        now += 0.05
+        c.tick(now)
+    assert c.state(victim)[0] == SUSPECT and c.dial_waits == 0
