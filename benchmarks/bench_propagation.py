@@ -534,9 +534,8 @@ async def main_async(args) -> dict:
                     workers, Path(tmp), *run
                 )
                 load = os.getloadavg()[0]  # how busy the CPUs were during the Hydra trials
-                print(
-                    f"  {summarize('hydra', hydra)}", file=sys.stderr
-                )  # kept if the baseline fails
+                # Hydra's results first: kept if the baseline fails
+                print(f"  {summarize('hydra', hydra)}", file=sys.stderr)
                 if not args.baseline_alongside:
                     await on_all(workers, "reset")  # every Hydra node stops before the baseline
                 print("bare gossipsub on the same graph ...", file=sys.stderr)

@@ -40,8 +40,9 @@ probe that began with no connection to its target (a lone accusation checked,
 a dead member looked at again, an exit) and still has none at its deadline
 gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
 it waited for. Not a ``probe_now`` probe: the connection it follows just
-closed, which is how a crash looks, and waiting would delay failover. A crashed process's connections close and a stopped or cut-off
-one sends nothing, so neither is ever heard. For the same reason a routine
+closed, which is how a crash looks, and waiting would delay failover. A
+crashed process's connections close and a stopped or cut-off one sends
+nothing, so neither is ever heard. For the same reason a routine
 turn of an alive, unaccused member that has sent us anything since our last
 look at it (its own ping, an ack, gossip, a sync round) sends no ping at all
 (``passive_looks``): the turn is spent, and its next turn pings it unless it
