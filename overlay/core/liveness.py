@@ -540,9 +540,8 @@ class Liveness(Suspicion):
         if now - m.hinted_at < self.probe_interval * self.multiplier:
             return out
         m.hinted_at = now
-        if self._start_probe(node, now, out):
-            # the connection just closed (a crash closes it): no dial to wait for
-            self._probes[self._probing[node]].dialing = True
+        # the connection just closed (a crash closes it): no dial to wait for
+        self._start_probe(node, now, out, dial_grace=False)
         return out
 
     def _maybe_pull(self, peer: NodeId, now: float, out: list[Effect]) -> None:
@@ -617,20 +616,26 @@ class Liveness(Suspicion):
             or m.accusers
             or mark is None  # first look (or a new connection): ping
             or not _moved(mark, reads)
-            or self._accusation_for(target) is not None
         ):
             return False
         m.probed_at = now
         self.passive_looks += 1
         return True
 
-    def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
+    def _start_probe(
+        self, target: NodeId, now: float, out: list[Effect], *, dial_grace: bool = True
+    ) -> bool:
         if target in self._probing or len(self._probes) >= self.max_pending_probes:
             return False
         nonce = self._rng.getrandbits(64)
         mult = self.multiplier
         probe = _Probe(
-            target, nonce, now + self.timeout * mult, now + self.interval * mult, sent=now
+            target,
+            nonce,
+            now + self.timeout * mult,
+            now + self.interval * mult,
+            sent=now,
+            dialing=not dial_grace,  # no grace: as if it had been used
         )
         m = self._members.get(target)
         if m is not None:
