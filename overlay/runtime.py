@@ -183,6 +183,7 @@ class Node:
         self.peering = PeerManager(self, self.sync)  # join, peer loop (services.peers)
         self._isolated = False
         self.ready = trio.Event()  # set once joined (or started with nobody to join)
+        self._connected_ids: dict[str, NodeId] = {}  # peer id -> node id (``connected``)
         self.events = EventRing(clock=clock)  # joins, deaths, promotions... (the console)
         self.console: ConsoleService | None = None  # set by the service's attach
         given = [s for s in services if isinstance(s, Resilience)]
@@ -595,11 +596,15 @@ class Node:
     # ---------------------------------------------------------------- peers
     def connected(self) -> list[NodeId]:
         out = []
+        ids, self._connected_ids = self._connected_ids, {}
         for pid in self.host.connected_peers():
-            try:
-                nid = NodeId.from_peer_id(pid)
-            except ValueError:
-                continue
+            nid = ids.get(pid)
+            if nid is None:
+                try:
+                    nid = NodeId.from_peer_id(pid)
+                except ValueError:
+                    continue
+            self._connected_ids[pid] = nid  # parsed once per connection, not per call
             out.append(nid)
             self.confirm(nid)  # a connection authenticates its peer id (Noise)
             if nid not in self.peers:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydra.console")
 
-TICK = 1.0  # seconds between two looks at the peers and the counters
+TICK = 1.0  # seconds between two looks at the peers (counters: see ``_read_rates``)
 SNAPSHOT_TTL = 0.5  # a snapshot is rebuilt at most this often
 QUEUE_TTL = 5.0  # the exit delivery queue (SQLite) is counted at most this often
 EVENTS_IN_SNAPSHOT = 50
@@ -169,6 +169,13 @@ class ConsoleService:
                 )
         self._peers = peers
         self._copy_pool_events()
+        if self.history.due(now):
+            self.history.offer(now, self._gauges(now), self._read_rates(now))
+
+    def _read_rates(self, now: float) -> dict[str, float]:
+        """Read the counters; ``rates`` become per-second rates since the previous
+        reading. Read only for a history sample or a snapshot (nobody watching: once
+        per ``History.interval``), not every tick. Returns the counters read."""
         counters = self._read_counters()
         prev = self._counters
         if prev is not None and now > prev[0]:
@@ -177,8 +184,7 @@ class ConsoleService:
                 k: round(max(0.0, v - prev[1].get(k, v)) / dt, 1) for k, v in counters.items()
             }
         self._counters = (now, counters)
-        if self.history.due(now):
-            self.history.offer(now, self._gauges(now), counters)
+        return counters
 
     def _copy_pool_events(self) -> None:
         """The exit pool's decisions (deficit, restored, promote, step-back), with their times."""
@@ -317,8 +323,8 @@ class ConsoleService:
                     "roles": rec.roles.names() if rec else [],
                 }
             )
+        counters = self._read_rates(now)
         rates = self.rates
-        counters = self._counters[1] if self._counters else {}
         relay = st.get("relay") or {}
         return {
             "now": round(now, 3),

@@ -19,9 +19,9 @@ through other peers. ``FeedMonitor`` is a node service (``Node(services=
   feed back (AutoNAT v1 with Hydra's dial-back policy): feeds that several
   peers cannot reach become UNREACHABLE and leave the record until a probe
   succeeds again;
-- it attributes live connections to feeds for ``overlay status`` (traffic
-  from the kernel's TCP counters where they exist, connection counts
-  otherwise) and exports Prometheus gauges.
+- every ``CONN_EVERY`` (5 s) it attributes live connections to feeds for
+  ``overlay status`` (traffic from the kernel's TCP counters where they
+  exist, connection counts otherwise) and exports Prometheus gauges.
 
 On attach it turns on the host's relay service (hop if the node has role
 ``relay``; accepting relayed connections always), DCUtR and the AutoNAT
@@ -87,6 +87,8 @@ __all__ = [
 
 DIAL_STAGGER = 0.3
 """Seconds before the next feed is tried in parallel (happy eyeballs)."""
+CONN_EVERY = 5.0
+"""Seconds between two attributions of live connections to feeds (status, metrics)."""
 
 _TRANSPORT_RANK = {"tcp": 0, "quic": 1, "ws": 2, "other": 3, "relay": 4}
 
@@ -382,8 +384,9 @@ class FeedMonitor:
         ips = [ip for ip in (feed_ip(a) for a in listen) if ip and ip not in ("0.0.0.0", "::")]
         return await trio.to_thread.run_sync(_bind_test, [*ips, "127.0.0.1"])
 
-    async def scan(self) -> None:
-        """One health pass: local addresses, reservations, connections, announcement."""
+    async def scan(self, *, connections: bool = True) -> None:
+        """One health pass: local addresses, reservations, announcement, and (unless
+        not ``connections``) the attribution of live connections to feeds."""
         node = self.node
         if node is None or node.host is None:
             return
@@ -409,20 +412,8 @@ class FeedMonitor:
                             log.info("closed %d connection(s) over lost address %s", n, ip)
             if any(is_relay_feed(f) and new == "down" for f, _, new in events):
                 self._wake_relays.set()
-            samples = [
-                ConnSample(
-                    c.key,
-                    c.transport,
-                    c.direction,
-                    c.local,
-                    c.relay_peer_id,
-                    c.bytes_in,
-                    c.bytes_out,
-                )
-                for c in host.connections()
-            ]
-            self.table.observe_connections(samples, now)
-            self.table.forget_absent(600.0, now)
+            if connections:
+                self._attribute_connections(host, now)
             self._update_reachability()
             self._update_metrics()
             own = node.own
@@ -430,11 +421,34 @@ class FeedMonitor:
                 if sorted(self.table.announced()) != sorted(own.feeds):
                     node.request_republish()
 
+    def _attribute_connections(self, host, now: float) -> None:
+        samples = [
+            ConnSample(
+                c.key,
+                c.transport,
+                c.direction,
+                c.local,
+                c.relay_peer_id,
+                c.bytes_in,
+                c.bytes_out,
+            )
+            for c in host.connections()
+        ]
+        self.table.observe_connections(samples, now)
+        self.table.forget_absent(600.0, now)
+
     async def _scan_loop(self) -> None:
+        # addresses and links every scan_interval (a lost feed is acted on at once);
+        # the per-connection attribution, for status and metrics, every CONN_EVERY
+        next_conns = 0.0
         while True:
             await trio.sleep(self.scan_interval)
+            now = trio.current_time()
+            conns = now >= next_conns
+            if conns:
+                next_conns = now + CONN_EVERY
             try:
-                await self.scan()
+                await self.scan(connections=conns)
             except Exception:  # noqa: BLE001 - a monitoring bug must not stop the node
                 log.exception("feed scan failed")
 
