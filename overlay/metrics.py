@@ -24,6 +24,11 @@ class Metrics:
             registry=r,
         )
         self.peers = Gauge("hydra_peers_connected", "Connected peers", registry=r)
+        self.trimmed = Counter(
+            "hydra_connections_trimmed",
+            "Connections closed once an errand (a DHT store, a verification) was done",
+            registry=r,
+        )
         self.gossip_messages = Counter(
             "hydra_gossip_messages", "Gossip messages", ["direction"], registry=r
         )

@@ -539,7 +539,8 @@ class Node:
         The view holds the whole membership, so the closest members are known
         here without a lookup (upstream's put looks them up first and connects
         to every node the lookup asks); those we have no connection to are
-        dialled through their feeds, within the dial budget (``connect_record``).
+        dialled through their feeds, within the dial budget (``connect_record``),
+        and those connections are trimmed again once idle (``PeerManager.trim``).
         """
         now = self.clock()
         live = {
@@ -549,10 +550,13 @@ class Node:
         }
         targets = self.host.dht_closest(key, live, DHT_REPLICAS)
         connected = set(self.host.connected_peers())
+        dialled = [pid for pid in targets if pid not in connected]
         async with trio.open_nursery() as n:
-            for pid in targets:
-                if pid not in connected:
-                    n.start_soon(self.connect_record, live[pid])
+            for pid in dialled:
+                n.start_soon(self.connect_record, live[pid])
+        now = self.clock()
+        for pid in dialled:  # their connections go again once idle (``PeerManager.trim``)
+            self.peering.errand(live[pid].node_id, now)
         connected = set(self.host.connected_peers())
         await self.host.dht_put_at(key, raw, [p for p in targets if p in connected])
 

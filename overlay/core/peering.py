@@ -5,6 +5,12 @@ Goal: ``target`` connections, spread over as many different feed networks
 network or provider does not partition the node. Members this node verified
 (``prefer``) come first; others (whose addresses are only claimed) are chosen
 only to make up the rest, at most ``max_other`` of them (the dial budget).
+
+Connections opened for one errand (a DHT store at the members closest to a
+key, the verification of a member we were only told about) are *transient*:
+``choose_trims`` says which of them to close once they have lingered idle,
+so that a node's connections stay near ``target`` instead of growing with
+every record it stores.
 """
 
 from __future__ import annotations
@@ -82,3 +88,39 @@ def choose_dials(
         for f in best.feeds:
             covered[feed_network(f)] = covered.get(feed_network(f), 0) + 1
     return chosen
+
+
+def choose_trims(
+    transient: dict[NodeId, float],
+    connected: set[NodeId],
+    *,
+    keep: set[NodeId],
+    busy: Callable[[NodeId], bool],
+    target: int,
+    now: float,
+    linger: float,
+) -> tuple[list[NodeId], list[NodeId]]:
+    """Which transient connections to close now, and which to stop tracking.
+
+    ``transient`` maps each member we dialled for an errand to when we did.
+    One is forgotten (never closed by this) when the connection is gone, when
+    the member is one to ``keep`` (an exit, a relay we use), or when closing it
+    would leave fewer than ``target`` connections (it now serves as a peer).
+    It is closed once ``linger`` seconds have passed and ``busy`` (streams of
+    an errand still open on it) is false; the oldest go first.
+    """
+    trim: list[NodeId] = []
+    forget: list[NodeId] = []
+    left = len(connected)
+    for peer, since in sorted(transient.items(), key=lambda kv: (kv[1], bytes(kv[0]))):
+        if peer not in connected or peer in keep:
+            forget.append(peer)
+        elif now - since < linger or busy(peer):
+            continue
+        elif left <= target:
+            forget.append(peer)
+        else:
+            trim.append(peer)
+            forget.append(peer)
+            left -= 1
+    return trim, forget

@@ -165,7 +165,7 @@ class _Notifee(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._host._reopen_gossip_stream(conn)
-        self._host._on_disconnected(conn.muxed_conn.peer_id)
+        self._host._on_disconnected(conn.muxed_conn.peer_id, upstream.was_trimmed(conn))
         await trio.lowlevel.checkpoint()
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -267,7 +267,7 @@ class Libp2pHost(
         self._bans = _BanList(self.limits.max_bans)
         self._refused_listeners: list[Callable[[str], None]] = []
         self.refused: dict[str, int] = {}
-        self._disconnect_listeners: list[Callable[[str], None]] = []
+        self._disconnect_listeners: list[Callable[[str, bool], None]] = []
 
         key_pair = _ed25519_key_pair(signing_key.seed())
         self.peer_id: str = signing_key.node_id.peer_id()
@@ -548,19 +548,51 @@ class Libp2pHost(
         with trio.CancelScope(shield=True), trio.move_on_after(self._dial_timeout):
             await self._host.disconnect(pid)
 
+    async def trim(self, peer_id: str) -> int:
+        """Close every connection to ``peer_id`` as no longer needed: each gets a
+        Yamux GO_AWAY with code 0x1005 first (as go-libp2p's connection manager
+        sends), so the peer knows we are alive and just done with it. Returns how
+        many connections were closed; bounded by ``dial_timeout``."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception as e:
+            raise LocalError(f"invalid peer id {peer_id!r}") from e
+        closed = 0
+        with trio.CancelScope(shield=True), trio.move_on_after(self._dial_timeout):
+            for conn in list(self._swarm.connections.get(pid, [])):
+                with contextlib.suppress(Exception):
+                    await upstream.trim_connection(conn)
+                    closed += 1
+        return closed
+
+    def stream_protocols(self, peer_id: str) -> list[str]:
+        """Protocols of the streams open on our connections to ``peer_id`` (what
+        uses them now; empty when not connected)."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            return []
+        out = []
+        for conn in list(self._swarm.connections.get(pid, [])):
+            for stream in conn.get_streams():
+                out.append(str(stream.get_protocol() or ""))
+        return out
+
     # ---- connection events -----------------------------------------------------
 
-    def on_disconnect(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(peer_id)`` whenever a connection to a peer closes (for
-        any reason: the peer crashed, left, or we trimmed it). Listeners run in
-        the swarm's task and must not block; exceptions are logged and dropped."""
+    def on_disconnect(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(peer_id, trimmed)`` whenever a connection to a peer closes
+        (for any reason: the peer crashed, left, or one side trimmed it).
+        ``trimmed``: one side closed it as no longer needed (``trim``; the peer
+        is alive). Listeners run in the swarm's task and must not block;
+        exceptions are logged and dropped."""
         self._disconnect_listeners.append(listener)
 
-    def _on_disconnected(self, peer: ID) -> None:
+    def _on_disconnected(self, peer: ID, trimmed: bool = False) -> None:
         pid = str(peer)
         for listener in self._disconnect_listeners:
             try:
-                listener(pid)
+                listener(pid, trimmed)
             except Exception:  # noqa: BLE001 - a listener must not break the swarm
                 logger.exception("disconnect listener failed")
 

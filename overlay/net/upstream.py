@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -257,6 +258,50 @@ def reads_from(swarm: Any, peer: ID) -> int | None:
         getattr(getattr(getattr(c, "muxed_conn", None), "secured_conn", None), "hydra_reads", 0)
         for c in conns
     )
+
+
+# Trimmed connections (not a workaround: py-libp2p reads a Yamux GO_AWAY's code
+# but reports it to nobody). A node that closes a connection it no longer needs
+# sends GO_AWAY with go-libp2p's connection-manager code 0x1005 ("connection
+# garbage collected") first; the far end notes it on the session, so the close
+# reads as "alive, done with this connection", not as a crash (a crashed
+# process's kernel closes the socket with no GO_AWAY). A Yamux header is read
+# as exactly HEADER_SIZE bytes; a data frame body that equals the notice byte
+# for byte would mark the connection too, which only its sender can cause and
+# which only says the same about the sender. test_trimmed_connection_is_told_apart.
+GO_AWAY_TRIMMED = _libp2p_yamux.GO_AWAY_CONN_GARBAGE_COLLECTED
+_TRIM_NOTICE = struct.pack(
+    _libp2p_yamux.YAMUX_HEADER_FORMAT, 0, _libp2p_yamux.TYPE_GO_AWAY, 0, 0, GO_AWAY_TRIMMED
+)
+_UPSTREAM_YAMUX_READ_EXACTLY = _libp2p_yamux.read_exactly
+
+
+async def _noting_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any) -> bytes:
+    data = await _UPSTREAM_YAMUX_READ_EXACTLY(reader, n, *args, **kwargs)
+    if n == _libp2p_yamux.HEADER_SIZE and data == _TRIM_NOTICE:
+        reader.hydra_trimmed = True
+    return data
+
+
+_libp2p_yamux.read_exactly = _noting_read_exactly
+
+
+def was_trimmed(conn: Any) -> bool:
+    """True if this closed (or closing) connection was trimmed, by us or by the peer."""
+    secured = getattr(getattr(conn, "muxed_conn", None), "secured_conn", None)
+    return bool(getattr(secured, "hydra_trimmed", False))
+
+
+async def trim_connection(conn: Any) -> None:
+    """Close ``conn`` (a swarm connection) as no longer needed: GO_AWAY 0x1005 first."""
+    muxed = getattr(conn, "muxed_conn", None)
+    secured = getattr(muxed, "secured_conn", None)
+    if secured is not None:
+        secured.hydra_trimmed = True  # our own disconnect listeners see it as a trim too
+    if isinstance(muxed, _libp2p_yamux.Yamux):
+        with contextlib.suppress(Exception):
+            await muxed.close(GO_AWAY_TRIMMED)
+    await conn.close()
 
 
 # ---- construction -------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Protocol
 import trio
 
 from ..core.admission import DialBudget
-from ..core.peering import choose_dials
+from ..core.liveness import PROTOCOL as LIVENESS
+from ..core.peering import choose_dials, choose_trims
 from ..core.scores import PeerScores
 from ..core.timing import JOIN_ROUNDS
 from ..crypto import NodeId, mac
@@ -36,6 +37,9 @@ JOIN_DIAL_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
 VERIFY_AFTER = 60.0  # an unverified non-exit member gets this long to contact us first
+TRIM_LINGER = 20.0  # seconds a connection opened for an errand stays before it may be trimmed
+# streams that stay open on a connection between uses: they do not keep it from a trim
+IDLE_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", SYNC_PROTOCOL, LIVENESS)
 
 
 class PeersNode(NodeContext, Protocol):
@@ -56,6 +60,7 @@ class PeerManager:
         self.joined_via: str | None = None  # the join address that worked last
         self._verify_tried: dict[NodeId, float] = {}
         self._verify_key = node.rng.randbytes(16)  # keys each member's share of the spread
+        self._transient: dict[NodeId, float] = {}  # dialled for an errand -> when (``trim``)
 
     async def join(self, addrs: Sequence[str]) -> str:
         """Connect through the first reachable address and pull the whole membership."""
@@ -154,6 +159,7 @@ class PeerManager:
             max_other=budget,
         )
         budget -= sum(1 for r in picked if not self.node.view.is_verified(r.node_id))
+        picked_ids = {r.node_id for r in picked}
         dials += picked
         if budget > 0:
             skip = connected | banned | {r.node_id for r in dials}
@@ -162,6 +168,11 @@ class PeerManager:
             async with trio.open_nursery() as n:
                 for rec in dials:
                     n.start_soon(self.node.connect_record, rec)
+            # a member dialled only to verify it goes again once it has lingered
+            now = self.node.clock()
+            for rec in dials:
+                if rec.node_id not in picked_ids:
+                    self.errand(rec.node_id, now)
 
     def _verification_dials(
         self, live: list[ValidRecord], skip: set[NodeId], room: int, now: float, *, exits: bool
@@ -199,6 +210,52 @@ class PeerManager:
         spread = max(0.0, self.node.config.unverified_ttl / 2 - VERIFY_AFTER)
         return first_seen + VERIFY_AFTER + share * spread
 
+    def errand(self, peer: NodeId, now: float) -> None:
+        """We just dialled ``peer`` for one errand (a DHT store, a verification):
+        its connection is trimmed once it has lingered idle (``trim``), unless by
+        then it is needed as a peer."""
+        if peer not in self._transient and len(self._transient) < 4 * self.node.config.max_members:
+            self._transient[peer] = now
+
+    async def trim(self) -> int:
+        """Close the errand connections that ``core.peering.choose_trims`` picks: idle
+        for ``TRIM_LINGER`` s, not an exit, standby or relay of ours, and not
+        needed to keep ``target_peers``. The peer hears "no longer needed", not a
+        crash (``Libp2pHost.trim``). Returns how many members were trimmed."""
+        if not self._transient:
+            return 0
+        node = self.node
+        now = node.clock()
+        host = node.host
+        connected = set(node.connected())
+        snap = node.view.snapshot(now)
+        keep = {
+            p for p in self._transient if (r := snap.get(p)) is not None and r.roles & EXIT_ROLES
+        }
+        keep |= {p for p in self._transient if p.peer_id() in " ".join(node.current_feeds())}
+
+        def busy(peer: NodeId) -> bool:
+            return any(
+                not p.startswith(IDLE_PROTOCOLS) for p in host.stream_protocols(peer.peer_id())
+            )
+
+        trim, forget = choose_trims(
+            self._transient,
+            connected,
+            keep=keep,
+            busy=busy,
+            target=node.config.target_peers,
+            now=now,
+            linger=TRIM_LINGER,
+        )
+        for peer in forget:
+            self._transient.pop(peer, None)
+        for peer in trim:
+            log.debug("trimming the connection to %s (errand done)", peer.short())
+            await host.trim(peer.peer_id())
+        node.metrics.trimmed.inc(len(trim))
+        return len(trim)
+
     async def run(self) -> None:
         """Keep ``target_peers`` connections; with none at all (every member we know
         is unreachable, or we never got the membership), join again through the
@@ -224,6 +281,7 @@ class PeerManager:
                         log.info("alone: joined again via %s", via)
                         rejoin_at, backoff = 0.0, REJOIN_MIN
                 await self._fill_peers()
+                await self.trim()
             except Exception as e:  # noqa: BLE001 - keep the node running
                 log.warning(
                     "peer maintenance failed (%s: %s); retrying in a second", type(e).__name__, e

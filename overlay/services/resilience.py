@@ -302,13 +302,16 @@ class Resilience:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def _on_disconnect(self, peer_id: str) -> None:
-        """A connection closed: probe that member now (a crash closes its sockets)."""
+    def _on_disconnect(self, peer_id: str, trimmed: bool = False) -> None:
+        """A connection closed: probe that member now (a crash closes its sockets),
+        unless it was trimmed (one side said it no longer needs it: alive)."""
         try:
             peer = NodeId.from_peer_id(peer_id)
         except ValueError:
             return
         self._out.connection_closed(peer)  # its stream went with the connection
+        if trimmed:
+            return
         self._execute(self.liveness.probe_now(peer, self.node.clock()))
         self._wake.set()
 

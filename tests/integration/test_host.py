@@ -196,17 +196,50 @@ async def test_one_peer_over_several_transports() -> None:
 
 async def test_disconnect_listeners_hear_a_peer_that_goes_away() -> None:
     a, b = make_host([TCP]), make_host([TCP])
-    gone: list[str] = []
-    a.on_disconnect(gone.append)
-    a.on_disconnect(lambda peer: 1 / 0)  # a broken listener is logged, not fatal
+    gone: list[tuple[str, bool]] = []
+    a.on_disconnect(lambda peer, trimmed: gone.append((peer, trimmed)))
+    a.on_disconnect(lambda peer, trimmed: 1 / 0)  # a broken listener is logged, not fatal
     async with a:
         async with b:
             await a.connect(addr_of(b, "tcp"))
             assert gone == []
         with trio.fail_after(10):  # b stopped: its sockets closed, a notices
-            while b.peer_id not in gone:
+            while (b.peer_id, False) not in gone:
                 await trio.sleep(0.02)
         assert b.peer_id not in a.connected_peers()
+
+
+async def test_trimmed_connection_is_told_apart() -> None:
+    """``trim`` closes a connection with the "no longer needed" notice: both ends'
+    listeners hear ``trimmed``, while a plain close (and a stopped peer, above)
+    is not a trim. ``stream_protocols`` shows what is open on a connection."""
+    a, b = make_host([TCP]), make_host([TCP])
+    heard_a: list[tuple[str, bool]] = []
+    heard_b: list[tuple[str, bool]] = []
+    a.on_disconnect(lambda peer, trimmed: heard_a.append((peer, trimmed)))
+    b.on_disconnect(lambda peer, trimmed: heard_b.append((peer, trimmed)))
+    async with running(a, b):
+        b.set_stream_handler(ECHO, echo_handler)
+        assert a.stream_protocols(b.peer_id) == []
+        await a.connect(addr_of(b, "tcp"))
+        async with await a.open_stream(b.peer_id, ECHO) as s:
+            reader = FrameReader(s)
+            await write_frame(s, b"hello")
+            assert await reader.read_frame() == b"hello"
+            assert ECHO in a.stream_protocols(b.peer_id)
+        assert await a.trim(b.peer_id) == 1
+        with trio.fail_after(10):
+            while (a.peer_id, True) not in heard_b or (b.peer_id, True) not in heard_a:
+                await trio.sleep(0.02)
+        assert b.peer_id not in a.connected_peers()
+        assert await a.trim(b.peer_id) == 0  # nothing left to close
+        # a plain close is not a trim, at either end
+        await a.connect(addr_of(b, "tcp"))
+        await a.disconnect(b.peer_id)
+        with trio.fail_after(10):
+            while (a.peer_id, False) not in heard_b:
+                await trio.sleep(0.02)
+        assert (b.peer_id, False) in heard_a
 
 
 async def test_reads_from_counts_authenticated_reads() -> None:

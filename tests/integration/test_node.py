@@ -1,5 +1,6 @@
 """Real nodes on loopback: gossip, DHT, anti-entropy, joining, bad input, restarts."""
 
+import math
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from overlay.net import framing
 from overlay.net.host import Libp2pHost
 from overlay.records import Role, make_record
 from overlay.runtime import RECORDS_TOPIC, SYNC_PROTOCOL, Node, dht_key
+from overlay.services import peers as peers_service
 from overlay.testing import join_addr, light_services, make_home, overlay, wait_until
 from tests.recgen import ONION
 
@@ -243,6 +245,36 @@ async def test_dht_lookup_by_node_id(tmp_path, monkeypatch):
                 await trio.sleep(0.2)
         assert nodes[2].node_id.peer_id() in providers
         assert await nodes[0].host.find_providers("hydra-role/relay") == []
+
+
+async def test_a_connection_dialled_for_a_dht_store_is_trimmed_not_taken_for_a_crash(
+    tmp_path, monkeypatch
+):
+    """The members a DHT store dialled are let go once the store is done and the
+    connection has lingered: the far end hears "no longer needed" (a trim), not
+    a crash, so its failure detector does not rush to probe us."""
+    monkeypatch.setattr(runtime, "DHT_FIRST_SPREAD", 0.0)
+    monkeypatch.setattr(peers_service, "TRIM_LINGER", 0.5)
+    async with overlay(tmp_path, 6, target_peers=2) as nodes:
+        await wait_until(lambda: all(len(n.view) == 6 for n in nodes), 30)
+        me = nodes[0]
+        heard: list[tuple[int, str, bool]] = []
+        for i, n in enumerate(nodes):
+            n.host.on_disconnect(lambda pid, trimmed, i=i: heard.append((i, pid, trimmed)))
+        monkeypatch.setattr(runtime, "DHT_REPLICAS", 5)  # every other member
+        with trio.fail_after(30):
+            while not (far := [n for n in nodes[1:] if n.node_id not in me.connected()]):
+                await me.host.trim(me.connected()[0].peer_id())  # make room for a dial
+        heard.clear()  # from here on, only what the store's connections do
+        await me._dht_store(dht_key(me.node_id), me.own.encode())
+        dialled = [nodes.index(n) for n in far if n.node_id in me.peering._transient]
+        assert dialled, "the store dialled nobody"
+        me_pid = me.node_id.peer_id()
+        await wait_until(lambda: all((i, me_pid, True) in heard for i in dialled), 30)
+        assert (0, nodes[dialled[0]].node_id.peer_id(), True) in heard  # our own side too
+        for i in dialled:
+            m = nodes[i].resilience.liveness._members.get(me.node_id)
+            assert m is None or m.hinted_at == -math.inf  # no probe after the close
 
 
 async def test_malicious_peer_is_rejected_counted_and_disconnected(tmp_path):
