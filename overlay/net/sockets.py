@@ -17,6 +17,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.connection_types import ConnectionType
+from libp2p.peer.id import ID
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ _SOCKET_PATH = (
 
 def _is_relayed(conn: Any) -> bool:
     with contextlib.suppress(Exception):
-        if conn.get_connection_type() == ConnectionType.RELAYED:
-            return True
+        kind = conn.get_connection_type()
+        if kind in (ConnectionType.RELAYED, ConnectionType.DIRECT):
+            return kind == ConnectionType.RELAYED  # known: no address strings to build
     with contextlib.suppress(Exception):
         return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
     return False
@@ -169,17 +171,32 @@ class ConnectionsPart:
 
     _swarm: Any
 
-    def connections(self) -> list[ConnInfo]:
-        """Every live connection with its transport, local socket address and traffic."""
+    def connections(self, peer_id: str | None = None) -> list[ConnInfo]:
+        """Every live connection (or only those to ``peer_id``) with its transport,
+        local socket address and traffic."""
+        if peer_id is not None:
+            try:
+                pid = ID.from_base58(peer_id)
+            except ValueError:
+                return []
+            return [self._conn_info(peer_id, c) for c in list(self._swarm.connections.get(pid, []))]
         out: list[ConnInfo] = []
         for pid, conns in list(self._swarm.connections.items()):
             for conn in list(conns):
                 out.append(self._conn_info(str(pid), conn))
         return out
 
+    def connection_keys(self, peer_id: str) -> set[int]:
+        """The keys (``ConnInfo.key``) of our live connections to ``peer_id``."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            return set()
+        return {id(c) for c in list(self._swarm.connections.get(pid, []))}
+
     def connection_addrs(self, peer_id: str) -> list[str]:
         """Remote multiaddrs of our connections to ``peer_id`` (circuit addresses for relayed ones)."""
-        return [c.remote for c in self.connections() if c.peer_id == peer_id and c.remote]
+        return [c.remote for c in self.connections(peer_id) if c.remote]
 
     def _conn_info(self, peer: str, conn: Any) -> ConnInfo:
         addrs: list[str] = []

@@ -578,7 +578,7 @@ class FeedMonitor:
         return await self._reserve(pid)
 
     def _conn_keys(self, peer: str) -> set[int]:
-        return {c.key for c in self.node.host.connections() if c.peer_id == peer}
+        return self.node.host.connection_keys(peer)
 
     async def _reserve(self, relay: str) -> bool:
         host = self.node.host

@@ -121,6 +121,9 @@ async def test_circuit_through_a_reservation() -> None:
         (inb,) = [c for c in target.connections() if c.peer_id == dialer.peer_id]
         assert (inb.transport, inb.relay_peer_id) == ("relay", relay.peer_id)
         assert target.connection_addrs(dialer.peer_id) == [inb.remote]
+        assert [c.key for c in target.connections(dialer.peer_id)] == [inb.key]
+        assert target.connection_keys(dialer.peer_id) == {inb.key}
+        assert target.connections("not a peer id") == []
         # an existing connection to the relay is enough: no address needed
         again = make_host(relay=False)
         async with running(again):
