@@ -21,6 +21,7 @@ from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from ..errors import LocalError
+from . import upstream
 from .errors import _LIBP2P_IO_ERRORS, NetError, StreamOpenError
 from .sockets import _addr_ip, _is_relayed
 from .streams import one_request
@@ -69,7 +70,7 @@ class NatPart:
         closed about a minute after a direct one is verified (upstream)."""
         if self._started:
             raise LocalError("enable_dcutr() must be called before the host starts")
-        self._dcutr = DCUtRProtocol(self._host, dial_timeout=int(max(1, self._dial_timeout)))
+        self._dcutr = upstream.LeanDCUtR(self._host, dial_timeout=int(max(1, self._dial_timeout)))
 
     def enable_autonat(self, allow_dial: Callable[[str, str], bool] | None = None) -> None:
         """Answer AutoNAT v1 dial-back requests (``/libp2p/autonat/1.0.0``).
