@@ -61,6 +61,7 @@ from .storage.records import RecordStore
 log = logging.getLogger("hydra.node")
 
 RECORDS_TOPIC = "hydra/records/1"
+REPUBLISH_CHECK = 10.0  # seconds between two unprompted looks at the own record
 DHT_NAMESPACE = "hydra"
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
@@ -669,8 +670,16 @@ class Node:
             self._update_gauges()
 
     async def _republish_loop(self) -> None:
+        # woken by ``request_republish`` (the feed monitor, when the feeds to
+        # announce changed) and by a record of ours seen from the overlay; else
+        # at the refresh time, and at least every REPUBLISH_CHECK seconds
         while True:
-            with trio.move_on_after(1.0):
+            wait = REPUBLISH_CHECK
+            own = self.own
+            if own is not None and not own.is_tombstone:
+                refresh_at = own.issued_at + (own.expires_at - own.issued_at) / 2
+                wait = min(wait, max(0.05, refresh_at - self.clock()))
+            with trio.move_on_after(wait):
                 await self._republish.wait()
             self._republish = trio.Event()
             own = self.own
