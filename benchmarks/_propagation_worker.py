@@ -42,7 +42,7 @@ from overlay.net.errors import DialTimeout
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
 from overlay.runtime import Node
-from overlay.testing import join_addr, light_services, make_home
+from overlay.testing import default_services, join_addr, make_home
 
 SHUTDOWN_GRACE = 30.0  # seconds a stopping worker may take before it is ended hard
 COMMANDS = frozenset(
@@ -102,7 +102,7 @@ class Worker:
         self, i: int, home: str, join: list[str], seed: int, target_peers: int, settings: dict
     ):
         h = make_home(Path(home), ("relay",), target_peers=target_peers, **settings)
-        node = Node(h, join=join, rng=random.Random(seed * 1000 + i), services=light_services())
+        node = Node(h, join=join, rng=random.Random(seed * 1000 + i), services=default_services())
 
         async def run(*, task_status=trio.TASK_STATUS_IGNORED):
             async with node:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from overlay.testing import fleet, join_addr, make_home
+from overlay.testing import default_services, fleet, join_addr, make_home
 
 FIRST = 4  # the first nodes, started one by one; the rest join through them at once
 
@@ -48,12 +48,14 @@ async def one_run(n: int, window: float, seed: int, limit: float) -> dict:
             for i in range(min(FIRST, n)):
                 home = make_home(root / f"n{i}", ("relay",), defaults=True)
                 join = [join_addr(first[-1])] if first else []
-                first.append(await f.start(home, join=join))
+                first.append(await f.start(home, join=join, services=default_services()))
             async with trio.open_nursery() as starting:
                 for i in range(len(first), n):
                     home = make_home(root / f"n{i}", ("relay",), defaults=True)
                     join = [join_addr(first[i % len(first)])]
-                    starting.start_soon(lambda h=home, j=join: f.start(h, join=j))
+                    starting.start_soon(
+                        lambda h=home, j=join: f.start(h, join=j, services=default_services())
+                    )
             started = time.monotonic() - t0
             nodes = list(f.nodes)
             converged = None

@@ -32,7 +32,7 @@ from overlay.client import Client
 from overlay.core.mixing import DEFAULT_MIX_DELAY
 from overlay.devtools.demo import SmtpSink
 from overlay.records import Role
-from overlay.testing import fleet, join_addr, wait_until
+from overlay.testing import default_services, fleet, join_addr, wait_until
 
 
 def q(values, p):
@@ -55,11 +55,18 @@ async def main_async(args) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="hydra-failover-") as tmp:
             async with fleet(Path(tmp)) as f:
-                entry = await f.add("entry", ("entry", "relay"), **cfg)
-                relays = [await f.add(f"relay{i}", ("relay",), **cfg) for i in range(args.relays)]
-                exit_node = await f.add("exit0", ("exit", "relay"), **cfg)
+                entry = await f.add("entry", ("entry", "relay"), services=default_services(), **cfg)
+                relays = [
+                    await f.add(f"relay{i}", ("relay",), services=default_services(), **cfg)
+                    for i in range(args.relays)
+                ]
+                exit_node = await f.add(
+                    "exit0", ("exit", "relay"), services=default_services(), **cfg
+                )
                 standbys = [
-                    await f.add(f"standby{i}", ("standby-exit", "relay"), **cfg)
+                    await f.add(
+                        f"standby{i}", ("standby-exit", "relay"), services=default_services(), **cfg
+                    )
                     for i in range(args.standby)
                 ]
                 nodes = [entry, *relays, exit_node, *standbys]
@@ -121,7 +128,12 @@ async def main_async(args) -> dict:
                             file=sys.stderr,
                         )
                         nodes = [n for n in nodes if n is not victim]
-                        fresh = await f.add(f"standby-new{trial}", ("standby-exit", "relay"), **cfg)
+                        fresh = await f.add(
+                            f"standby-new{trial}",
+                            ("standby-exit", "relay"),
+                            services=default_services(),
+                            **cfg,
+                        )
                         nodes.append(fresh)
                         size = len(nodes)
                         await wait_until(

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 from bench_propagation import start_baseline_hosts
 
-from overlay.testing import overlay, wait_until
+from overlay.testing import default_services, overlay, wait_until
 
 TOPIC = "bench/idle"
 
@@ -45,7 +45,7 @@ async def _cpu_over(window: float) -> float:
 
 async def hydra_idle(n: int, settle: float, window: float, settings: dict):
     with tempfile.TemporaryDirectory() as tmp:
-        async with overlay(Path(tmp), n, **settings) as nodes:
+        async with overlay(Path(tmp), n, services_for=default_services, **settings) as nodes:
             await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
             await trio.sleep(settle)
             cpu = await _cpu_over(window)

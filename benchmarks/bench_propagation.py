@@ -38,7 +38,7 @@ from overlay.config import Config
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
-from overlay.testing import overlay, wait_until
+from overlay.testing import default_services, overlay, wait_until
 
 TOPIC = "bench/baseline"
 WORKER = Path(__file__).with_name("_propagation_worker.py")
@@ -98,7 +98,9 @@ async def hydra_trials(
 ):
     rng = random.Random(seed)
     results = []
-    async with overlay(tmp, n, seed=seed, target_peers=target_peers, **settings) as nodes:
+    async with overlay(
+        tmp, n, seed=seed, target_peers=target_peers, services_for=default_services, **settings
+    ) as nodes:
         t = time.monotonic()
         await wait_until(lambda: all(len(x.view) == n for x in nodes), 300, 0.2)
         print(

@@ -49,6 +49,14 @@ def light_services() -> list:
     return [FeedMonitor(relays=0, probe_interval=0, dcutr=False, autonat=False, scan_interval=5.0)]
 
 
+def default_services(*_: object) -> list:
+    """No services given: a ``Node`` then runs every default one (the relay, the
+    full feed monitor with relay reservations, AutoNAT and DCUtR, the console),
+    as a volunteer's node does. The benchmarks use this (``services_for`` of
+    ``overlay``, ``services`` of ``Fleet.start``/``add``)."""
+    return []
+
+
 def join_addr(node: Node) -> str:
     return node.host.listen_addrs()[0]
 
@@ -131,8 +139,11 @@ class Fleet:
         self.nodes.append(node)
         return node
 
-    async def add(self, name: str, roles: Sequence[str] = ("relay",), **settings) -> Node:
-        return await self.start(make_home(self.root / name, roles, **settings))
+    async def add(
+        self, name: str, roles: Sequence[str] = ("relay",), *, services=None, **settings
+    ) -> Node:
+        kw = {} if services is None else {"services": services}
+        return await self.start(make_home(self.root / name, roles, **settings), **kw)
 
     def running(self, node: Node) -> bool:
         return not self._scopes[id(node)][1].is_set()
