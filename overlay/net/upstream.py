@@ -79,6 +79,8 @@ from libp2p.transport.quic.transport import QUICTransport
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.transport.websocket.transport import WebsocketTransport
 
+from .sockets import _is_relayed
+
 logger = logging.getLogger(__name__)
 
 # WORKAROUND (happy eyeballs): Swarm.dial_peer (used by libp2p's own dials:
@@ -560,7 +562,7 @@ class LeanDCUtR(DCUtRProtocol):
                     if self._hole_punch_attempts.get(peer_id, 0) >= _DCUTR_MAX_ATTEMPTS:
                         continue
                     if not any(
-                        _relayed(c) for c in (conns if isinstance(conns, list) else [conns])
+                        _is_relayed(c) for c in (conns if isinstance(conns, list) else [conns])
                     ):
                         continue
                     await self.initiate_hole_punch(peer_id)
@@ -568,16 +570,6 @@ class LeanDCUtR(DCUtRProtocol):
                 raise
             except Exception as e:  # noqa: BLE001 - as upstream: try again next round
                 logger.debug("DCUtR auto-drive: %r", e)
-
-
-def _relayed(conn: Any) -> bool:
-    with contextlib.suppress(Exception):
-        kind = conn.get_connection_type()
-        if kind in (ConnectionType.RELAYED, ConnectionType.DIRECT):
-            return kind == ConnectionType.RELAYED
-    with contextlib.suppress(Exception):
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
-    return False
 
 
 def servers_only_routing_table(dht: KadDHT, host: Any) -> None:

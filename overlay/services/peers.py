@@ -232,7 +232,8 @@ class PeerManager:
         keep = {
             p for p in self._transient if (r := snap.get(p)) is not None and r.roles & EXIT_ROLES
         }
-        keep |= {p for p in self._transient if p.peer_id() in " ".join(node.current_feeds())}
+        relays = host.reservations()  # the relays our relay feeds go through
+        keep |= {p for p in self._transient if p.peer_id() in relays}
 
         def busy(peer: NodeId) -> bool:
             return any(
