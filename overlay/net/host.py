@@ -568,15 +568,11 @@ class Libp2pHost(
     def stream_protocols(self, peer_id: str) -> list[str]:
         """Protocols of the streams open on our connections to ``peer_id`` (what
         uses them now; empty when not connected)."""
-        try:
-            pid = ID.from_base58(peer_id)
-        except ValueError:
-            return []
-        out = []
-        for conn in list(self._swarm.connections.get(pid, [])):
-            for stream in conn.get_streams():
-                out.append(str(stream.get_protocol() or ""))
-        return out
+        return [
+            str(stream.get_protocol() or "")
+            for conn in self._conns_to(peer_id)
+            for stream in conn.get_streams()
+        ]
 
     # ---- connection events -----------------------------------------------------
 

@@ -175,11 +175,7 @@ class ConnectionsPart:
         """Every live connection (or only those to ``peer_id``) with its transport,
         local socket address and traffic."""
         if peer_id is not None:
-            try:
-                pid = ID.from_base58(peer_id)
-            except ValueError:
-                return []
-            return [self._conn_info(peer_id, c) for c in list(self._swarm.connections.get(pid, []))]
+            return [self._conn_info(peer_id, c) for c in self._conns_to(peer_id)]
         out: list[ConnInfo] = []
         for pid, conns in list(self._swarm.connections.items()):
             for conn in list(conns):
@@ -188,11 +184,15 @@ class ConnectionsPart:
 
     def connection_keys(self, peer_id: str) -> set[int]:
         """The keys (``ConnInfo.key``) of our live connections to ``peer_id``."""
+        return {id(c) for c in self._conns_to(peer_id)}
+
+    def _conns_to(self, peer_id: str) -> list[Any]:
+        """The swarm's live connections to ``peer_id`` (none for an invalid id)."""
         try:
             pid = ID.from_base58(peer_id)
         except ValueError:
-            return set()
-        return {id(c) for c in list(self._swarm.connections.get(pid, []))}
+            return []
+        return list(self._swarm.connections.get(pid, []))
 
     def connection_addrs(self, peer_id: str) -> list[str]:
         """Remote multiaddrs of our connections to ``peer_id`` (circuit addresses for relayed ones)."""
