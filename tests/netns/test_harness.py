@@ -191,6 +191,8 @@ def test_parallel_labs_do_not_collide(make_lab):
 
 
 def test_netns_available_reasons(monkeypatch):
+    # the probes below store their (false) verdicts: put the real one back after
+    monkeypatch.setattr(netns_ip, "_avail_cache", netns_ip._avail_cache)
     monkeypatch.setenv("HYDRA_NETNS_DISABLE", "1")
     assert netns_available() == (False, "disabled by HYDRA_NETNS_DISABLE")
     monkeypatch.delenv("HYDRA_NETNS_DISABLE")
