@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -637,6 +637,12 @@ class Node:
         self.peers[rec.node_id] = PeerInfo(rec.node_id, self.clock(), feed)
         self.confirm(rec.node_id)
         return True
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the background until it returns or the node stops."""
+        if self._nursery is None:
+            raise LocalError("the node is not running")
+        self._nursery.start_soon(fn, *args)
 
     def permitted_feeds(self, rec: ValidRecord, feeds: Sequence[str]) -> list[str]:
         """The feeds of ``rec`` the dial budget lets us dial now (``dial_record`` asks):

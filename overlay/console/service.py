@@ -147,7 +147,7 @@ class ConsoleService:
     def _step(self, now: float) -> None:
         node = self.node
         peers = set(node.peers)
-        if node.ready.is_set():
+        if node.ready.is_set() and peers != self._peers:
             snap = node.view.snapshot(now)
             for nid in peers - self._peers:
                 rec = snap.get(nid)

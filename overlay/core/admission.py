@@ -321,6 +321,11 @@ class Admission:
 # ---------------------------------------------------------------------- dialling
 
 
+def is_circuit(feed: str) -> bool:
+    """A relay feed (circuit relay v2): ``<relay addr>/p2p/<relay>/p2p-circuit``."""
+    return "/p2p-circuit" in feed
+
+
 def addr_key(feed: str) -> str:
     """The network endpoint a feed multiaddr dials: ``host:port/transport`` for a
     direct feed, the relay's address for a circuit feed (the part before
@@ -372,26 +377,37 @@ class DialBudget:
         A verified target may be dialled through any feed whose address did not
         fail within ``failed_interval``; an unverified one only through feeds
         whose address was not dialled at all within ``addr_interval``, and only
-        if the bucket of new unverified targets has a token (taken here). The
-        feeds returned count as dialled from now on (``STARTED``).
+        if the bucket of new unverified targets has a token (taken here). An
+        unverified target whose direct address was dialled within
+        ``addr_interval`` without failing (a dial on its way, or just done) gets
+        no relay feeds either: a circuit is not a second way to the same dial.
+        The direct feeds returned count as dialled from now on (``STARTED``);
+        relay feeds, which are tried only after the direct ones failed, when
+        they are dialled (their address is the relay's, whose own direct dials
+        they must not hold back).
         """
         lim = self.limits
         ok = []
+        direct_pending = False
         for f in feeds:
             last = self._addrs.get(addr_key(f))
             if last is not None:
                 at, outcome = last
                 if not verified and now - at < lim.addr_interval:
+                    direct_pending |= outcome != FAILED and not is_circuit(f)
                     continue
                 if outcome == FAILED and now - at < lim.failed_interval:
                     continue
             ok.append(f)
+        if direct_pending:
+            ok = [f for f in ok if not is_circuit(f)]
         if ok and not verified and not self._bucket.take(now):
             ok = []
         if not ok:
             self.denied += 1
         for f in ok:  # reserved now: concurrent dials of the same address see it
-            self.dialled(f, STARTED, now)
+            if not is_circuit(f):
+                self.dialled(f, STARTED, now)
         return ok
 
     def dialled(self, feed: str, outcome: str, now: float) -> None:

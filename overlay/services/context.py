@@ -9,7 +9,7 @@ and never write onto it; ``overlay.runtime.Node`` provides every member.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -74,6 +74,8 @@ class NodeContext(Protocol):
     async def lookup(self, node_id: NodeId) -> ValidRecord | None: ...
 
     async def connect_record(self, rec: ValidRecord) -> bool: ...
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
 
     def connected(self) -> list[NodeId]: ...
 

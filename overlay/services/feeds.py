@@ -5,9 +5,11 @@ its listen addresses on every interface and transport, and relay feeds
 through other peers. ``FeedMonitor`` is a node service (``Node(services=
 [FeedMonitor()])``) that keeps them honest:
 
-- every ``scan_interval`` (1 s) it reads the machine's addresses and link
-  states (``getifaddrs`` and the interface flags, through psutil; a bind test
-  where they cannot be read), marks feeds
+- when the kernel announces an address or link change (rtnetlink, at most
+  one reading per ``scan_interval``, 1 s), and every ``CONN_EVERY`` (5 s)
+  anyway, it reads the machine's addresses and link states (``getifaddrs``
+  and the interface flags, through psutil; a bind test where they cannot be
+  read; without rtnetlink every ``scan_interval``), marks feeds
   whose address vanished or whose interface went down (or lost carrier) as
   DOWN, closes the connections that used them (so traffic moves to the other
   feeds at once instead of after TCP timeouts), and asks the node to
@@ -28,11 +30,13 @@ On attach it turns on the host's relay service (hop if the node has role
 server.
 
 ``dial_record`` is the dialing policy ``Node.connect_record`` uses: a
-member's feeds in turn — the one that worked last time first, then TCP,
-QUIC, WebSocket, relay feeds last — starting the next attempt in parallel
-after ``DIAL_STAGGER`` (300 ms) or as soon as the previous one fails
-(happy eyeballs); the first connection wins, the rest are cancelled, and the
-winning feed is remembered.
+member's direct feeds in turn — the one that worked last time first, then
+TCP, QUIC, WebSocket — starting the next attempt in parallel after
+``DIAL_STAGGER`` (300 ms) or as soon as the previous one fails (happy
+eyeballs); its relay feeds only once every direct attempt has failed, in the
+same way (first, when one worked last time or every direct feed failed
+recently). The first connection wins, the rest are cancelled, and the winning
+feed is remembered.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -69,6 +74,7 @@ from ..core.feedhealth import (
 from ..core.peering import feed_network
 from ..crypto import NodeId
 from ..errors import LocalError, OverlayError
+from ..net.netwatch import AddressEvents
 from ..records import Role, ValidRecord
 
 if TYPE_CHECKING:
@@ -195,6 +201,16 @@ class DialMemory:
 _memories: weakref.WeakKeyDictionary[Any, DialMemory] = weakref.WeakKeyDictionary()
 
 
+@dataclass(eq=False, slots=True)
+class _Dial:
+    done: trio.Event = field(default_factory=trio.Event)
+    winner: str | None = None
+
+
+# per node: the member each dial_record in flight is dialling
+_inflight: weakref.WeakKeyDictionary[Any, dict[str, _Dial]] = weakref.WeakKeyDictionary()
+
+
 def _memory_for(node: NodeContext) -> DialMemory:
     monitor = _monitor_of(node)
     if monitor is not None:
@@ -221,6 +237,9 @@ async def dial_record(
     failure is remembered for ``DialMemory.fail_memory`` seconds and moves
     that feed to the back next time. Only the feeds the node's dial budget
     permits (``NodeContext.permitted_feeds``) are dialled; ``None`` if there are none.
+    A member already being dialled is not dialled twice: the second caller gets
+    the first one's outcome. The dial runs in the node's nursery, so a caller
+    that is cancelled leaves it to finish (each attempt ends at the dial timeout).
     """
     host = node.host
     peer = rec.node_id.peer_id()
@@ -232,6 +251,48 @@ async def dial_record(
         return None
     if peer in host.connected_peers():
         return memory.good(peer) or order[0]
+    # One dial per member at a time, run by the node rather than by the caller: a
+    # caller that gives up (its own deadline) does not cut a handshake short that
+    # both ends have paid for, and the next caller waits for that dial's outcome
+    # instead of starting another (the budget would hold the direct feeds back as
+    # just dialled and leave it the relay feeds). Each attempt ends at the host's
+    # dial timeout, so a dial left alone still ends.
+    inflight = _inflight.setdefault(node, {})
+    dial = inflight.get(peer)
+    if dial is None:
+        dial = inflight[peer] = _Dial()
+        node.spawn(_run_dial, node, rec, peer, order, memory, stagger, dial, inflight)
+    await dial.done.wait()
+    return dial.winner
+
+
+async def _run_dial(
+    node: NodeContext,
+    rec: ValidRecord,
+    peer: str,
+    order: list[str],
+    memory: DialMemory,
+    stagger: float,
+    dial: _Dial,
+    inflight: dict[str, _Dial],
+) -> None:
+    try:
+        dial.winner = await _dial_feeds(node, rec, peer, order, memory, stagger)
+    finally:
+        if inflight.get(peer) is dial:
+            del inflight[peer]
+        dial.done.set()
+
+
+async def _dial_feeds(
+    node: NodeContext,
+    rec: ValidRecord,
+    peer: str,
+    order: list[str],
+    memory: DialMemory,
+    stagger: float,
+) -> str | None:
+    host = node.host
     # the node's dial budget decides which claimed addresses may be dialled now
     order = node.permitted_feeds(rec, order)
     if not order:
@@ -259,14 +320,31 @@ async def dial_record(
             memory.succeeded(peer, feed)
             nursery.cancel_scope.cancel()
 
+    # Direct feeds in parallel after a stagger (a silent address costs 300 ms);
+    # relay feeds only once every direct attempt has failed: a circuit costs three
+    # nodes a handshake, and on a busy machine a direct dial that is merely slow
+    # would otherwise start one too. When a relay feed comes first (it worked last
+    # time, or every direct feed failed recently) the order is kept as it is.
+    if is_relay_feed(order[0]):
+        groups = [order]
+    else:
+        groups = [
+            [f for f in order if not is_relay_feed(f)],
+            [f for f in order if is_relay_feed(f)],
+        ]
     async with trio.open_nursery() as nursery:
-        for feed in order:
-            failed = trio.Event()
-            nursery.start_soon(attempt, feed, failed, nursery)
-            with trio.move_on_after(stagger):
-                await failed.wait()
-            if winner is not None:
-                break
+        for group in groups:
+            pending: list[trio.Event] = []
+            for feed in group:
+                failed = trio.Event()
+                pending.append(failed)
+                nursery.start_soon(attempt, feed, failed, nursery)
+                with trio.move_on_after(stagger):
+                    await failed.wait()
+                if winner is not None:
+                    break
+            for failed in pending:
+                await failed.wait()  # a win cancels this scope: no wait then
     return winner
 
 
@@ -374,26 +452,27 @@ class FeedMonitor:
 
     # ---- scanning
 
-    async def _local(self, listen: Sequence[str]) -> dict[str, bool]:
+    async def _local(self, listen: Sequence[str], *, fresh: bool = False) -> dict[str, bool]:
         if self._local_addrs is not None:
             got = self._local_addrs()
         else:
-            got = await trio.to_thread.run_sync(local_addresses)
+            got = await trio.to_thread.run_sync(local_addresses, 0.0 if fresh else 0.5)
         if got is not None:
             return dict(got)
         ips = [ip for ip in (feed_ip(a) for a in listen) if ip and ip not in ("0.0.0.0", "::")]
         return await trio.to_thread.run_sync(_bind_test, [*ips, "127.0.0.1"])
 
-    async def scan(self, *, connections: bool = True) -> None:
+    async def scan(self, *, connections: bool = True, fresh: bool = False) -> None:
         """One health pass: local addresses, reservations, announcement, and (unless
-        not ``connections``) the attribution of live connections to feeds."""
+        not ``connections``) the attribution of live connections to feeds.
+        ``fresh``: read the addresses now, not from the per-process cache."""
         node = self.node
         if node is None or node.host is None:
             return
         async with self._scan_lock:
             host = node.host
             listen = [a.split("/p2p/")[0] for a in host.listen_addrs()]
-            local = await self._local(listen)
+            local = await self._local(listen, fresh=fresh)
             now = node.clock()
             self.table.update_local(listen, local, now, announce=node.config.announce)
             self.table.update_relays(self._relay_feeds(now), now)
@@ -438,19 +517,35 @@ class FeedMonitor:
         self.table.forget_absent(600.0, now)
 
     async def _scan_loop(self) -> None:
-        # addresses and links every scan_interval (a lost feed is acted on at once);
-        # the per-connection attribution, for status and metrics, every CONN_EVERY
-        next_conns = 0.0
-        while True:
-            await trio.sleep(self.scan_interval)
-            now = trio.current_time()
-            conns = now >= next_conns
-            if conns:
-                next_conns = now + CONN_EVERY
-            try:
-                await self.scan(connections=conns)
-            except Exception:  # noqa: BLE001 - a monitoring bug must not stop the node
-                log.exception("feed scan failed")
+        # Addresses and links: at once when the kernel announces a change (rtnetlink),
+        # at most every scan_interval; every CONN_EVERY otherwise, with the
+        # per-connection attribution (status and metrics). Without rtnetlink (or
+        # with a test's local_addrs) addresses are polled every scan_interval.
+        events = AddressEvents.open() if self._local_addrs is None else None
+        next_conns = trio.current_time() + CONN_EVERY
+        try:
+            while True:
+                if events is None:
+                    await trio.sleep(self.scan_interval)
+                    changed = False
+                else:
+                    changed = await events.wait(max(next_conns - trio.current_time(), 0.0))
+                now = trio.current_time()
+                conns = now >= next_conns
+                if conns:
+                    next_conns = now + CONN_EVERY
+                try:
+                    await self.scan(connections=conns, fresh=changed)
+                except Exception:  # noqa: BLE001 - a monitoring bug must not stop the node
+                    log.exception("feed scan failed")
+                if changed:
+                    self._metric("address_events", lambda m: m.inc())
+                    # a burst of announcements (an interface going down takes
+                    # several) costs one scan per scan_interval
+                    await trio.sleep(self.scan_interval)
+        finally:
+            if events is not None:
+                events.close()
 
     # ---- relay reservations
 
@@ -700,6 +795,11 @@ class FeedMonitor:
                 ),
                 "changes": Counter(
                     "hydra_feed_state_changes", "Feed state changes", ["to"], registry=registry
+                ),
+                "address_events": Counter(
+                    "hydra_address_changes",
+                    "Address or link changes the kernel announced (each one re-reads the addresses)",
+                    registry=registry,
                 ),
                 "held": Gauge(
                     "hydra_circuit_reservations_held",

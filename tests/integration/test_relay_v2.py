@@ -36,8 +36,9 @@ from overlay.net.host import (
 )
 from overlay.net.sockets import _conn_socket
 from overlay.records import Role
+from overlay.runtime import Node
 from overlay.services.feeds import FeedMonitor, dial_record
-from overlay.testing import overlay, wait_until
+from overlay.testing import light_services, make_home, overlay, wait_until
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 ECHO = "/hydra-test/echo/1.0.0"
@@ -451,3 +452,85 @@ async def test_monitor_status_rows_without_reservations(tmp_path):
         assert set(row) >= {"addr", "network", "state", "last_ok", "bytes_in", "bytes_out"}
         assert Role.RELAY in n.roles and n.host.relay_hop
         assert b"hydra_feeds" in n.metrics.render()
+
+
+@pytest.mark.slow
+async def test_dial_record_tries_a_relay_feed_only_after_every_direct_feed_failed(tmp_path):
+    """A circuit costs three nodes a handshake: a slow direct feed (here a silent
+    one, which fails only at the dial timeout) must not start one in parallel."""
+
+    def services(i, home):
+        return [FeedMonitor(probe_interval=0)]
+
+    roles = [["relay"], ["relay"], ["entry"]]
+    async with overlay(tmp_path, 3, roles=roles, services_for=services) as nodes:
+        target = nodes[2]
+        await wait_until(lambda: len(relay_feeds(target)) == 2, 30)
+        via = relay_feeds(target)[0]
+        silent = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        held: list[trio.SocketStream] = []
+
+        async def accept_and_stay_silent() -> None:
+            while True:
+                held.append(await silent[0].accept())
+
+        dead = f"/ip4/127.0.0.1/tcp/{silent[0].socket.getsockname()[1]}"
+        record = SimpleNamespace(node_id=target.node_id, feeds=(dead, via))
+        # a node of its own (alone: it dials nobody by itself)
+        home = make_home(tmp_path / "dialer", ("entry",))
+        async with Node(home, services=light_services()) as dialer:
+            seen: list[tuple[str, str]] = []
+            report = dialer.dial_outcome
+
+            def note(feed: str, outcome: str) -> None:
+                seen.append(("relay" if feed == via else "direct", outcome))
+                report(feed, outcome)
+
+            dialer.dial_outcome = note
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_and_stay_silent)
+                with trio.fail_after(60):
+                    assert await dial_record(dialer, record) == via
+                nursery.cancel_scope.cancel()
+        assert held, "the direct feed was dialled"
+        assert seen == [
+            ("direct", "started"),
+            ("direct", "failed"),
+            ("relay", "started"),
+            ("relay", "ok"),
+        ]
+        for s in held:
+            await s.aclose()
+        await silent[0].aclose()
+
+
+async def test_dial_record_runs_one_dial_per_member_and_finishes_it_for_late_callers(tmp_path):
+    """A caller that gives up does not cut the dial short, and callers that come
+    while it runs wait for it instead of dialling again."""
+    async with overlay(tmp_path, 1) as (target,):
+        rec = target.own
+        async with Node(
+            make_home(tmp_path / "dialer", ("entry",)), services=light_services()
+        ) as dialer:
+            seen: list[tuple[str, str]] = []
+            report = dialer.dial_outcome
+
+            def note(feed: str, outcome: str) -> None:
+                seen.append((feed, outcome))
+                report(feed, outcome)
+
+            dialer.dial_outcome = note
+            with trio.move_on_after(0):  # gives up at once
+                await dial_record(dialer, rec)
+            results: list[str | None] = []
+
+            async def call() -> None:
+                results.append(await dial_record(dialer, rec))
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    n.start_soon(call)
+                    n.start_soon(call)
+            assert results == [rec.feeds[0], rec.feeds[0]]
+            assert seen == [(rec.feeds[0], "started"), (rec.feeds[0], "ok")]
+            assert target.node_id.peer_id() in dialer.host.connected_peers()

@@ -248,6 +248,32 @@ def test_dial_budget_rate_and_address_interval():
     assert b.permit(v, True, t + 74) == v
 
 
+def test_dial_budget_relay_feeds_are_no_second_way_to_a_direct_dial():
+    b = DialBudget(DialLimits(rate=100.0, burst=100.0, addr_interval=60.0, failed_interval=10.0))
+    relay_addr = "/ip4/127.0.0.3/tcp/4001"
+    direct = "/ip4/127.0.0.2/tcp/5000"
+    circuit = f"{relay_addr}/p2p/12D3KooRelay/p2p-circuit"
+    t = 1000.0
+    assert b.permit([direct, circuit], False, t) == [direct, circuit]
+    # only the direct feed counts as dialled: the relay member's own address is
+    # still free to dial (a circuit over a connection to it dials nothing)
+    assert b.permit([relay_addr], False, t) == [relay_addr]
+    # the direct dial is on its way: a second caller gets no circuit instead
+    assert b.permit([direct, circuit], False, t + 1) == []
+    b.dialled(direct, OK, t + 2)
+    assert b.permit([direct, circuit], False, t + 3) == []
+    # a direct feed that failed: the relay feed is the way (its address is the
+    # relay's, dialled above, so an unverified target waits for the interval)
+    b.dialled(direct, FAILED, t + 4)
+    assert b.permit([direct, circuit], False, t + 5) == []
+    assert b.permit([direct, circuit], False, t + 61) == [circuit]
+    # a circuit attempt is counted when it is made
+    b.dialled(circuit, STARTED, t + 61)
+    assert b.permit([relay_addr], False, t + 62) == []
+    # verified targets: only failures hold a feed back
+    assert b.permit([direct, circuit], True, t + 62) == [direct, circuit]
+
+
 def test_dial_budget_over_a_long_flood():
     b = DialBudget(DialLimits(rate=1.0, burst=8.0, addr_interval=60.0))
     dials = 0
