@@ -62,6 +62,7 @@ log = logging.getLogger("hydra.node")
 
 RECORDS_TOPIC = "hydra/records/1"
 REPUBLISH_CHECK = 10.0  # seconds between two unprompted looks at the own record
+ANNOUNCE_SETTLE = 5.0  # seconds a join's announcement waits for the relay feeds to come
 DHT_NAMESPACE = "hydra"
 # The DHT copy of a new record is stored after a short random delay, so that its
 # lookups (dozens of streams across the overlay) do not compete with the record's
@@ -173,6 +174,7 @@ class Node:
         self.started_at = 0.0
         self._publish_bucket = TokenBucket(rate=1.0, burst=3.0)
         self._republish = trio.Event()
+        self._announce_at: float | None = None  # a deferred announcement (``announce_own``)
         self._own_seen = -1  # highest seq of a record of ours seen from the overlay
         self._record_events: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None
@@ -489,6 +491,14 @@ class Node:
         own = self.own
         if own is None or own.is_tombstone or (self.view.seq_of(self.node_id) or 0) > own.seq:
             return await self.publish_own(why)
+        if any(getattr(svc, "feeds_settling", lambda: False)() for svc in self.services):
+            # our relay feeds are on their way: the record that has them is the one
+            # to announce (one record per join for the overlay to carry, not two);
+            # the republish loop gossips it, or this one after ANNOUNCE_SETTLE
+            self._announce_at = self.clock() + ANNOUNCE_SETTLE
+            self.request_republish()
+            log.info("record seq=%d announced once the relay feeds come (%s)", own.seq, why)
+            return own
         log.info("announced record seq=%d (%s)", own.seq, why)
         await self._push(own)
         return own
@@ -504,6 +514,7 @@ class Node:
     async def _push(self, rec: ValidRecord, *, gossip: bool = True) -> None:
         raw = rec.encode()
         if gossip:
+            self._announce_at = None
             try:
                 await self.host.publish(RECORDS_TOPIC, raw)
                 self.metrics.gossip_messages.labels("out").inc()
@@ -685,6 +696,8 @@ class Node:
             if own is not None and not own.is_tombstone:
                 refresh_at = own.issued_at + (own.expires_at - own.issued_at) / 2
                 wait = min(wait, max(0.05, refresh_at - self.clock()))
+            if self._announce_at is not None:
+                wait = min(wait, max(0.05, self._announce_at - self.clock()))
             with trio.move_on_after(wait):
                 await self._republish.wait()
             self._republish = trio.Event()
@@ -703,6 +716,9 @@ class Node:
                 await self.publish_own("refresh before expiry")
             elif sorted(self.current_feeds()) != sorted(own.feeds):
                 await self.publish_own("feeds changed")
+            elif self._announce_at is not None and now >= self._announce_at:
+                log.info("announced record seq=%d (joined; no relay feeds came)", own.seq)
+                await self._push(own)
 
     def request_republish(self) -> None:
         self._republish.set()

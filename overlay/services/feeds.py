@@ -446,6 +446,18 @@ class FeedMonitor:
     def announced_feeds(self) -> list[str]:
         return self.table.announced()
 
+    def feeds_settling(self) -> bool:
+        """Relay feeds are still to come: fewer are announced than ``relays`` while
+        the view holds a relay member to reserve on (a node that just joined)."""
+        node = self.node
+        if node is None or self.relays <= 0:
+            return False
+        held = sum(1 for f in self.table.announced() if is_relay_feed(f))
+        if held >= self.relays:
+            return False
+        snap = node.view.snapshot(node.clock())
+        return any(r.node_id != node.node_id for r in snap.with_role(Role.RELAY))
+
     def feed_status(self) -> list[dict]:
         node = self.node
         return self.table.status(node.clock() if node else time.time())

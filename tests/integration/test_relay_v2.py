@@ -534,3 +534,23 @@ async def test_dial_record_runs_one_dial_per_member_and_finishes_it_for_late_cal
             assert results == [rec.feeds[0], rec.feeds[0]]
             assert seen == [(rec.feeds[0], "started"), (rec.feeds[0], "ok")]
             assert target.node_id.peer_id() in dialer.host.connected_peers()
+
+
+async def test_a_joining_node_announces_one_record_with_its_relay_feeds(tmp_path):
+    """The record a node starts with has no relay feeds; they come seconds after its
+    join. The join's announcement waits for them, so the overlay carries one
+    record of the newcomer instead of two."""
+
+    def services(i, home):
+        return [FeedMonitor(probe_interval=0)]
+
+    roles = [["relay"], ["relay"], ["relay"]]
+    async with overlay(tmp_path, 3, roles=roles, services_for=services) as nodes:
+        new = nodes[2]
+        await wait_until(lambda: len(relay_feeds(new)) == 2, 30)
+        want = set(relay_feeds(new))
+        await wait_until(lambda: all(relay_feeds_of(n, new) == want for n in nodes[:2]), 20)
+        await trio.sleep(1)
+        gossiped = new.metrics.gossip_messages.labels("out")._value.get()
+        assert gossiped == 1, f"{gossiped} records of the newcomer gossiped"
+        assert new.own.seq == 2  # the start record, then the one with relay feeds
