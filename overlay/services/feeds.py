@@ -229,7 +229,12 @@ def _monitor_of(node: NodeContext) -> FeedMonitor | None:
 
 
 async def dial_record(
-    node: NodeContext, rec: ValidRecord, *, stagger: float = DIAL_STAGGER, direct_only: bool = False
+    node: NodeContext,
+    rec: ValidRecord,
+    *,
+    stagger: float = DIAL_STAGGER,
+    direct_only: bool = False,
+    join: bool = True,
 ) -> str | None:
     """Connect to a member through its feeds (happy eyeballs); return the feed that worked.
 
@@ -238,8 +243,9 @@ async def dial_record(
     that feed to the back next time. Only the feeds the node's dial budget
     permits (``NodeContext.permitted_feeds``) are dialled; ``None`` if there are none.
     A member already being dialled is not dialled twice: the second caller gets
-    the first one's outcome. The dial runs in the node's nursery, so a caller
-    that is cancelled leaves it to finish (each attempt ends at the dial timeout).
+    the first one's outcome (without ``join``, None at once). The dial runs in
+    the node's nursery, so a caller that is cancelled leaves it to finish (each
+    attempt ends at the dial timeout).
     """
     host = node.host
     peer = rec.node_id.peer_id()
@@ -259,6 +265,8 @@ async def dial_record(
     # dial timeout, so a dial left alone still ends.
     inflight = _inflight.setdefault(node, {})
     dial = inflight.get(peer)
+    if dial is not None and not join:
+        return None
     if dial is None:
         dial = inflight[peer] = _Dial()
         node.spawn(_run_dial, node, rec, peer, order, memory, stagger, dial, inflight)
@@ -278,6 +286,8 @@ async def _run_dial(
 ) -> None:
     try:
         dial.winner = await _dial_feeds(node, rec, peer, order, memory, stagger)
+    except Exception:  # noqa: BLE001 - a dial must not stop the node
+        log.exception("dialling %s failed", rec.node_id.short())
     finally:
         if inflight.get(peer) is dial:
             del inflight[peer]
@@ -359,7 +369,9 @@ async def _dial_relay_feed(node: NodeContext, feed: str, peer: str, stagger: flo
         with contextlib.suppress(ValueError):
             relay_rec = node.view.get(NodeId.from_peer_id(relay))
             if relay_rec is not None and not relay_rec.is_tombstone:
-                await dial_record(node, relay_rec, stagger=stagger, direct_only=True)
+                # not waiting for a dial of the relay already on its way: that
+                # one may be waiting for this one (each through the other)
+                await dial_record(node, relay_rec, stagger=stagger, direct_only=True, join=False)
     await host.connect(f"{feed}/p2p/{peer}")
 
 
