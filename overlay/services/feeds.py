@@ -42,6 +42,7 @@ feed is remembered.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -49,7 +50,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -269,25 +270,19 @@ async def dial_record(
         return None
     if dial is None:
         dial = inflight[peer] = _Dial()
-        node.spawn(_run_dial, node, rec, peer, order, memory, stagger, dial, inflight)
+        run = functools.partial(_dial_feeds, node, rec, peer, order, memory, stagger)
+        node.spawn(_run_dial, run, dial, inflight, peer)
     await dial.done.wait()
     return dial.winner
 
 
 async def _run_dial(
-    node: NodeContext,
-    rec: ValidRecord,
-    peer: str,
-    order: list[str],
-    memory: DialMemory,
-    stagger: float,
-    dial: _Dial,
-    inflight: dict[str, _Dial],
+    run: Callable[[], Awaitable[str | None]], dial: _Dial, inflight: dict[str, _Dial], peer: str
 ) -> None:
     try:
-        dial.winner = await _dial_feeds(node, rec, peer, order, memory, stagger)
+        dial.winner = await run()
     except Exception:  # noqa: BLE001 - a dial must not stop the node
-        log.exception("dialling %s failed", rec.node_id.short())
+        log.exception("dialling %s failed", peer[-8:])
     finally:
         if inflight.get(peer) is dial:
             del inflight[peer]

@@ -404,6 +404,33 @@ def relay_feeds_of(viewer, node) -> set[str]:
     return {f for f in rec.feeds if "/p2p-circuit" in f} if rec else set()
 
 
+def monitor_services(i, home):
+    """The feed monitor with relay reservations (no AutoNAT probes)."""
+    return [FeedMonitor(probe_interval=0)]
+
+
+@contextlib.asynccontextmanager
+async def silent_listener():
+    """A TCP listener that accepts and never answers, so a dial to it ends only at
+    the dial timeout: yields its address and the list of streams it accepted."""
+    (silent,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_stay_silent() -> None:
+        while True:
+            held.append(await silent.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_and_stay_silent)
+        try:
+            yield f"/ip4/127.0.0.1/tcp/{silent.socket.getsockname()[1]}", held
+        finally:
+            nursery.cancel_scope.cancel()
+    for stream in held:
+        await stream.aclose()
+    await silent.aclose()
+
+
 @pytest.mark.slow
 async def test_dial_record_skips_dead_feed_and_remembers_the_working_one(tmp_path):
     async with overlay(tmp_path, 2, services_for=lambda i, h: [FeedMonitor(relays=0)]) as (a, b):
@@ -415,30 +442,17 @@ async def test_dial_record_skips_dead_feed_and_remembers_the_working_one(tmp_pat
         # live feed wins while the dead one is still pending (so it is never
         # recorded as failed), which a dialer trying one feed after the other
         # could not do.
-        silent = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        held: list[trio.SocketStream] = []
-
-        async def accept_and_stay_silent() -> None:
-            while True:
-                held.append(await silent[0].accept())
-
-        dead = f"/ip4/127.0.0.1/tcp/{silent[0].socket.getsockname()[1]}"
-        feeds = [dead, live]
-        record = SimpleNamespace(node_id=b.node_id, feeds=tuple(feeds))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_and_stay_silent)
+        async with silent_listener() as (dead, held):
+            feeds = [dead, live]
+            record = SimpleNamespace(node_id=b.node_id, feeds=tuple(feeds))
             with trio.fail_after(60):
                 assert await dial_record(a, record) == live
-            nursery.cancel_scope.cancel()
-        assert held, "the dead feed was dialled first"
+            assert held, "the dead feed was dialled first"
         monitor = a.services[[isinstance(s, FeedMonitor) for s in a.services].index(True)]
         peer = b.node_id.peer_id()
         assert not monitor.memory.recently_failed(peer, dead, time.monotonic())
         assert monitor.memory.good(peer) == live
         assert monitor.memory.order(peer, feeds, time.monotonic())[0] == live
-        for s in held:
-            await s.aclose()
-        await silent[0].aclose()
 
 
 async def test_monitor_status_rows_without_reservations(tmp_path):
@@ -459,26 +473,18 @@ async def test_dial_record_tries_a_relay_feed_only_after_every_direct_feed_faile
     """A circuit costs three nodes a handshake: a slow direct feed (here a silent
     one, which fails only at the dial timeout) must not start one in parallel."""
 
-    def services(i, home):
-        return [FeedMonitor(probe_interval=0)]
-
     roles = [["relay"], ["relay"], ["entry"]]
-    async with overlay(tmp_path, 3, roles=roles, services_for=services) as nodes:
+    async with overlay(tmp_path, 3, roles=roles, services_for=monitor_services) as nodes:
         target = nodes[2]
         await wait_until(lambda: len(relay_feeds(target)) == 2, 30)
         via = relay_feeds(target)[0]
-        silent = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        held: list[trio.SocketStream] = []
-
-        async def accept_and_stay_silent() -> None:
-            while True:
-                held.append(await silent[0].accept())
-
-        dead = f"/ip4/127.0.0.1/tcp/{silent[0].socket.getsockname()[1]}"
-        record = SimpleNamespace(node_id=target.node_id, feeds=(dead, via))
         # a node of its own (alone: it dials nobody by itself)
         home = make_home(tmp_path / "dialer", ("entry",))
-        async with Node(home, services=light_services()) as dialer:
+        async with (
+            silent_listener() as (dead, held),
+            Node(home, services=light_services()) as dialer,
+        ):
+            record = SimpleNamespace(node_id=target.node_id, feeds=(dead, via))
             seen: list[tuple[str, str]] = []
             report = dialer.dial_outcome
 
@@ -487,21 +493,15 @@ async def test_dial_record_tries_a_relay_feed_only_after_every_direct_feed_faile
                 report(feed, outcome)
 
             dialer.dial_outcome = note
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(accept_and_stay_silent)
-                with trio.fail_after(60):
-                    assert await dial_record(dialer, record) == via
-                nursery.cancel_scope.cancel()
-        assert held, "the direct feed was dialled"
+            with trio.fail_after(60):
+                assert await dial_record(dialer, record) == via
+            assert held, "the direct feed was dialled"
         assert seen == [
             ("direct", "started"),
             ("direct", "failed"),
             ("relay", "started"),
             ("relay", "ok"),
         ]
-        for s in held:
-            await s.aclose()
-        await silent[0].aclose()
 
 
 async def test_dial_record_runs_one_dial_per_member_and_finishes_it_for_late_callers(tmp_path):
@@ -541,11 +541,8 @@ async def test_a_joining_node_announces_one_record_with_its_relay_feeds(tmp_path
     join. The join's announcement waits for them, so the overlay carries one
     record of the newcomer instead of two."""
 
-    def services(i, home):
-        return [FeedMonitor(probe_interval=0)]
-
     roles = [["relay"], ["relay"], ["relay"]]
-    async with overlay(tmp_path, 3, roles=roles, services_for=services) as nodes:
+    async with overlay(tmp_path, 3, roles=roles, services_for=monitor_services) as nodes:
         new = nodes[2]
         await wait_until(lambda: len(relay_feeds(new)) == 2, 30)
         want = set(relay_feeds(new))
