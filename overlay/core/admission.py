@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 from ..crypto import NodeId
 from ..errors import Reason, RemoteError
+from .feedhealth import is_relay_feed
 
 
 class Refused(RemoteError):
@@ -321,11 +322,6 @@ class Admission:
 # ---------------------------------------------------------------------- dialling
 
 
-def is_circuit(feed: str) -> bool:
-    """A relay feed (circuit relay v2): ``<relay addr>/p2p/<relay>/p2p-circuit``."""
-    return "/p2p-circuit" in feed
-
-
 def addr_key(feed: str) -> str:
     """The network endpoint a feed multiaddr dials: ``host:port/transport`` for a
     direct feed, the relay's address for a circuit feed (the part before
@@ -394,19 +390,19 @@ class DialBudget:
             if last is not None:
                 at, outcome = last
                 if not verified and now - at < lim.addr_interval:
-                    direct_pending |= outcome != FAILED and not is_circuit(f)
+                    direct_pending |= outcome != FAILED and not is_relay_feed(f)
                     continue
                 if outcome == FAILED and now - at < lim.failed_interval:
                     continue
             ok.append(f)
         if direct_pending:
-            ok = [f for f in ok if not is_circuit(f)]
+            ok = [f for f in ok if not is_relay_feed(f)]
         if ok and not verified and not self._bucket.take(now):
             ok = []
         if not ok:
             self.denied += 1
         for f in ok:  # reserved now: concurrent dials of the same address see it
-            if not is_circuit(f):
+            if not is_relay_feed(f):
                 self.dialled(f, STARTED, now)
         return ok
 
