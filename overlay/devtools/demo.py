@@ -479,6 +479,26 @@ def _counts(state: DemoState, client: Client, sink: SmtpSink) -> dict:
     }
 
 
+def _missing(state: DemoState, client: Client, sink: SmtpSink) -> list[dict]:
+    """The messages the SMTP sink never got, with what the client knows of each."""
+    with sink.lock:
+        got = set(sink.counts)
+    out = []
+    for m in state.sent:
+        if state.tokens.get(m) in got:
+            continue
+        e = client.status(m)
+        out.append(
+            {
+                "message_id": m.hex(),
+                "state": e.state.name.lower() if e is not None else "unknown",
+                "reason": e.reason if e is not None else "",
+                "exit": e.exit.peer_id() if e is not None and e.exit is not None else None,
+            }
+        )
+    return out
+
+
 def _render(state: DemoState, cluster: Cluster, client: Client, sink: SmtpSink):
     exits_state = {x["peer_id"]: x for x in state.exits_view.get("exits", [])}
     nodes = Table(title="nodes", expand=False)
@@ -534,6 +554,7 @@ def _summary(state, client, sink, nodes, exits, standby, duration) -> dict:
         "standby": standby,
         "duration_s": duration,
         **c,
+        "not_delivered": _missing(state, client, sink),
         "promotions": len(state.promotions),
         "promoted": [
             {"node": f"node{p.node:02d}", "at_s": round(p.at - state.t0, 2), "why": p.why}
@@ -570,6 +591,12 @@ def _print_summary(console: Console, s: dict) -> None:
             f"  {t['node']} {t['how']} at {t['at_s']} s: next delivery via another exit after "
             f"{t['next_delivery_via_other_exit_s']} s, live exits back at target after "
             f"{t['live_exits_back_at_target_s']} s"
+        )
+    for m in s["not_delivered"]:
+        console.print(
+            f"  [red]not at the sink[/red]: {m['message_id'][:8]} ({m['state']}"
+            + (f": {m['reason']}" if m["reason"] else "")
+            + ")"
         )
     if not s["promoted"]:
         console.print("  promotions: none (no standby exit promoted itself)")

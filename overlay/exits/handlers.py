@@ -11,10 +11,15 @@ Invariants:
   handler, is ``PermanentFailure(Reason.POLICY_DENIED)``;
 - ``on_commit`` (optional, async): a handler whose destination takes the
   message at one step after a wait for its answer (SMTP: the final dot, then
-  the server's reply) awaits it right before that step, so the worker can
-  mark the message in flight; when it raises a ``DeliveryFailure`` the
-  handler does not take that step (SMTP: closes without the dot) and fails
-  the attempt with it; handlers without such a window ignore it;
+  the server's reply) awaits ``on_commit(end_of_data)`` right before that
+  step, so the worker can mark the message in flight; ``end_of_data`` is a
+  plain function that takes the step at once without blocking (it does
+  nothing when it would block or was called before): the worker calls it right
+  after its mark is written, with no checkpoint between, and the handler takes
+  whatever of the step is left once ``on_commit`` returns. When ``on_commit``
+  raises a ``DeliveryFailure`` before calling it, the handler does not take that
+  step (SMTP: closes without the dot) and fails the attempt with it; handlers
+  without such a window ignore it;
 - failure ``code``s are short stable strings (``policy_denied``,
   ``smtp_550``, ``http_404``, ``connect_failed``, ``timeout``, ...) that go into
   acks, logs and metrics; ``detail`` never contains local file-system paths.
@@ -60,7 +65,8 @@ class PermanentFailure(DeliveryFailure):
     temporary = False
 
 
-OnCommit = Callable[[], Awaitable[None]]
+EndOfData = Callable[[], None]
+OnCommit = Callable[[EndOfData], Awaitable[None]]
 
 
 @runtime_checkable

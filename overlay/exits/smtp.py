@@ -59,10 +59,13 @@ never put in an error, a log line or an acknowledgement. Reply codes 4xx,
 connection failures, DNS errors, timeouts and disconnects are
 ``TemporaryFailure``; 5xx is ``PermanentFailure``.
 
-The end of data: the content is written, then ``on_commit`` is awaited (the
-worker marks the message in flight), then the final ``.`` is sent and the
-server's answer awaited (the end-of-data window: as long as the server takes,
-seconds for servers that filter before answering, RFC 1047).
+The end of data: the content is written, then ``on_commit(end_of_data)`` is
+awaited (the worker marks the message in flight and calls ``end_of_data``
+right after, on the event loop's thread: the final ``.`` goes out then, with
+nothing run in between, when the socket takes it without blocking), then
+whatever of the ``.`` is left is sent and the server's answer awaited (the
+end-of-data window: as long as the server takes, seconds for servers that
+filter before answering, RFC 1047).
 
 ``smtplib`` runs in a worker thread (``trio.to_thread.run_sync``) that is not
 abandoned on cancellation: a send that started finishes (bounded by
@@ -74,10 +77,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import select
 import smtplib
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Literal
@@ -85,7 +89,7 @@ from typing import Literal
 import trio
 
 from ..wire.delivery import Destination, ExitMessage
-from .handlers import PermanentFailure, TemporaryFailure
+from .handlers import OnCommit, PermanentFailure, TemporaryFailure
 from .mx import MxResolver, is_ip_literal
 
 MAX_LINE = 998
@@ -313,9 +317,7 @@ class SmtpHandler:
             f" starttls={self.starttls!r}, username={self.username!r})"
         )
 
-    async def deliver(
-        self, msg: ExitMessage, on_commit: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
+    async def deliver(self, msg: ExitMessage, on_commit: OnCommit | None = None) -> None:
         dest = msg.dest
         if dest.kind != "smtp":
             raise PermanentFailure("wrong_handler", f"smtp handler got {dest.kind}")
@@ -323,9 +325,9 @@ class SmtpHandler:
             msg, dest, exit_address=self.exit_address, subject=self.subject, verbatim=self.verbatim
         )
 
-        def commit() -> None:
+        def commit(end_of_data: Callable[[], None]) -> None:
             if on_commit is not None:
-                trio.from_thread.run(on_commit)
+                trio.from_thread.run(on_commit, end_of_data)
 
         await trio.to_thread.run_sync(self._deliver_sync, dest, content, commit)
 
@@ -425,8 +427,9 @@ class SmtpHandler:
             if code != 354:
                 raise _classify(code, text, "DATA")
             conn.send(dot_stuff(content.data))
-            commit()  # from here the server may take the message whatever happens to us
-            conn.send(b".\r\n")
+            end = _EndOfData(conn)
+            commit(end.now)  # from here the server may take the message whatever happens to us
+            end.rest()
             code, text = conn.getreply()
             if code != 250:
                 raise _classify(code, text, "end of data")
@@ -463,6 +466,37 @@ class _NextTarget(Exception):
     def __init__(self, failure: TemporaryFailure) -> None:
         super().__init__(str(failure))
         self.failure = failure
+
+
+class _EndOfData:
+    """The final ``.`` of a transaction, sent once: ``now`` (from the event loop's
+    thread, right after the in-flight mark) sends it only if the socket takes it
+    without blocking; ``rest`` (the delivery thread, afterwards) sends it if
+    ``now`` did not. A socket error in ``now`` is left to the reply to show."""
+
+    DOT = b".\r\n"
+
+    def __init__(self, conn: smtplib.SMTP) -> None:
+        self.conn = conn
+        self.sent = False
+
+    def now(self) -> None:
+        if self.sent or self.conn.sock is None:
+            return
+        try:
+            poll = select.poll()
+            poll.register(self.conn.sock, select.POLLOUT)
+            if not poll.poll(0):
+                return  # a full send buffer: the delivery thread sends it
+            self.sent = True
+            self.conn.sock.sendall(self.DOT)  # 3 bytes (a TLS record) into free buffer space
+        except (OSError, ValueError):
+            pass
+
+    def rest(self) -> None:
+        if not self.sent:
+            self.sent = True
+            self.conn.send(self.DOT)
 
 
 def _close(conn: smtplib.SMTP) -> None:

@@ -86,7 +86,13 @@ from ..storage.delivery_queue import (
 )
 from ..wire.delivered import Answer, notice_key
 from ..wire.delivery import Ack, AckStatus, ExitMessage
-from .handlers import DeliveryFailure, Dispatcher, PermanentFailure, TemporaryFailure
+from .handlers import (
+    DeliveryFailure,
+    Dispatcher,
+    EndOfData,
+    PermanentFailure,
+    TemporaryFailure,
+)
 
 log = logging.getLogger("hydra.exits")
 
@@ -132,7 +138,11 @@ CheckDelivered = Callable[[list[bytes], tuple[bytes, ...]], Awaitable[Answer | V
 # (notice key, raw ids of the exits the sender named, ended) -> None; tells other
 # exits the message is in flight here (ended=False) or that the attempt ended
 # without delivery (ended=True)
-MarkInFlight = Callable[[bytes, tuple[bytes, ...], bool], Awaitable[object]]
+# (key, earlier exits, ended, then): ``then`` (or None) is called, synchronously,
+# right after the mark is written
+MarkInFlight = Callable[
+    [bytes, tuple[bytes, ...], bool, Callable[[], None] | None], Awaitable[object]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +313,7 @@ class DeliveryWorker:
             committed = False
             began = self.clock()
 
-            async def on_commit() -> None:
+            async def on_commit(end_of_data: EndOfData) -> None:
                 nonlocal committed
                 # asked before any mark goes out: an exit that dies while asking must
                 # leave no in-flight mark behind (a successor would take the message
@@ -311,7 +321,7 @@ class DeliveryWorker:
                 if self.clock() - began >= self.late_after:
                     await self._recheck(item)  # raises: no end of data, the attempt fails
                 committed = True
-                await self._committing(item)
+                await self._committing(item, end_of_data)
 
             try:
                 await self.dispatcher.deliver(msg, on_commit=on_commit)
@@ -352,17 +362,19 @@ class DeliveryWorker:
                 )
             if committed and outcome is not None and self.mark_in_flight is not None:
                 try:  # the attempt ended without a delivery: withdraw our in-flight mark
-                    await self.mark_in_flight(notice_key(mid), msg.earlier, True)
+                    await self.mark_in_flight(notice_key(mid), msg.earlier, True, None)
                 except Exception:
                     log.exception("exit: withdrawing an in-flight mark failed")
         finally:
             self._in_flight.discard(mid)
             self.wake()
 
-    async def _committing(self, item: QueuedMessage) -> None:
+    async def _committing(self, item: QueuedMessage, end_of_data: EndOfData) -> None:
         """The destination is about to be handed the whole message: record it, then
-        tell other exits (see the module docstring; ``mark_in_flight`` returns once
-        the mark is written, and bounds its own wait). Errors are logged, never
+        tell other exits (see the module docstring; ``mark_in_flight`` bounds its
+        own wait and calls ``end_of_data`` the moment its mark is written, so no
+        other task runs between the two: an exit killed there would leave a mark
+        for a message its destination never got). Errors are logged, never
         raised: the delivery goes on (without the mark a crash now may cost a
         second copy)."""
         mid = item.message_id
@@ -371,10 +383,13 @@ class DeliveryWorker:
         except (sqlite3.Error, LocalError):
             log.exception("exit: cannot record a committing attempt")
         if self.mark_in_flight is None:
+            end_of_data()
             return
         t0 = time.perf_counter()
         try:
-            sent = await self.mark_in_flight(notice_key(mid), item.message.earlier, False)
+            sent = await self.mark_in_flight(
+                notice_key(mid), item.message.earlier, False, end_of_data
+            )
         except Exception:
             log.exception("exit: marking a message in flight failed")
             return

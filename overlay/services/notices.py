@@ -367,7 +367,13 @@ class DeliveryNotices:
 
     # -- in-flight marks ---------------------------------------------------------------
 
-    async def mark(self, key: bytes, earlier: Iterable[bytes] = (), ended: bool = False) -> int:
+    async def mark(
+        self,
+        key: bytes,
+        earlier: Iterable[bytes] = (),
+        ended: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> int:
         """Tell the exits in ``earlier`` and up to ``MARK_PEERS`` other exit-capable
         peers, all among those we are connected to, that the message with notice
         key ``key`` is in flight here (its end of data is about to be sent), or
@@ -377,8 +383,9 @@ class DeliveryNotices:
 
         Streams are opened first (until all are open, or ``MARK_GRACE`` s after
         the first one, or ``MARK_OPEN_WAIT`` s in all), then the mark is written
-        on all of them at once and this returns: the caller sends the end of data
-        right after, so a peer holds the mark only for the moment the end of data
+        on all of them at once and ``then`` (the end of data) is called at once,
+        synchronously: no other task runs between the last mark written and the
+        end of data, so a peer holds the mark only for the moment the end of data
         really is on its way. Acknowledgements are collected in the background.
         Returns on how many streams the mark was written."""
         node = self.node
@@ -437,6 +444,8 @@ class DeliveryNotices:
                 log.debug("marking in flight at %s failed: %r", peer.short(), e)
                 with contextlib.suppress(Exception):
                     await stream.close()
+        if then is not None:
+            then()
         self.m_notices.labels("mark_ended" if ended else "mark_sent").inc()
         if written and self._nursery is not None and self._acks_pending < MAX_MARK_ACKS:
             self._acks_pending += len(written)

@@ -391,4 +391,5 @@ async def test_demo_counts_the_promotions_its_nodes_make(tmp_path):
     assert summary["takedowns"] and logged >= 1
     assert summary["promotions"] == logged == len(summary["promoted"]), summary
     assert summary["promoted"][0]["node"] == "node02"  # the standby
-    assert summary["lost"] == 0 and summary["duplicates"] == 0 and summary["ok"]
+    assert summary["lost"] == 0 and summary["duplicates"] == 0 and summary["ok"], summary
+    assert summary["not_delivered"] == []

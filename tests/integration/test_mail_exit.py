@@ -350,14 +350,15 @@ async def test_smarthost_auth_with_password_from_a_file(tmp_path):
 async def test_on_commit_runs_before_the_final_dot_and_the_window_is_measured(tmp_path):
     """The commit hook runs after the content and before the final dot: the server
     has not taken the message yet. The window (dot to reply) is what the server
-    takes to answer."""
+    takes to answer. The hook that does not send the dot itself leaves it to the
+    handler."""
     for delay in (0.0, 1.0):
         with smtp_sink() as (sink, port):
             sink.delay = delay
             h = SmtpHandler(relay=("127.0.0.1", port), timeout=10.0)
             marks = []
 
-            async def on_commit(marks=marks, sink=sink):
+            async def on_commit(end_of_data, marks=marks, sink=sink):
                 marks.append((time.monotonic(), len(sink.got)))
 
             t0 = time.monotonic()
@@ -370,6 +371,32 @@ async def test_on_commit_runs_before_the_final_dot_and_the_window_is_measured(tm
         print(
             f"server delay {delay:.1f} s: whole attempt {done - t0:.3f} s, window {done - at:.3f} s"
         )
+
+
+async def test_end_of_data_sends_the_dot_at_once_from_the_commit_hook():
+    """``end_of_data`` hands the server the final dot right where the hook calls it
+    (the worker: right after its mark is written), while the hook has not
+    returned and the delivery thread still waits; called twice, or followed by
+    the handler's own rest, it sends one dot: one message, one reply."""
+    with smtp_sink() as (sink, port):
+        h = SmtpHandler(relay=("127.0.0.1", port), timeout=10.0)
+        seen = []
+
+        async def on_commit(end_of_data):
+            before = len(sink.got)
+            await trio.sleep(0.2)
+            assert len(sink.got) == before  # no dot yet
+            end_of_data()
+            end_of_data()
+            with trio.fail_after(20):
+                while len(sink.got) == before:  # the server took it before the hook returned
+                    await trio.sleep(0.01)
+            seen.append(len(sink.got))
+
+        with trio.fail_after(30):
+            await h.deliver(ExitMessage.make(mid(1), "smtp:u@example.org", b"x\n"), on_commit)
+            await h.deliver(ExitMessage.make(mid(2), "smtp:u@example.org", b"y\n"), on_commit)
+    assert seen == [1, 2] and len(sink.got) == 2
 
 
 def _worker(q, disp, **kw):
@@ -555,8 +582,10 @@ async def test_an_attempt_stalled_before_the_end_of_data_asks_again_and_never_se
 
         marked = []
 
-        async def mark(key, earlier, ended):
+        async def mark(key, earlier, ended, then):
             marked.append((key, ended))
+            if then is not None:
+                then()
             return 0
 
         with DeliveryQueue(tmp_path / "q.db", retry=FAST) as q:
