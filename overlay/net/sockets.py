@@ -182,6 +182,11 @@ class ConnectionsPart:
                 out.append(self._conn_info(str(pid), conn))
         return out
 
+    def is_connected(self, peer_id: str) -> bool:
+        """A live connection to ``peer_id`` is open (in a disconnect listener: one
+        other than the connection that closed)."""
+        return bool(self._conns_to(peer_id))
+
     def connection_keys(self, peer_id: str) -> set[int]:
         """The keys (``ConnInfo.key``) of our live connections to ``peer_id``."""
         return {id(c) for c in self._conns_to(peer_id)}

@@ -147,6 +147,12 @@ class Stream:
         else:
             await self.reset()
 
+    @property
+    def connection_closed(self) -> bool:
+        """The connection under this stream has closed (the stream went with it)."""
+        conn = getattr(self._raw, "muxed_conn", None)
+        return bool(getattr(conn, "is_closed", False))
+
     def __repr__(self) -> str:
         return f"Stream({self.protocol!r} with {self.remote_peer_id[-8:]})"
 

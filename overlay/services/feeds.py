@@ -15,12 +15,16 @@ through other peers. ``FeedMonitor`` is a node service (``Node(services=
   feeds at once instead of after TCP timeouts), and asks the node to
   re-publish its record (seq+1) when the set of working feeds changed;
 - it keeps circuit-relay v2 reservations on ``relays`` (2) other nodes with
-  role ``relay``, chosen for diverse networks, refreshes them, replaces lost
+  role ``relay``, chosen for diverse networks, refreshes them (every
+  ``refresh_interval``, 5 min, and before they expire), replaces lost
   ones, and announces ``<relay feed>/p2p/<relay>/p2p-circuit`` for each;
-- every ``probe_interval`` it asks two connected peers to dial each direct
-  feed back (AutoNAT v1 with Hydra's dial-back policy): feeds that several
-  peers cannot reach become UNREACHABLE and leave the record until a probe
-  succeeds again;
+- every ``probe_interval`` (60 s) it asks two connected peers to dial each
+  direct feed back (AutoNAT v1 with Hydra's dial-back policy): feeds that
+  several peers cannot reach become UNREACHABLE and leave the record until a
+  probe succeeds again; a round that found every feed as it was doubles the
+  wait (up to ``probe_max_interval``, 15 min, AutoNAT's refresh of a
+  confirmed status), a change of the direct feeds brings a round within
+  ``PROBE_SOON`` and the wait back to ``probe_interval``;
 - every ``CONN_EVERY`` (5 s) it attributes live connections to feeds for
   ``overlay status`` (traffic from the kernel's TCP counters where they
   exist, connection counts otherwise) and exports Prometheus gauges.
@@ -96,6 +100,10 @@ DIAL_STAGGER = 0.3
 """Seconds before the next feed is tried in parallel (happy eyeballs)."""
 CONN_EVERY = 5.0
 """Seconds between two attributions of live connections to feeds (status, metrics)."""
+PROBE_SOON = 2.0
+"""Seconds from a change of the direct feeds to the dial-back round it brings."""
+RELAYS_HELD_CHECK = 20.0
+"""Seconds between two looks at the reservations while every one we want is held."""
 
 _TRANSPORT_RANK = {"tcp": 0, "quic": 1, "ws": 2, "other": 3, "relay": 4}
 
@@ -385,8 +393,9 @@ class FeedMonitor:
         *,
         scan_interval: float = 1.0,
         relays: int = 2,
-        refresh_interval: float = 60.0,
+        refresh_interval: float = 300.0,
         probe_interval: float = 60.0,
+        probe_max_interval: float = 900.0,
         probe_peers: int = 2,
         probe_failures: int = 2,
         hop: bool | None = None,
@@ -397,8 +406,12 @@ class FeedMonitor:
     ) -> None:
         """
         :param relays: reservations to hold on other relay-role nodes (0: none).
-        :param refresh_interval: re-reserve each relay this often (also proves it alive).
-        :param probe_interval: seconds between AutoNAT dial-back rounds (0: never).
+        :param refresh_interval: re-reserve each relay this often (and whenever a
+            reservation is due to expire within a minute, or its connection changed).
+        :param probe_interval: seconds between AutoNAT dial-back rounds (0: never),
+            doubling after each round that confirmed every feed's state up to
+            ``probe_max_interval``; back to ``probe_interval`` (and a round soon)
+            when the direct feeds change or a round changed anything.
         :param hop: relay circuits for others (default: if the node has role relay).
         :param local_addrs: replaces ``local_addresses`` (tests).
         """
@@ -406,6 +419,7 @@ class FeedMonitor:
         self.relays = relays
         self.refresh_interval = refresh_interval
         self.probe_interval = probe_interval
+        self.probe_max_interval = max(probe_interval, probe_max_interval)
         self.probe_peers = probe_peers
         self.hop = hop
         self.dcutr = dcutr
@@ -420,6 +434,8 @@ class FeedMonitor:
         self._relay_conns: dict[str, set[int]] = {}  # connections a reservation was made on
         self._recent_ips: dict[str, dict[str, float]] = {}
         self._wake_relays = trio.Event()
+        self._probe_soon = trio.Event()
+        self._direct_seen: frozenset[str] = frozenset()
         self._scan_lock = trio.Lock()
         self._metrics: dict[str, Any] = {}
         self.reachability = "unknown"
@@ -510,6 +526,10 @@ class FeedMonitor:
                             log.info("closed %d connection(s) over lost address %s", n, ip)
             if any(is_relay_feed(f) and new == "down" for f, _, new in events):
                 self._wake_relays.set()
+            direct = self._direct_feeds()
+            if direct != self._direct_seen:
+                self._direct_seen = direct
+                self._probe_soon.set()  # a new or returning address: dial-back soon
             if connections:
                 self._attribute_connections(host, now)
             self._update_reachability()
@@ -603,11 +623,16 @@ class FeedMonitor:
     async def _relay_loop(self) -> None:
         await trio.sleep(0.2)
         while True:
+            held = 0
             try:
                 await self._relay_round()
+                held = len(self.node.host.reservations())
             except Exception:  # noqa: BLE001 - keep trying; the node must not stop
                 log.exception("relay maintenance failed")
-            with trio.move_on_after(2.0):
+            # looking for relays: every 2 s; all held: a lost one wakes us (the scan
+            # sees its feed go down), else a look every RELAYS_HELD_CHECK s is
+            # enough for refreshes due and reservations about to expire (a minute ahead)
+            with trio.move_on_after(2.0 if held < self.relays else RELAYS_HELD_CHECK):
                 await self._wake_relays.wait()
             self._wake_relays = trio.Event()
 
@@ -744,14 +769,44 @@ class FeedMonitor:
                 if len(self._recent_ips) > 8192:
                     self._recent_ips.pop(next(iter(self._recent_ips)))
 
+    def _direct_feeds(self) -> frozenset[str]:
+        return frozenset(
+            r.addr
+            for r in self.table.rows.values()
+            if r.kind != "relay" and r.present and r.state is not FeedState.DOWN
+        )
+
+    def _probe_state(self) -> dict[str, tuple[FeedState, frozenset[str]]]:
+        return {
+            r.addr: (r.state, frozenset(r.failures))
+            for r in self.table.rows.values()
+            if r.kind != "relay"
+        }
+
     async def _probe_loop(self) -> None:
+        """Dial-back rounds: every ``probe_interval`` while anything is unsettled,
+        backing off (doubling, up to ``probe_max_interval``, as AutoNAT's confirmed
+        refresh does) after each round that found every feed as it was; each
+        dial-back is a new connection at two peers, for every node, so a settled
+        overlay must not pay for them every minute."""
         await trio.sleep(min(30.0, self.probe_interval) * (0.5 + self.rng.random()))
+        interval = self.probe_interval
         while True:
+            self._probe_soon = trio.Event()
+            before = self._probe_state()
+            verdicts = 0
             try:
-                await self.probe_round()
+                verdicts = await self.probe_round()
             except Exception:  # noqa: BLE001 - probes are advisory
                 log.exception("feed probe round failed")
-            await trio.sleep(self.probe_interval * (0.75 + 0.5 * self.rng.random()))
+            confirmed = verdicts > 0 and self._probe_state() == before
+            interval = (
+                min(interval * 2, self.probe_max_interval) if confirmed else self.probe_interval
+            )
+            with trio.move_on_after(interval * (0.75 + 0.5 * self.rng.random())):
+                await self._probe_soon.wait()
+                interval = self.probe_interval
+                await trio.sleep(PROBE_SOON)  # the address may still be settling
 
     async def probe_round(self) -> int:
         """Ask up to ``probe_peers`` connected peers to dial each direct feed back."""

@@ -57,6 +57,7 @@ class FrameSender:
         write_timeout: float = 5.0,
         retry_after: float = 2.0,
         idle: float = 30.0,
+        stream_gone: Callable[[Any], bool] = lambda stream: True,
     ) -> None:
         self._open = open_stream
         self._clock = clock
@@ -69,6 +70,7 @@ class FrameSender:
         self.write_timeout = write_timeout
         self.retry_after = retry_after
         self.idle = idle
+        self._stream_gone = stream_gone
         self._links: dict[Hashable, _Link] = {}
         self._retry_at: dict[Hashable, float] = {}  # peers whose last open failed
         self._nursery: trio.Nursery | None = None
@@ -118,7 +120,8 @@ class FrameSender:
         return False
 
     def connection_closed(self, peer: Hashable) -> None:
-        """The peer's connection went: its stream went with it."""
+        """A connection to the peer went: before the next write, its stream is
+        dropped if it ran over that connection (``stream_gone``; by default always)."""
         link = self._links.get(peer)
         if link is not None:
             link.drop_stream = True
@@ -144,7 +147,8 @@ class FrameSender:
                 frame, queued_at = item
                 if link.drop_stream:
                     link.drop_stream = False
-                    await self._discard(link)
+                    if link.stream is not None and self._stream_gone(link.stream):
+                        await self._discard(link)
                 if self._clock() - queued_at > self.max_age:
                     self._drop("stale")
                 else:

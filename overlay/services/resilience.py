@@ -37,8 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydra.resilience")
 
-IDLE_TIMEOUT = 180.0  # an inbound liveness stream with no frame for this long is closed
-SEND_IDLE = 120.0  # our stream to a peer is closed sooner (a round-robin over many is slow)
+# A peer we hear from is not pinged (passive turns), so the stream to it can stay
+# unused for minutes; a stream closed and opened again costs a negotiation at both
+# ends. Ours closes with the connection or after SEND_IDLE; an inbound one after
+# IDLE_TIMEOUT, longer (it must outlive the sender's).
+IDLE_TIMEOUT = 900.0  # an inbound liveness stream with no frame for this long is closed
+SEND_IDLE = 600.0  # our stream to a peer is closed sooner (a round-robin over many is slow)
 POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
@@ -116,6 +120,7 @@ class Resilience:
             on_drop=lambda why: self.m_send_failed.labels(why).inc(),
             on_sent=self.m_frames.labels("out").inc,
             idle=SEND_IDLE,
+            stream_gone=lambda stream: stream.connection_closed,
         )
         node.host.set_stream_handler(PROTOCOL, self._serve)
         node.host.on_disconnect(self._on_disconnect)
@@ -302,15 +307,17 @@ class Resilience:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def _on_disconnect(self, peer_id: str, trimmed: bool = False) -> None:
+    def _on_disconnect(self, peer_id: str, trimmed: bool) -> None:
         """A connection closed: probe that member now (a crash closes its sockets),
-        unless it was trimmed (one side said it no longer needs it: alive)."""
+        unless it was trimmed (one side said it no longer needs it: alive) or
+        another connection to it is still open (a dial-back or a second feed
+        closed: a crash closes them all, and the last one brings the probe)."""
         try:
             peer = NodeId.from_peer_id(peer_id)
         except ValueError:
             return
-        self._out.connection_closed(peer)  # its stream went with the connection
-        if trimmed:
+        self._out.connection_closed(peer)  # our stream goes if it ran over that connection
+        if trimmed or self.node.host.is_connected(peer_id):
             return
         self._execute(self.liveness.probe_now(peer, self.node.clock()))
         self._wake.set()

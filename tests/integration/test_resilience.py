@@ -5,11 +5,21 @@ import time
 import pytest
 import trio
 
-from overlay.core.liveness import TOPIC
+from overlay.core.effects import Send
+from overlay.core.liveness import PROTOCOL, TOPIC
 from overlay.crypto import SigningKey
 from overlay.net.host import Libp2pHost
 from overlay.records import Role
-from overlay.testing import fleet, join_addr, light_client, light_services, make_home, wait_until
+from overlay.services.feeds import FeedMonitor
+from overlay.testing import (
+    fleet,
+    join_addr,
+    light_client,
+    light_services,
+    make_home,
+    overlay,
+    wait_until,
+)
 from overlay.wire import liveness as wire
 
 pytestmark = pytest.mark.slow
@@ -502,3 +512,40 @@ async def test_an_exit_can_ask_other_exits_what_they_delivered(tmp_path):
         earlier = [bytes(b.node_id), bytes(a.node_id), b"\x00" * 5]
         answer = await a.relay.notices.ask([notice_key(held)], earlier)
         assert answer.holding == (notice_key(held),)
+
+
+async def test_a_dial_back_closing_keeps_the_liveness_stream_and_brings_no_probe(tmp_path):
+    """An AutoNAT dial-back (a second connection that closes) leaves the liveness
+    stream on the first connection in place and probes nobody at once; the last
+    connection closing does both: drops the stream and probes the member now."""
+
+    def services(*_):
+        return [FeedMonitor(relays=0, probe_interval=0, dcutr=False, scan_interval=5.0)]
+
+    async with overlay(tmp_path, 2, services_for=services) as (a, b):
+        await wait_until(lambda: a.host.is_connected(b.node_id.peer_id()), 30)
+        probed: list[tuple[str, str]] = []
+        for me in (a, b):
+            real = me.resilience.liveness.probe_now
+
+            def spy(peer, now, real=real, me=me):
+                probed.append((me.node_id.short(), peer.short()))
+                return real(peer, now)
+
+            me.resilience.liveness.probe_now = spy
+        # a frame to b: a holds a liveness stream to it
+        a.resilience._send(Send(b.node_id, PROTOCOL, wire.encode(wire.Ping(1))))
+        link = a.resilience._out._links[b.node_id]
+        await wait_until(lambda: link.stream is not None, 30)
+        stream = link.stream
+        res = await a.host.autonat_probe(b.node_id.peer_id(), [join_addr(a)])
+        assert res.status == "ok", res
+        a.resilience._send(Send(b.node_id, PROTOCOL, wire.encode(wire.Ping(2))))
+        await trio.sleep(1.0)  # the dial-back's close has been seen on both sides
+        assert link.stream is stream and not stream.connection_closed
+        assert probed == []
+        # now every connection closes: the stream goes, and both probe at once
+        await a.host.disconnect(b.node_id.peer_id())
+        await wait_until(lambda: len(probed) >= 2, 30)
+        assert {p[0] for p in probed} == {a.node_id.short(), b.node_id.short()}
+        assert stream.connection_closed

@@ -285,3 +285,48 @@ def test_dial_memory_orders_feeds():
 def test_bad_limits():
     with pytest.raises(ValueError):
         FeedTable(max_feeds=9)
+
+
+async def test_dial_back_rounds_back_off_while_nothing_changes_and_return_on_a_change(
+    autojump_clock,
+):
+    """A round that confirmed every feed doubles the wait (to the cap); one that
+    changed something, or a change of the direct feeds, brings the base back."""
+    import trio
+
+    from overlay.services.feeds import PROBE_SOON, FeedMonitor
+
+    m = FeedMonitor(probe_interval=1.0, probe_max_interval=8.0, rng=random.Random(3))
+    t = m.table
+    t.update_local(["/ip4/10.0.0.1/tcp/4001"], {"10.0.0.1": True}, 0.0)
+    feed = "/ip4/10.0.0.1/tcp/4001"
+    rounds: list[float] = []
+    fail = [False]
+
+    async def probe_round() -> int:
+        rounds.append(trio.current_time())
+        t.probe_result(feed, f"p{len(rounds)}", not fail[0], trio.current_time())
+        return 1
+
+    m.probe_round = probe_round
+    async with trio.open_nursery() as n:
+        n.start_soon(m._probe_loop)
+        await trio.sleep(40)
+        gaps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
+        # 2, 4, 8 (±25 %), then at the cap
+        assert [round(g / 2 ** min(i + 1, 3), 1) for i, g in enumerate(gaps)] == [
+            pytest.approx(1.0, abs=0.26)
+        ] * len(gaps)
+        assert len(gaps) >= 5
+        fail[0] = True  # the next rounds find the feed unreachable: base interval
+        last = len(rounds)
+        await trio.sleep(15)
+        gaps = [b - a for a, b in zip(rounds[last:], rounds[last + 1 :], strict=False)]
+        assert gaps and all(g <= 1.25 for g in gaps)
+        fail[0] = False
+        await trio.sleep(30)  # settled again, backed off again
+        at = trio.current_time()
+        m._probe_soon.set()  # e.g. a new address
+        await trio.sleep(PROBE_SOON + 0.5)
+        assert rounds[-1] >= at
+        n.cancel_scope.cancel()

@@ -160,6 +160,26 @@ async def test_a_closed_connection_means_a_new_stream(autojump_clock):
     assert [x.written for x in opener.opened] == [[b"1"], [b"2"]]
 
 
+async def test_another_connection_closing_keeps_a_stream_that_did_not_run_over_it(autojump_clock):
+    """``stream_gone`` tells whether the closed connection carried the stream: a
+    second connection (a dial-back) closing keeps it, its own connection's end
+    drops it."""
+    opener, drops = Opener(), []
+    gone: set[int] = set()
+    async with running(opener, drops, stream_gone=lambda st: id(st) in gone) as s:
+        s.send("a", b"1")
+        await trio.sleep(0.1)
+        s.connection_closed("a")  # some other connection to "a"
+        s.send("a", b"2")
+        await trio.sleep(0.1)
+        gone.add(id(opener.opened[0]))
+        s.connection_closed("a")  # the stream's own
+        s.send("a", b"3")
+        await trio.sleep(0.1)
+    assert [x.written for x in opener.opened] == [[b"1", b"2"], [b"3"]]
+    assert opener.opened[0].reset_called and drops == []
+
+
 async def test_idle_links_end_and_close_their_stream(autojump_clock):
     opener, drops = Opener(), []
     async with running(opener, drops, idle=30.0) as s:
