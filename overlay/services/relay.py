@@ -122,7 +122,7 @@ class RelayService(Links, ClientSessions, ExitSide):
         client_rate: float = DEFAULT_CLIENT_RATE,
         client_burst: float = DEFAULT_CLIENT_BURST,
         max_hold: float = 10.0,
-        idle_timeout: float = 120.0,
+        idle_timeout: float = 600.0,
         connect_timeout: float = 5.0,
         stream_timeout: float = 3.0,
         max_delay_ms: int = MAX_DELAY_MS,

@@ -40,7 +40,10 @@ from .context import NodeContext
 log = logging.getLogger("hydra.node")
 
 SYNC_PROTOCOL = "/hydra/sync/1.0.0"
-IDLE_TIMEOUT = 120.0  # a kept sync stream with no round for this long is closed
+# a kept sync stream with no round for this long is closed: rounds with one peer
+# come minutes apart in a settled overlay (30 s rounds spread over the peers),
+# and a stream opened again costs both ends a negotiation
+IDLE_TIMEOUT = 600.0
 
 
 def _round_bucket() -> TokenBucket:
