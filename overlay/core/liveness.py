@@ -93,11 +93,6 @@ Invariants:
   clears every accusation we hold against it and makes it ALIVE here; we then
   send it one accusation so it can refute for everybody else. DEAD members
   are pinged once per ``dead_reprobe`` so a healed partition heals here too.
-- Others' word does not kill a member that still talks to us: when we did not
-  accuse it ourselves and it sent us anything (``heard``) after the accusations
-  became sufficient, the timer does not make it DEAD here; we probe it instead
-  (``Suspicion._still_heard``). A crashed, stopped or cut-off member sends
-  nothing, so its death is not delayed.
 - DEAD comes no sooner than ``suspicion_min`` after the confirmation that made
   the accusations sufficient, so two rare failures seconds apart do not
   combine into a death before the accused could refute.
@@ -287,7 +282,6 @@ class Liveness(Suspicion):
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
         self.accusations_heard = 0  # signed accusations by members taken into account
         self.stale_checks = 0  # probes made because only old statements accused a member
-        self.heard_accused = 0  # DEAD put off: the accused talked to us since others accused it
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
         self.heard_probes = 0  # probes unanswered in time by a member we heard from

@@ -54,7 +54,6 @@ class Member:
     told_at: float = -math.inf  # last time we told a lagging accuser it is dead
     look_at: float | None = None  # DEAD waits for our own probe: when to look again
     heard_mark: int | None = None  # ``heard(node)`` at our last look at it (``Liveness``)
-    confirm_reads: int | None = None  # ``heard(node)`` when accusers first sufficed
 
 
 class Suspicion:
@@ -93,9 +92,6 @@ class Suspicion:
     def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
         raise NotImplementedError  # Liveness probes
 
-    def _reads(self, node: NodeId) -> int | None:
-        return None  # Liveness: what ``heard(node)`` counts (None: nothing is heard)
-
     def suspicion_timeout(self, confirmations: int) -> float:
         """Lifeguard timeout after ``confirmations`` accusations beyond the first.
 
@@ -117,7 +113,7 @@ class Suspicion:
         acc = self._accusers(m)
         again = self.me in acc
         acc[self.me] = Accusation(ts, now, frame, dead=False)
-        self._confirmed(target, m, now)
+        self._confirmed(m, now)
         self._watch[target] = None
         # look again soon (one lost exchange should not stand for long), then now and
         # then, re-signing so our accusation does not age out elsewhere meanwhile
@@ -166,7 +162,7 @@ class Suspicion:
         if len(acc) > self.max_accusers:
             oldest = min((a.received, o) for o, a in acc.items() if o != self.me)[1]
             del acc[oldest]
-        self._confirmed(f.subject, m, now)
+        self._confirmed(m, now)
         self._watch[f.subject] = None
         if m.state == ALIVE and len(acc) >= self.confirmations_needed:
             self._suspect(f.subject, m, now, out)
@@ -221,10 +217,9 @@ class Suspicion:
         m.state, m.since, m.suspect_since = SUSPECT, now, now
         out.append(StateChanged(node, SUSPECT, now))
 
-    def _confirmed(self, node: NodeId, m: Member, now: float) -> None:
+    def _confirmed(self, m: Member, now: float) -> None:
         if m.confirmed_at is None and len(m.accusers or ()) >= self.confirmations_needed:
             m.confirmed_at = now
-            m.confirm_reads = self._reads(node)
 
     def _suspicion_deadline(self, m: Member) -> float:
         """Lifeguard's shrinking timeout from the start of our suspicion, but never
@@ -251,9 +246,7 @@ class Suspicion:
                 m.suspect_since = None
                 m.look_at = None
             elif len(acc) >= self.confirmations_needed and now >= self._suspicion_deadline(m):
-                if not self._needs_own_look(node, m, acc, now, out) and not self._still_heard(
-                    node, m, acc, now, out
-                ):
+                if not self._needs_own_look(node, m, acc, now, out):
                     self._declare_dead(node, m, now, out)
                     return
             elif m.reverify_at is not None and now >= m.reverify_at:
@@ -264,32 +257,6 @@ class Suspicion:
             m.accusers = None
             m.reverify_at = None
             self._watch.pop(node, None)
-
-    def _still_heard(
-        self, node: NodeId, m: Member, acc: dict[NodeId, Accusation], now: float, out: list[Effect]
-    ) -> bool:
-        """Others' word against bytes from the accused: look, do not declare.
-
-        When only other nodes accuse a member (we saw no failure ourselves) and
-        it has sent us anything since their accusations became enough (its
-        process runs: the accusers may be starved, or their paths to it broken),
-        it is not declared DEAD here; we probe it ourselves (at most once a probe
-        period), and our own failure, or its silence, lets the timer act. A
-        crashed, stopped or cut-off member sends nothing, so its death is not
-        delayed by this.
-        """
-        if self.me in acc:
-            return False
-        reads = self._reads(node)
-        if reads is None or reads == m.confirm_reads:
-            return False
-        m.confirm_reads = reads  # the next look needs bytes heard after this one
-        self.heard_accused += 1
-        if node not in self._probing and now - m.verified_at >= self.probe_interval:
-            m.verified_at = now
-            self._start_probe(node, now, out)
-        m.look_at = max(m.verified_at + self.probe_interval, now + self.probe_interval / 4)
-        return True
 
     def _needs_own_look(
         self, node: NodeId, m: Member, acc: dict[NodeId, Accusation], now: float, out: list[Effect]
@@ -356,7 +323,6 @@ class Suspicion:
         m.accusers = None
         m.suspect_since = None
         m.confirmed_at = None
-        m.confirm_reads = None
         m.reverify_at = None
         m.look_at = None
         self._watch.pop(node, None)
@@ -376,7 +342,6 @@ class Suspicion:
         m.accusers = None
         m.suspect_since = None
         m.confirmed_at = None
-        m.confirm_reads = None
         m.reverify_at = None
         m.look_at = None
         m.last_frame = None
