@@ -435,7 +435,7 @@ class FeedMonitor:
         self._recent_ips: dict[str, dict[str, float]] = {}
         self._wake_relays = trio.Event()
         self._probe_soon = trio.Event()
-        self._direct_seen: frozenset[str] = frozenset()
+        self._direct_seen: tuple[str, ...] = ()
         self._scan_lock = trio.Lock()
         self._metrics: dict[str, Any] = {}
         self.reachability = "unknown"
@@ -769,8 +769,9 @@ class FeedMonitor:
                 if len(self._recent_ips) > 8192:
                     self._recent_ips.pop(next(iter(self._recent_ips)))
 
-    def _direct_feeds(self) -> frozenset[str]:
-        return frozenset(
+    def _direct_feeds(self) -> tuple[str, ...]:
+        """The direct feeds a dial-back can test (present, not DOWN), in table order."""
+        return tuple(
             r.addr
             for r in self.table.rows.values()
             if r.kind != "relay" and r.present and r.state is not FeedState.DOWN
@@ -816,11 +817,7 @@ class FeedMonitor:
         if not direct_peers:
             return 0
         peers = self.rng.sample(direct_peers, min(self.probe_peers, len(direct_peers)))
-        feeds = [
-            r.addr
-            for r in self.table.rows.values()
-            if r.kind != "relay" and r.present and r.state is not FeedState.DOWN
-        ]
+        feeds = self._direct_feeds()
         me = node.node_id.peer_id()
         verdicts = 0
 
