@@ -213,6 +213,7 @@ class Client:
             "attempts": 0,
             "replies": 0,
             "bad_replies": 0,
+            "dead_pushes": 0,  # DEAD frames from the entry (each brings a sync)
             "send_failed": 0,
             "drop_cover": 0,
             "loop_cover": 0,
@@ -667,6 +668,7 @@ class Client:
                 if isinstance(frame, wire.Reply):
                     await self._on_reply(frame.surb_id, frame.payload)
                 elif isinstance(frame, wire.Dead):
+                    self.stats["dead_pushes"] += 1
                     self.dead = frozenset(frame.nodes)
                     self._sync_soon.set()  # a death often comes with a replacement
                     self._wake.set()

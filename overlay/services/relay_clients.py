@@ -3,7 +3,8 @@
 Part of ``services.relay.RelayService`` (a mixin). A client SUBMITs packets
 (this node is their first hop), REGISTERs the surb ids whose replies should be
 pushed back as REPLY frames, and is sent DEAD hints about nodes this node
-believes dead. At most ``clients_per_peer`` sessions per client identity and
+believes dead: when that set changes, or the exits this node's view holds
+change (the client syncs its membership on every DEAD frame). At most ``clients_per_peer`` sessions per client identity and
 ``max_clients`` in all (a new one closes the session idle longest when all
 slots are taken); a session silent for ``client_idle`` seconds, and a stream
 stalled mid-frame for ``frame_timeout``, is closed (``idle_timeout``).
@@ -24,6 +25,7 @@ from ..crypto import NodeId
 from ..errors import DecodeError, Reason
 from ..net.framing import FrameDecoder, encode_frame
 from ..net.host import NetError, Stream
+from ..records import Role
 from ..wire import relay as wire
 from .relay_links import BATCH
 from .relay_metrics import RelayMetrics
@@ -45,6 +47,7 @@ class _Session(ReplySink):
     recv: trio.MemoryReceiveChannel
     dropped: int = 0
     last_dead: frozenset = field(default_factory=frozenset)
+    last_exits: frozenset | None = None  # the exits in our view at the last push
     last_active: float = 0.0  # trio time of the last complete frame from the client
     scope: trio.CancelScope | None = None
 
@@ -75,6 +78,7 @@ class ClientSessions:
         self._sessions_of: dict[NodeId, int] = {}
         self._dead_nodes = dead_nodes
         self._dead_cache: tuple[float, frozenset] | None = None
+        self._exits_cache: tuple[int, frozenset] | None = None
 
     async def _serve_client(self, stream: Stream, remote_peer: str) -> None:
         peer = self._peer(remote_peer)
@@ -161,9 +165,13 @@ class ClientSessions:
                             frames.append(session.recv.receive_nowait())
                         except trio.WouldBlock:
                             break
-                dead = self._dead_set()
-                if dead != session.last_dead:
-                    session.last_dead = dead
+                dead, exits = self._dead_set(), self._exits()
+                if session.last_exits is None:
+                    session.last_exits = exits  # the client's first sync brings these
+                if dead != session.last_dead or exits != session.last_exits:
+                    # a new exit in our view (a standby promoted) is pushed too: the
+                    # client syncs on any push, and must not wait for its next round
+                    session.last_dead, session.last_exits = dead, exits
                     nodes = sorted(dead, key=bytes)[: wire.MAX_DEAD]
                     frames.append(wire.encode(wire.Dead(tuple(nodes))))
                 if frames:
@@ -195,6 +203,15 @@ class ClientSessions:
                 log.exception("dead_nodes hook failed")
         self._dead_cache = (now, dead)
         return dead
+
+    def _exits(self) -> frozenset:
+        """The exits our view holds, recomputed only when the view changed."""
+        node = self.node
+        if self._exits_cache is None or self._exits_cache[0] != node.changes:
+            snap = node.view.snapshot(node.clock())
+            exits = frozenset(r.node_id for r in snap.with_role(Role.EXIT))
+            self._exits_cache = (node.changes, exits)
+        return self._exits_cache[1]
 
     def _dead_from_liveness(self) -> list[NodeId]:
         """Nodes the node's liveness view holds DEAD."""

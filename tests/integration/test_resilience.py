@@ -70,6 +70,37 @@ async def _entry_two_exits_two_relays(f, smtp: dict):
     return entry, exits
 
 
+async def test_entry_pushes_a_promoted_standby_so_the_client_syncs_at_once(tmp_path):
+    """The exits in an entry's view changing (a standby promoted) is pushed to its
+    light clients at once (a DEAD frame, on which a client syncs), whatever the
+    dead set does: here the entry's dead set stays empty and the client would
+    not sync again on its own for two minutes."""
+    async with fleet(tmp_path) as f:
+        entry = await f.add("entry", ("entry", "relay"), target_live_exits=1)
+        exit_node = await f.add("exit", EXIT, target_live_exits=1)
+        standby = await f.add("standby", STANDBY, target_live_exits=1)
+        relay = await f.add("relay", ("relay",), target_live_exits=1)
+        everyone = [entry, exit_node, standby, relay]
+        await wait_until(lambda: all(len(n.view) == 4 for n in everyone), 90)
+        await wait_settled(everyone)
+        entry.relay.dead_nodes = lambda: []  # only the exits can make it push
+        async with light_client(tmp_path / "client", entry, sync_interval=120.0) as c:
+            await wait_until(lambda: len(c.view) == 4, 60)
+            await trio.sleep(1.0)  # the session's first pushes are out
+            pushes = c.stats["dead_pushes"]
+            await f.stop(exit_node)
+            await wait_until(lambda: Role.EXIT in standby.roles, 60)
+            await wait_until(lambda: Role.EXIT in entry.view.get(standby.node_id).roles, 60)
+            await wait_until(lambda: c.stats["dead_pushes"] > pushes, 30)
+            assert not c.dead  # the push carried the (empty) dead set
+
+            def client_sees_new_exit() -> bool:
+                r = c.view.get(standby.node_id)
+                return r is not None and Role.EXIT in r.roles
+
+            await wait_until(client_sees_new_exit, 60)
+
+
 async def test_killed_exits_are_replaced_by_standbys(tmp_path):
     async with fleet(tmp_path) as f:
         exits = [await f.add(f"exit{i}", EXIT, target_live_exits=3) for i in range(3)]
