@@ -266,6 +266,7 @@ class Liveness(Suspicion):
         self._inc = min(incarnation, U64_MAX)
         self._refute_to: int | None = None  # incarnation a pending refutation will announce
         self._next_refute_at = -math.inf
+        self._alive_at = -math.inf
         self._health = 0
         self._members: dict[NodeId, Member] = {}
         self._order: list[NodeId] = []  # round-robin order (may hold removed ids)
@@ -381,6 +382,12 @@ class Liveness(Suspicion):
         """``(state, since)`` for a monitored node, ``("unknown", 0.0)`` otherwise."""
         m = self._members.get(node)
         return (UNKNOWN, 0.0) if m is None else (m.state, m.since)
+
+    def incarnation_of(self, node: NodeId) -> int | None:
+        """The highest incarnation ``node`` has proven to us (its own Alive; 0 until
+        then), None if it is not monitored."""
+        m = self._members.get(node)
+        return None if m is None else m.inc
 
     def view(self) -> dict[NodeId, tuple[str, float]]:
         """Every monitored node with its state and the time that state began."""

@@ -83,6 +83,7 @@ class Suspicion:
     _inc: int
     _refute_to: int | None
     _next_refute_at: float
+    _alive_at: float  # our last Alive
     _health: int
     _members: dict[NodeId, Member]
     _watch: dict[NodeId, None]
@@ -134,9 +135,9 @@ class Suspicion:
         out: list[Effect],
     ) -> None:
         if f.subject == self.me:
-            if f.incarnation >= self._inc:
-                if not self._verified(peer, f, out):
-                    return
+            # at any incarnation: one we left may be the newest the accuser knows
+            # (our first incarnation is announced only by the first refutation)
+            if self._verified(peer, f, out):
                 self._want_refute(f.incarnation, now, out)
             return
         if f.observer == self.me:
@@ -202,6 +203,10 @@ class Suspicion:
             return
         if not self._verified(peer, f, out):
             return
+        if m.accusers and self.me in m.accusers:
+            # it was alive when we said otherwise: our timeouts are too short for
+            # how slow we (or our links) are now, so stretch them (local health)
+            self._health = min(self.health_max, self._health + 1)
         m.inc = f.incarnation
         self._clear(f.subject, m, now, out)
 
@@ -377,19 +382,38 @@ class Suspicion:
     # -- refutation -------------------------------------------------------------
 
     def _want_refute(self, accused_inc: int, now: float, out: list[Effect]) -> None:
-        to = min(U64_MAX, max(self._inc, min(accused_inc, self._inc + MAX_INC_JUMP)) + 1)
-        if to <= self._inc:
-            return  # incarnation space exhausted: nothing more we can say
+        """Accused at ``accused_inc``: announce an incarnation above it.
+
+        An accusation below our incarnation is answered too, with the incarnation
+        we hold (no new one): its accuser, and whoever counts its word, never
+        heard that incarnation (a node starts at its clock in ms, which nobody
+        knows until it announces it; a newcomer missed our last refutation), at
+        most once per ``accusation_ttl``: stale frames keep travelling for a while
+        (hints, dead-sync answers) after the others have learnt our incarnation.
+        Both kinds share the rate limit of ``_refute``.
+        """
+        if accused_inc < self._inc:
+            if now - self._alive_at < self.accusation_ttl:
+                return  # said lately; a stale frame still travelling is harmless
+            to = self._inc
+        else:
+            to = min(U64_MAX, min(accused_inc, self._inc + MAX_INC_JUMP) + 1)
+            if to <= self._inc:
+                return  # incarnation space exhausted: nothing more we can say
         self._refute_to = max(self._refute_to or 0, to)
         if now >= self._next_refute_at:
             self._refute(now, out)
 
     def _refute(self, now: float, out: list[Effect]) -> None:
         """Announce (signed) that we are alive at a higher incarnation. At most one
-        refutation per probe interval, so a spammer cannot make us flood."""
+        refutation per probe interval, so a spammer cannot make us flood. A new
+        incarnation raises our health (Lifeguard: being suspected hints that we are
+        slow); repeating the one we hold (a stale accusation, maybe replayed) does not."""
+        if self._refute_to > self._inc:
+            self._health = min(self.health_max, self._health + 1)
         self._inc = self._refute_to
         self._refute_to = None
         self._next_refute_at = now + self.probe_interval
-        self._health = min(self.health_max, self._health + 1)
+        self._alive_at = now
         frame = wire.encode(wire.Alive(self.me, self._inc, wire.ts_of(now)).signed_with(self._sign))
         out.append(Broadcast(self.topic, frame))

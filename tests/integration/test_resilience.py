@@ -181,6 +181,46 @@ async def test_single_false_accuser_cannot_remove_healthy_exit(tmp_path):
             assert live_exit_count(n) == 1
 
 
+async def test_a_healthy_exit_refutes_two_accusers_before_anyone_declares_it_dead(tmp_path):
+    """Two members accuse a healthy exit once each, at the incarnation the others
+    know (0: a node starts at its clock in ms and nobody knows that until it says
+    so). Enough for DEAD after the suspicion timer, unless the exit hears of it and
+    refutes: it does, with an Alive at the incarnation it holds, which every node
+    learns, and no node ever holds it dead (here they are all connected to it, so
+    its answers to their pings clear it too; in a larger overlay most are not)."""
+    async with fleet(tmp_path) as f:
+        exit_node = await f.add("exit", EXIT)
+        others = [await f.add(f"n{i}", ("relay",)) for i in range(3)]
+        liars = [await f.add(f"liar{i}", ("relay",)) for i in range(2)]
+        everyone = [exit_node, *others, *liars]
+        await wait_until(lambda: all(len(n.view) == 6 for n in everyone), 90)
+        await wait_settled(everyone)
+        assert exit_node.resilience.liveness.incarnation > 0
+        async with Libp2pHost(
+            SigningKey.generate(), ["/ip4/127.0.0.1/tcp/0"], gossip_topics=[TOPIC]
+        ) as mouth:
+            await mouth.connect(join_addr(others[0]))
+            await trio.sleep(1.5)  # its gossip mesh forms
+            before = [n.resilience.liveness.accusations_heard for n in others]
+            for liar in liars:
+                frame = wire.Suspect(exit_node.node_id, 0, liar.node_id, wire.ts_of(time.time()))
+                await mouth.publish(TOPIC, wire.encode(frame.signed_with(liar.key.sign)))
+            seen_dead = set()
+            for _ in range(200):  # 10 s: well past the suspicion timer (4 s at most)
+                for n in others:
+                    if n.resilience.liveness.state(exit_node.node_id)[0] == "dead":
+                        seen_dead.add(n.node_id.short())
+                await trio.sleep(0.05)
+            heard = [n.resilience.liveness.accusations_heard for n in others]
+            assert any(a > b for a, b in zip(heard, before, strict=True)), "never arrived"
+        assert not seen_dead
+        # the exit said which incarnation it holds, and everyone heard it
+        inc = exit_node.resilience.liveness.incarnation
+        for n in others:
+            assert n.resilience.liveness.incarnation_of(exit_node.node_id) == inc
+        assert all(live_exit_count(n) == 1 for n in others)
+
+
 async def test_all_exits_killed_standbys_take_over_and_nothing_is_lost(tmp_path):
     from overlay.devtools.demo import SmtpSink
 

@@ -376,6 +376,27 @@ def test_failed_probe_goes_indirect_then_suspects_and_broadcasts_signed():
     assert c.health == 1  # Lifeguard: a failed probe makes us slower
 
 
+def test_our_accusation_refuted_stretches_our_timing():
+    """An Alive clearing a member we accused ourselves says we were wrong: our
+    local health worsens (longer timeouts); one clearing others' word does not."""
+    c = core(n=6)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    c.tick(t + c.probe_timeout)
+    c.tick(t + c.probe_interval)
+    assert c.state(target)[0] == SUSPECT and c.health == 1
+    out = c.receive(B if target != B else C, alive(target, 1), t + c.probe_interval + 0.1)
+    assert StateChanged(target, ALIVE, t + c.probe_interval + 0.1) in out
+    assert c.health == 2
+    o = core(i=3, n=6, verify_fanout=0)
+    o.receive(B, suspect(C, B), 1.0)
+    o.receive(IDS[4], suspect(C, IDS[4]), 1.0)
+    assert o.state(C)[0] == SUSPECT
+    o.receive(B, alive(C, 1), 1.1)
+    assert o.state(C)[0] == ALIVE and o.health == 0
+
+
 def test_relayed_ack_counts_and_relay_forwards():
     c = core(n=6)
     c.tick(0.0)
@@ -522,7 +543,7 @@ def test_accusation_about_self_is_refuted_once_per_interval():
     a = wire.decode(bc.data)
     assert a == wire.Alive(A, 1, a.ts, a.signature) and c.incarnation == 1
     a.verify()
-    # a stale accusation needs no answer
+    # a stale accusation right after a refutation waits for the rate limit
     assert c.receive(B, suspect(A, B, inc=0, ts=2), 1.1) == []
     # a spammer at the current incarnation gets one refutation per probe interval
     out = c.receive(C, suspect(A, C, inc=1, ts=3), 1.1)
@@ -535,6 +556,44 @@ def test_accusation_about_self_is_refuted_once_per_interval():
     # a forged huge incarnation cannot exhaust the space in one step
     c.receive(B, suspect(A, B, inc=2**64 - 1, ts=5), 9.0)
     assert c.incarnation == 42 + 2**32 + 1
+
+
+def test_an_accusation_below_our_incarnation_is_answered_with_the_one_we_hold():
+    """A real node starts at its clock in ms, which the others learn only from an
+    Alive: they accuse incarnation 0. The accused answers with the incarnation it
+    holds (no new one, no health), at most once per probe interval, and the
+    observers that counted the accusation clear it."""
+    start = 1_765_000_000_000
+    c = core(n=6, incarnation=start)
+    out = c.receive(B, suspect(A, B, inc=0), 1.0)
+    [bc] = [e for e in out if isinstance(e, Broadcast)]
+    a = wire.decode(bc.data)
+    assert (a.subject, a.incarnation) == (A, start) and c.incarnation == start
+    assert c.health == 0
+    # old accusations still travelling (or replayed) do not make it flood: the
+    # incarnation it holds is said again once per accusation_ttl
+    for t in (1.2, 1.0 + c.probe_interval, 1.0 + c.accusation_ttl - 0.1):
+        out = c.receive(C, suspect(A, C, inc=0, ts=int(t * 10)), t)
+        assert not [e for e in out if isinstance(e, Broadcast)]
+        assert not [e for e in c.tick(t) if isinstance(e, Broadcast)]
+    out = c.receive(C, suspect(A, C, inc=0, ts=99), 1.0 + c.accusation_ttl)
+    assert [wire.decode(e.data).incarnation for e in out if isinstance(e, Broadcast)] == [start]
+    # an accusation at the incarnation it holds is refuted with a new one, at once
+    health = c.health
+    out = c.receive(B, suspect(A, B, inc=start, ts=100), 1.0 + c.accusation_ttl + c.probe_interval)
+    assert [wire.decode(e.data).incarnation for e in out if isinstance(e, Broadcast)] == [start + 1]
+    assert c.health == health + 1
+    # an observer that holds A suspect at the incarnation it knew (0) clears on it
+    o = core(i=3, n=6, verify_fanout=0)
+    o.receive(B, suspect(A, B, inc=0), 1.0)
+    o.receive(C, suspect(A, C, inc=0), 1.0)
+    assert o.state(A)[0] == SUSPECT
+    out = o.receive(B, bc.data, 1.1)
+    assert StateChanged(A, ALIVE, 1.1) in out
+    # the incarnation it now knows makes the old accusations stale there
+    o.receive(B, suspect(A, B, inc=0, ts=5), 1.2)
+    o.receive(C, suspect(A, C, inc=0, ts=5), 1.2)
+    assert o.state(A)[0] == ALIVE
 
 
 def test_forged_signatures_are_penalized_and_ignored():
