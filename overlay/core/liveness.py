@@ -42,8 +42,13 @@ gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
 it waited for. Not a ``probe_now`` probe: the connection it follows just
 closed, which is how a crash looks, and waiting would delay failover. A
 crashed process's connections close and a stopped or cut-off one sends
-nothing, so neither is ever heard. For the same reason a routine
-turn of an alive, unaccused member that has sent us anything since our last
+nothing, so neither is ever heard. A security handshake with the target
+that completes while we wait (``secured``) counts the same, even when the
+connection fails right after it: the handshake is signed with the target's
+key, so its process ran, and on a saturated machine a dial's handshake often
+completes while the connection setup after it times out (a crashed process
+refuses the dial, a stopped or cut-off one never answers it). For the same
+reason a routine turn of an alive, unaccused member that has sent us anything since our last
 look at it (its own ping, an ack, gossip, a sync round) sends no ping at all
 (``passive_looks``): the turn is spent, and its next turn pings it unless it
 talked again. A member that stops sending is pinged at its next turn or the
@@ -160,6 +165,7 @@ class _Probe:
     graced: bool = False  # its deadline was seen late once and moved (see ``tick``)
     sent: float = 0.0  # when the Ping went out (round-trip samples)
     heard0: int | None = None  # ``heard(target)`` when the probe started
+    secured0: int = 0  # ``secured(target)`` when the probe started
     dialing: bool = False  # no connection to the target yet: deadline moved once
 
 
@@ -184,6 +190,9 @@ class Liveness(Suspicion):
     ``heard(node)`` is a count that grows whenever ``node`` sends us anything
     over an authenticated connection (None when we have none to it); a probe
     whose target was heard from while it ran does not fail (``tick``).
+    ``secured(node)`` is a count that grows whenever a security handshake with
+    ``node`` completes, in either direction, also on a connection that fails
+    right after; one during a probe counts as word from the target too.
 
     Defaults: 0.5 s probes with a 0.25 s direct timeout sit between
     memberlist's LAN (1 s / 0.5 s) and aggressive (0.2 s / 0.1 s) profiles;
@@ -226,6 +235,7 @@ class Liveness(Suspicion):
         verify: Verifier | None = None,
         is_known: Callable[[NodeId], bool] | None = None,
         heard: Callable[[NodeId], int | None] | None = None,
+        secured: Callable[[NodeId], int] | None = None,
         dial_grace: float = 5.0,
     ) -> None:
         if not 0 < probe_timeout < probe_interval:
@@ -260,6 +270,7 @@ class Liveness(Suspicion):
         self._verify = verify or _verify_ed25519
         self._is_known = is_known
         self._heard = heard
+        self._secured = secured
         self.dial_grace = dial_grace
         self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
 
@@ -461,7 +472,7 @@ class Liveness(Suspicion):
                         self.dial_waits += 1
                         continue
                 self._end_probe(nonce)
-                if _moved(p.heard0, reads):
+                if _moved(p.heard0, reads) or self._handshook(p):
                     # the target sent us something while we waited: its process
                     # runs and only answers late (a busy machine, ours or its).
                     # Not a failure, and no blame either way: whose slowness it
@@ -477,7 +488,7 @@ class Liveness(Suspicion):
                     p.target, now, out, blame_self=p.nacks < len(p.relays) or not p.relays
                 )
             elif not p.indirect_sent and now >= p.indirect_at:
-                if _moved(p.heard0, self._reads(p.target)):
+                if _moved(p.heard0, self._reads(p.target)) or self._handshook(p):
                     p.indirect_sent = True  # it is talking to us: no one else need look
                 else:
                     self._send_ping_reqs(p, out)
@@ -650,6 +661,7 @@ class Liveness(Suspicion):
             if m.state == DEAD:
                 probe.indirect_sent = True  # a direct look is enough for the dead
         probe.heard0 = self._reads(target)
+        probe.secured0 = self._secured(target) if self._secured is not None else 0
         if m is not None:
             m.heard_mark = probe.heard0
         self._probes[nonce] = probe
@@ -663,6 +675,11 @@ class Liveness(Suspicion):
     def _reads(self, node: NodeId) -> int | None:
         """``heard(node)``; None without ``heard`` (nothing is ever heard then)."""
         return None if self._heard is None else self._heard(node)
+
+    def _handshook(self, p: _Probe) -> bool:
+        """A security handshake with the target finished since the probe began: its
+        process answered (signed), whatever became of that connection."""
+        return self._secured is not None and self._secured(p.target) != p.secured0
 
     def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
         p.indirect_sent = True

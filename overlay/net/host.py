@@ -487,6 +487,16 @@ class Libp2pHost(
             return None
         return upstream.reads_from(self._swarm, pid)
 
+    def handshakes_with(self, peer_id: str) -> int:
+        """Security handshakes completed with ``peer_id`` so far, in either direction
+        (a count that grows whenever the peer's process proved itself on a new
+        connection, even one that failed afterwards). Compare two values."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            return 0
+        return upstream.handshakes_with(self._swarm, pid)
+
     async def connect(self, addr: str, *, reuse: bool = True) -> str:
         """Dial exactly ``addr`` (which must end in ``/p2p/<id>``); return the peer id.
 

@@ -264,6 +264,31 @@ def reads_from(swarm: Any, peer: ID) -> int | None:
     )
 
 
+# Completed security handshakes per peer (not a workaround: py-libp2p keeps no
+# such count). A finished Noise handshake proves that the peer's process ran
+# while it answered (its static key is signed with the peer's identity key),
+# also when the connection then fails before it is usable (on a saturated
+# machine the muxer negotiation after it is what times out). The failure
+# detector takes one during a probe as word from the target (core/liveness.py,
+# ``secured``). Bounded: the oldest peers are forgotten first.
+# test_handshakes_with_counts_completed_handshakes.
+MAX_HANDSHAKE_PEERS = 4096
+
+
+def note_handshake(swarm: Any, peer: ID) -> None:
+    counts = getattr(swarm, "hydra_handshakes", None)
+    if counts is None:
+        counts = swarm.hydra_handshakes = {}
+    counts[peer] = counts.pop(peer, 0) + 1  # re-inserted: newest last
+    if len(counts) > MAX_HANDSHAKE_PEERS:
+        del counts[next(iter(counts))]
+
+
+def handshakes_with(swarm: Any, peer: ID) -> int:
+    """Security handshakes completed with ``peer`` so far (either direction)."""
+    return getattr(swarm, "hydra_handshakes", {}).get(peer, 0)
+
+
 # Trimmed connections (not a workaround: py-libp2p reads a Yamux GO_AWAY's code
 # but reports it to nobody). A node that closes a connection it no longer needs
 # sends GO_AWAY with go-libp2p's connection-manager code 0x1005 ("connection
@@ -657,6 +682,7 @@ def install_gates(
                 await conn.close()
             on_banned()
             raise SecurityUpgradeFailure(f"peer {remote} is banned")
+        note_handshake(swarm, conn.get_remote_peer())
         return conn
 
     upgrader.upgrade_security = _upgrade_security

@@ -88,6 +88,7 @@ class Resilience:
             is_known=node.view.is_verified,
             # a member that sends us anything while we wait for its ack is running
             heard=self._heard,
+            secured=self._secured,
         )
         self.pool = ExitPool(
             node.node_id,
@@ -183,6 +184,10 @@ class Resilience:
     def _heard(self, member: NodeId) -> int | None:
         host = self.node.host
         return None if host is None else host.reads_from(member.peer_id())
+
+    def _secured(self, member: NodeId) -> int:
+        host = self.node.host
+        return 0 if host is None else host.handshakes_with(member.peer_id())
 
     def _refresh_members(self, now: float) -> None:
         node = self.node

@@ -267,6 +267,23 @@ async def test_reads_from_counts_authenticated_reads() -> None:
         assert a.reads_from(b.peer_id) is None
 
 
+async def test_handshakes_with_counts_completed_handshakes() -> None:
+    """``handshakes_with`` grows at both ends with each secured connection, also a
+    further one to a peer already connected, and stays when connections close
+    (the liveness probes' ``secured``)."""
+    a, b = make_host([TCP]), make_host([TCP])
+    async with running(a, b):
+        assert a.handshakes_with(b.peer_id) == 0
+        assert a.handshakes_with("not a peer id") == 0
+        await a.connect(addr_of(b, "tcp"))
+        await wait_until(lambda: b.handshakes_with(a.peer_id) == 1, 10)
+        assert a.handshakes_with(b.peer_id) == 1
+        await a.connect(addr_of(b, "tcp"), reuse=False)
+        assert a.handshakes_with(b.peer_id) == 2
+        await a.disconnect(b.peer_id)
+        assert a.handshakes_with(b.peer_id) == 2
+
+
 async def test_connect_rejects_bad_input() -> None:
     a = make_host()
     async with a:

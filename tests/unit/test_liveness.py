@@ -795,6 +795,28 @@ def test_a_target_not_heard_from_is_suspected_as_before(after):
     assert c.state(target)[0] == SUSPECT and c.heard_probes == 0
 
 
+@pytest.mark.parametrize("handshake", [True, False], ids=["handshake", "none"])
+def test_a_handshake_with_the_target_while_we_wait_is_word_from_it(handshake):
+    """No connection when the probe began, none at its end (the dial's setup timed
+    out after its security handshake, on a saturated machine): a handshake the
+    target completed meanwhile (signed with its key) proves its process ran, so
+    no accusation; without one, suspicion as before."""
+    secured = dict.fromkeys(IDS, 2)
+    heard = Heard()
+    c = core(n=6, heard=heard, secured=lambda n: secured[n], dial_grace=3.0)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    if handshake:
+        secured[target] += 1
+    now = t
+    while now < t + c.probe_interval + 3.5:
+        now += 0.05
+        c.tick(now)
+    assert c.state(target)[0] == (ALIVE if handshake else SUSPECT)
+    assert (c.heard_probes >= 1) == handshake
+
+
 @pytest.mark.parametrize("connects", [True, False], ids=["connects", "never"])
 def test_a_probe_without_a_connection_waits_for_the_dial_once(connects):
     """No connection to the target when the probe began and none at its deadline:
