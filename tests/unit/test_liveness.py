@@ -376,16 +376,24 @@ def test_failed_probe_goes_indirect_then_suspects_and_broadcasts_signed():
     assert c.health == 1  # Lifeguard: a failed probe makes us slower
 
 
-def test_our_accusation_refuted_stretches_our_timing():
-    """An Alive clearing a member we accused ourselves says we were wrong: our
-    local health worsens (longer timeouts); one clearing others' word does not."""
+def suspected_by_our_probe():
+    """A core whose first probe went unanswered: its target is SUSPECT on our own
+    word, and our health is 1. Returns the core, the probe's start, the target
+    and the Ping."""
     c = core(n=6)
     c.tick(0.0)
     t = c.next_wakeup()
-    [(target, _)] = sends(c.tick(t), wire.Ping)
+    [(target, ping)] = sends(c.tick(t), wire.Ping)
     c.tick(t + c.probe_timeout)
     c.tick(t + c.probe_interval)
     assert c.state(target)[0] == SUSPECT and c.health == 1
+    return c, t, target, ping
+
+
+def test_our_accusation_refuted_stretches_our_timing():
+    """An Alive clearing a member we accused ourselves says we were wrong: our
+    local health worsens (longer timeouts); one clearing others' word does not."""
+    c, t, target, _ = suspected_by_our_probe()
     out = c.receive(B if target != B else C, alive(target, 1), t + c.probe_interval + 0.1)
     assert StateChanged(target, ALIVE, t + c.probe_interval + 0.1) in out
     assert c.health == 2
@@ -732,13 +740,7 @@ def test_a_probe_deadline_seen_late_accuses_nobody_until_one_more_timeout():
 def test_an_answer_to_a_failed_probe_clears_it_and_slows_us_down():
     """The ack of a probe that already failed arrives: the target is alive (our
     suspicion goes) and our timeouts were too short, so our health worsens."""
-    c = core(n=6)
-    c.tick(0.0)
-    t = c.next_wakeup()
-    [(target, ping)] = sends(c.tick(t), wire.Ping)
-    c.tick(t + c.probe_timeout)
-    c.tick(t + c.probe_interval)
-    assert c.state(target)[0] == SUSPECT and c.health == 1
+    c, t, target, ping = suspected_by_our_probe()
     out = c.receive(target, wire.encode(wire.Ack(ping.nonce)), t + c.probe_interval + 0.1)
     assert c.state(target)[0] == ALIVE and c.health == 2 and c.late_acks == 1
     assert StateChanged(target, ALIVE, t + c.probe_interval + 0.1) in out
