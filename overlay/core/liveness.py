@@ -48,10 +48,10 @@ connection fails right after it: the handshake is signed with the target's
 key, so its process ran, and on a saturated machine a dial's handshake often
 completes while the connection setup after it times out (a crashed process
 refuses the dial, a stopped or cut-off one never answers it). For the same
-reason a routine turn of an alive, unaccused member that has sent us anything since our last
-look at it (its own ping, an ack, gossip, a sync round) sends no ping at all
-(``passive_looks``): the turn is spent, and its next turn pings it unless it
-talked again. A member that stops sending is pinged at its next turn or the
+reason a routine turn of an alive, unaccused member that has sent us
+anything since our last look at it (its own ping, an ack, gossip, a sync
+round) sends no ping at all (``passive_looks``): the turn is spent, and its
+next turn pings it unless it talked again. A member that stops sending is pinged at its next turn or the
 one after; a closed connection still brings a ping at once (``probe_now``).
 
 Deaths announced before a node started (or while it was cut off) are not
@@ -678,8 +678,10 @@ class Liveness(Suspicion):
 
     def _handshook(self, p: _Probe) -> bool:
         """A security handshake with the target finished since the probe began: its
-        process answered (signed), whatever became of that connection."""
-        return self._secured is not None and self._secured(p.target) != p.secured0
+        process answered (signed), whatever became of that connection. Only a
+        count that grew: one that fell (the transport forgot the peer, as it
+        does with the oldest when many peers handshake) proves nothing."""
+        return self._secured is not None and self._secured(p.target) > p.secured0
 
     def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
         p.indirect_sent = True

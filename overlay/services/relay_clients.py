@@ -4,10 +4,11 @@ Part of ``services.relay.RelayService`` (a mixin). A client SUBMITs packets
 (this node is their first hop), REGISTERs the surb ids whose replies should be
 pushed back as REPLY frames, and is sent DEAD hints about nodes this node
 believes dead: when that set changes, or the exits this node's view holds
-change (the client syncs its membership on every DEAD frame). At most ``clients_per_peer`` sessions per client identity and
-``max_clients`` in all (a new one closes the session idle longest when all
-slots are taken); a session silent for ``client_idle`` seconds, and a stream
-stalled mid-frame for ``frame_timeout``, is closed (``idle_timeout``).
+change (the client syncs its membership on every DEAD frame). At most
+``clients_per_peer`` sessions per client identity and ``max_clients`` in all
+(a new one closes the session idle longest when all slots are taken); a
+session silent for ``client_idle`` seconds, and a stream stalled mid-frame for
+``frame_timeout``, is closed (``idle_timeout``).
 """
 
 from __future__ import annotations

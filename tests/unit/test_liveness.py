@@ -819,6 +819,23 @@ def test_a_handshake_with_the_target_while_we_wait_is_word_from_it(handshake):
     assert (c.heard_probes >= 1) == handshake
 
 
+def test_a_handshake_count_that_fell_is_not_word_from_the_target():
+    """The transport forgets the oldest peers' counts when many peers handshake
+    (an attacker's fresh identities can push a member out): a count that fell
+    during the probe proves nothing, and the silent target is suspected."""
+    secured = dict.fromkeys(IDS, 7)
+    c = core(n=6, heard=Heard(), secured=lambda n: secured[n], dial_grace=3.0)
+    c.tick(0.0)
+    t = c.next_wakeup()
+    [(target, _)] = sends(c.tick(t), wire.Ping)
+    secured[target] = 0
+    now = t
+    while now < t + c.probe_interval + 3.5:
+        now += 0.05
+        c.tick(now)
+    assert c.state(target)[0] == SUSPECT
+
+
 @pytest.mark.parametrize("connects", [True, False], ids=["connects", "never"])
 def test_a_probe_without_a_connection_waits_for_the_dial_once(connects):
     """No connection to the target when the probe began and none at its deadline:
