@@ -51,8 +51,9 @@ refuses the dial, a stopped or cut-off one never answers it). For the same
 reason a routine turn of an alive, unaccused member that has sent us
 anything since our last look at it (its own ping, an ack, gossip, a sync
 round) sends no ping at all (``passive_looks``): the turn is spent, and its
-next turn pings it unless it talked again. A member that stops sending is pinged at its next turn or the
-one after; a closed connection still brings a ping at once (``probe_now``).
+next turn pings it unless it talked again. A member that stops sending is
+pinged at its next turn or the one after; a closed connection still brings a
+ping at once (``probe_now``).
 
 Deaths announced before a node started (or while it was cut off) are not
 gossiped again, so a node sends a ``DeadReq`` to the first

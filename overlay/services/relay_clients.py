@@ -48,7 +48,7 @@ class _Session(ReplySink):
     recv: trio.MemoryReceiveChannel
     dropped: int = 0
     last_dead: frozenset = field(default_factory=frozenset)
-    last_exits: frozenset | None = None  # the exits in our view at the last push
+    last_exits: frozenset = field(default_factory=frozenset)  # our view's, last push
     last_active: float = 0.0  # trio time of the last complete frame from the client
     scope: trio.CancelScope | None = None
 
@@ -93,7 +93,10 @@ class ClientSessions:
             self._reject("client", Reason.CLIENT_LIMIT, peer, penalize=False)
             return
         send, recv = trio.open_memory_channel(256)
-        session = _Session(peer, send, recv, last_active=trio.current_time())
+        # the exits we hold now reach the client in its first sync: no push for them
+        session = _Session(
+            peer, send, recv, last_active=trio.current_time(), last_exits=self._exits()
+        )
         self._sessions.add(session)
         self._sessions_of[peer] = self._sessions_of.get(peer, 0) + 1
         self.metrics.sessions.set(len(self._sessions))
@@ -167,8 +170,6 @@ class ClientSessions:
                         except trio.WouldBlock:
                             break
                 dead, exits = self._dead_set(), self._exits()
-                if session.last_exits is None:
-                    session.last_exits = exits  # the client's first sync brings these
                 if dead != session.last_dead or exits != session.last_exits:
                     # a new exit in our view (a standby promoted) is pushed too: the
                     # client syncs on any push, and must not wait for its next round
