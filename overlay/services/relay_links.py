@@ -178,7 +178,8 @@ class Links:
         ``max_dials`` at once. A stream that does not open within
         ``stream_timeout`` on an existing connection means a wedged connection
         (seen with py-libp2p when both sides dialled at once): drop the
-        connection and dial afresh, once.
+        connection and dial afresh, once. The drop is a trim (GO_AWAY 0x1005):
+        the peer may only be slow, and must not take it for our crash.
         """
         node = self.node
         peer = link.peer
@@ -207,7 +208,7 @@ class Links:
                         raise
                     log.info("relay stream to %s hung; reconnecting", peer.short())
                     self.metrics.reconnects.inc()
-                    await node.host.disconnect(pid)
+                    await node.host.trim(pid)
         raise LocalError("unreachable")  # pragma: no cover
 
     def _lookup_done(self, link: _Link) -> None:

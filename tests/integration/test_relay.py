@@ -26,7 +26,7 @@ from overlay.crypto import NodeId, SigningKey
 from overlay.errors import DecodeError, Reason
 from overlay.exits import RetryPolicy
 from overlay.net.framing import encode_frame, encode_uvarint
-from overlay.net.host import Libp2pHost
+from overlay.net.host import Libp2pHost, StreamOpenTimeout
 from overlay.onion import build_packet
 from overlay.onion.params import LARGE, SMALL, Hop
 from overlay.runtime import Node
@@ -560,3 +560,39 @@ async def test_non_exit_answers_not_exit_and_client_moves_on(tmp_path):
             assert sink.count(b"move on\r\n") == 1
     finally:
         ctl.stop()
+
+
+async def test_a_hung_relay_stream_is_redialled_after_a_trim_not_a_crash(tmp_path):
+    """A relay stream that does not open in time drops the connection and dials
+    afresh; the drop is a trim, so the next hop (maybe only slow) does not take
+    it for our crash and rush to probe us."""
+    services = []
+
+    def with_relay(i, home):
+        services.append(RelayService())
+        return [services[-1], *light_services()]
+
+    async with overlay(tmp_path, 3, services_for=with_relay) as nodes:
+        await wait_until(lambda: all(len(n.view) == 3 for n in nodes), 30)
+        a, b = nodes[0], nodes[1]
+        relay = services[0]
+        await a.host.connect(b.host.listen_addrs()[0])
+        heard: list[tuple[str, bool]] = []
+        b.host.on_disconnect(lambda pid, trimmed: heard.append((pid, trimmed)))
+        real_open = a.host.open_stream
+        hangs = []
+
+        async def open_stream(peer_id, protocol, **kw):
+            if protocol == RELAY_PROTOCOL and not hangs:
+                hangs.append(peer_id)
+                raise StreamOpenTimeout(f"{protocol} to {peer_id} did not open")
+            return await real_open(peer_id, protocol, **kw)
+
+        a.host.open_stream = open_stream
+        relay.forward(b.node_id, os.urandom(64), now=a.clock())
+        a_pid = a.node_id.peer_id()
+        await wait_until(lambda: any(pid == a_pid for pid, _ in heard), 30)
+        assert hangs == [b.node_id.peer_id()]
+        assert [t for pid, t in heard if pid == a_pid][0] is True
+        assert relay.metrics.reconnects._value.get() == 1
+        await wait_until(lambda: b.node_id in a.connected(), 30)  # dialled afresh
