@@ -136,8 +136,12 @@ class PeerManager:
         within minutes.
         """
         connected = set(self.node.connected())
-        if len(connected) >= self.node.config.target_peers and not self.node.admission.unverified:
-            return  # enough connections and nobody to verify: nothing to dial
+        view = self.node.view
+        if not self.node.admission.unverified and (
+            len(connected) >= self.node.config.target_peers
+            or sum(1 for p in connected if p in view) >= len(view) - 1
+        ):
+            return  # enough connections (or every other member) and nobody to verify
         now = self.node.clock()
         snap = self.node.view.snapshot(now)
         banned = {p for p in snap.records if self.node.scores.banned(p, now)}
