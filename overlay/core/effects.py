@@ -14,11 +14,16 @@ from ..errors import Reason
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``frame`` to ``peer`` on the Hydra stream protocol ``protocol``."""
+    """Send ``frame`` to ``peer`` on the Hydra stream protocol ``protocol``.
+
+    ``urgent``: a probe's ping, whose absence would read as the peer's silence:
+    sent even while opening streams to the peer backs off after a failed open.
+    """
 
     peer: NodeId
     protocol: str
     frame: bytes
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

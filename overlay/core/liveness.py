@@ -39,8 +39,12 @@ and the indirect probes are skipped once the target has been heard from. A
 probe that began with no connection to its target (a lone accusation checked,
 a dead member looked at again, an exit) and still has none at its deadline
 gets ``dial_grace`` more once: on a busy machine the dial's handshake is what
-it waited for. Not a ``probe_now`` probe: the connection it follows just
-closed, which is how a crash looks, and waiting would delay failover. A
+it waited for. A ``probe_now`` probe (the connection it follows just closed,
+which is how a crash looks, and waiting would delay failover), or one whose
+connection closed while it waited, gets it only if the target's address
+accepted a dial of ours meanwhile (``answered``): a crashed process's port
+refuses the dial, while a live process on a busy machine accepts it and
+takes seconds to finish the handshake. A
 crashed process's connections close and a stopped or cut-off one sends
 nothing, so neither is ever heard. A security handshake with the target
 that completes while we wait (``secured``) counts the same, even when the
@@ -167,7 +171,9 @@ class _Probe:
     sent: float = 0.0  # when the Ping went out (round-trip samples)
     heard0: int | None = None  # ``heard(target)`` when the probe started
     secured0: int = 0  # ``secured(target)`` when the probe started
-    dialing: bool = False  # no connection to the target yet: deadline moved once
+    after_close: bool = False  # ``probe_now``: a missing connection is no reason to wait
+    dial_graced: bool = False  # its deadline was moved once for a dial (see ``tick``)
+    answered0: int = 0  # ``answered(target)`` when the probe started
 
 
 @dataclass(slots=True)
@@ -237,6 +243,7 @@ class Liveness(Suspicion):
         is_known: Callable[[NodeId], bool] | None = None,
         heard: Callable[[NodeId], int | None] | None = None,
         secured: Callable[[NodeId], int] | None = None,
+        answered: Callable[[NodeId], int] | None = None,
         dial_grace: float = 5.0,
     ) -> None:
         if not 0 < probe_timeout < probe_interval:
@@ -272,6 +279,7 @@ class Liveness(Suspicion):
         self._is_known = is_known
         self._heard = heard
         self._secured = secured
+        self._answered = answered
         self.dial_grace = dial_grace
         self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
 
@@ -462,13 +470,15 @@ class Liveness(Suspicion):
                 continue
             if now >= p.deadline:
                 reads = self._reads(p.target)
-                if self._heard is not None and reads is None and p.heard0 is None:
-                    if not p.dialing:
-                        # no connection to the target when the probe began, none
-                        # yet: the dial (a handshake on a busy machine) is what we
-                        # waited for, not the target. One more ``dial_grace``,
-                        # then it counts as a failure
-                        p.dialing = True
+                if self._heard is not None and reads is None and not p.dial_graced:
+                    if (p.heard0 is None and not p.after_close) or self._dial_answered(p):
+                        # no connection to the target now: the dial (a handshake
+                        # on a busy machine) is what we waited for, not the
+                        # target. One more ``dial_grace``, then it counts as a
+                        # failure. After a close (a crash closes connections)
+                        # only if its address accepted a dial of ours since the
+                        # probe began: a crashed process's port refuses it
+                        p.dial_graced = True
                         p.deadline = now + self.dial_grace
                         self.dial_waits += 1
                         continue
@@ -654,7 +664,7 @@ class Liveness(Suspicion):
             now + self.timeout * mult,
             now + self.interval * mult,
             sent=now,
-            dialing=not dial_grace,  # no grace: as if it had been used
+            after_close=not dial_grace,
         )
         m = self._members.get(target)
         if m is not None:
@@ -663,6 +673,7 @@ class Liveness(Suspicion):
                 probe.indirect_sent = True  # a direct look is enough for the dead
         probe.heard0 = self._reads(target)
         probe.secured0 = self._secured(target) if self._secured is not None else 0
+        probe.answered0 = self._answered(target) if self._answered is not None else 0
         if m is not None:
             m.heard_mark = probe.heard0
         self._probes[nonce] = probe
@@ -670,12 +681,17 @@ class Liveness(Suspicion):
         hint = self._accusation_for(target)
         if hint is not None:  # tell the target what it is accused of, so it can refute
             out.append(Send(target, self.protocol, hint))
-        out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce))))
+        out.append(Send(target, self.protocol, wire.encode(wire.Ping(nonce)), urgent=True))
         return True
 
     def _reads(self, node: NodeId) -> int | None:
         """``heard(node)``; None without ``heard`` (nothing is ever heard then)."""
         return None if self._heard is None else self._heard(node)
+
+    def _dial_answered(self, p: _Probe) -> bool:
+        """The target's address accepted a dial of ours since the probe began: a
+        process listens there (a crashed one's port refuses)."""
+        return self._answered is not None and self._answered(p.target) > p.answered0
 
     def _handshook(self, p: _Probe) -> bool:
         """A security handshake with the target finished since the probe began: its
@@ -763,7 +779,7 @@ class Liveness(Suspicion):
         self._relays[nonce] = _Relay(
             peer, f.nonce, f.target, now + 0.8 * self.timeout, now + self.interval
         )
-        out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce))))
+        out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce)), urgent=True))
 
     def _probe_failed(
         self, target: NodeId, now: float, out: list[Effect], blame_self: bool = True

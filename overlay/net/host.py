@@ -497,6 +497,16 @@ class Libp2pHost(
             return 0
         return upstream.handshakes_with(self._swarm, pid)
 
+    def dials_answered(self, peer_id: str) -> int:
+        """Our dials to ``peer_id`` whose TCP connection its address accepted so far
+        (a listening process was there; whatever became of the dial after).
+        Compare two values."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            return 0
+        return upstream.answers_from(self._swarm, pid)
+
     async def connect(self, addr: str, *, reuse: bool = True) -> str:
         """Dial exactly ``addr`` (which must end in ``/p2p/<id>``); return the peer id.
 

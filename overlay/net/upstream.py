@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, DCUtR auto-drive cost, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, replay to new subscribers, concurrent copies, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, DCUtR auto-drive cost, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, negative dial cache, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, replay to new subscribers, concurrent copies, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -289,6 +289,29 @@ def handshakes_with(swarm: Any, peer: ID) -> int:
     return getattr(swarm, "hydra_handshakes", {}).get(peer, 0)
 
 
+# Dials the peer's address answered (not a workaround: py-libp2p keeps no
+# such count): our TCP connection to it was accepted (counted as the security
+# handshake starts). A probe of a member whose connection just closed has no
+# connection to wait for, only the dial its ping started: a crashed process's
+# port refuses that dial, while a live process on a busy machine accepts it
+# and takes seconds to finish the handshake (or drops it when over its
+# per-address bound). The failure detector gives such a probe one grace
+# period (core/liveness.py, ``answered``). Bounded like the handshake counts.
+# test_dials_answered_counts_accepted_dials.
+def note_answer(swarm: Any, peer: ID) -> None:
+    counts = getattr(swarm, "hydra_answers", None)
+    if counts is None:
+        counts = swarm.hydra_answers = {}
+    counts[peer] = counts.pop(peer, 0) + 1  # re-inserted: newest last
+    if len(counts) > MAX_HANDSHAKE_PEERS:
+        del counts[next(iter(counts))]
+
+
+def answers_from(swarm: Any, peer: ID) -> int:
+    """Our dials to ``peer`` whose TCP connection its address accepted, so far."""
+    return getattr(swarm, "hydra_answers", {}).get(peer, 0)
+
+
 # Trimmed connections (not a workaround: py-libp2p reads a Yamux GO_AWAY's code
 # but reports it to nobody). A node that closes a connection it no longer needs
 # sends GO_AWAY with go-libp2p's connection-manager code 0x1005 ("connection
@@ -380,10 +403,15 @@ def new_libp2p_host(
     # WORKAROUND (dial retries): the swarm retries every failed dial 3
     # times with backoff inside one connect(); the runtime above owns
     # retry policy, so the adapter fails fast.
-    # (Upstream's 60 s negative dial cache is bypassed by dialing the
-    # exact address and cleared after each successful connect.)
     # test_dial_refused_port_fails_fast.
     swarm.retry_config = RetryConfig(max_retries=0)
+    # WORKAROUND (negative dial cache): after one dial to a peer failed (a
+    # timeout on a busy machine is enough), upstream refuses every dial to it
+    # for 60 s, also the one a stream open makes: a live member's liveness
+    # pings then fail at once for a minute and read as its silence. Off
+    # (time to live 0); the runtime's own back-offs bound repeated dials.
+    # test_a_failed_dial_does_not_block_the_next_stream_open.
+    swarm._negative_peer_cache = type(swarm._negative_peer_cache)(ttl=0.0)
     add_dial_transports(swarm, key_pair)
     return host
 
@@ -650,8 +678,9 @@ def install_gates(
     on_banned: Callable[[], None],
 ) -> None:
     """Replace the swarm's inbound handler with ``handle_inbound``, refuse banned
-    peers right after the security handshake (``on_banned`` counts each), and
-    contain exceptions of libp2p's own stream handlers."""
+    peers right after the security handshake (``on_banned`` counts each), count
+    the dials the peer's address accepted (``answers_from``), and contain exceptions of
+    libp2p's own stream handlers."""
     # WORKAROUND (inbound slots): Swarm._handle_inbound_connection takes a
     # slot of one global limiter (max_connections - min_connections) per
     # accepted connection and, once the upgrade succeeded, waits for the
@@ -686,6 +715,14 @@ def install_gates(
         return conn
 
     upgrader.upgrade_security = _upgrade_security
+
+    upgrade_outbound = swarm.upgrade_outbound_raw_conn
+
+    async def _noting_upgrade(raw_conn: Any, peer_id: ID, *args: Any, **kwargs: Any) -> Any:
+        note_answer(swarm, peer_id)  # the peer's address accepted our TCP connection
+        return await upgrade_outbound(raw_conn, peer_id, *args, **kwargs)
+
+    swarm.upgrade_outbound_raw_conn = _noting_upgrade
 
     # WORKAROUND (handler exceptions): an exception raised by one of
     # libp2p's own protocol handlers (identify, DHT, pubsub, relay...)

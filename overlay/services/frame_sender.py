@@ -14,6 +14,8 @@ dropped, as a lossy link drops it:
 - ``stale``: the frame waited longer than ``max_age`` in the queue;
 - ``backoff``: opening a stream to the peer failed less than ``retry_after``
   ago (a dead peer costs one failed open per ``retry_after``, not one per frame);
+  an ``urgent`` frame (a probe's ping, whose loss would read as the peer's
+  silence) tries to open one anyway;
 - ``timeout`` / ``error``: the open or the write failed (the stream is
   dropped; the next frame opens a new one, after ``retry_after`` if the open failed).
 
@@ -83,10 +85,11 @@ class FrameSender:
     def links(self) -> int:
         return len(self._links)
 
-    def send(self, peer: Hashable, frame: bytes) -> str | None:
-        """Queue ``frame`` for ``peer``; None if queued, else why it was dropped."""
+    def send(self, peer: Hashable, frame: bytes, *, urgent: bool = False) -> str | None:
+        """Queue ``frame`` for ``peer``; None if queued, else why it was dropped.
+        ``urgent`` (a probe's ping): not dropped for a back-off, it opens a stream."""
         now = self._clock()
-        if self._backing_off(peer, now):
+        if not urgent and self._backing_off(peer, now):
             return self._drop("backoff")
         link = self._links.pop(peer, None)
         if link is not None:
@@ -102,7 +105,7 @@ class FrameSender:
                 del self._links[peer]
                 return self._drop("full")
         try:
-            link.send.send_nowait((frame, now))
+            link.send.send_nowait((frame, now, urgent))
         except trio.WouldBlock:
             return self._drop("full")
         return None
@@ -144,7 +147,7 @@ class FrameSender:
                         return  # ended to make room for another peer
                 if item is None:
                     return  # idle; no checkpoint since the timeout, so nothing is queued
-                frame, queued_at = item
+                frame, queued_at, urgent = item
                 if link.drop_stream:
                     link.drop_stream = False
                     if link.stream is not None and self._stream_gone(link.stream):
@@ -152,16 +155,16 @@ class FrameSender:
                 if self._clock() - queued_at > self.max_age:
                     self._drop("stale")
                 else:
-                    await self._write(peer, link, frame)
+                    await self._write(peer, link, frame, urgent)
         finally:
             if self._links.get(peer) is link:
                 del self._links[peer]
             with trio.CancelScope(shield=True):
                 await self._discard(link, close=True)
 
-    async def _write(self, peer: Hashable, link: _Link, frame: bytes) -> None:
+    async def _write(self, peer: Hashable, link: _Link, frame: bytes, urgent: bool) -> None:
         if link.stream is None:
-            if self._backing_off(peer, self._clock()):
+            if not urgent and self._backing_off(peer, self._clock()):
                 self._drop("backoff")  # queued before the open failed
                 return
             with trio.move_on_after(self.open_timeout) as scope:

@@ -89,6 +89,7 @@ class Resilience:
             # a member that sends us anything while we wait for its ack is running
             heard=self._heard,
             secured=self._secured,
+            answered=self._answered,
         )
         self.pool = ExitPool(
             node.node_id,
@@ -189,6 +190,10 @@ class Resilience:
         host = self.node.host
         return 0 if host is None else host.handshakes_with(member.peer_id())
 
+    def _answered(self, member: NodeId) -> int:
+        host = self.node.host
+        return 0 if host is None else host.dials_answered(member.peer_id())
+
     def _refresh_members(self, now: float) -> None:
         node = self.node
         version = (node.changes, node.admission.version)
@@ -269,7 +274,7 @@ class Resilience:
             self.fault_dropped += 1
             return
         if self._may_open(e.peer):  # never dial a member that did not authenticate to us
-            self._out.send(e.peer, framing.encode_frame(e.frame, wire.MAX_SIZE))
+            self._out.send(e.peer, framing.encode_frame(e.frame, wire.MAX_SIZE), urgent=e.urgent)
 
     def _may_open(self, peer: NodeId) -> bool:
         """A new stream may go to a verified member, or over a connection we have."""

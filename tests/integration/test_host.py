@@ -284,6 +284,32 @@ async def test_handshakes_with_counts_completed_handshakes() -> None:
         assert a.handshakes_with(b.peer_id) == 2
 
 
+async def test_dials_answered_counts_accepted_dials() -> None:
+    """``dials_answered`` grows when the peer's address accepts our TCP connection
+    (here a listener that accepts and stays silent: the dial itself then times
+    out) and not when the port refuses it (the liveness probes' ``answered``: a
+    crashed process refuses)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    silent = SigningKey.generate().node_id.peer_id()
+    a = make_host(dial_timeout=2.0)
+    async with a, trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lambda s: trio.sleep_forever(), listeners)
+        assert a.dials_answered(silent) == 0 and a.dials_answered("not a peer id") == 0
+        with trio.fail_after(60), pytest.raises(DialError):
+            await a.connect(f"/ip4/127.0.0.1/tcp/{port}/p2p/{silent}")
+        assert a.dials_answered(silent) >= 1
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        refused = sock.getsockname()[1]
+        sock.close()
+        gone = SigningKey.generate().node_id.peer_id()
+        with trio.fail_after(60), pytest.raises(DialError):
+            await a.connect(f"/ip4/127.0.0.1/tcp/{refused}/p2p/{gone}")
+        assert a.dials_answered(gone) == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_connect_rejects_bad_input() -> None:
     a = make_host()
     async with a:

@@ -33,6 +33,7 @@ from overlay.net import FrameReader, Libp2pHost, read_exactly, read_frame, write
 from overlay.net.host import ConnectionLimits, DialError, StreamBroken, StreamOpenError
 from overlay.runtime import DHT_NAMESPACE, _DhtRecordValidator, dht_key
 from tests.integration.test_host import (
+    ECHO,
     TCP,
     echo_handler,
     make_host,
@@ -129,6 +130,25 @@ async def test_ban_refuses_dials_and_connections_both_ways() -> None:
         a.unban(b.peer_id)
         await b.connect(a.listen_addrs()[0])
         await wait_until(lambda: b.peer_id in a.connected_peers(), 5)
+
+
+async def test_a_failed_dial_does_not_block_the_next_stream_open() -> None:
+    """A stream open to a peer whose last dial failed dials it again at once (no
+    upstream negative cache: a liveness ping must reach a member that was
+    briefly unreachable, or its probe reads as the member's silence)."""
+    a, b = make_host(), make_host()
+    async with running(a, b):
+        b.set_stream_handler(ECHO, echo_handler)
+        await a.connect(b.listen_addrs()[0])  # a learns b's address
+        await a.disconnect(b.peer_id)
+        b.ban(a.peer_id, 30)  # b refuses a after the handshake: a's dial fails
+        with pytest.raises(StreamOpenError):
+            await a.open_stream(b.peer_id, ECHO)
+        b.unban(a.peer_id)
+        with trio.fail_after(30):
+            async with await a.open_stream(b.peer_id, ECHO) as s:
+                await write_frame(s, b"again")
+                assert await FrameReader(s).read_frame() == b"again"
 
 
 async def test_ban_expires_and_list_is_bounded() -> None:

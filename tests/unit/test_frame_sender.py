@@ -127,6 +127,21 @@ async def test_a_failed_open_backs_off_instead_of_retrying_per_frame(autojump_cl
     assert opener.opened[0].written == [b"2"]
 
 
+async def test_an_urgent_frame_opens_a_stream_despite_the_back_off(autojump_clock):
+    """A probe's ping is not dropped for the back-off after a failed open: that
+    would make the probe fail without ever asking the peer."""
+    opener, drops = Opener(fail=1), []
+    async with running(opener, drops, retry_after=2.0) as s:
+        s.send("a", b"1")
+        await trio.sleep(0.1)
+        assert s.send("a", b"x") == "backoff"
+        assert s.send("a", b"ping", urgent=True) is None
+        await trio.sleep(0.1)
+    assert opener.attempts == 2
+    assert opener.opened[0].written == [b"ping"]
+    assert drops == ["error", "backoff"]
+
+
 async def test_a_broken_stream_is_reset_and_the_next_frame_opens_another(autojump_clock):
     opener, drops = Opener(fail_writes=1), []
     async with running(opener, drops) as s:

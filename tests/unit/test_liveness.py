@@ -409,7 +409,9 @@ def test_relayed_ack_counts_and_relay_forwards():
     c = core(n=6)
     c.tick(0.0)
     t = c.next_wakeup()
-    [(target, ping)] = sends(c.tick(t), wire.Ping)
+    out = c.tick(t)
+    [(target, ping)] = sends(out, wire.Ping)
+    assert all(e.urgent for e in out if isinstance(e, Send))  # our probe's ping
     reqs = sends(c.tick(t + c.probe_timeout), wire.PingReq)
     relay = reqs[0][0]
     # an ack for the nonce from a node we did not ask is ignored
@@ -424,8 +426,11 @@ def test_relayed_ack_counts_and_relay_forwards():
     out = r.receive(A, wire.encode(wire.PingReq(C, 1234)), 1.0)
     [(peer, p)] = sends(out)
     assert peer == C and isinstance(p, wire.Ping)
+    assert [e.urgent for e in out if isinstance(e, Send)] == [True]  # pings go despite back-offs
     assert r.receive(B, wire.encode(wire.Ack(p.nonce)), 1.1) == []  # wrong responder
-    assert sends(r.receive(C, wire.encode(wire.Ack(p.nonce)), 1.1)) == [(A, wire.Ack(1234))]
+    acked = r.receive(C, wire.encode(wire.Ack(p.nonce)), 1.1)
+    assert sends(acked) == [(A, wire.Ack(1234))]
+    assert [e.urgent for e in acked if isinstance(e, Send)] == [False]
     # no answer from the target within 0.8 x probe_timeout: the relay says so
     r.tick(1.95)
     r.receive(A, wire.encode(wire.PingReq(IDS[4], 77)), 2.0)
@@ -1299,6 +1304,36 @@ def test_a_member_that_talks_to_us_needs_no_ping_at_its_turn():
     assert all(c.state(n)[0] == ALIVE for n in IDS[1:6])
 
 
+@pytest.mark.parametrize("connects", [True, False], ids=["connects", "never"])
+def test_a_probe_after_a_close_waits_for_a_dial_its_target_answered(connects):
+    """``probe_now`` after a close; the target's address accepted our ping's dial
+    meanwhile (a live process on a busy machine; a crashed one's port refuses):
+    one ``dial_grace`` more, once. Connected by then: heard from; else suspected."""
+    heard = Heard()
+    heard.reads = {n: 0 for n in IDS}
+    answered = dict.fromkeys(IDS, 4)
+    c = core(n=6, heard=heard, dial_grace=3.0, answered=lambda n: answered[n])
+    c.tick(0.0)
+    victim = IDS[3]
+    del heard.reads[victim]  # its connection closed
+    t = 0.01
+    assert sends(c.probe_now(victim, t), wire.Ping)
+    answered[victim] += 1  # the ping's dial: TCP accepted, the handshake goes on
+    now = t
+    while now < t + c.probe_interval + 0.1:
+        now += 0.05
+        c.tick(now)
+    assert c.state(victim)[0] == ALIVE and c.dial_waits == 1
+    if connects:
+        heard.reads[victim] = 1  # the dial went through
+    answered[victim] += 1  # another answered dial: no second grace
+    while now < t + c.probe_interval + 3.5:
+        now += 0.05
+        c.tick(now)
+    assert c.state(victim)[0] == (ALIVE if connects else SUSPECT)
+    assert c.dial_waits == 1
+
+
 def test_a_member_that_falls_silent_is_pinged_and_suspected_one_turn_later():
     """Bytes from a member buy it one turn without a ping, no more: once it stops
     sending (a stopped process) its next turn pings it, and the unanswered ping
@@ -1322,7 +1357,7 @@ def test_a_probe_after_a_closed_connection_does_not_wait_for_a_dial():
     the ``dial_grace`` a probe that never had a connection gets (failover)."""
     heard = Heard()
     heard.reads = {n: 0 for n in IDS}
-    c = core(n=6, heard=heard, dial_grace=3.0)
+    c = core(n=6, heard=heard, dial_grace=3.0, answered=lambda n: 4)  # refused since
     c.tick(0.0)
     victim = IDS[3]
     del heard.reads[victim]  # its connection closed
