@@ -44,9 +44,8 @@ which is how a crash looks, and waiting would delay failover), or one whose
 connection closed while it waited, gets it only if the target's address
 accepted a dial of ours meanwhile (``answered``): a crashed process's port
 refuses the dial, while a live process on a busy machine accepts it and
-takes seconds to finish the handshake. A
-crashed process's connections close and a stopped or cut-off one sends
-nothing, so neither is ever heard. A security handshake with the target
+takes seconds to finish the handshake. A crashed process's connections close
+and a stopped or cut-off one sends nothing, so neither is ever heard. A security handshake with the target
 that completes while we wait (``secured``) counts the same, even when the
 connection fails right after it: the handshake is signed with the target's
 key, so its process ran, and on a saturated machine a dial's handshake often
@@ -779,7 +778,9 @@ class Liveness(Suspicion):
         self._relays[nonce] = _Relay(
             peer, f.nonce, f.target, now + 0.8 * self.timeout, now + self.interval
         )
-        out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce)), urgent=True))
+        # not urgent: others ask for this ping, and an urgent one dials past the
+        # sender's back-off (a member's ping-reqs must not make us hammer an address)
+        out.append(Send(f.target, self.protocol, wire.encode(wire.Ping(nonce))))
 
     def _probe_failed(
         self, target: NodeId, now: float, out: list[Effect], blame_self: bool = True

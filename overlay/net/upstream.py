@@ -679,8 +679,8 @@ def install_gates(
 ) -> None:
     """Replace the swarm's inbound handler with ``handle_inbound``, refuse banned
     peers right after the security handshake (``on_banned`` counts each), count
-    the dials the peer's address accepted (``answers_from``), and contain exceptions of
-    libp2p's own stream handlers."""
+    the dials the peer's address accepted (``answers_from``), and contain
+    exceptions of libp2p's own stream handlers."""
     # WORKAROUND (inbound slots): Swarm._handle_inbound_connection takes a
     # slot of one global limiter (max_connections - min_connections) per
     # accepted connection and, once the upgrade succeeded, waits for the
