@@ -275,13 +275,20 @@ def reads_from(swarm: Any, peer: ID) -> int | None:
 MAX_HANDSHAKE_PEERS = 4096
 
 
-def note_handshake(swarm: Any, peer: ID) -> None:
-    counts = getattr(swarm, "hydra_handshakes", None)
+def _count_up(swarm: Any, table: str, peer: ID) -> None:
+    """One more in the per-peer count ``table`` kept on the swarm; at most
+    ``MAX_HANDSHAKE_PEERS`` peers, the least recently counted forgotten first."""
+    counts = getattr(swarm, table, None)
     if counts is None:
-        counts = swarm.hydra_handshakes = {}
+        counts = {}
+        setattr(swarm, table, counts)
     counts[peer] = counts.pop(peer, 0) + 1  # re-inserted: newest last
     if len(counts) > MAX_HANDSHAKE_PEERS:
         del counts[next(iter(counts))]
+
+
+def note_handshake(swarm: Any, peer: ID) -> None:
+    _count_up(swarm, "hydra_handshakes", peer)
 
 
 def handshakes_with(swarm: Any, peer: ID) -> int:
@@ -299,12 +306,7 @@ def handshakes_with(swarm: Any, peer: ID) -> int:
 # period (core/liveness.py, ``answered``). Bounded like the handshake counts.
 # test_dials_answered_counts_accepted_dials.
 def note_answer(swarm: Any, peer: ID) -> None:
-    counts = getattr(swarm, "hydra_answers", None)
-    if counts is None:
-        counts = swarm.hydra_answers = {}
-    counts[peer] = counts.pop(peer, 0) + 1  # re-inserted: newest last
-    if len(counts) > MAX_HANDSHAKE_PEERS:
-        del counts[next(iter(counts))]
+    _count_up(swarm, "hydra_answers", peer)
 
 
 def answers_from(swarm: Any, peer: ID) -> int:

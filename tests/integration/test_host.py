@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import libp2p.network.swarm as libp2p_swarm
 import multiaddr
@@ -48,6 +49,7 @@ from overlay.net import (
     encode_uvarint,
     read_exactly,
     read_frame,
+    upstream,
     write_frame,
 )
 from overlay.net.upstream import new_gossipsub
@@ -308,6 +310,21 @@ async def test_dials_answered_counts_accepted_dials() -> None:
             await a.connect(f"/ip4/127.0.0.1/tcp/{refused}/p2p/{gone}")
         assert a.dials_answered(gone) == 0
         nursery.cancel_scope.cancel()
+
+
+def test_per_peer_counts_forget_the_least_recently_counted_peer(monkeypatch) -> None:
+    """Handshake and answered-dial counts hold at most ``MAX_HANDSHAKE_PEERS``
+    peers (many identities cannot grow them); a peer counted again is newest."""
+    monkeypatch.setattr(upstream, "MAX_HANDSHAKE_PEERS", 3)
+    swarm = SimpleNamespace()
+    for i in range(5):
+        upstream.note_answer(swarm, f"p{i}")
+        upstream.note_handshake(swarm, f"p{i}")
+    upstream.note_answer(swarm, "p2")
+    upstream.note_answer(swarm, "p5")
+    assert list(swarm.hydra_answers) == ["p4", "p2", "p5"]
+    assert [upstream.answers_from(swarm, p) for p in ("p2", "p3", "p5")] == [2, 0, 1]
+    assert list(swarm.hydra_handshakes) == ["p2", "p3", "p4"]
 
 
 async def test_connect_rejects_bad_input() -> None:
