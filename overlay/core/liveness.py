@@ -45,12 +45,13 @@ connection closed while it waited, gets it only if the target's address
 accepted a dial of ours meanwhile (``answered``): a crashed process's port
 refuses the dial, while a live process on a busy machine accepts it and
 takes seconds to finish the handshake. A crashed process's connections close
-and a stopped or cut-off one sends nothing, so neither is ever heard. A security handshake with the target
-that completes while we wait (``secured``) counts the same, even when the
-connection fails right after it: the handshake is signed with the target's
-key, so its process ran, and on a saturated machine a dial's handshake often
-completes while the connection setup after it times out (a crashed process
-refuses the dial, a stopped or cut-off one never answers it). For the same
+and a stopped or cut-off one sends nothing, so neither is ever heard. A
+security handshake with the target that completes while we wait
+(``secured``) counts the same, even when the connection fails right after
+it: the handshake is signed with the target's key, so its process ran, and
+on a saturated machine a dial's handshake often completes while the
+connection setup after it times out (a crashed process refuses the dial, a
+stopped or cut-off one never answers it). For the same
 reason a routine turn of an alive, unaccused member that has sent us
 anything since our last look at it (its own ping, an ack, gossip, a sync
 round) sends no ping at all (``passive_looks``): the turn is spent, and its

@@ -491,21 +491,22 @@ class Libp2pHost(
         """Security handshakes completed with ``peer_id`` so far, in either direction
         (a count that grows whenever the peer's process proved itself on a new
         connection, even one that failed afterwards). Compare two values."""
-        try:
-            pid = ID.from_base58(peer_id)
-        except ValueError:
-            return 0
-        return upstream.handshakes_with(self._swarm, pid)
+        return self._peer_count(peer_id, upstream.handshakes_with)
 
     def dials_answered(self, peer_id: str) -> int:
         """Our dials to ``peer_id`` whose TCP connection its address accepted so far
         (a listening process was there; whatever became of the dial after).
         Compare two values."""
+        return self._peer_count(peer_id, upstream.answers_from)
+
+    def _peer_count(self, peer_id: str, count: Callable[[Any, ID], int]) -> int:
+        """``count(swarm, peer)`` for one of the adapter's per-peer counts; 0 for a
+        malformed id."""
         try:
             pid = ID.from_base58(peer_id)
         except ValueError:
             return 0
-        return upstream.answers_from(self._swarm, pid)
+        return count(self._swarm, pid)
 
     async def connect(self, addr: str, *, reuse: bool = True) -> str:
         """Dial exactly ``addr`` (which must end in ``/p2p/<id>``); return the peer id.

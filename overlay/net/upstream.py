@@ -291,9 +291,13 @@ def note_handshake(swarm: Any, peer: ID) -> None:
     _count_up(swarm, "hydra_handshakes", peer)
 
 
+def _count_of(swarm: Any, table: str, peer: ID) -> int:
+    return getattr(swarm, table, {}).get(peer, 0)
+
+
 def handshakes_with(swarm: Any, peer: ID) -> int:
     """Security handshakes completed with ``peer`` so far (either direction)."""
-    return getattr(swarm, "hydra_handshakes", {}).get(peer, 0)
+    return _count_of(swarm, "hydra_handshakes", peer)
 
 
 # Dials the peer's address answered (not a workaround: py-libp2p keeps no
@@ -311,7 +315,7 @@ def note_answer(swarm: Any, peer: ID) -> None:
 
 def answers_from(swarm: Any, peer: ID) -> int:
     """Our dials to ``peer`` whose TCP connection its address accepted, so far."""
-    return getattr(swarm, "hydra_answers", {}).get(peer, 0)
+    return _count_of(swarm, "hydra_answers", peer)
 
 
 # Trimmed connections (not a workaround: py-libp2p reads a Yamux GO_AWAY's code
