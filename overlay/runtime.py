@@ -33,7 +33,7 @@ from typing import Protocol
 
 import trio
 
-from . import control
+from . import collector, control
 from .caps import Caps
 from .config import Config
 from .console import EventRing
@@ -211,6 +211,8 @@ class Node:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[Node]:
         self.started_at = self.clock()
+        if collector.tune():  # once per process (docs/performance.md: the collector)
+            log.debug("garbage collector thresholds set to %s", collector.THRESHOLDS)
         self._dht_first_after = trio.current_time() + self.rng.uniform(0.0, DHT_FIRST_SPREAD)
         # one node per home: the lock comes before anything in the home is written
         self._home_lock = self.home.locked()

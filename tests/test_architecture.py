@@ -37,6 +37,7 @@ LAYERS = {
     "exits": 3,
     "metrics": 3,
     "control": 3,
+    "collector": 3,
     "console": 4,
     "services": 4,
     "caps": 4,

@@ -1,12 +1,13 @@
 """Real nodes on loopback: gossip, DHT, anti-entropy, joining, bad input, restarts."""
 
+import gc
 import math
 import time
 
 import pytest
 import trio
 
-from overlay import runtime
+from overlay import collector, runtime
 from overlay.crypto import SigningKey
 from overlay.net import framing
 from overlay.net.host import Libp2pHost
@@ -63,6 +64,16 @@ async def test_join_through_exactly_one_peer_learns_everything(tmp_path):
             assert len(newcomer.view) == 9
             assert newcomer.joined_via == join_addr(nodes[5])
             await wait_until(lambda: len(newcomer.connected()) >= 4, 20)
+
+
+async def test_a_starting_node_sets_the_collector_thresholds_of_its_process(tmp_path):
+    saved = gc.get_threshold()
+    gc.set_threshold(*collector.DEFAULTS)
+    try:
+        async with Node(make_home(tmp_path / "a"), services=light_services()):
+            assert gc.get_threshold() == collector.THRESHOLDS
+    finally:
+        gc.set_threshold(*saved)
 
 
 async def test_join_tries_addresses_in_turn(tmp_path):
