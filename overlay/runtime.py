@@ -687,6 +687,7 @@ class Node:
             self._sync_store()
             self.scores.forget_idle(now)
             self._update_gauges()
+            collector.collect_if_due()
 
     async def _republish_loop(self) -> None:
         # woken by ``request_republish`` (the feed monitor, when the feeds to
