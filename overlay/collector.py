@@ -18,8 +18,9 @@ enough that cyclic garbage which had first grown old (a connection's objects,
 dropped after minutes) could wait hours in a quiet single-node process, so
 ``collect_if_due()``, called from the node's maintenance loop, runs one full
 collection per process every ``FULL_EVERY`` seconds (45 ms in a process
-running one node, 106,000 objects; 0.4–0.65 s for 48 nodes in one process). A program that chose its own thresholds keeps them, and gets no
-forced collections: both functions act only on the interpreter's defaults.
+running one node, 106,000 objects; 0.4–0.65 s for 48 nodes in one process).
+A program that chose its own thresholds keeps them, and gets no forced
+collections: both functions act only on the interpreter's defaults.
 """
 
 from __future__ import annotations

@@ -272,18 +272,18 @@ def reads_from(swarm: Any, peer: ID) -> int | None:
 # detector takes one during a probe as word from the target (core/liveness.py,
 # ``secured``). Bounded: the oldest peers are forgotten first.
 # test_handshakes_with_counts_completed_handshakes.
-MAX_HANDSHAKE_PEERS = 4096
+MAX_COUNTED_PEERS = 4096
 
 
 def _count_up(swarm: Any, table: str, peer: ID) -> None:
     """One more in the per-peer count ``table`` kept on the swarm; at most
-    ``MAX_HANDSHAKE_PEERS`` peers, the least recently counted forgotten first."""
+    ``MAX_COUNTED_PEERS`` peers, the least recently counted forgotten first."""
     counts = getattr(swarm, table, None)
     if counts is None:
         counts = {}
         setattr(swarm, table, counts)
     counts[peer] = counts.pop(peer, 0) + 1  # re-inserted: newest last
-    if len(counts) > MAX_HANDSHAKE_PEERS:
+    if len(counts) > MAX_COUNTED_PEERS:
         del counts[next(iter(counts))]
 
 

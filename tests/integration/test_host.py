@@ -313,9 +313,9 @@ async def test_dials_answered_counts_accepted_dials() -> None:
 
 
 def test_per_peer_counts_forget_the_least_recently_counted_peer(monkeypatch) -> None:
-    """Handshake and answered-dial counts hold at most ``MAX_HANDSHAKE_PEERS``
+    """Handshake and answered-dial counts hold at most ``MAX_COUNTED_PEERS``
     peers (many identities cannot grow them); a peer counted again is newest."""
-    monkeypatch.setattr(upstream, "MAX_HANDSHAKE_PEERS", 3)
+    monkeypatch.setattr(upstream, "MAX_COUNTED_PEERS", 3)
     swarm = SimpleNamespace()
     for i in range(5):
         upstream.note_answer(swarm, f"p{i}")
