@@ -76,6 +76,7 @@ async def one_run(n: int, window: float, seed: int, limit: float) -> dict:
                 "false_suspicions_window": _count(nodes, "suspect") - s0,
                 "false_deaths_window": _count(nodes, "dead") - d0,
                 "late_probes": sum(x.resilience.liveness.late_probes for x in nodes),
+                "talked_suspects": sum(x.resilience.liveness.talked_suspects for x in nodes),
                 "cpu_pct_per_node_window": round(100 * cpu / n, 2),
             }
 

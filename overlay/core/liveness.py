@@ -51,7 +51,11 @@ security handshake with the target that completes while we wait
 it: the handshake is signed with the target's key, so its process ran, and
 on a saturated machine a dial's handshake often completes while the
 connection setup after it times out (a crashed process refuses the dial, a
-stopped or cut-off one never answers it). For the same
+stopped or cut-off one never answers it). The same word counts when a
+suspicion timer runs out: a member that talked to us (or handshook) since we
+began to suspect it is not declared dead but cleared here, and handed an
+accusation to refute (``Suspicion._talked``; a starved process's refutation
+can take longer to cross the overlay than the timer lasts). For the same
 reason a routine turn of an alive, unaccused member that has sent us
 anything since our last look at it (its own ping, an ack, gossip, a sync
 round) sends no ping at all (``passive_looks``): the turn is spent, and its
@@ -93,7 +97,8 @@ dead sync); the accusation half (suspicion timers, death, evidence, refutation)
 is its base class ``Suspicion`` in ``suspicion.py``.
 
 Invariants:
-- DEAD needs the suspicion timer to expire *and* at least
+- DEAD needs the suspicion timer to expire, no word from the member since
+  we began to suspect it (``heard``/``secured``), *and* at least
   ``confirmations_needed`` distinct observers (ourselves included) accusing
   the same incarnation, so one node, however often it signs, cannot get a
   healthy node removed. A lone accusation by someone else is never believed:
@@ -303,6 +308,7 @@ class Liveness(Suspicion):
         self._dead_answered: dict[NodeId, float] = {}  # DeadReq rate limit per peer
         self.accusations_heard = 0  # signed accusations by members taken into account
         self.stale_checks = 0  # probes made because only old statements accused a member
+        self.talked_suspects = 0  # suspicions ended at their deadline: the member had talked
         self.late_probes = 0  # probe deadlines seen a whole timeout late (graced once)
         self.late_acks = 0  # answers to probes that had already failed
         self.heard_probes = 0  # probes unanswered in time by a member we heard from

@@ -54,6 +54,8 @@ class Member:
     told_at: float = -math.inf  # last time we told a lagging accuser it is dead
     look_at: float | None = None  # DEAD waits for our own probe: when to look again
     heard_mark: int | None = None  # ``heard(node)`` at our last look at it (``Liveness``)
+    talk_mark: int | None = None  # ``heard(node)`` when we began to suspect it
+    talk_secured: int = 0  # ``secured(node)`` when we began to suspect it
 
 
 class Suspicion:
@@ -89,9 +91,14 @@ class Suspicion:
     _watch: dict[NodeId, None]
     _probing: dict[NodeId, int]
     stale_checks: int
+    talked_suspects: int
+    _secured: Callable[[NodeId], int] | None
 
     def _start_probe(self, target: NodeId, now: float, out: list[Effect]) -> bool:
         raise NotImplementedError  # Liveness probes
+
+    def _reads(self, node: NodeId) -> int | None:
+        raise NotImplementedError  # Liveness: the transport's ``heard`` count
 
     def suspicion_timeout(self, confirmations: int) -> float:
         """Lifeguard timeout after ``confirmations`` accusations beyond the first.
@@ -220,7 +227,20 @@ class Suspicion:
 
     def _suspect(self, node: NodeId, m: Member, now: float, out: list[Effect]) -> None:
         m.state, m.since, m.suspect_since = SUSPECT, now, now
+        m.talk_mark = self._reads(node)
+        m.talk_secured = self._secured(node) if self._secured is not None else 0
         out.append(StateChanged(node, SUSPECT, now))
+
+    def _talked(self, node: NodeId, m: Member) -> bool:
+        """``node`` sent us something (or finished a security handshake with us)
+        since we began to suspect it: its process runs, however late its answers
+        come. A crashed process's connections close and a stopped or cut-off one
+        sends nothing, so neither ever talks; a starved process does, in the
+        seconds its refutation may take to reach us."""
+        reads = self._reads(node)
+        if reads is not None and (m.talk_mark is None or reads > m.talk_mark):
+            return True  # a count that fell (one of two connections went) says nothing
+        return self._secured is not None and self._secured(node) > m.talk_secured
 
     def _confirmed(self, m: Member, now: float) -> None:
         if m.confirmed_at is None and len(m.accusers or ()) >= self.confirmations_needed:
@@ -251,6 +271,12 @@ class Suspicion:
                 m.suspect_since = None
                 m.look_at = None
             elif len(acc) >= self.confirmations_needed and now >= self._suspicion_deadline(m):
+                if self._talked(node, m):
+                    # word from it since we began to suspect it: alive and slow, not
+                    # dead. Clear it here and hand it an accusation to refute
+                    self.talked_suspects += 1
+                    self._evidence(node, now, out)
+                    return
                 if not self._needs_own_look(node, m, acc, now, out):
                     self._declare_dead(node, m, now, out)
                     return

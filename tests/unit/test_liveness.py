@@ -1367,3 +1367,36 @@ def test_a_probe_after_a_closed_connection_does_not_wait_for_a_dial():
         now += 0.05
         c.tick(now)
     assert c.state(victim)[0] == SUSPECT and c.dial_waits == 0
+
+
+@pytest.mark.parametrize("word", ["read", "handshake", "silent", "closed", "fell"], ids=str)
+def test_a_suspect_that_talked_to_us_is_not_declared_dead(word):
+    """Two observers accuse a member; by the deadline it has sent us something (or
+    completed a security handshake with us) since we began to suspect it: its
+    process runs, only slowly (its refutation is still on its way). It is not
+    declared dead: we clear it and hand it an accusation to refute. A silent one
+    (a stopped or cut-off process), one whose connection closed (a crash) or
+    whose count fell (one of its connections closed) dies as before."""
+    heard = Heard()
+    heard.reads = dict.fromkeys(IDS, 4)
+    secured = dict.fromkeys(IDS, 1)
+    c = core(n=6, verify_fanout=0, heard=heard, secured=lambda n: secured[n])
+    x = IDS[5]
+    c.receive(B, suspect(x, B), 1.0)
+    c.receive(C, suspect(x, C), 1.1)
+    assert c.state(x)[0] == SUSPECT
+    if word == "read":
+        heard.reads[x] += 1
+    elif word == "handshake":
+        del heard.reads[x]  # its connection failed right after the handshake
+        secured[x] += 1
+    elif word == "closed":
+        del heard.reads[x]
+    elif word == "fell":
+        heard.reads[x] -= 2  # one of two connections closed: no new word
+    out = c.tick(1.1 + c.suspicion_max + 0.01)
+    if word in ("read", "handshake"):
+        assert c.state(x)[0] == ALIVE and c.talked_suspects == 1
+        assert [f for p, f in sends(out, wire.Suspect) if p == x]  # so it can refute
+    else:
+        assert c.state(x)[0] == DEAD and c.talked_suspects == 0
