@@ -6,7 +6,7 @@ through other peers. ``FeedMonitor`` is a node service (``Node(services=
 [FeedMonitor()])``) that keeps them honest:
 
 - when the kernel announces an address or link change (rtnetlink, at most
-  one reading per ``scan_interval``, 1 s), and every ``CONN_EVERY`` (5 s)
+  one reading per ``scan_interval``, 1 s), and every ``LOCAL_EVERY`` (60 s)
   anyway, it reads the machine's addresses and link states (``getifaddrs``
   and the interface flags, through psutil; a bind test where they cannot be
   read; without rtnetlink every ``scan_interval``), marks feeds
@@ -103,6 +103,9 @@ CONN_EVERY = 5.0
 PROBE_SOON = 2.0
 """Seconds from a change of the direct feeds to the dial-back round it brings."""
 RELAYS_HELD_CHECK = 20.0
+LOCAL_EVERY = 60.0
+"""Seconds a reading of the machine's addresses stands while rtnetlink announces
+no change (the periodic scans between use the last one)."""
 """Seconds between two looks at the reservations while every one we want is held."""
 
 _TRANSPORT_RANK = {"tcp": 0, "quic": 1, "ws": 2, "other": 3, "relay": 4}
@@ -437,6 +440,7 @@ class FeedMonitor:
         self._probe_soon = trio.Event()
         self._direct_seen: tuple[str, ...] = ()
         self._scan_lock = trio.Lock()
+        self._last_local: tuple[float, dict[str, bool]] | None = None  # (when, reading)
         self._metrics: dict[str, Any] = {}
         self.reachability = "unknown"
 
@@ -497,17 +501,26 @@ class FeedMonitor:
         ips = [ip for ip in (feed_ip(a) for a in listen) if ip and ip not in ("0.0.0.0", "::")]
         return await trio.to_thread.run_sync(_bind_test, [*ips, "127.0.0.1"])
 
-    async def scan(self, *, connections: bool = True, fresh: bool = False) -> None:
+    async def scan(
+        self, *, connections: bool = True, fresh: bool = False, watched: bool = False
+    ) -> None:
         """One health pass: local addresses, reservations, announcement, and (unless
         not ``connections``) the attribution of live connections to feeds.
-        ``fresh``: read the addresses now, not from the per-process cache."""
+        ``fresh``: read the addresses now, not from the per-process cache.
+        ``watched``: rtnetlink announced no change since the last reading, so a
+        reading younger than ``LOCAL_EVERY`` still stands (no read at all)."""
         node = self.node
         if node is None or node.host is None:
             return
         async with self._scan_lock:
             host = node.host
             listen = [a.split("/p2p/")[0] for a in host.listen_addrs()]
-            local = await self._local(listen, fresh=fresh)
+            last, at = self._last_local, trio.current_time()
+            if watched and not fresh and last is not None and at - last[0] < LOCAL_EVERY:
+                local = dict(last[1])
+            else:
+                local = await self._local(listen, fresh=fresh)
+                self._last_local = (at, dict(local))
             now = node.clock()
             self.table.update_local(listen, local, now, announce=node.config.announce)
             self.table.update_relays(self._relay_feeds(now), now)
@@ -558,7 +571,8 @@ class FeedMonitor:
     async def _scan_loop(self) -> None:
         # Addresses and links: at once when the kernel announces a change (rtnetlink),
         # at most every scan_interval; every CONN_EVERY otherwise, with the
-        # per-connection attribution (status and metrics). Without rtnetlink (or
+        # per-connection attribution (status and metrics) and the last reading of
+        # the addresses (read again once LOCAL_EVERY old). Without rtnetlink (or
         # with a test's local_addrs) addresses are polled every scan_interval.
         events = AddressEvents.open() if self._local_addrs is None else None
         next_conns = trio.current_time() + CONN_EVERY
@@ -574,7 +588,7 @@ class FeedMonitor:
                 if conns:
                     next_conns = now + CONN_EVERY
                 try:
-                    await self.scan(connections=conns, fresh=changed)
+                    await self.scan(connections=conns, fresh=changed, watched=events is not None)
                 except Exception:  # noqa: BLE001 - a monitoring bug must not stop the node
                     log.exception("feed scan failed")
                 if changed:

@@ -468,6 +468,33 @@ async def test_monitor_status_rows_without_reservations(tmp_path):
         assert b"hydra_feeds" in n.metrics.render()
 
 
+async def test_watched_scans_reuse_the_last_reading_of_the_addresses(tmp_path, monkeypatch):
+    """While rtnetlink announces no change, the periodic scans use the last reading
+    of the machine's addresses (no read, no worker thread); an announced change
+    reads them again, and so does a reading older than LOCAL_EVERY."""
+    from overlay.services import feeds
+
+    monitor = FeedMonitor(relays=0, probe_interval=0)
+    async with overlay(tmp_path, 1, services_for=lambda i, h: [monitor]):
+        reads = []
+        real = monitor._local
+
+        async def counted(listen, *, fresh=False):
+            reads.append(fresh)
+            return await real(listen, fresh=fresh)
+
+        monkeypatch.setattr(monitor, "_local", counted)
+        await monitor.scan(watched=True, fresh=True)  # a change was announced: read
+        await monitor.scan(watched=True)
+        await monitor.scan(watched=True)
+        assert reads == [True]  # the two quiet scans read nothing
+        await monitor.scan()  # not watched (no rtnetlink): read every time
+        assert reads == [True, False]
+        monkeypatch.setattr(feeds, "LOCAL_EVERY", 0.0)
+        await monitor.scan(watched=True)  # the last reading is too old: read
+        assert reads == [True, False, False]
+        assert [r["state"] for r in monitor.feed_status()] == ["up"]
+
 @pytest.mark.slow
 async def test_dial_record_tries_a_relay_feed_only_after_every_direct_feed_failed(tmp_path):
     """A circuit costs three nodes a handshake: a slow direct feed (here a silent
