@@ -103,10 +103,10 @@ CONN_EVERY = 5.0
 PROBE_SOON = 2.0
 """Seconds from a change of the direct feeds to the dial-back round it brings."""
 RELAYS_HELD_CHECK = 20.0
+"""Seconds between two looks at the reservations while every one we want is held."""
 LOCAL_EVERY = 60.0
 """Seconds a reading of the machine's addresses stands while rtnetlink announces
 no change (the periodic scans between use the last one)."""
-"""Seconds between two looks at the reservations while every one we want is held."""
 
 _TRANSPORT_RANK = {"tcp": 0, "quic": 1, "ws": 2, "other": 3, "relay": 4}
 
