@@ -495,6 +495,7 @@ async def test_watched_scans_reuse_the_last_reading_of_the_addresses(tmp_path, m
         assert reads == [True, False, False]
         assert [r["state"] for r in monitor.feed_status()] == ["up"]
 
+
 @pytest.mark.slow
 async def test_dial_record_tries_a_relay_feed_only_after_every_direct_feed_failed(tmp_path):
     """A circuit costs three nodes a handshake: a slow direct feed (here a silent
