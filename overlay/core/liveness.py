@@ -489,7 +489,7 @@ class Liveness(Suspicion):
                         self.dial_waits += 1
                         continue
                 self._end_probe(nonce)
-                if _moved(p.heard0, reads) or self._handshook(p):
+                if _moved(p.heard0, reads) or self._handshook_since(p.target, p.secured0):
                     # the target sent us something while we waited: its process
                     # runs and only answers late (a busy machine, ours or its).
                     # Not a failure, and no blame either way: whose slowness it
@@ -505,7 +505,9 @@ class Liveness(Suspicion):
                     p.target, now, out, blame_self=p.nacks < len(p.relays) or not p.relays
                 )
             elif not p.indirect_sent and now >= p.indirect_at:
-                if _moved(p.heard0, self._reads(p.target)) or self._handshook(p):
+                if _moved(p.heard0, self._reads(p.target)) or self._handshook_since(
+                    p.target, p.secured0
+                ):
                     p.indirect_sent = True  # it is talking to us: no one else need look
                 else:
                     self._send_ping_reqs(p, out)
@@ -678,7 +680,7 @@ class Liveness(Suspicion):
             if m.state == DEAD:
                 probe.indirect_sent = True  # a direct look is enough for the dead
         probe.heard0 = self._reads(target)
-        probe.secured0 = self._secured(target) if self._secured is not None else 0
+        probe.secured0 = self._handshakes(target)
         probe.answered0 = self._answered(target) if self._answered is not None else 0
         if m is not None:
             m.heard_mark = probe.heard0
@@ -698,13 +700,6 @@ class Liveness(Suspicion):
         """The target's address accepted a dial of ours since the probe began: a
         process listens there (a crashed one's port refuses)."""
         return self._answered is not None and self._answered(p.target) > p.answered0
-
-    def _handshook(self, p: _Probe) -> bool:
-        """A security handshake with the target finished since the probe began: its
-        process answered (signed), whatever became of that connection. Only a
-        count that grew: one that fell (the transport forgot the peer, as it
-        does with the oldest when many peers handshake) proves nothing."""
-        return self._secured is not None and self._secured(p.target) > p.secured0
 
     def _send_ping_reqs(self, p: _Probe, out: list[Effect]) -> None:
         p.indirect_sent = True

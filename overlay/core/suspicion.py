@@ -228,7 +228,7 @@ class Suspicion:
     def _suspect(self, node: NodeId, m: Member, now: float, out: list[Effect]) -> None:
         m.state, m.since, m.suspect_since = SUSPECT, now, now
         m.talk_mark = self._reads(node)
-        m.talk_secured = self._secured(node) if self._secured is not None else 0
+        m.talk_secured = self._handshakes(node)
         out.append(StateChanged(node, SUSPECT, now))
 
     def _talked(self, node: NodeId, m: Member) -> bool:
@@ -240,7 +240,20 @@ class Suspicion:
         reads = self._reads(node)
         if reads is not None and (m.talk_mark is None or reads > m.talk_mark):
             return True  # a count that fell (one of two connections went) says nothing
-        return self._secured is not None and self._secured(node) > m.talk_secured
+        return self._handshook_since(node, m.talk_secured)
+
+    def _handshakes(self, node: NodeId) -> int:
+        """``secured(node)``: security handshakes completed with ``node`` so far
+        (0 without ``secured``). Compare two values with ``_handshook_since``."""
+        return 0 if self._secured is None else self._secured(node)
+
+    def _handshook_since(self, node: NodeId, mark: int) -> bool:
+        """A security handshake with ``node`` finished since ``_handshakes`` was
+        ``mark``: its process answered (signed), whatever became of that
+        connection. Only a count that grew: one that fell (the transport forgot
+        the peer, as it does with the oldest when many peers handshake) proves
+        nothing."""
+        return self._secured is not None and self._secured(node) > mark
 
     def _confirmed(self, m: Member, now: float) -> None:
         if m.confirmed_at is None and len(m.accusers or ()) >= self.confirmations_needed:
