@@ -1,7 +1,7 @@
 """Peers of a node: joining the overlay, keeping ``target_peers`` connections,
 verifying members it was only told about, joining again when left alone.
 
-``join`` dials a join address (patiently: a timed-out dial is tried again) and
+``join`` dials the join addresses (in rounds: a timed-out dial is tried again) and
 pulls the whole membership through ``AntiEntropySync.sync_with``; ``run``
 fills the peer set every second or two with ``core.peering.choose_dials``
 under the node's dial budget, and joins again through the join addresses,
@@ -32,7 +32,7 @@ from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
 
 log = logging.getLogger("hydra.node")
 
-# pauses before dialling a join address again after a timeout
+# pauses between rounds of dials to the join addresses that timed out
 JOIN_DIAL_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)
 REJOIN_MIN, REJOIN_MAX = 2.0, 60.0  # seconds between join attempts of a node left alone
 VERIFY_DIALS_PER_ROUND = 4  # dials to unverified exits per peer-loop round, at most
@@ -63,53 +63,76 @@ class PeerManager:
         self._transient: dict[NodeId, float] = {}  # dialled for an errand -> when (``trim``)
 
     async def join(self, addrs: Sequence[str]) -> str:
-        """Connect through the first reachable address and pull the whole membership."""
-        errors = []
-        for addr in addrs:
-            try:
-                pid = await self._connect_patiently(addr)
-            except Exception as e:  # noqa: BLE001 - try the next one
-                errors.append(f"{addr}: {e}")
-                continue
-            try:
-                peer = NodeId.from_peer_id(pid)
-            except ValueError:
-                errors.append(f"{addr}: not a Hydra node (its key is not Ed25519)")
-                continue
-            self.node.peers.setdefault(peer, PeerInfo(peer, self.node.clock(), addr))
-            failures, synced = 0, False
-            for _ in range(JOIN_ROUNDS):  # each round moves at most sync.MAX_WANT records
-                self.sync.last_ok = False
-                moved = await self.sync.sync_with(peer, bulk=True)
-                synced = synced or self.sync.last_ok
-                if self.sync.last_ok and moved == 0:
-                    break
-                if not self.sync.last_ok:
-                    failures += 1
-                    if failures >= 3:
-                        break  # the periodic rounds will catch up
-                    await trio.sleep(0.5)
-            if not synced and not await self._speaks_sync(pid):
-                # reached a libp2p peer that does not speak Hydra's sync protocol
-                errors.append(f"{addr}: not a Hydra node (no {SYNC_PROTOCOL})")
-                continue
-            self.joined_via = addr
-            await self.node.announce_own("joined")
-            await self._fill_peers()
-            return addr
-        raise LocalError("could not join through any address: " + "; ".join(errors))
+        """Connect through the first reachable address and pull the whole membership.
 
-    async def _connect_patiently(self, addr: str) -> str:
-        """Dial a join address; a dial that timed out (a busy peer, a lossy feed) is
-        tried again after 1, 2, 4, 8 and 16 s (about a minute and a half in all,
-        with the dials' own timeouts); a refusal or a wrong peer is final at once."""
-        for pause in JOIN_DIAL_RETRIES:
-            try:
-                return await self.node.host.connect(addr)
-            except DialTimeout as e:
-                log.info("join: %s; trying again in %.0f s", e, pause)
-                await trio.sleep(pause)
-        return await self.node.host.connect(addr)
+        The addresses are tried in rounds: each round dials, in order, every
+        address not yet given up; one that refuses the dial, turns out to be
+        another peer or does not speak Hydra is given up at once, and those
+        whose dial timed out (a busy or lossy peer) are dialled again in the
+        next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all).
+        So one silent address costs the others one dial timeout, not the
+        minute and a half of its own retries."""
+        errors: dict[str, str] = {}
+        pending = list(dict.fromkeys(addrs))
+        pauses = iter(JOIN_DIAL_RETRIES)
+        while pending:
+            timed_out = []
+            for addr in pending:
+                try:
+                    pid = await self.node.host.connect(addr)
+                except DialTimeout as e:
+                    errors[addr] = str(e)
+                    timed_out.append(addr)
+                    continue
+                except Exception as e:  # noqa: BLE001 - try the next one
+                    errors[addr] = str(e)
+                    continue
+                why = await self._join_through(addr, pid)
+                if why is None:
+                    return addr
+                errors[addr] = why
+            pending = timed_out
+            pause = next(pauses, None)
+            if not pending or pause is None:
+                break
+            log.info(
+                "join: %d address(es) did not answer in time; trying again in %.0f s",
+                len(pending),
+                pause,
+            )
+            await trio.sleep(pause)
+        raise LocalError(
+            "could not join through any address: "
+            + "; ".join(f"{addr}: {why}" for addr, why in errors.items())
+        )
+
+    async def _join_through(self, addr: str, pid: str) -> str | None:
+        """Pull the membership from the peer just connected at ``addr``; None once
+        joined, else why this address is given up."""
+        try:
+            peer = NodeId.from_peer_id(pid)
+        except ValueError:
+            return "not a Hydra node (its key is not Ed25519)"
+        self.node.peers.setdefault(peer, PeerInfo(peer, self.node.clock(), addr))
+        failures, synced = 0, False
+        for _ in range(JOIN_ROUNDS):  # each round moves at most sync.MAX_WANT records
+            self.sync.last_ok = False
+            moved = await self.sync.sync_with(peer, bulk=True)
+            synced = synced or self.sync.last_ok
+            if self.sync.last_ok and moved == 0:
+                break
+            if not self.sync.last_ok:
+                failures += 1
+                if failures >= 3:
+                    break  # the periodic rounds will catch up
+                await trio.sleep(0.5)
+        if not synced and not await self._speaks_sync(pid):
+            # reached a libp2p peer that does not speak Hydra's sync protocol
+            return f"not a Hydra node (no {SYNC_PROTOCOL})"
+        self.joined_via = addr
+        await self.node.announce_own("joined")
+        await self._fill_peers()
+        return None
 
     async def _speaks_sync(self, peer_id: str, wait: float = 5.0) -> bool:
         """False once identify has listed the peer's protocols without Hydra's sync;
@@ -264,13 +287,15 @@ class PeerManager:
     async def run(self) -> None:
         """Keep ``target_peers`` connections; with none at all (every member we know
         is unreachable, or we never got the membership), join again through the
-        join addresses, backing off from ``REJOIN_MIN`` to ``REJOIN_MAX`` seconds."""
+        join addresses, backing off from ``REJOIN_MIN`` to ``REJOIN_MAX`` seconds.
+        Not while the node's first join is still under way: that one dials them."""
         rejoin_at, backoff = 0.0, REJOIN_MIN
         while True:
             await trio.sleep(1.0 + self.node.rng.random())
             try:
                 if (
                     self.node.join_addrs
+                    and self.node.ready.is_set()  # the first join is over (not still dialling)
                     and not self.node.connected()
                     and self.node.clock() >= rejoin_at
                 ):

@@ -10,7 +10,7 @@ import trio
 from overlay import collector, runtime
 from overlay.crypto import SigningKey
 from overlay.net import framing
-from overlay.net.host import Libp2pHost
+from overlay.net.host import DialTimeout, Libp2pHost
 from overlay.records import Role, make_record
 from overlay.runtime import RECORDS_TOPIC, SYNC_PROTOCOL, Node, dht_key
 from overlay.services import peers as peers_service
@@ -360,6 +360,40 @@ async def test_restart_keeps_store_and_catches_up(tmp_path):
             assert node.own.seq > seq_before
             await node.join([join_addr(nodes[2])])
             await wait_until(lambda: node.view.seq_of(nodes[1].node_id) == changed.seq, 20)
+
+
+async def test_a_silent_join_address_costs_the_next_one_a_single_dial(tmp_path):
+    """Join addresses are dialled in rounds: a first address that accepts TCP but
+    never answers (a busy peer, a black hole) times out once, and the node joins
+    through the second at once instead of after the first one's retries."""
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    nobody = SigningKey(bytes([9]) * 32).node_id.peer_id()
+    silent_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{nobody}"
+    held = []
+
+    async def hold() -> None:  # accept and never answer
+        while True:
+            conn, _ = await silent.accept()
+            held.append(conn)
+
+    async with trio.open_nursery() as n, overlay(tmp_path / "a", 2) as nodes:
+        n.start_soon(hold)
+        with pytest.raises(DialTimeout):  # how many connections one dial makes
+            await nodes[0].host.connect(silent_addr)
+        one_dial, held[:] = len(held), []
+        home = make_home(tmp_path / "x")
+        good = join_addr(nodes[1])
+        async with Node(home, join=[silent_addr, good], services=light_services()) as x:
+            assert x.peering.joined_via == good
+            assert len(held) == one_dial  # one dial to the silent address, not one per retry
+            await wait_until(lambda: len(x.view) == 3, 20)
+        n.cancel_scope.cancel()
+    for conn in held:
+        conn.close()
+    silent.close()
 
 
 async def test_restart_after_the_join_peer_is_gone_and_joining_again_when_alone(tmp_path):
