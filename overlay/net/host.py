@@ -459,6 +459,11 @@ class Libp2pHost(
 
     # ---- addresses and connections ------------------------------------------
 
+    @property
+    def dial_timeout(self) -> float:
+        """Seconds a ``connect`` waits for the connection unless told otherwise."""
+        return self._dial_timeout
+
     def listen_addrs(self) -> list[str]:
         """Bound listen addresses (real ports), each ending in ``/p2p/<peer_id>``."""
         # WORKAROUND (closed listeners): libp2p reads the addresses off the listening
@@ -508,13 +513,13 @@ class Libp2pHost(
             return 0
         return count(self._swarm, pid)
 
-    async def connect(self, addr: str, *, reuse: bool = True) -> str:
+    async def connect(self, addr: str, *, reuse: bool = True, timeout: float | None = None) -> str:
         """Dial exactly ``addr`` (which must end in ``/p2p/<id>``); return the peer id.
 
         With ``reuse`` (default) an existing connection to that peer is kept and
         nothing is dialed; ``reuse=False`` always opens a new connection over
-        ``addr`` (a further feed link). Raises ``DialTimeout`` after
-        ``dial_timeout`` seconds, ``DialError`` on any other failure and
+        ``addr`` (a further feed link). Raises ``DialTimeout`` after ``timeout``
+        (default ``dial_timeout``) seconds, ``DialError`` on any other failure and
         ``LocalError`` for a malformed address or our own peer id.
 
         A circuit address ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<peer>``
@@ -547,13 +552,14 @@ class Libp2pHost(
         # of that exact address (Swarm.dial_addr skips the happy-eyeballs
         # ranking that might pick another transport from the peerstore).
         # test_dial_to_silent_listener_times_out.
-        with trio.move_on_after(self._dial_timeout) as scope:
+        wait = self._dial_timeout if timeout is None else timeout
+        with trio.move_on_after(wait) as scope:
             try:
                 await self._swarm.dial_addr(transport_addr, peer)
             except _LIBP2P_IO_ERRORS as e:
                 raise DialError(f"dial {addr} failed: {e!r}") from e
         if scope.cancelled_caught:
-            raise DialTimeout(f"dial {addr} timed out after {self._dial_timeout:g} s")
+            raise DialTimeout(f"dial {addr} timed out after {wait:g} s")
         self._swarm.unblock_peer(peer)
         # Only an address that worked goes to the peerstore (for libp2p's own
         # later dials): addresses that records merely claim never fill it.

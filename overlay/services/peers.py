@@ -69,17 +69,20 @@ class PeerManager:
         address not yet given up; one that refuses the dial, turns out to be
         another peer or does not speak Hydra is given up at once, and those
         whose dial timed out (a busy or lossy peer) are dialled again in the
-        next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all).
-        So one silent address costs the others one dial timeout, not the
-        minute and a half of its own retries."""
+        next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all),
+        each round's dials waiting one dial timeout longer than the last (a
+        handshake with a saturated peer can take longer than one). So one
+        silent address costs the others one dial timeout, not the minutes of
+        its own retries."""
         errors: dict[str, str] = {}
         pending = list(dict.fromkeys(addrs))
         pauses = iter(JOIN_DIAL_RETRIES)
+        patience = 1  # x the dial timeout: a saturated peer's handshake may need more
         while pending:
             timed_out = []
             for addr in pending:
                 try:
-                    pid = await self.node.host.connect(addr)
+                    pid = await self.node.host.connect(addr, timeout=self._join_dial(patience))
                 except DialTimeout as e:
                     errors[addr] = str(e)
                     timed_out.append(addr)
@@ -92,6 +95,7 @@ class PeerManager:
                     return addr
                 errors[addr] = why
             pending = timed_out
+            patience += 1
             pause = next(pauses, None)
             if not pending or pause is None:
                 break
@@ -105,6 +109,13 @@ class PeerManager:
             "could not join through any address: "
             + "; ".join(f"{addr}: {why}" for addr, why in errors.items())
         )
+
+    def _join_dial(self, patience: int) -> float | None:
+        """The timeout of a join dial in its ``patience``-th round: the host's dial
+        timeout times the round (5, 10, 15 ... s by default), None for the first."""
+        if patience == 1:
+            return None
+        return self.node.host.dial_timeout * patience
 
     async def _join_through(self, addr: str, pid: str) -> str | None:
         """Pull the membership from the peer just connected at ``addr``; None once
