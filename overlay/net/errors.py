@@ -9,6 +9,7 @@ import logging
 
 import trio
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.transport.exceptions import UpgradeFailure
 
 from ..errors import LocalError
 
@@ -25,6 +26,12 @@ class DialError(NetError):
 
 class DialTimeout(DialError):
     """The dial did not complete within ``dial_timeout``."""
+
+
+class DialHandshakeFailed(DialError):
+    """TCP connected, but the security or muxer handshake failed or ran out of
+    time (a busy peer that dropped the slow handshake, a lossy path, a wrong
+    peer id): unlike a refusal, worth trying again later."""
 
 
 class StreamOpenError(NetError):
@@ -70,3 +77,17 @@ _LIBP2P_IO_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,  # QUIC streams raise ValueError on use after close
 )
+
+
+def _handshake_failed(e: BaseException) -> bool:
+    """Whether a failed dial got as far as the handshake: upstream wraps a
+    security or muxer upgrade that failed (or ran out of its time) in a
+    ``SwarmException``; the cause or context chain holds the upgrade's error."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, UpgradeFailure | trio.TooSlowError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

@@ -80,6 +80,7 @@ from .errors import (
     DhtError,
     DhtTimeout,
     DialError,
+    DialHandshakeFailed,
     DialTimeout,
     NetError,
     RelayError,
@@ -88,6 +89,7 @@ from .errors import (
     StreamLimitReached,
     StreamOpenError,
     StreamOpenTimeout,
+    _handshake_failed,
 )
 from .limits import (
     MAX_OUTBOUND_CONNECTIONS,
@@ -130,6 +132,7 @@ __all__ = [
     "DhtError",
     "DhtTimeout",
     "DialError",
+    "DialHandshakeFailed",
     "DialTimeout",
     "GossipMessage",
     "GossipValidator",
@@ -557,7 +560,8 @@ class Libp2pHost(
             try:
                 await self._swarm.dial_addr(transport_addr, peer)
             except _LIBP2P_IO_ERRORS as e:
-                raise DialError(f"dial {addr} failed: {e!r}") from e
+                kind = DialHandshakeFailed if _handshake_failed(e) else DialError
+                raise kind(f"dial {addr} failed: {e!r}") from e
         if scope.cancelled_caught:
             raise DialTimeout(f"dial {addr} timed out after {wait:g} s")
         self._swarm.unblock_peer(peer)

@@ -25,7 +25,7 @@ from ..core.scores import PeerScores
 from ..core.timing import JOIN_ROUNDS
 from ..crypto import NodeId, mac
 from ..errors import LocalError
-from ..net.host import DialTimeout
+from ..net.host import DialHandshakeFailed, DialTimeout
 from ..records import EXIT_ROLES, ValidRecord
 from .context import NodeContext
 from .sync import SYNC_PROTOCOL, AntiEntropySync, PeerInfo
@@ -66,10 +66,10 @@ class PeerManager:
         """Connect through the first reachable address and pull the whole membership.
 
         The addresses are tried in rounds: each round dials, in order, every
-        address not yet given up; one that refuses the dial, turns out to be
-        another peer or does not speak Hydra is given up at once, and those
-        whose dial timed out (a busy or lossy peer) are dialled again in the
-        next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all),
+        address not yet given up; one that refuses the dial or does not speak
+        Hydra is given up at once, and those whose dial timed out or whose
+        handshake failed (a busy or lossy peer; a saturated one drops slow
+        handshakes) are dialled again in the next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all),
         each round's dials waiting one dial timeout longer than the last (a
         handshake with a saturated peer can take longer than one). So one
         silent address costs the others one dial timeout, not the minutes of
@@ -83,9 +83,9 @@ class PeerManager:
             for addr in pending:
                 try:
                     pid = await self.node.host.connect(addr, timeout=self._join_dial(patience))
-                except DialTimeout as e:
+                except (DialTimeout, DialHandshakeFailed) as e:
                     errors[addr] = str(e)
-                    timed_out.append(addr)
+                    timed_out.append(addr)  # a busy peer: next round
                     continue
                 except Exception as e:  # noqa: BLE001 - try the next one
                     errors[addr] = str(e)
