@@ -69,11 +69,10 @@ class PeerManager:
         address not yet given up; one that refuses the dial or does not speak
         Hydra is given up at once, and those whose dial timed out or whose
         handshake failed (a busy or lossy peer; a saturated one drops slow
-        handshakes) are dialled again in the next round, after a pause of 1, 2, 4, 8 and 16 s (six rounds in all),
-        each round's dials waiting one dial timeout longer than the last (a
-        handshake with a saturated peer can take longer than one). So one
-        silent address costs the others one dial timeout, not the minutes of
-        its own retries."""
+        handshakes) are dialled again in the next round, after a pause of 1,
+        2, 4, 8 and 16 s (six rounds in all), each round's dials waiting one
+        dial timeout longer than the last. So one silent address costs the
+        others one dial timeout, not the minutes of its own retries."""
         errors: dict[str, str] = {}
         pending = list(dict.fromkeys(addrs))
         pauses = iter(JOIN_DIAL_RETRIES)
@@ -100,7 +99,7 @@ class PeerManager:
             if not pending or pause is None:
                 break
             log.info(
-                "join: %d address(es) did not answer in time; trying again in %.0f s",
+                "join: %d address(es) timed out or dropped the handshake; trying again in %.0f s",
                 len(pending),
                 pause,
             )

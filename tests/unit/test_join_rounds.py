@@ -1,9 +1,10 @@
 """How a join dials its addresses: in rounds, each round more patient.
 
 A join address that refuses is given up at once; one whose dial times out or
-whose handshake failed is dialled again in the next round, after the other addresses, with a longer
-timeout each round (a saturated peer's handshake can take longer than one
-dial timeout). The rounds' pauses are skipped with trio's autojump clock.
+whose handshake failed is dialled again in the next round, after the other
+addresses, with a longer timeout each round (a saturated peer's handshake can
+take longer than one dial timeout). The rounds' pauses are skipped with
+trio's autojump clock.
 """
 
 from __future__ import annotations
