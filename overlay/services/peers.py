@@ -76,15 +76,15 @@ class PeerManager:
         errors: dict[str, str] = {}
         pending = list(dict.fromkeys(addrs))
         pauses = iter(JOIN_DIAL_RETRIES)
-        patience = 1  # x the dial timeout: a saturated peer's handshake may need more
+        rounds = 1  # round k waits k dial timeouts (a saturated peer handshakes slowly)
         while pending:
-            timed_out = []
+            wait, retry = self.node.host.dial_timeout * rounds, []
             for addr in pending:
                 try:
-                    pid = await self.node.host.connect(addr, timeout=self._join_dial(patience))
+                    pid = await self.node.host.connect(addr, timeout=wait)
                 except (DialTimeout, DialHandshakeFailed) as e:
                     errors[addr] = str(e)
-                    timed_out.append(addr)  # a busy peer: next round
+                    retry.append(addr)  # a busy peer: next round
                     continue
                 except Exception as e:  # noqa: BLE001 - try the next one
                     errors[addr] = str(e)
@@ -93,8 +93,8 @@ class PeerManager:
                 if why is None:
                     return addr
                 errors[addr] = why
-            pending = timed_out
-            patience += 1
+            pending = retry
+            rounds += 1
             pause = next(pauses, None)
             if not pending or pause is None:
                 break
@@ -108,13 +108,6 @@ class PeerManager:
             "could not join through any address: "
             + "; ".join(f"{addr}: {why}" for addr, why in errors.items())
         )
-
-    def _join_dial(self, patience: int) -> float | None:
-        """The timeout of a join dial in its ``patience``-th round: the host's dial
-        timeout times the round (5, 10, 15 ... s by default), None for the first."""
-        if patience == 1:
-            return None
-        return self.node.host.dial_timeout * patience
 
     async def _join_through(self, addr: str, pid: str) -> str | None:
         """Pull the membership from the peer just connected at ``addr``; None once

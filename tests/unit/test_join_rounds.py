@@ -45,7 +45,7 @@ async def test_timed_out_addresses_are_dialled_again_in_rounds_more_patiently(au
     with pytest.raises(LocalError, match="could not join through any address") as e:
         await pm.join(["silent", "refused", "dropped"])
     rounds = len(JOIN_DIAL_RETRIES) + 1
-    assert host.dials[:3] == [("silent", None), ("refused", None), ("dropped", None)]
+    assert host.dials[:3] == [("silent", 5.0), ("refused", 5.0), ("dropped", 5.0)]
     later = host.dials[3:]
     assert [a for a, _ in later] == ["silent", "dropped"] * (rounds - 1)
     assert [t for _, t in later[::2]] == [5.0 * k for k in range(2, rounds + 1)]
