@@ -59,6 +59,7 @@ class Config:
     smtp_relay: str = ""
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
+    calm_interval: float = 5.0
     suspicion_min: float = 1.0
     suspicion_max: float = 4.0
     maildir_root: str = ""
@@ -185,6 +186,8 @@ class Config:
             raise ConfigError('exit_policy_mode must be "all-public" or "chain"')
         if not 0 < self.probe_timeout < self.probe_interval:
             raise ConfigError("[liveness] needs 0 < probe_timeout < probe_interval")
+        if self.calm_interval and self.calm_interval < self.probe_interval:
+            raise ConfigError("[liveness] needs calm_interval >= probe_interval (or 0: off)")
         if not 0 < self.sync_interval <= self.sync_idle_interval:
             raise ConfigError("[network] needs 0 < sync_interval <= sync_idle_interval")
         if not 0 < self.suspicion_min <= self.suspicion_max:
@@ -292,6 +295,7 @@ _MAP = {
     ("exits", "exit_policy_mode"): "exit_policy_mode",
     ("liveness", "probe_interval"): "probe_interval",
     ("liveness", "probe_timeout"): "probe_timeout",
+    ("liveness", "calm_interval"): "calm_interval",
     ("liveness", "suspicion_min"): "suspicion_min",
     ("liveness", "suspicion_max"): "suspicion_max",
     ("onion", "epoch_length"): "onion_epoch_length",
@@ -452,6 +456,7 @@ _COMMENTS = {
     "admission.dial_burst": "... and at once",
     "admission.dial_addr_interval": "seconds before an unverified (or failed) host:port is dialled again",
     "probe_interval": "a crashed member is declared dead about probe_interval + suspicion time after it stops",
+    "calm_interval": "seconds between this node's probes of alive members that are not exits or standbys (0: every probe_interval)",
     "max_inbound": "inbound connections at once, handshaking or established",
     "max_inbound_per_ip": "... from one IP address (IPv6: one /64); many local nodes share 127.0.0.1",
     "max_handshakes_per_ip": "connections from one IP whose handshake has not finished",

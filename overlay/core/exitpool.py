@@ -121,6 +121,7 @@ class ExitPool:
         self._candidates_others: list[NodeId] = []  # live standbys other than us
         self._promoted_others: list[NodeId] = []  # live EXIT|STANDBY_EXIT other than us
         self._seasoned_others = 0  # live exits other than us verified for min_verified_age
+        self._seasons_at: float | None = None  # when the next live exit becomes seasoned
         self._deficit_since: float | None = None
         self._surplus_since: float | None = None
         self._fire_at: float | None = None
@@ -184,6 +185,7 @@ class ExitPool:
         cands: list[NodeId] = []
         promoted: list[NodeId] = []
         seasoned = 0
+        seasons_at = None
         for r in records:
             if r.is_tombstone or r.node_id == self.me:
                 continue
@@ -203,6 +205,8 @@ class ExitPool:
                 live.add(r.node_id)
                 if now - since >= self.min_verified_age:
                     seasoned += 1
+                elif seasons_at is None or since + self.min_verified_age < seasons_at:
+                    seasons_at = since + self.min_verified_age
                 if Role.STANDBY_EXIT in r.roles:
                     promoted.append(r.node_id)
             else:
@@ -211,7 +215,14 @@ class ExitPool:
         self._candidates_others = cands
         self._promoted_others = promoted
         self._seasoned_others = seasoned
+        self._seasons_at = seasons_at
         return self.tick(now)
+
+    def next_update(self) -> float | None:
+        """When ``update`` with the same inputs would count differently (a live exit
+        becomes seasoned: verified for ``min_verified_age``); None: only new inputs
+        matter."""
+        return self._seasons_at
 
     def next_wakeup(self) -> float | None:
         """When ``tick`` next has something to do (None: only a new ``update`` matters)."""

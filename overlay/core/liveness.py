@@ -91,6 +91,10 @@ set current with ``set_members``. ``Send`` effects go on ``protocol``,
 overlay to probe it passes the members it has connections to (and the exits)
 to ``set_near``: the round-robin and the indirect probes then use only those,
 and every member is still probed about once a period by its own neighbours.
+With ``calm_interval`` set, only the members passed to ``set_critical`` (exits
+and standbys), the dead and the suspected or accused are probed at that rate;
+the other members get a round-robin of their own with one probe per
+``calm_interval`` (calm turns), which is most of an idle node's probing.
 
 This module holds the probing half (round-robin, indirect probes, local health,
 dead sync); the accusation half (suspicion timers, death, evidence, refutation)
@@ -135,7 +139,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..crypto import NodeId
@@ -189,6 +193,46 @@ class _Relay:
     nack_at: float
     expires: float
     nacked: bool = False
+
+
+@dataclass(slots=True)
+class _Round:
+    """A shuffled round-robin over the members (may hold removed ids until pruned)."""
+
+    order: list[NodeId]
+    pos: int = 0
+
+    def add(self, new: list[NodeId], rng: random.Random) -> None:
+        """Newcomers go to random slots in the rest of this round, so they come soon."""
+        if len(new) <= 16:
+            for n in new:
+                self.order.insert(rng.randint(self.pos, len(self.order)), n)
+        else:
+            tail = self.order[self.pos :] + new
+            rng.shuffle(tail)
+            self.order[self.pos :] = tail
+
+    def prune(self, members: Mapping[NodeId, Member]) -> None:
+        if len(self.order) > 2 * len(members) + 16:
+            self.order = [n for n in self.order if n in members]
+            self.pos = min(self.pos, len(self.order))
+
+    def next(
+        self, members: Mapping[NodeId, Member], rng: random.Random, take: Callable[[NodeId], bool]
+    ) -> NodeId | None:
+        """The next member ``take`` accepts, at most one whole round ahead."""
+        for _ in range(len(self.order) + 1):
+            if self.pos >= len(self.order):
+                self.order = [n for n in self.order if n in members]
+                rng.shuffle(self.order)
+                self.pos = 0
+                if not self.order:
+                    return None
+            node = self.order[self.pos]
+            self.pos += 1
+            if node in members and take(node):
+                return node
+        return None
 
 
 class Liveness(Suspicion):
@@ -250,6 +294,7 @@ class Liveness(Suspicion):
         secured: Callable[[NodeId], int] | None = None,
         answered: Callable[[NodeId], int] | None = None,
         dial_grace: float = 5.0,
+        calm_interval: float | None = None,
     ) -> None:
         if not 0 < probe_timeout < probe_interval:
             raise LocalError("need 0 < probe_timeout < probe_interval")
@@ -259,6 +304,8 @@ class Liveness(Suspicion):
             raise LocalError("confirmations_needed and expected_confirmations must be >= 1")
         if max_accusers < confirmations_needed:
             raise LocalError("max_accusers must be >= confirmations_needed")
+        if calm_interval is not None and calm_interval < probe_interval:
+            raise LocalError("need calm_interval >= probe_interval")
         self.me = me
         self._sign = sign
         self._rng = rng
@@ -287,6 +334,8 @@ class Liveness(Suspicion):
         self._answered = answered
         self.dial_grace = dial_grace
         self._near: set[NodeId] | None = None  # see ``set_near``; None: every member
+        self.calm_interval = calm_interval  # see ``set_critical``; None: no calm turns
+        self._critical: frozenset[NodeId] = frozenset()
 
         self._inc = min(incarnation, U64_MAX)
         self._refute_to: int | None = None  # incarnation a pending refutation will announce
@@ -294,8 +343,9 @@ class Liveness(Suspicion):
         self._alive_at = -math.inf
         self._health = 0
         self._members: dict[NodeId, Member] = {}
-        self._order: list[NodeId] = []  # round-robin order (may hold removed ids)
-        self._pos = 0
+        self._round = _Round([])  # routine probes
+        self._calm_round = _Round([])  # calm turns (see ``set_critical``)
+        self._next_calm_at: float | None = None
         self._probes: dict[int, _Probe] = {}
         self._probing: dict[NodeId, int] = {}
         self._relays: dict[int, _Relay] = {}
@@ -380,17 +430,9 @@ class Liveness(Suspicion):
         new = sorted(n for n in wanted if n not in self._members)
         for n in new:
             self._members[n] = Member(since=now)
-        # newcomers go to random slots in the rest of this round, so they are probed soon
-        if len(new) <= 16:
-            for n in new:
-                self._order.insert(self._rng.randint(self._pos, len(self._order)), n)
-        else:
-            tail = self._order[self._pos :] + new
-            self._rng.shuffle(tail)
-            self._order[self._pos :] = tail
-        if len(self._order) > 2 * len(self._members) + 16:
-            self._order = [n for n in self._order if n in self._members]
-            self._pos = min(self._pos, len(self._order))
+        for r in (self._round, self._calm_round) if self.calm_interval else (self._round,):
+            r.add(new, self._rng)
+            r.prune(self._members)
 
     def set_near(self, nodes: Iterable[NodeId] | None) -> None:
         """Probe only ``nodes`` in the round-robin (None: every member, the default).
@@ -403,6 +445,17 @@ class Liveness(Suspicion):
         indirect probes go through near members first.
         """
         self._near = None if nodes is None else set(nodes)
+
+    def set_critical(self, nodes: Iterable[NodeId]) -> None:
+        """The members whose failure must be seen fastest (exits and standbys: the
+        exit pool replaces a dead exit). With ``calm_interval`` set, the routine
+        round-robin (one probe per probe period) holds only these, the dead and
+        the members under suspicion or accused; the other members, alive and
+        unaccused, get their own round-robin with one probe per
+        ``calm_interval``. A crash still closes their connections, which brings
+        a probe at once (``probe_now``), and an accusation, a suspicion or a
+        closed connection moves a member back to the full rate."""
+        self._critical = frozenset(nodes)
 
     def state(self, node: NodeId) -> tuple[str, float]:
         """``(state, since)`` for a monitored node, ``("unknown", 0.0)`` otherwise."""
@@ -428,6 +481,8 @@ class Liveness(Suspicion):
         t = self._next_probe_at
         if t is None:
             return None
+        if self._next_calm_at is not None:
+            t = min(t, self._next_calm_at)
         for p in self._probes.values():
             t = min(t, p.deadline if p.indirect_sent else p.indirect_at)
         for r in self._relays.values():
@@ -527,6 +582,14 @@ class Liveness(Suspicion):
             if target is not None and not self._heard_since_last_look(target, now):
                 self._start_probe(target, now, out)
             self._next_probe_at = now + self.interval * self.multiplier
+        if self.calm_interval is not None:
+            if self._next_calm_at is None:
+                self._next_calm_at = now + self._rng.uniform(0, self.calm_interval)
+            elif now >= self._next_calm_at:
+                target = self._next_target(now, calm=True)
+                if target is not None and not self._heard_since_last_look(target, now):
+                    self._start_probe(target, now, out)
+                self._next_calm_at = now + self.calm_interval * self.multiplier
         return out
 
     # -- input ------------------------------------------------------------------
@@ -618,25 +681,29 @@ class Liveness(Suspicion):
 
     # -- probing ----------------------------------------------------------------
 
-    def _next_target(self, now: float) -> NodeId | None:
-        for _ in range(len(self._order) + 1):
-            if self._pos >= len(self._order):
-                self._order = [n for n in self._order if n in self._members]
-                self._rng.shuffle(self._order)
-                self._pos = 0
-                if not self._order:
-                    return None
-            node = self._order[self._pos]
-            self._pos += 1
-            m = self._members.get(node)
-            if m is None or node in self._probing:
-                continue
+    def _next_target(self, now: float, calm: bool = False) -> NodeId | None:
+        """The next member of the routine round-robin, or of the calm turns' one."""
+
+        def take(node: NodeId) -> bool:
+            m = self._members[node]
+            if node in self._probing or self._is_calm(node, m) != calm:
+                return False
             if self._near is not None and m.state != DEAD and node not in self._near:
-                continue  # watched by the members connected to it
+                return False  # watched by the members connected to it
             # the dead are looked at now and then, so a healed partition heals here too
-            if m.state != DEAD or now - m.probed_at >= self.dead_reprobe:
-                return node
-        return None
+            return m.state != DEAD or now - m.probed_at >= self.dead_reprobe
+
+        return (self._calm_round if calm else self._round).next(self._members, self._rng, take)
+
+    def _is_calm(self, node: NodeId, m: Member) -> bool:
+        """A member for the calm turns (``set_critical``): alive, unaccused, and
+        neither an exit nor a standby."""
+        return (
+            self.calm_interval is not None
+            and m.state == ALIVE
+            and not m.accusers
+            and node not in self._critical
+        )
 
     def _heard_since_last_look(self, target: NodeId, now: float) -> bool:
         """A routine turn of an alive, unaccused member that has sent us something
@@ -711,7 +778,7 @@ class Liveness(Suspicion):
     def _pick_relays(self, target: NodeId, k: int) -> list[NodeId]:
         """Up to ``k`` distinct ALIVE members other than ``target``, chosen at random
         (near ones when ``set_near`` gave some: a relay we talk to needs no dial)."""
-        pool = self._order
+        pool = self._round.order
         if self._near is not None:
             near = sorted(
                 n for n in self._near if n != target and self._members.get(n, _DEAD).state == ALIVE

@@ -43,7 +43,7 @@ log = logging.getLogger("hydra.resilience")
 # IDLE_TIMEOUT, longer (it must outlive the sender's).
 IDLE_TIMEOUT = 900.0  # an inbound liveness stream with no frame for this long is closed
 SEND_IDLE = 600.0  # our stream to a peer is closed sooner (a round-robin over many is slow)
-POOL_RECHECK = 1.0  # the exit pool looks at unchanged inputs this often (ages grow)
+POOL_RECHECK = 30.0  # the exit pool looks at unchanged inputs this often, to be sure
 MAX_SLEEP = 1.0  # the loop wakes at least this often (probes wake it sooner)
 
 
@@ -82,6 +82,7 @@ class Resilience:
             probe_timeout=cfg.probe_timeout,
             suspicion_min=cfg.suspicion_min,
             suspicion_max=cfg.suspicion_max,
+            calm_interval=cfg.calm_interval or None,
             incarnation=int(now * 1000),  # grows across restarts
             # accusations count only from members that authenticated to us:
             # inventing records does not add confirmations
@@ -136,7 +137,7 @@ class Resilience:
             self._out.bind(None)
 
     async def _run(self, task_status) -> None:
-        node = self.node
+        node, liveness, pool = self.node, self.liveness, self.pool
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._out.bind(nursery)
@@ -156,14 +157,21 @@ class Resilience:
                     if self._ready_at is None:
                         self._ready_at = now
                     # the pool reads records, liveness states and verification ages:
-                    # look again when one of them changed, or once per POOL_RECHECK
-                    # (ages grow with time alone), or when the pool asked to be woken
-                    inputs = (node.changes, node.admission.version, self._transitions)
-                    pool_due = self.pool.next_wakeup()
+                    # look again when one of them changed (a record accepted or
+                    # expired, a verification, a transition), when an exit's
+                    # verification becomes old enough to count (``next_update``),
+                    # when the pool asked to be woken, or once per POOL_RECHECK
+                    inputs = (
+                        node.changes,
+                        len(node.view),
+                        node.admission.version,
+                        self._transitions,
+                    )
+                    pool_due = [t for t in (pool.next_wakeup(), pool.next_update()) if t]
                     if now - self._ready_at >= SETTLE and (
                         inputs != pool_seen
                         or now - pool_at >= POOL_RECHECK
-                        or (pool_due is not None and now >= pool_due)
+                        or any(now >= t for t in pool_due)
                     ):
                         pool_seen, pool_at = inputs, now
                         records = node.view.snapshot(now).records.values()
@@ -174,7 +182,9 @@ class Resilience:
                         )
                         node.metrics.exits_live.set(self.pool.live_exits)
                         self.settled.set()
-                wake = [t for t in (self.liveness.next_wakeup(), self.pool.next_wakeup()) if t]
+                wake = [
+                    t for t in (liveness.next_wakeup(), pool.next_wakeup(), pool.next_update()) if t
+                ]
                 if node.ready.is_set() and self._ready_at is not None:
                     wake.append(max(self._ready_at + SETTLE, pool_at + POOL_RECHECK))
                 delay = min(wake, default=now + MAX_SLEEP) - now
@@ -208,6 +218,7 @@ class Resilience:
         ]
         self.liveness.set_members([r.node_id for r in live], now)
         self._exitish = frozenset(r.node_id for r in live if r.roles & EXIT_ROLES)
+        self.liveness.set_critical(self._exitish)  # probed every period, the others calmly
         self._near_key = None
 
     def _refresh_near(self) -> None:

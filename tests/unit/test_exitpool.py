@@ -513,9 +513,11 @@ def test_verified_exits_count_and_surplus_needs_seasoned_exits():
         out += pool.update(exits, {}, float(t), verified.get)
     assert pool.live_exits == 5 and out == []
     assert pool.seasoned_exits == 2
+    assert pool.next_update() == 160.0  # when the three become seasoned: look again then
     for t in range(160, 170):
         out += pool.update(exits, {}, float(t), verified.get)
     assert [Role.EXIT in Role.parse(e.roles) for e in out] == [False]  # then it steps back
+    assert pool.next_update() is None  # every live exit is seasoned: only new inputs matter
     # a dead verified exit does not count either
     pool2 = ExitPool(me, STANDBY, random.Random(3), target_live_exits=1)
     pool2.update(exits[:1], {exits[0].node_id: DEAD}, 0.0, {exits[0].node_id: 0.0}.get)

@@ -299,6 +299,8 @@ def test_parameters_are_checked():
         core(suspicion_min=5.0, suspicion_max=4.0)
     with pytest.raises(LocalError):
         core(confirmations_needed=0)
+    with pytest.raises(LocalError):
+        core(probe_interval=1.0, probe_timeout=0.5, calm_interval=0.5)
 
 
 def test_ping_is_acked_and_unknown_nodes_are_unknown():
@@ -324,6 +326,59 @@ def test_probe_round_robin_visits_every_member_once_per_round():
         t += 0.05
     assert sorted(targets[:5]) == sorted(IDS[1:6])
     assert sorted(targets[5:10]) == sorted(IDS[1:6])
+
+
+def _pings_until(c, until: float, answer=lambda peer: True, t: float = 0.0):
+    """Tick ``c`` every 0.05 s up to ``until``; (time, target) of every Ping."""
+    out = []
+    while t < until:
+        for peer, f in sends(c.tick(t), wire.Ping):
+            out.append((t, peer))
+            if answer(peer):
+                c.receive(peer, wire.encode(wire.Ack(f.nonce)), t + 0.01)
+        t += 0.05
+    return out
+
+
+def test_calm_turns_probe_plain_members_once_per_calm_interval_in_rounds():
+    c = core(n=6, probe_interval=0.5, probe_timeout=0.25, calm_interval=5.0)
+    pings = _pings_until(c, 100.0)
+    # one calm turn per 5 s (the first within the first 5 s) instead of one per 0.5 s
+    assert 19 <= len(pings) <= 20
+    targets = [p for _, p in pings]
+    for k in range(0, 15, 5):  # still a round-robin: each member once per round
+        assert sorted(targets[k : k + 5]) == sorted(IDS[1:6])
+    gaps = [b - a for (a, _), (b, _) in zip(pings, pings[1:], strict=False)]
+    assert min(gaps) > 4.9
+
+
+def test_critical_members_keep_the_full_rate_beside_calm_turns():
+    c = core(n=6, probe_interval=0.5, probe_timeout=0.25, calm_interval=5.0)
+    c.set_critical({B, C})
+    pings = _pings_until(c, 50.0)
+    to = {n: sum(1 for _, p in pings if p == n) for n in IDS[1:6]}
+    assert to[B] + to[C] >= 95  # one per 0.5 s period, alternating between the two
+    assert abs(to[B] - to[C]) <= 1
+    assert sum(to[n] for n in IDS[3:6]) <= 10  # one per 5 s
+    assert all(to[n] >= 3 for n in IDS[3:6])
+    # calm off (None): every member at the full rate, as without ``set_critical``
+    d = core(n=6, probe_interval=0.5, probe_timeout=0.25)
+    d.set_critical({B, C})
+    assert len(_pings_until(d, 10.0)) >= 19
+
+
+def test_a_calm_member_that_fails_a_probe_goes_back_to_the_full_rate():
+    c = core(n=6, probe_interval=0.5, probe_timeout=0.25, calm_interval=5.0)
+    silent = IDS[3]
+    pings = _pings_until(c, 30.0, answer=lambda peer: peer != silent)
+    first = next(t for t, p in pings if p == silent)
+    assert c.state(silent)[0] in (SUSPECT, DEAD)
+    # after its failed calm turn it is looked at every period, not every 5 s
+    again = [t for t, p in pings if p == silent and t > first]
+    assert again and again[0] - first < 2.0
+    # and a lone accusation of a calm member is checked at once, as before
+    out = c.receive(B, suspect(IDS[4], B), 30.0)
+    assert IDS[4] in [p for p, _ in sends(out, wire.Ping)]
 
 
 def test_near_members_only_are_probed_in_the_round_robin_and_relay_for_us():
