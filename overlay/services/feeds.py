@@ -25,9 +25,11 @@ through other peers. ``FeedMonitor`` is a node service (``Node(services=
   wait (up to ``probe_max_interval``, 15 min, AutoNAT's refresh of a
   confirmed status), a change of the direct feeds brings a round within
   ``PROBE_SOON`` and the wait back to ``probe_interval``;
-- every ``CONN_EVERY`` (5 s) it attributes live connections to feeds for
-  ``overlay status`` (traffic from the kernel's TCP counters where they
-  exist, connection counts otherwise) and exports Prometheus gauges.
+- it attributes live connections to feeds (traffic from the kernel's TCP
+  counters where they exist, connection counts otherwise) when ``overlay
+  status`` asks, and every ``CONN_EVERY`` (30 s) for its Prometheus gauges;
+  a relay's connection closing brings a scan at once (its relay feed goes
+  down and the relay loop looks for another).
 
 On attach it turns on the host's relay service (hop if the node has role
 ``relay``; accepting relayed connections always), DCUtR and the AutoNAT
@@ -48,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import random
 import socket
 import threading
@@ -98,8 +101,11 @@ __all__ = [
 
 DIAL_STAGGER = 0.3
 """Seconds before the next feed is tried in parallel (happy eyeballs)."""
-CONN_EVERY = 5.0
-"""Seconds between two attributions of live connections to feeds (status, metrics)."""
+CONN_EVERY = 30.0
+"""Seconds between two periodic scans where the kernel announces address changes
+(the attribution of live connections to feeds for metrics; an announcement, a
+relay's connection closing and a reservation made each bring a scan at once, and
+``overlay status`` attributes the connections when it asks)."""
 PROBE_SOON = 2.0
 """Seconds from a change of the direct feeds to the dial-back round it brings."""
 RELAYS_HELD_CHECK = 20.0
@@ -438,6 +444,7 @@ class FeedMonitor:
         self._recent_ips: dict[str, dict[str, float]] = {}
         self._wake_relays = trio.Event()
         self._probe_soon = trio.Event()
+        self._scan_soon = trio.Event()  # a relay's connection closed: scan now
         self._direct_seen: tuple[str, ...] = ()
         self._scan_lock = trio.Lock()
         self._last_local: tuple[float, dict[str, bool]] | None = None  # (when, reading)
@@ -456,6 +463,13 @@ class FeedMonitor:
         if self.autonat:
             host.enable_autonat(self._allow_dial)
         self._register_metrics(node)
+        host.on_disconnect(self._on_disconnect)
+
+    def _on_disconnect(self, peer_id: str, trimmed: bool) -> None:
+        """A relay holding our reservation lost its connection: scan now (its
+        relay feed goes down, and the relay loop is woken to replace it)."""
+        if peer_id in self._reserved_at:
+            self._scan_soon.set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.scan()
@@ -487,7 +501,12 @@ class FeedMonitor:
 
     def feed_status(self) -> list[dict]:
         node = self.node
-        return self.table.status(node.clock() if node else time.time())
+        if node is None:
+            return self.table.status(time.time())
+        now = node.clock()
+        if node.host is not None:
+            self._attribute_connections(node.host, now)  # as of now, not of the last scan
+        return self.table.status(now)
 
     # ---- scanning
 
@@ -570,10 +589,11 @@ class FeedMonitor:
 
     async def _scan_loop(self) -> None:
         # Addresses and links: at once when the kernel announces a change (rtnetlink),
-        # at most every scan_interval; every CONN_EVERY otherwise, with the
-        # per-connection attribution (status and metrics) and the last reading of
-        # the addresses (read again once LOCAL_EVERY old). Without rtnetlink (or
-        # with a test's local_addrs) addresses are polled every scan_interval.
+        # at most every scan_interval; every CONN_EVERY otherwise, or at once when a
+        # relay's connection closed, with the per-connection attribution (metrics)
+        # and the last reading of the addresses (read again once LOCAL_EVERY old).
+        # Without rtnetlink (or with a test's local_addrs) addresses are polled
+        # every scan_interval.
         events = AddressEvents.open() if self._local_addrs is None else None
         next_conns = trio.current_time() + CONN_EVERY
         try:
@@ -582,9 +602,10 @@ class FeedMonitor:
                     await trio.sleep(self.scan_interval)
                     changed = False
                 else:
-                    changed = await events.wait(max(next_conns - trio.current_time(), 0.0))
+                    changed = await self._wait_change(events, next_conns - trio.current_time())
                 now = trio.current_time()
-                conns = now >= next_conns
+                conns = now >= next_conns or self._scan_soon.is_set()
+                self._scan_soon = trio.Event()
                 if conns:
                     next_conns = now + CONN_EVERY
                 try:
@@ -599,6 +620,26 @@ class FeedMonitor:
         finally:
             if events is not None:
                 events.close()
+
+    async def _wait_change(self, events: AddressEvents, timeout: float) -> bool:
+        """Wait up to ``timeout`` for an address announcement (True) or a relay's
+        connection closing (``_scan_soon``; False)."""
+        changed = False
+        with trio.move_on_after(max(timeout, 0.0)):
+            async with trio.open_nursery() as nursery:
+
+                async def announced() -> None:
+                    nonlocal changed
+                    changed = await events.wait(math.inf)
+                    nursery.cancel_scope.cancel()
+
+                async def soon() -> None:
+                    await self._scan_soon.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(announced)
+                nursery.start_soon(soon)
+        return changed
 
     # ---- relay reservations
 

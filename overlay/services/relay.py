@@ -108,6 +108,10 @@ __all__ = [
 
 _READ = 65536
 LOOP_RAMP = 300.0  # seconds over which a starting relay's own loop cover reaches its rate
+# seconds between two sweeps (expired reply blocks, marks, lost loops: lookups check
+# expiry themselves, the sweep frees memory) and key checks (the replay filter rotates
+# at half full, far from what 5 s of traffic can fill); epoch boundaries come on time
+MAINTAIN_EVERY = 5.0
 
 
 class RelayService(Links, ClientSessions, ExitSide):
@@ -383,11 +387,12 @@ class RelayService(Links, ClientSessions, ExitSide):
         return self._epoch
 
     def _next_key_check(self, now: float) -> float:
-        """Seconds until the next key check: at most 1 s, or the next epoch boundary."""
+        """Seconds until the next key check and sweep: at most ``MAINTAIN_EVERY``,
+        or the next epoch boundary."""
         boundary = epochs.epoch_start(
             epochs.scheduled_epoch(now, self.epoch_length) + 1, self.epoch_length
         )
-        return max(0.01, min(1.0, boundary - now + 0.001))
+        return max(0.01, min(MAINTAIN_EVERY, boundary - now + 0.001))
 
     async def _publish_rotated(self) -> None:
         try:
@@ -402,7 +407,7 @@ class RelayService(Links, ClientSessions, ExitSide):
             await trio.sleep(self._next_key_check(self.node.clock()))
             now = self.node.clock()
             if now >= next_sweep:
-                next_sweep = now + 1.0
+                next_sweep = now + MAINTAIN_EVERY
                 self._sweep(now)
             sizes = self.replay.sizes()
             due = (

@@ -391,6 +391,13 @@ async def test_monitor_holds_two_relay_reservations_and_is_reachable_through_the
         gone = relay_of(feeds[0])
         await home.host.disconnect(gone)
         await wait_until(lambda: gone not in home.host.reservations(), 5)
+
+        def up(feed: str) -> bool:
+            return any(r["addr"] == feed and r["state"] == "up" for r in home.status()["feeds"])
+
+        # its relay feed goes down at once: the closed connection brings a scan,
+        # long before the periodic one (CONN_EVERY) or the relay loop's own look
+        await wait_until(lambda: not up(feeds[0]), 10)
         await wait_until(lambda: len(relay_feeds(home)) == 2, 20)
         # when the lost relay comes back (the peer loop redials it), it does not
         # become a third reservation
