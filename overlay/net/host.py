@@ -556,6 +556,16 @@ class Libp2pHost(
         # ranking that might pick another transport from the peerstore).
         # test_dial_to_silent_listener_times_out.
         wait = self._dial_timeout if timeout is None else timeout
+        longer = upstream.upgrade_deadline(self._swarm, wait)
+        with longer if wait > self._dial_timeout else contextlib.nullcontext():
+            await self._dial(addr, peer, transport_addr, wait)
+        self._swarm.unblock_peer(peer)
+        # Only an address that worked goes to the peerstore (for libp2p's own
+        # later dials): addresses that records merely claim never fill it.
+        self._host.get_peerstore().add_addrs(peer, [transport_addr], 3600)
+        return str(peer)
+
+    async def _dial(self, addr: str, peer: ID, transport_addr: Any, wait: float) -> None:
         with trio.move_on_after(wait) as scope:
             try:
                 await self._swarm.dial_addr(transport_addr, peer)
@@ -564,11 +574,6 @@ class Libp2pHost(
                 raise kind(f"dial {addr} failed: {e!r}") from e
         if scope.cancelled_caught:
             raise DialTimeout(f"dial {addr} timed out after {wait:g} s")
-        self._swarm.unblock_peer(peer)
-        # Only an address that worked goes to the peerstore (for libp2p's own
-        # later dials): addresses that records merely claim never fill it.
-        self._host.get_peerstore().add_addrs(peer, [transport_addr], 3600)
-        return str(peer)
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to ``peer_id`` (no-op if none); bounded by ``dial_timeout``."""

@@ -15,7 +15,7 @@ way of *calling* libp2p stay next to the call, labelled the same way:
 
 | label | where |
 |---|---|
-| happy eyeballs, DCUtR auto-drive cost, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, negative dial cache, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, replay to new subscribers, concurrent copies, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race | here |
+| happy eyeballs, DCUtR auto-drive cost, sender records, DHT peer records, own sender record, window updates, security, muxer, dial retries, negative dial cache, dial transports, heartbeat, adaptive gossip, gossip rate limit, flood publish, replay to new subscribers, concurrent copies, prune without backoff, DHT validation, DHT clients as servers, relayed inbound address, inbound slots, bans after the handshake, handler exceptions, own peerstore entry, gossip stream after a reconnect, auto-dialer, listener shutdown race, upgrade deadline | here |
 | dial hangs, shutdown order, WebSocket close, listen errors, closed listeners | ``host.py`` (dials and lifecycle) |
 | stream bound | ``streams.py`` |
 | validators | ``pubsub.py`` |
@@ -420,6 +420,30 @@ def new_libp2p_host(
     swarm._negative_peer_cache = type(swarm._negative_peer_cache)(ttl=0.0)
     add_dial_transports(swarm, key_pair)
     return host
+
+
+@contextlib.contextmanager
+def upgrade_deadline(swarm: Any, seconds: float):
+    """Outbound upgrades started while this is entered may take ``seconds``.
+
+    WORKAROUND (upgrade deadline): the swarm bounds each step of an outbound
+    upgrade (security, then muxer) by one ``outbound_upgrade_timeout`` for
+    every dial, whatever deadline the caller gave the dial, so a join that
+    waits 30 s for a saturated peer still loses the dial at 5 s into the muxer
+    step. While a longer dial runs, the bound is the longest such dial's (other
+    dials meanwhile get it too: a longer bound, never a shorter one).
+    test_a_long_dial_lifts_the_upgrade_deadline_for_its_time."""
+    cfg = swarm.connection_config
+    longer: list[float] = swarm.__dict__.setdefault("_hydra_long_dials", [])
+    if not longer:
+        swarm._hydra_upgrade_base = cfg.outbound_upgrade_timeout
+    longer.append(seconds)
+    cfg.outbound_upgrade_timeout = max([swarm._hydra_upgrade_base, *longer])
+    try:
+        yield
+    finally:
+        longer.remove(seconds)
+        cfg.outbound_upgrade_timeout = max([swarm._hydra_upgrade_base, *longer])
 
 
 def new_gossipsub(

@@ -52,7 +52,7 @@ from overlay.net import (
     upstream,
     write_frame,
 )
-from overlay.net.upstream import new_gossipsub
+from overlay.net.upstream import new_gossipsub, upgrade_deadline
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
@@ -361,6 +361,52 @@ async def test_dial_refused_port_fails_fast() -> None:
         # the refusal itself ends the dial: a retry loop inside the adapter would
         # keep dialing until the (long) dial timeout
         assert not isinstance(info.value, DialTimeout)
+
+
+async def test_a_long_dial_lifts_the_upgrade_deadline_for_its_time() -> None:
+    """WORKAROUND (upgrade deadline): upstream bounds each upgrade step of every
+    dial by one ``outbound_upgrade_timeout`` (our dial_timeout), so a join's
+    longer dial would still lose a saturated peer's handshake at 5 s; while a
+    dial with a longer timeout runs, the bound is that timeout, then it is back."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_stay_silent() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
+    a = make_host(dial_timeout=1.0)
+    seen = []
+    async with trio.open_nursery() as nursery, a:
+        nursery.start_soon(accept_and_stay_silent)
+        cfg = a._swarm.connection_config
+        assert cfg.outbound_upgrade_timeout == 1.0
+
+        async def watch() -> None:
+            await wait_until(lambda: held, 10)
+            seen.append(cfg.outbound_upgrade_timeout)
+
+        nursery.start_soon(watch)
+        addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{SigningKey.generate().node_id.peer_id()}"
+        with trio.fail_after(60), pytest.raises(DialTimeout):
+            await a.connect(addr, timeout=3.0)
+        assert seen == [3.0]  # while the long dial ran
+        assert cfg.outbound_upgrade_timeout == 1.0  # and back after it
+        with trio.fail_after(60), pytest.raises(DialTimeout):
+            await a.connect(addr)  # an ordinary dial changes nothing
+        assert cfg.outbound_upgrade_timeout == 1.0
+        nursery.cancel_scope.cancel()
+    for s in held:
+        await s.aclose()
+    await listeners[0].aclose()
+    # overlapping long dials: the longest one's bound, until the last ends
+    swarm = SimpleNamespace(connection_config=SimpleNamespace(outbound_upgrade_timeout=5.0))
+    with upgrade_deadline(swarm, 10.0):
+        with upgrade_deadline(swarm, 30.0):
+            assert swarm.connection_config.outbound_upgrade_timeout == 30.0
+        assert swarm.connection_config.outbound_upgrade_timeout == 10.0
+    assert swarm.connection_config.outbound_upgrade_timeout == 5.0
 
 
 async def test_dial_to_silent_listener_times_out() -> None:
