@@ -69,6 +69,28 @@ def light_client(home: Path, entry: Node, **kw) -> Client:
 
 
 @asynccontextmanager
+async def silent_listener():
+    """A TCP listener that accepts and never answers, so a dial to it ends only at
+    the dial timeout: yields its address and the list of streams it accepted."""
+    (silent,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_stay_silent() -> None:
+        while True:
+            held.append(await silent.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_and_stay_silent)
+        try:
+            yield f"/ip4/127.0.0.1/tcp/{silent.socket.getsockname()[1]}", held
+        finally:
+            nursery.cancel_scope.cancel()
+    for stream in held:
+        await stream.aclose()
+    await silent.aclose()
+
+
+@asynccontextmanager
 async def overlay(
     tmp: Path,
     n: int,

@@ -53,6 +53,7 @@ from overlay.net import (
     write_frame,
 )
 from overlay.net.upstream import new_gossipsub, upgrade_deadline
+from overlay.testing import silent_listener
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
@@ -368,18 +369,9 @@ async def test_a_long_dial_lifts_the_upgrade_deadline_for_its_time() -> None:
     dial by one ``outbound_upgrade_timeout`` (our dial_timeout), so a join's
     longer dial would still lose a saturated peer's handshake at 5 s; while a
     dial with a longer timeout runs, the bound is that timeout, then it is back."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listeners[0].accept())
-
     a = make_host(dial_timeout=1.0)
     seen = []
-    async with trio.open_nursery() as nursery, a:
-        nursery.start_soon(accept_and_stay_silent)
+    async with silent_listener() as (where, held), trio.open_nursery() as nursery, a:
         cfg = a._swarm.connection_config
         assert cfg.outbound_upgrade_timeout == 1.0
 
@@ -388,7 +380,7 @@ async def test_a_long_dial_lifts_the_upgrade_deadline_for_its_time() -> None:
             seen.append(cfg.outbound_upgrade_timeout)
 
         nursery.start_soon(watch)
-        addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{SigningKey.generate().node_id.peer_id()}"
+        addr = f"{where}/p2p/{SigningKey.generate().node_id.peer_id()}"
         with trio.fail_after(60), pytest.raises(DialTimeout):
             await a.connect(addr, timeout=3.0)
         assert seen == [3.0]  # while the long dial ran
@@ -396,10 +388,6 @@ async def test_a_long_dial_lifts_the_upgrade_deadline_for_its_time() -> None:
         with trio.fail_after(60), pytest.raises(DialTimeout):
             await a.connect(addr)  # an ordinary dial changes nothing
         assert cfg.outbound_upgrade_timeout == 1.0
-        nursery.cancel_scope.cancel()
-    for s in held:
-        await s.aclose()
-    await listeners[0].aclose()
     # overlapping long dials: the longest one's bound, until the last ends
     swarm = SimpleNamespace(connection_config=SimpleNamespace(outbound_upgrade_timeout=5.0))
     with upgrade_deadline(swarm, 10.0):
@@ -411,33 +399,18 @@ async def test_a_long_dial_lifts_the_upgrade_deadline_for_its_time() -> None:
 
 async def test_dial_to_silent_listener_times_out() -> None:
     """WORKAROUND (dial hangs): a peer that accepts TCP but never speaks costs dial_timeout."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listeners[0].accept())
-
     a = make_host(dial_timeout=1.0)
-    async with trio.open_nursery() as nursery, a:
-        nursery.start_soon(accept_and_stay_silent)
+    async with silent_listener() as (where, held), a:
         start = time.monotonic()
         # upstream the dial waits forever; a generous bound tells the two apart
         with trio.fail_after(60), pytest.raises(DialTimeout):
-            await a.connect(
-                f"/ip4/127.0.0.1/tcp/{port}/p2p/{SigningKey.generate().node_id.peer_id()}"
-            )
+            await a.connect(f"{where}/p2p/{SigningKey.generate().node_id.peer_id()}")
         assert time.monotonic() - start >= 0.9  # it did wait for the dial timeout
         assert held, "the silent listener did accept the TCP connection"
         # The host is still healthy afterwards.
         b = make_host()
         async with b:
             assert await a.connect(b.listen_addrs()[0]) == b.peer_id
-        nursery.cancel_scope.cancel()
-    for s in held:
-        await s.aclose()
-    await listeners[0].aclose()
 
 
 async def _dial_via_peerstore(a: Libp2pHost, b: Libp2pHost) -> None:

@@ -38,7 +38,7 @@ from overlay.net.sockets import _conn_socket
 from overlay.records import Role
 from overlay.runtime import Node
 from overlay.services.feeds import FeedMonitor, dial_record
-from overlay.testing import light_services, make_home, overlay, wait_until
+from overlay.testing import light_services, make_home, overlay, silent_listener, wait_until
 
 TCP = "/ip4/127.0.0.1/tcp/0"
 ECHO = "/hydra-test/echo/1.0.0"
@@ -414,28 +414,6 @@ def relay_feeds_of(viewer, node) -> set[str]:
 def monitor_services(i, home):
     """The feed monitor with relay reservations (no AutoNAT probes)."""
     return [FeedMonitor(probe_interval=0)]
-
-
-@contextlib.asynccontextmanager
-async def silent_listener():
-    """A TCP listener that accepts and never answers, so a dial to it ends only at
-    the dial timeout: yields its address and the list of streams it accepted."""
-    (silent,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await silent.accept())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_and_stay_silent)
-        try:
-            yield f"/ip4/127.0.0.1/tcp/{silent.socket.getsockname()[1]}", held
-        finally:
-            nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await silent.aclose()
 
 
 @pytest.mark.slow
