@@ -550,14 +550,13 @@ class Libp2pHost(
                 "([limits] max_connections)"
             )
         transport_addr = info.addrs[0]
-        # WORKAROUND (dial hangs): an unresponsive address (SYN accepted, no
-        # Noise reply) hangs the dial for minutes. Own deadline around the dial
-        # of that exact address (Swarm.dial_addr skips the happy-eyeballs
-        # ranking that might pick another transport from the peerstore).
-        # test_dial_to_silent_listener_times_out.
         wait = self._dial_timeout if timeout is None else timeout
-        longer = upstream.upgrade_deadline(self._swarm, wait)
-        with longer if wait > self._dial_timeout else contextlib.nullcontext():
+        longer = (
+            upstream.upgrade_deadline(self._swarm, wait)
+            if wait > self._dial_timeout
+            else contextlib.nullcontext()
+        )
+        with longer:
             await self._dial(addr, peer, transport_addr, wait)
         self._swarm.unblock_peer(peer)
         # Only an address that worked goes to the peerstore (for libp2p's own
@@ -566,6 +565,11 @@ class Libp2pHost(
         return str(peer)
 
     async def _dial(self, addr: str, peer: ID, transport_addr: Any, wait: float) -> None:
+        # WORKAROUND (dial hangs): an unresponsive address (SYN accepted, no
+        # Noise reply) hangs the dial for minutes. Own deadline around the dial
+        # of that exact address (Swarm.dial_addr skips the happy-eyeballs
+        # ranking that might pick another transport from the peerstore).
+        # test_dial_to_silent_listener_times_out.
         with trio.move_on_after(wait) as scope:
             try:
                 await self._swarm.dial_addr(transport_addr, peer)

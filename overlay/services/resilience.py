@@ -148,10 +148,10 @@ class Resilience:
                 now = node.clock()
                 self._refresh_members(now)
                 self._refresh_near()
-                self._execute(self.liveness.tick(now))
+                self._execute(liveness.tick(now))
                 if dead_seen != (self._transitions, self._members_version):
                     dead_seen = (self._transitions, self._members_version)
-                    states = self.liveness.states()
+                    states = liveness.states()
                     self.m_dead.set(sum(1 for s in states.values() if s == DEAD))
                 if node.ready.is_set():
                     if self._ready_at is None:
@@ -176,11 +176,9 @@ class Resilience:
                         pool_seen, pool_at = inputs, now
                         records = node.view.snapshot(now).records.values()
                         self._execute(
-                            self.pool.update(
-                                records, self.liveness.view(), now, node.view.verified_since
-                            )
+                            pool.update(records, liveness.view(), now, node.view.verified_since)
                         )
-                        node.metrics.exits_live.set(self.pool.live_exits)
+                        node.metrics.exits_live.set(pool.live_exits)
                         self.settled.set()
                 wake = [
                     t for t in (liveness.next_wakeup(), pool.next_wakeup(), pool.next_update()) if t
