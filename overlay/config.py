@@ -97,7 +97,7 @@ class Config:
     max_inbound: int = 512
     max_inbound_per_ip: int = 384
     max_handshakes_per_ip: int = 128
-    handshake_timeout: float = 15.0
+    handshake_timeout: float = 5.0
     # [limits]: operator caps (see overlay/caps.py); 0 bandwidth / deliveries: no cap
     max_connections: int = 1024
     bandwidth_rate: int = 0

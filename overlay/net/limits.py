@@ -49,7 +49,7 @@ class ConnectionLimits:
     max_inbound: int = 512
     max_inbound_per_ip: int = 384
     max_handshakes_per_ip: int = 128
-    handshake_timeout: float = 15.0
+    handshake_timeout: float = 5.0
     max_bans: int = 4096
     max_connections: int = 512 + MAX_OUTBOUND_CONNECTIONS
 
