@@ -466,10 +466,20 @@ class FeedMonitor:
         host.on_disconnect(self._on_disconnect)
 
     def _on_disconnect(self, peer_id: str, trimmed: bool) -> None:
-        """A relay holding our reservation lost its connection: scan now (its
-        relay feed goes down, and the relay loop is woken to replace it)."""
-        if peer_id in self._reserved_at:
-            self._scan_soon.set()
+        """A relay holding our reservation lost its last connection to us: the relay
+        dropped the reservation with it, so forget it now (a dial back to the relay
+        right after must not make it look held), scan (its relay feed goes down)
+        and wake the relay loop to reserve again there or elsewhere."""
+        if peer_id not in self._reserved_at or self.node.host.is_connected(peer_id):
+            return
+        self._drop_reservation(peer_id)
+        self._scan_soon.set()
+        self._wake_relays.set()
+
+    def _drop_reservation(self, relay: str) -> None:
+        self.node.host.forget_reservation(relay)
+        self._reserved_at.pop(relay, None)
+        self._relay_conns.pop(relay, None)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.scan()
@@ -705,16 +715,12 @@ class FeedMonitor:
         for relay in [pid for pid in self._reserved_at if pid not in held]:
             # connection to the relay lost (or reservation expired): the relay
             # dropped it too; if we reconnect, it has to be made again
-            host.forget_reservation(relay)
-            self._reserved_at.pop(relay, None)
-            self._relay_conns.pop(relay, None)
+            self._drop_reservation(relay)
             changed = True
         for relay, r in held.items():
             if relay not in relay_recs:
                 # no longer a relay member (withdrew, expired, dropped the role)
-                host.forget_reservation(relay)
-                self._reserved_at.pop(relay, None)
-                self._relay_conns.pop(relay, None)
+                self._drop_reservation(relay)
                 changed = True
                 continue
             due = mono - self._reserved_at.get(relay, -1e18) >= self.refresh_interval
@@ -729,9 +735,7 @@ class FeedMonitor:
             # e.g. a lost relay came back after we replaced it: keep the oldest
             extra = sorted(held, key=lambda pid: self._reserved_at.get(pid, 0.0))[self.relays :]
             for relay in extra:
-                host.forget_reservation(relay)
-                self._reserved_at.pop(relay, None)
-                self._relay_conns.pop(relay, None)
+                self._drop_reservation(relay)
             changed = True
         elif len(held) < self.relays:
             connected = set(host.connected_peers())
